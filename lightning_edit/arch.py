@@ -1,0 +1,224 @@
+"""Everything architecture-specific lives here: where the decoder blocks and the MLP down
+projections are, how their weights are laid out, and the forward hooks the editor needs.
+
+A *key* is the input of a layer's MLP down projection (size ``d_k``, the MLP width), a
+*value* its output (size ``d_model``). Updates are always computed as ``(d_model, d_k)``
+matrices (the ``nn.Linear`` layout) and transposed here for GPT-2's ``Conv1D``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# model_type (from the HF config) -> (decoder block template, MLP down-projection template)
+KNOWN_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "gpt2": ("transformer.h.{}", "transformer.h.{}.mlp.c_proj"),
+    "gptj": ("transformer.h.{}", "transformer.h.{}.mlp.fc_out"),
+    "gpt_neo": ("transformer.h.{}", "transformer.h.{}.mlp.c_proj"),
+    "gpt_neox": ("gpt_neox.layers.{}", "gpt_neox.layers.{}.mlp.dense_4h_to_h"),
+    "llama": ("model.layers.{}", "model.layers.{}.mlp.down_proj"),
+    "mistral": ("model.layers.{}", "model.layers.{}.mlp.down_proj"),
+    "qwen2": ("model.layers.{}", "model.layers.{}.mlp.down_proj"),
+    "qwen3": ("model.layers.{}", "model.layers.{}.mlp.down_proj"),
+    "gemma": ("model.layers.{}", "model.layers.{}.mlp.down_proj"),
+    "gemma2": ("model.layers.{}", "model.layers.{}.mlp.down_proj"),
+    "phi3": ("model.layers.{}", "model.layers.{}.mlp.down_proj"),
+    "olmo": ("model.layers.{}", "model.layers.{}.mlp.down_proj"),
+    "olmo2": ("model.layers.{}", "model.layers.{}.mlp.down_proj"),
+    "falcon": ("transformer.h.{}", "transformer.h.{}.mlp.dense_4h_to_h"),
+    "opt": ("model.decoder.layers.{}", "model.decoder.layers.{}.fc2"),
+}
+
+
+class ArchitectureError(ValueError):
+    """A model whose layers or down projections cannot be found; the message says which."""
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the layers we need have run."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    layer_template: str
+    mlp_down_template: str
+
+
+def resolve_spec(model: nn.Module, layer_template: str | None = None, mlp_down_template: str | None = None) -> ArchSpec:
+    """Templates from the config's ``model_type``, overridable per field (for any other decoder)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    known = KNOWN_ARCHITECTURES.get(model_type or "")
+    if known is None and (layer_template is None or mlp_down_template is None):
+        raise ArchitectureError(
+            f"unknown architecture {model_type!r}: name its modules in the config, e.g. "
+            "layer_template: 'model.layers.{}' and mlp_down_template: 'model.layers.{}.mlp.down_proj' "
+            f"(known: {', '.join(sorted(KNOWN_ARCHITECTURES))})"
+        )
+    return ArchSpec(layer_template or known[0], mlp_down_template or known[1])
+
+
+def _get_submodule(model: nn.Module, name: str, what: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ArchitectureError(f"{what} {name!r} not found in {type(model).__name__}") from None
+
+
+def _block_output(out):
+    """Decoder blocks return a tensor (GPT-2 / Llama / Qwen2 in transformers 5) or a tuple whose
+    first element is the hidden state (GPT-J and older code)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+class ModelAdapter:
+    """Uniform access to a decoder's blocks and MLP down projections.
+
+    Args:
+        model: a Hugging Face causal LM (any module with a ``config.model_type`` that is
+            known, or any module when both templates are given).
+        layer_template / mlp_down_template: override the module-name templates, with ``{}``
+            for the layer index.
+    """
+
+    def __init__(self, model: nn.Module, layer_template: str | None = None, mlp_down_template: str | None = None):
+        self.model = model
+        self.spec = resolve_spec(model, layer_template, mlp_down_template)
+        for tpl, what in ((self.spec.layer_template, "layer_template"), (self.spec.mlp_down_template, "mlp_down_template")):
+            if tpl.count("{}") != 1:
+                raise ArchitectureError(f"{what} {tpl!r} needs exactly one '{{}}' for the layer index")
+        self.n_layers = self._count_layers()
+
+    def _count_layers(self) -> int:
+        n = getattr(getattr(self.model, "config", None), "num_hidden_layers", None)
+        if n is None:
+            n = 0
+            while True:
+                try:
+                    self.model.get_submodule(self.spec.layer_template.format(n))
+                except AttributeError:
+                    break
+                n += 1
+        _get_submodule(self.model, self.spec.layer_template.format(0), "layer_template")
+        _get_submodule(self.model, self.spec.mlp_down_template.format(0), "mlp_down_template")
+        return int(n)
+
+    def check_layers(self, layers: Sequence[int]) -> None:
+        for layer in layers:
+            if not 0 <= layer < self.n_layers:
+                raise ArchitectureError(f"edit layer {layer} out of range: the model has {self.n_layers} layers (0..{self.n_layers - 1})")
+
+    # ---- modules and weights -------------------------------------------------------------
+    def layer(self, i: int) -> nn.Module:
+        return _get_submodule(self.model, self.spec.layer_template.format(i), "layer")
+
+    def down_proj(self, i: int) -> nn.Module:
+        module = _get_submodule(self.model, self.spec.mlp_down_template.format(i), "down projection")
+        if not hasattr(module, "weight") or module.weight.dim() != 2:
+            raise ArchitectureError(f"down projection {self.spec.mlp_down_template.format(i)!r} ({type(module).__name__}) has no 2-D weight")
+        return module
+
+    def weight_name(self, i: int) -> str:
+        """The parameter name of layer ``i``'s down-projection weight (state-dict key)."""
+        return self.spec.mlp_down_template.format(i) + ".weight"
+
+    def is_transposed(self, i: int) -> bool:
+        """True when the weight is stored ``(d_k, d_model)`` (GPT-2 ``Conv1D``: ``y = x W + b``)."""
+        module = self.down_proj(i)
+        if isinstance(module, nn.Linear):
+            return False
+        if type(module).__name__ == "Conv1D":
+            return True
+        raise ArchitectureError(
+            f"down projection {self.spec.mlp_down_template.format(i)!r} is a {type(module).__name__}; "
+            "only nn.Linear and transformers' Conv1D layouts are supported"
+        )
+
+    def dims(self, i: int) -> tuple[int, int]:
+        """``(d_model, d_k)`` of layer ``i``'s down projection."""
+        w = self.down_proj(i).weight
+        return (w.shape[1], w.shape[0]) if self.is_transposed(i) else (w.shape[0], w.shape[1])
+
+    def weight_as_linear(self, i: int) -> torch.Tensor:
+        """The down-projection weight as a ``(d_model, d_k)`` view (no copy)."""
+        w = self.down_proj(i).weight
+        return w.T if self.is_transposed(i) else w
+
+    @torch.no_grad()
+    def add_to_weight(self, i: int, delta: torch.Tensor) -> None:
+        """``W += delta`` in place, ``delta`` given as ``(d_model, d_k)``, cast to the weight's
+        dtype and device and transposed for ``Conv1D``."""
+        w = self.down_proj(i).weight
+        d = delta.T if self.is_transposed(i) else delta
+        if d.shape != w.shape:
+            raise ValueError(f"update for {self.weight_name(i)} has shape {tuple(delta.shape)}, expected {self.dims(i)} (d_model, d_k)")
+        w.add_(d.to(device=w.device, dtype=w.dtype))
+
+    def embedding_and_layer_params(self, upto: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """Parameters that influence the keys of layers ``<= upto``: every parameter that is not
+        inside a later block (used to fingerprint the model for statistics caches)."""
+        later = tuple(self.spec.layer_template.format(j) + "." for j in range(upto + 1, self.n_layers))
+        for name, p in self.model.named_parameters():
+            if not name.startswith(later):
+                yield name, p
+
+    # ---- hooks ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def trace(
+        self,
+        key_layers: Sequence[int] = (),
+        output_layers: Sequence[int] = (),
+        stop_after: int | None = None,
+    ) -> Iterator[dict[str, dict[int, torch.Tensor]]]:
+        """Record down-projection inputs (``keys[l]``: ``(batch, seq, d_k)``) and block outputs
+        (``outputs[l]``: ``(batch, seq, d_model)``) during forward passes inside the block, and
+        optionally stop the forward pass right after block ``stop_after`` (use
+        :meth:`forward` so the stop is caught)."""
+        rec: dict[str, dict[int, torch.Tensor]] = {"keys": {}, "outputs": {}}
+        handles = []
+        for layer in set(key_layers):
+            def pre_hook(_m, args, layer=layer):
+                rec["keys"][layer] = args[0]
+            handles.append(self.down_proj(layer).register_forward_pre_hook(pre_hook))
+        watch = set(output_layers) | ({stop_after} if stop_after is not None else set())
+        for layer in watch:
+            def hook(_m, _args, out, layer=layer):
+                if layer in output_layers:
+                    rec["outputs"][layer] = _block_output(out)
+                if layer == stop_after:
+                    raise _StopForward
+            handles.append(self.layer(layer).register_forward_hook(hook))
+        try:
+            yield rec
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def add_at_positions(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor) -> Iterator[None]:
+        """Add ``vectors[j]`` to block ``layer``'s output at ``(rows[j], positions[j])`` during
+        forward passes inside the block (differentiably: gradients reach ``vectors``).
+        ``vectors`` may be swapped by mutating the tensor; shapes: rows, positions ``(m,)``,
+        vectors ``(m, d_model)``."""
+
+        def hook(_m, _args, out):
+            h = _block_output(out)
+            h = h.index_put((rows, positions), vectors.to(h.dtype), accumulate=True)
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+
+        handle = self.layer(layer).register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw):
+        """Run the model; returns its output, or ``None`` when a hook stopped it early."""
+        try:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw)
+        except _StopForward:
+            return None
