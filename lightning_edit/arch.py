@@ -216,6 +216,29 @@ class ModelAdapter:
         finally:
             handle.remove()
 
+    @contextlib.contextmanager
+    def replace_at_positions(
+        self, layer: int, rows: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor, site: str = "block"
+    ) -> Iterator[None]:
+        """Overwrite the output of block ``layer`` (``site="block"``) or of its MLP down
+        projection (``site="mlp"``) with ``vectors[j]`` at ``(rows[j], positions[j])`` during
+        forward passes inside the block (causal tracing restores clean states this way).
+        Shapes: rows, positions ``(m,)``, vectors ``(m, d_model)``."""
+        if site not in ("block", "mlp"):
+            raise ValueError(f"site must be 'block' or 'mlp', got {site!r}")
+
+        def hook(_m, _args, out):
+            h = _block_output(out)
+            h = h.index_put((rows, positions), vectors.to(h.dtype))
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+
+        module = self.layer(layer) if site == "block" else self.down_proj(layer)
+        handle = module.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw):
         """Run the model; returns its output, or ``None`` when a hook stopped it early."""
         try:

@@ -1,0 +1,247 @@
+"""The editing methods as Lightning callbacks: after each batch's residuals are optimized
+(``EditModule.training_step``), compute and apply the closed-form update layer by layer.
+
+The callback owns the edit state that goes into checkpoints: the edited weights, AlphaEdit's
+accumulated ``K_p K_p^T``, and how many batches are applied. The frozen LM itself is never
+checkpointed. On resume, the statistics are taken from the *unedited* base model first, then
+the saved edits are put back, so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+
+from .checkpointing import config_fingerprint, save_edits
+from .module import EditModule
+from .stats import StatsConfig, model_fingerprint, projectors, second_moments
+from .update import AlphaEditMethod, MemitMethod, apply_update
+
+SolveDType = Literal["float32", "float64"]
+_SOLVE = {"float32": torch.float32, "float64": torch.float64}
+
+
+class ClosedFormUpdate(L.Callback):
+    """Shared machinery of MEMIT and AlphaEdit (statistics, state, checkpoints, export).
+
+    Args:
+        stats: where the preserved-knowledge key statistics come from and are cached.
+        solve_dtype: precision of the ``d_k x d_k`` solve.
+        export_path: where to write the edited weights (safetensors) at the end of ``fit``;
+            default: ``edited.safetensors`` in the checkpoint directory.
+    """
+
+    method_name = "closed_form"
+
+    def __init__(self, stats: StatsConfig = StatsConfig(), solve_dtype: SolveDType = "float64", export_path: str | None = None):
+        self.stats = stats if isinstance(stats, StatsConfig) else StatsConfig(**stats)
+        if solve_dtype not in _SOLVE:
+            raise ValueError(f"solve_dtype must be float32 or float64, got {solve_dtype!r}")
+        self.solve_dtype = _SOLVE[solve_dtype]
+        self.export_path = export_path
+        self.method = None
+        self.batches_applied = 0
+        self.base_fingerprint: str | None = None
+        self._stash: dict | None = None
+        self.last_info: dict[str, float] = {}
+
+    # ---- method-specific -------------------------------------------------------------------
+    def build_method(self, module: EditModule, moments: dict[int, torch.Tensor], trainer=None):
+        raise NotImplementedError
+
+    def method_state(self) -> dict:
+        return {}
+
+    def load_method_state(self, state: dict) -> None:
+        pass
+
+    # ---- setup -------------------------------------------------------------------------------
+    def prepare(self, module: EditModule, trainer: L.Trainer | None = None) -> None:
+        """Statistics and method objects from the unedited model, then re-apply saved edits."""
+        if self.method is not None:
+            return
+        world = trainer.world_size if trainer is not None else 1
+        rank = trainer.global_rank if trainer is not None else 0
+        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else None
+        self.base_fingerprint = model_fingerprint(module.adapter, module.layers[-1])
+        if self._stash is not None and self._stash.get("base_fingerprint") not in (None, self.base_fingerprint):
+            raise ValueError("the checkpoint was made on a different base model (fingerprint mismatch); refusing to resume")
+        moments = second_moments(module.adapter, module.tokenizer, module.layers, self.stats, reduce=reduce,
+                                 shard=rank, num_shards=world, is_writer=rank == 0)
+        if trainer is not None and world > 1:
+            trainer.strategy.barrier("lightning_edit_stats")
+        module.ensure_prefixes()  # from the unedited model, unless restored from the checkpoint
+        self.method = self.build_method(module, moments, trainer)
+        self._restore_edits(module)
+
+    def _restore_edits(self, module: EditModule) -> None:
+        if self._stash is None:
+            return
+        st = self._stash
+        with torch.no_grad():
+            for l in module.layers:
+                name = module.adapter.weight_name(l)
+                if name not in st["weights"]:
+                    raise KeyError(f"checkpoint has no edited weight {name!r}; was it made with other edit layers?")
+                w = module.adapter.down_proj(l).weight
+                w.copy_(st["weights"][name].to(w.dtype))
+        self.batches_applied = int(st["batches_applied"])
+        module.num_edits = int(st["num_edits"])
+        if self.method is not None:
+            self.load_method_state(st.get("method", {}))
+        self._stash = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, EditModule):
+            raise TypeError(f"{type(self).__name__} needs an EditModule, got {type(pl_module).__name__}")
+        self._module = pl_module
+        bs = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
+        if stage == "fit" and bs is not None and bs < trainer.world_size:
+            raise ValueError(f"batch_size {bs} is smaller than the number of processes {trainer.world_size}")
+
+    def on_fit_start(self, trainer, pl_module: EditModule) -> None:
+        self.prepare(pl_module, trainer)
+        loader = trainer.train_dataloader
+        if loader is not None and hasattr(loader, "applied") and loader.applied != self.batches_applied:
+            raise RuntimeError(f"edit stream position ({loader.applied} batches) disagrees with the edit state ({self.batches_applied} batches applied)")
+
+    def on_validation_start(self, trainer, pl_module: EditModule) -> None:
+        if trainer.state.fn != "fit":
+            self._restore_edits(pl_module)
+
+    def on_test_start(self, trainer, pl_module: EditModule) -> None:
+        self._restore_edits(pl_module)
+
+    # ---- the update --------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer, pl_module: EditModule, outputs, batch, batch_idx: int) -> None:
+        edit_batch, rb, res = pl_module._pending
+        if edit_batch.index != self.batches_applied:
+            raise RuntimeError(f"batch {edit_batch.index} arrived but {self.batches_applied} batches are applied: the stream is out of order")
+        info = apply_update(
+            pl_module.adapter, rb, res.z_target, pl_module.layers, self.method,
+            gather=lambda t: pl_module.gather_rows(t, len(edit_batch.requests)), max_rows=pl_module.max_rows,
+        )
+        pl_module._pending = None
+        pl_module.num_edits += len(edit_batch.requests)
+        self.batches_applied = edit_batch.index + 1
+        loader = trainer.train_dataloader
+        if hasattr(loader, "applied"):
+            loader.applied = self.batches_applied
+        self.last_info = info
+        pl_module.log_dict(info, on_step=True, batch_size=len(edit_batch.requests))
+        pl_module.log("edits_applied", float(pl_module.num_edits), on_step=True, prog_bar=True, batch_size=1)
+
+    # ---- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        if self._module is None:
+            return {}
+        m = self._module
+        return {
+            "method_name": self.method_name,
+            "base_fingerprint": self.base_fingerprint,
+            "layers": list(m.layers),
+            "batches_applied": self.batches_applied,
+            "num_edits": m.num_edits,
+            "weights": {m.adapter.weight_name(l): m.adapter.down_proj(l).weight.detach() for l in m.layers},
+            "method": self.method_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not state_dict:
+            return
+        if state_dict.get("method_name") != self.method_name:
+            raise ValueError(f"checkpoint was written by {state_dict.get('method_name')}, not {self.method_name}")
+        self._stash = state_dict
+
+    _module: EditModule | None = None
+
+    def on_fit_end(self, trainer, pl_module: EditModule) -> None:
+        if trainer.is_global_zero:
+            self.export(pl_module, self._default_export_path(trainer))
+
+    def _default_export_path(self, trainer) -> Path:
+        if self.export_path:
+            return Path(self.export_path)
+        ckpt = trainer.checkpoint_callback
+        if ckpt is not None and ckpt.dirpath:
+            return Path(ckpt.dirpath) / "edited.safetensors"
+        return Path(trainer.log_dir or trainer.default_root_dir) / "edited.safetensors"
+
+    def export(self, module: EditModule, path: str | Path) -> Path:
+        weights = {module.adapter.weight_name(l): module.adapter.down_proj(l).weight for l in module.layers}
+        meta = {"method": self.method_name, "base_model": str(module.model_name), "num_edits": module.num_edits,
+                "layers": module.layers, "config_fingerprint": config_fingerprint(module.lm)}
+        return save_edits(path, weights, meta)
+
+
+
+class MEMIT(ClosedFormUpdate):
+    """MEMIT (Meng et al. 2023): ``Delta = R K^T (lam C_0 + K K^T)^-1``.
+
+    Args:
+        lam: weight of the preserved-knowledge moment (``mom2_update_weight``; 15000 for GPT-J,
+            20000 for GPT2-XL / Llama in the reference).
+        stats: key statistics source and cache.
+        solve_dtype: precision of the solve.
+        export_path: see :class:`ClosedFormUpdate`.
+    """
+
+    method_name = "memit"
+
+    def __init__(self, lam: float = 15000.0, stats: StatsConfig = StatsConfig(), solve_dtype: SolveDType = "float64", export_path: str | None = None):
+        super().__init__(stats, solve_dtype, export_path)
+        self.lam = lam
+
+    def build_method(self, module, moments, trainer=None):
+        return MemitMethod(lam=self.lam, moments=moments, solve_dtype=self.solve_dtype)
+
+
+class AlphaEdit(ClosedFormUpdate):
+    """AlphaEdit (Fang et al. 2025): MEMIT's update projected onto the null space of preserved
+    knowledge, with earlier edits' keys accumulated so sequential batches do not overwrite
+    each other.
+
+    Args:
+        nullspace_threshold: eigenvalue threshold of the projector (0.02 absolute in the reference).
+        threshold_mode: ``absolute`` (eigenvalue < threshold) or ``relative`` (eigenvalue <
+            threshold x the largest eigenvalue; transfers across activation scales).
+        l2: ridge term ``L2`` of the solve (10 in the reference).
+        stats: key statistics source and cache.
+        solve_dtype: precision of the solve.
+        export_path: see :class:`ClosedFormUpdate`.
+    """
+
+    method_name = "alphaedit"
+
+    def __init__(
+        self,
+        nullspace_threshold: float = 0.02,
+        threshold_mode: Literal["absolute", "relative"] = "absolute",
+        l2: float = 10.0,
+        stats: StatsConfig = StatsConfig(),
+        solve_dtype: SolveDType = "float64",
+        export_path: str | None = None,
+    ):
+        super().__init__(stats, solve_dtype, export_path)
+        self.threshold, self.threshold_mode, self.l2 = nullspace_threshold, threshold_mode, l2
+        self.projector_info: dict[int, dict] = {}
+
+    def build_method(self, module, moments, trainer=None):
+        rank0 = trainer is None or trainer.is_global_zero
+        projs, self.projector_info = projectors(module.adapter, moments, self.stats, self.threshold, self.threshold_mode, is_writer=rank0)
+        for l, info in self.projector_info.items():
+            if info["rank"] == 0:
+                raise ValueError(f"layer {l}: the null-space projector has rank 0 (threshold {self.threshold} {self.threshold_mode} keeps no direction); raise the threshold")
+        device = module.device_
+        return AlphaEditMethod(l2=self.l2, projectors={l: p.to(device) for l, p in projs.items()}, solve_dtype=self.solve_dtype)
+
+    def method_state(self) -> dict:
+        return {"prev_kkt": {str(l): t for l, t in self.method.prev_kkt.items()}} if self.method else {}
+
+    def load_method_state(self, state: dict) -> None:
+        prev = state.get("prev_kkt", {})
+        device = next(iter(self.method.projectors.values())).device
+        self.method.prev_kkt = {int(l): t.to(device) for l, t in prev.items()}

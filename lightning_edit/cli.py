@@ -1,0 +1,110 @@
+"""``lightning-edit``: LightningCLI for editing runs, plus a few tool subcommands.
+
+    lightning-edit fit -c configs/quickstart.yaml           # stream edits, log, checkpoint, export
+    lightning-edit validate -c configs/quickstart.yaml      # evaluate the unedited model
+    lightning-edit validate -c ... --ckpt_path checkpoints/quickstart/last.safetensors
+    lightning-edit fit -c ... --ckpt_path last              # resume an interrupted stream
+    lightning-edit trace --model PATH --dataset FILE        # causal tracing: where are facts stored?
+    lightning-edit factworld --root checkpoints/factworld   # build the offline fact-world model
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from .callbacks import ClosedFormUpdate
+from .data.datamodule import EditDataModule
+from .module import EditModule
+
+
+class EditCheckpoint(ModelCheckpoint):
+    """A resumable checkpoint after every edit batch: ``last.safetensors`` holds the edited
+    weights and the edit state (written atomically), never the frozen model.
+
+    Args:
+        dirpath: directory of the checkpoints (and of ``edited.safetensors`` at the end of fit).
+        every_n_train_steps: checkpoint every this many edit batches.
+    """
+
+    FILE_EXTENSION = ".safetensors"
+
+    def __init__(self, dirpath: str = "checkpoints/edit", every_n_train_steps: int = 1):
+        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps)
+
+
+TRAINER_DEFAULTS = {
+    "max_epochs": 1,
+    "inference_mode": False,  # residuals are optimized with autograd, also inside validate/test
+    "use_distributed_sampler": False,  # every process sees the whole batch and shards it itself
+    "num_sanity_val_steps": 0,
+    "enable_model_summary": False,
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "logs", "name": "edit", "default_hp_metric": False},
+    },
+    "callbacks": [{"class_path": "lightning_edit.cli.EditCheckpoint"}],
+    "plugins": [{"class_path": "lightning_edit.checkpointing.SafetensorsCheckpointIO"}],
+}
+
+
+class EditCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ClosedFormUpdate, "editor", subclass_mode=True, required=False)
+        parser.set_defaults({"editor": {"class_path": "lightning_edit.callbacks.AlphaEdit"}})
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        cmds = dict(LightningCLI.subcommands())
+        cmds.pop("predict", None)
+        return cmds
+
+
+def _tool_commands() -> dict[str, tuple[Callable[[list[str]], object], str]]:
+    def trace(argv):
+        from .trace import main as trace_main
+
+        return trace_main(argv)
+
+    def factworld(argv):
+        from .factworld.build import main as fw_main
+
+        return fw_main(argv)
+
+    return {
+        "trace": (trace, "causal tracing of where a model stores facts (table + heat-map)"),
+        "factworld": (factworld, "build (or reuse) the offline fact-world model and datasets"),
+    }
+
+
+def main(args: list[str] | None = None) -> EditCLI | object:
+    """Entry point of the ``lightning-edit`` console script (``args`` for tests)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    tools = _tool_commands()
+    if argv and argv[0] in tools:
+        return tools[argv[0]][0](argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        print("lightning-edit: knowledge editing of causal LMs (MEMIT, AlphaEdit)\n\ncommands:")
+        for name, text in (("fit", "stream edit batches and apply them (from a YAML: -c configs/...)"),
+                           ("validate", "evaluate the (edited or unedited) model on the dataset"),
+                           ("test", "same as validate, on the test loop"),
+                           *((k, v[1]) for k, v in tools.items())):
+            print(f"  {name:<10} {text}")
+        print("\n`lightning-edit COMMAND --help` shows a command's options.\n")
+        if not argv:
+            return None
+    return EditCLI(
+        EditModule,
+        EditDataModule,
+        trainer_defaults=TRAINER_DEFAULTS,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )
+
+
+if __name__ == "__main__":
+    main()

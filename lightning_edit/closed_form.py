@@ -1,0 +1,128 @@
+"""The closed-form weight updates of MEMIT and AlphaEdit, as plain functions on tensors.
+
+Shapes follow the rows-are-samples convention: ``keys`` is ``(n, d_k)`` (one key per row),
+``resid`` is ``(n, d_model)``; an update is returned as ``(d_model, d_k)`` (``nn.Linear``
+layout; :class:`lightning_edit.arch.ModelAdapter` transposes it for ``Conv1D``).
+In the papers' column notation ``K = keys.T`` and ``R = resid.T``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+ThresholdMode = Literal["absolute", "relative"]
+
+
+class NonFiniteUpdateError(FloatingPointError):
+    """A solve produced NaN/Inf; the weights must stay untouched."""
+
+
+def normalized_moment(kkt_sum: torch.Tensor, count: int | float | torch.Tensor) -> torch.Tensor:
+    """``C_0 = E[k k^T]`` from the running sum of ``k k^T`` and the number of keys."""
+    count = float(count)
+    if count <= 0:
+        raise ValueError("second moment from zero keys")
+    return kkt_sum / count
+
+
+def null_space_projector(
+    moment: torch.Tensor, threshold: float = 0.02, mode: ThresholdMode = "absolute"
+) -> tuple[torch.Tensor, dict]:
+    """AlphaEdit's projector onto the (approximate) null space of the preserved keys.
+
+    ``moment`` is the normalized second moment ``C_0`` ``(d_k, d_k)``. Its eigenvectors with
+    eigenvalue below ``threshold`` (``absolute``: the value itself, as the reference code with
+    0.02; ``relative``: a fraction of the largest eigenvalue, which transfers across models
+    whose activation scales differ) span the directions preserved knowledge barely uses;
+    ``P = U U^T`` projects onto them. Computed in float64 with ``eigh`` (symmetric PSD).
+
+    Returns ``(P (d_k, d_k) float32, info)`` where info holds the kept rank and spectrum summary.
+    """
+    if mode not in ("absolute", "relative"):
+        raise ValueError(f"threshold mode must be 'absolute' or 'relative', got {mode!r}")
+    m = moment.double()
+    m = (m + m.T) / 2
+    evals, evecs = torch.linalg.eigh(m)
+    cut = threshold if mode == "absolute" else threshold * float(evals[-1].clamp_min(0))
+    keep = evals < cut
+    u = evecs[:, keep]
+    proj = u @ u.T
+    info = {
+        "rank": int(keep.sum()),
+        "dim": int(m.shape[0]),
+        "cutoff": float(cut),
+        "max_eigenvalue": float(evals[-1]),
+        "min_eigenvalue": float(evals[0]),
+    }
+    return proj.float(), info
+
+
+def spread_residual(z_target: torch.Tensor, z_current: torch.Tensor, layers_left: int) -> torch.Tensor:
+    """MEMIT's residual share for the current layer: ``(z - z_cur) / layers_left`` where
+    ``layers_left`` counts the edit layers from this one to the last (5, 4, ..., 1)."""
+    if layers_left < 1:
+        raise ValueError("layers_left must be >= 1")
+    return (z_target - z_current) / layers_left
+
+
+def _check_finite(delta: torch.Tensor, what: str) -> torch.Tensor:
+    if not torch.isfinite(delta).all():
+        raise NonFiniteUpdateError(f"{what}: the closed-form solve produced non-finite values; no weight was changed")
+    return delta
+
+
+def memit_update(
+    keys: torch.Tensor,
+    resid: torch.Tensor,
+    moment: torch.Tensor,
+    lam: float,
+    solve_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """MEMIT: ``Delta = R K^T (lam C_0 + K K^T)^-1``.
+
+    Args:
+        keys: ``(n, d_k)`` keys of the edited facts at this layer.
+        resid: ``(n, d_model)`` residuals this layer must add.
+        moment: ``(d_k, d_k)`` normalized second moment of preserved keys.
+        lam: weight of the preservation term (``mom2_update_weight``, 15000-20000 in the reference).
+    Returns:
+        ``(d_model, d_k)`` update.
+    """
+    k, r = keys.to(solve_dtype), resid.to(solve_dtype)
+    a = lam * moment.to(solve_dtype) + k.T @ k
+    x = torch.linalg.solve(a, k.T @ r)  # (d_k, d_model); a is symmetric so Delta = x^T
+    return _check_finite(x.T, "MEMIT update")
+
+
+def alphaedit_update(
+    keys: torch.Tensor,
+    resid: torch.Tensor,
+    projector: torch.Tensor,
+    prev_kkt: torch.Tensor | None,
+    l2: float,
+    solve_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """AlphaEdit: ``Delta = R K^T P (K_p K_p^T P + K K^T P + l2 I)^-1``, applied through ``P``.
+
+    Solved as the transposed system ``(P (K K^T + K_p K_p^T) + l2 I) X = P K R^T`` (as the
+    reference does). ``X`` lies in the range of ``P`` analytically; we return ``(P X)^T`` so the
+    null-space property ``Delta K_0 ~ 0`` also holds to rounding error.
+
+    Args:
+        keys: ``(n, d_k)``; resid: ``(n, d_model)``.
+        projector: ``(d_k, d_k)`` null-space projector ``P``.
+        prev_kkt: ``(d_k, d_k)`` running ``K_p K_p^T`` of earlier edits (``None`` = zero).
+        l2: ridge term (``L2`` = 10 in the reference).
+    Returns:
+        ``(d_model, d_k)`` update.
+    """
+    k, r = keys.to(solve_dtype), resid.to(solve_dtype)
+    p = projector.to(solve_dtype)
+    kkt = k.T @ k
+    if prev_kkt is not None:
+        kkt = kkt + prev_kkt.to(solve_dtype)
+    eye = torch.eye(p.shape[0], dtype=solve_dtype, device=p.device)
+    x = torch.linalg.solve(p @ kkt + l2 * eye, p @ (k.T @ r))  # (d_k, d_model)
+    return _check_finite((p @ x).T, "AlphaEdit update")

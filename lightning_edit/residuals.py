@@ -1,0 +1,251 @@
+"""Target residual vectors z: what the last edit layer's output should be at each anchor.
+
+For every *chunk* (a single fact is one chunk) a free vector ``delta`` is added to the output
+of decoder block ``z_layer`` at the chunk's anchor token and optimized with Adam so the
+frozen model assigns high likelihood to the chunk's target tokens (MEMIT's ``compute_z``):
+
+    loss_c = mean_{rows r of c} mean_{target tokens} NLL
+           + kl_factor * KL(p_now || p_init) at the anchor of "{subject} is a"
+           + weight_decay * ||delta_c|| / ||z0_c||^2
+
+with ``||delta_c||`` clamped to ``clamp_norm_factor * ||z0_c||`` after each step and per-chunk
+early stopping once ``loss_c < early_stop_loss``. All chunks of a batch are optimized together:
+one padded forward per step (optionally split into row micro-batches with gradient
+accumulation), no Python loop over requests. Because the loss is a sum of per-chunk terms and
+Adam is element-wise, this equals optimizing each request alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .arch import ModelAdapter
+from .data.requests import EditRequest, target_text
+from .tokens import Encoded, Segment, encode_segments, flatten_targets, gather_target_logprobs
+
+AnchorRule = Literal["subject_last", "prompt_last"]
+
+
+@dataclass
+class ResidualConfig:
+    """Hyper-parameters of the residual-vector optimization (reference defaults).
+
+    Args:
+        lr: Adam learning rate (``v_lr``: 0.5; 0.1 for Llama-3-8B).
+        steps: maximum Adam steps (``v_num_grad_steps``).
+        weight_decay: ``v_weight_decay`` on ``||delta|| / ||z0||^2``.
+        clamp_norm_factor: ``||delta|| <= clamp_norm_factor * ||z0||``.
+        kl_factor: weight of the KL term on ``"{subject} is a"`` (0 disables it).
+        early_stop_loss: a chunk stops once its loss is below this.
+        anchor: ``subject_last`` (the papers) or ``prompt_last`` (the token that predicts the
+            target; where small models look facts up).
+        max_rows_per_forward: split the padded batch into micro-batches of at most this many
+            rows (gradients accumulate); bounds activation memory on big models. 0 = no split.
+    """
+
+    lr: float = 0.5
+    steps: int = 20
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 0.05
+    anchor: AnchorRule = "subject_last"
+    max_rows_per_forward: int = 0
+
+    def __post_init__(self):
+        if self.anchor not in ("subject_last", "prompt_last"):
+            raise ValueError(f"anchor must be 'subject_last' or 'prompt_last', got {self.anchor!r}")
+        if self.steps < 1 or self.lr <= 0:
+            raise ValueError("steps must be >= 1 and lr > 0")
+
+
+@dataclass
+class ResidualBatch:
+    """The encoded rows of a batch of requests.
+
+    Rows are, per request: one per context prefix (the bare prompt first), then one KL row.
+    ``row_chunk[r]`` is the chunk (request) a row belongs to; ``is_kl[r]`` marks KL rows.
+    """
+
+    enc: Encoded
+    row_chunk: torch.Tensor  # (rows,)
+    is_kl: torch.Tensor  # (rows,) bool
+    n_chunks: int
+    n_prefixes: int  # rewrite rows per chunk (1 bare + prefixes)
+
+    @property
+    def rewrite_rows(self) -> torch.Tensor:
+        return (~self.is_kl).nonzero().squeeze(-1)
+
+    @property
+    def bare_rows(self) -> torch.Tensor:
+        """Row of each chunk's bare prompt, ``(n_chunks,)``."""
+        per = self.n_prefixes + (1 if bool(self.is_kl.any()) else 0)
+        return torch.arange(self.n_chunks) * per
+
+    def anchors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, positions, chunk)`` of every anchor, flat ``(m,)`` each."""
+        a = self.enc.anchor_pos
+        valid = a >= 0
+        rows = torch.arange(a.shape[0]).unsqueeze(1).expand_as(a)[valid]
+        return rows, a[valid], self.row_chunk[rows]
+
+
+def anchor_char(request: EditRequest, rule: AnchorRule) -> int | None:
+    """Character index (in the rendered prompt) of the anchor, ``None`` = prompt's last token."""
+    if rule == "prompt_last":
+        return None
+    return request.subject_span[1] - 1
+
+
+def build_residual_batch(
+    tokenizer, requests: Sequence[EditRequest], prefixes: Sequence[str], anchor: AnchorRule, kl: bool = True
+) -> ResidualBatch:
+    """Encode every request with the bare prompt, each context prefix, and the KL prompt."""
+    segments: list[Segment] = []
+    chunk, is_kl = [], []
+    all_prefixes = [""] + [p for p in prefixes if p]
+    for c, req in enumerate(requests):
+        prompt = req.rendered_prompt
+        tgt = target_text(prompt, req.target_new)
+        a = anchor_char(req, anchor)
+        for pre in all_prefixes:
+            text = pre + prompt + tgt
+            start = len(pre) + len(prompt)
+            segments.append(Segment(text, [(start, len(text))], [None if a is None else len(pre) + a]))
+            chunk.append(c)
+            is_kl.append(False)
+        if kl:
+            text = f"{req.subject} is a"
+            segments.append(Segment(text, (), [None if anchor == "prompt_last" else len(req.subject) - 1]))
+            chunk.append(c)
+            is_kl.append(True)
+    enc = encode_segments(tokenizer, segments)
+    return ResidualBatch(enc, torch.tensor(chunk), torch.tensor(is_kl), len(requests), len(all_prefixes))
+
+
+@torch.no_grad()
+def block_outputs_at_anchors(adapter: ModelAdapter, batch: ResidualBatch, layer: int, rows: torch.Tensor) -> torch.Tensor:
+    """Block ``layer``'s output at the (first) anchor of ``rows``: ``(len(rows), d_model)``.
+    The forward pass stops after that block."""
+    device = next(adapter.model.parameters()).device
+    ids = batch.enc.input_ids[rows].to(device)
+    mask = batch.enc.attention_mask[rows].to(device)
+    with adapter.trace(output_layers=[layer], stop_after=layer) as rec:
+        adapter.forward(ids, mask)
+    pos = batch.enc.anchor_pos[rows, 0].to(device)
+    return rec["outputs"][layer][torch.arange(len(rows), device=device), pos].float()
+
+
+def _micro_batches(n_rows: int, row_chunk: torch.Tensor, max_rows: int) -> list[torch.Tensor]:
+    """Row groups of at most ``max_rows`` rows that never split a chunk's rows."""
+    if max_rows <= 0 or n_rows <= max_rows:
+        return [torch.arange(n_rows)]
+    groups, cur, cur_chunk = [], [], None
+    bounds = []
+    for r in range(n_rows):
+        c = int(row_chunk[r])
+        if c != cur_chunk:
+            bounds.append(r)
+            cur_chunk = c
+    bounds.append(n_rows)
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if cur and len(cur) + (e - s) > max_rows:
+            groups.append(torch.tensor(cur))
+            cur = []
+        cur.extend(range(s, e))
+    if cur:
+        groups.append(torch.tensor(cur))
+    return groups
+
+
+@dataclass
+class ResidualResult:
+    z_target: torch.Tensor  # (n_chunks, d_model) float32
+    z_init: torch.Tensor  # (n_chunks, d_model)
+    loss: torch.Tensor  # (n_chunks,) final per-chunk loss
+    nll: torch.Tensor  # (n_chunks,) final per-chunk NLL term
+    steps: torch.Tensor  # (n_chunks,) steps each chunk took
+
+
+def optimize_residuals(
+    adapter: ModelAdapter, batch: ResidualBatch, z_layer: int, cfg: ResidualConfig
+) -> ResidualResult:
+    """Optimize one ``delta`` per chunk jointly (see module docstring)."""
+    model = adapter.model
+    device = next(model.parameters()).device
+    n = batch.n_chunks
+    z0 = block_outputs_at_anchors(adapter, batch, z_layer, batch.bare_rows)
+    d_model = z0.shape[-1]
+    z0_norm = z0.norm(dim=-1)
+    delta = torch.zeros(n, d_model, device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.lr)
+
+    a_rows, a_pos, a_chunk = batch.anchors()
+    t_rows, t_pos, _ = flatten_targets(batch.enc)
+    n_rewrite = torch.bincount(batch.row_chunk[~batch.is_kl], minlength=n).float().to(device)
+    tok_per_row = torch.bincount(t_rows, minlength=batch.enc.input_ids.shape[0]).clamp_min(1).float()
+    kl_init: dict[int, torch.Tensor] = {}
+    groups = _micro_batches(batch.enc.input_ids.shape[0], batch.row_chunk, cfg.max_rows_per_forward)
+    active = torch.ones(n, dtype=torch.bool, device=device)
+    steps = torch.zeros(n, dtype=torch.long, device=device)
+    loss_c = nll_c = torch.zeros(n, device=device)
+
+    for step in range(cfg.steps + 1):
+        opt.zero_grad(set_to_none=True)
+        nll_c = torch.zeros(n, device=device)
+        kl_c = torch.zeros(n, device=device)
+        for gi, rows in enumerate(groups):
+            local = torch.full((batch.enc.input_ids.shape[0],), -1, dtype=torch.long)
+            local[rows] = torch.arange(len(rows))
+            sel_a = local[a_rows] >= 0
+            sel_t = local[t_rows] >= 0
+            ids = batch.enc.input_ids[rows].to(device)
+            mask = batch.enc.attention_mask[rows].to(device)
+            ar, ap = local[a_rows[sel_a]].to(device), a_pos[sel_a].to(device)
+            with torch.enable_grad(), adapter.add_at_positions(z_layer, ar, ap, delta[a_chunk[sel_a].to(device)]):
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            # target NLL: per row mean over its tokens, per chunk mean over its rewrite rows
+            tr, tp = t_rows[sel_t], t_pos[sel_t]
+            lp = gather_target_logprobs(logp, ids, local[tr].to(device), tp.to(device))
+            w = (1.0 / tok_per_row[tr]).to(device) / n_rewrite[batch.row_chunk[tr].to(device)]
+            part_nll = torch.zeros(n, device=device).index_add(0, batch.row_chunk[tr].to(device), -lp * w)
+            part_kl = torch.zeros(n, device=device)
+            kl_rows = rows[batch.is_kl[rows]]
+            if cfg.kl_factor > 0 and len(kl_rows):
+                kl_pos = batch.enc.anchor_pos[kl_rows, 0].to(device)
+                kl_logp = logp[local[kl_rows].to(device), kl_pos]
+                if gi not in kl_init:
+                    kl_init[gi] = kl_logp.detach()
+                kl = F.kl_div(kl_init[gi], kl_logp, log_target=True, reduction="none").sum(-1)
+                part_kl = part_kl.index_add(0, batch.row_chunk[kl_rows].to(device), cfg.kl_factor * kl)
+            wd = cfg.weight_decay * delta.norm(dim=-1) / z0_norm.pow(2)
+            # chunks live entirely in one group, so each group's loss only touches its chunks
+            in_group = torch.zeros(n, dtype=torch.bool, device=device)
+            in_group[batch.row_chunk[rows].unique().to(device)] = True
+            part = part_nll + part_kl + torch.where(in_group, wd, torch.zeros_like(wd))
+            (part * active.float()).sum().backward()
+            nll_c = nll_c + part_nll.detach()
+            kl_c = kl_c + part_kl.detach()
+        loss_c = nll_c + kl_c + (cfg.weight_decay * delta.norm(dim=-1) / z0_norm.pow(2)).detach()
+        active = active & (loss_c >= cfg.early_stop_loss)
+        if step == cfg.steps or not bool(active.any()):
+            break
+        before = delta.detach().clone()
+        opt.step()
+        steps += active.long()
+        with torch.no_grad():
+            # converged chunks keep their vector (Adam's momentum would otherwise move them)
+            delta[~active] = before[~active]
+            max_norm = cfg.clamp_norm_factor * z0_norm
+            norm = delta.norm(dim=-1)
+            scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-12), torch.ones_like(norm))
+            delta.mul_(scale.unsqueeze(-1))
+    z = (z0 + delta.detach()).float()
+    return ResidualResult(z_target=z, z_init=z0, loss=loss_c.detach(), nll=nll_c.detach(), steps=steps)

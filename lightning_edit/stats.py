@@ -1,0 +1,333 @@
+"""Key statistics: the uncentered second moment ``E[k k^T]`` of each edit layer's down-projection
+input over a text corpus, computed in one streamed pass for all layers at once and cached.
+
+Why it is fast: texts are packed into full ``max_length`` blocks (no padding), every edit layer
+is captured in the same forward pass, and the forward stops after the last edit layer.
+Why it is safe to reuse: a cache entry is keyed (file name *and* stored metadata) by a
+fingerprint of the model (config + the weights that influence that layer's keys), the layer,
+the corpus identity, the sample count, the block length and the dtype; anything else is a miss.
+Stored as ``sum`` (float64) + ``count`` so partial sums (other processes, an interrupted run)
+add up exactly; an interrupted run resumes from its last partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .arch import ModelAdapter
+
+STATS_FORMAT_VERSION = 1
+
+
+@dataclass
+class StatsConfig:
+    """Where the preserved-knowledge statistics come from.
+
+    Args:
+        corpus: a local text/JSON/JSONL/parquet file (or directory), or a ``datasets`` hub id
+            (``wikitext``, ``wikipedia``) where a hub is reachable.
+        corpus_name: the dataset configuration name for hub datasets (e.g. ``wikitext-103-raw-v1``).
+        split: dataset split.
+        text_field: the column holding the text.
+        n_samples: number of texts to read (the reference uses 100,000 Wikipedia articles).
+        max_length: tokens per packed block.
+        batch_size: blocks per forward pass.
+        dtype: dtype the model runs in for the pass (``float32``, ``bfloat16``, ``float16``).
+        cache_dir: where sums, counts and projectors are cached.
+        save_every: write a resumable partial sum every this many batches (0 = never).
+    """
+
+    corpus: str = "wikitext"
+    corpus_name: str | None = "wikitext-103-raw-v1"
+    split: str = "train"
+    text_field: str = "text"
+    n_samples: int = 100_000
+    max_length: int = 256
+    batch_size: int = 16
+    dtype: str = "float32"
+    cache_dir: str = "checkpoints/stats"
+    save_every: int = 50
+
+
+def _hash(*parts) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode())
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def tensor_fingerprint(t: torch.Tensor, max_elems: int = 1 << 16) -> str:
+    """Hash of shape, dtype and an evenly strided sample of the values (fast on any size;
+    any fine-tune or edit changes the sampled values)."""
+    flat = t.detach().reshape(-1)
+    if flat.numel() > max_elems:
+        idx = torch.linspace(0, flat.numel() - 1, max_elems, device=flat.device).long()
+        flat = flat[idx]
+    data = flat.float().cpu().numpy().tobytes()
+    return _hash(tuple(t.shape), t.dtype, data)
+
+
+def model_fingerprint(adapter: ModelAdapter, layer: int) -> str:
+    """Identity of everything that determines layer ``layer``'s keys: the config and every
+    parameter outside the blocks after ``layer``."""
+    cfg = getattr(adapter.model, "config", None)
+    cfg_json = cfg.to_json_string(use_diff=False) if cfg is not None else type(adapter.model).__name__
+    cfg_json = json.dumps({k: v for k, v in json.loads(cfg_json).items() if k not in ("dtype", "torch_dtype", "transformers_version", "_name_or_path")}, sort_keys=True) if cfg is not None else cfg_json
+    parts = [cfg_json, adapter.spec.mlp_down_template.format(layer)]
+    for name, p in adapter.embedding_and_layer_params(layer):
+        parts.append(name)
+        parts.append(tensor_fingerprint(p))
+    return _hash(*parts)
+
+
+def corpus_fingerprint(cfg: StatsConfig) -> str:
+    """Identity of the corpus: for local files their names, sizes and content hash (the first
+    and last 8 MiB for big files); for hub datasets the id, config name and split."""
+    path = Path(cfg.corpus)
+    parts: list = [cfg.split, cfg.text_field, cfg.corpus_name]
+    if path.exists():
+        files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+        for f in files:
+            size = f.stat().st_size
+            parts += [f.name, size]
+            with open(f, "rb") as fh:
+                head = fh.read(8 << 20)
+                parts.append(hashlib.blake2b(head, digest_size=12).hexdigest())
+                if size > 16 << 20:
+                    fh.seek(-(8 << 20), os.SEEK_END)
+                    parts.append(hashlib.blake2b(fh.read(), digest_size=12).hexdigest())
+                elif size > 8 << 20:
+                    parts.append(hashlib.blake2b(fh.read(), digest_size=12).hexdigest())
+    else:
+        parts.append(cfg.corpus)
+    return _hash(*parts)
+
+
+def iter_corpus_texts(cfg: StatsConfig, shard: int = 0, num_shards: int = 1) -> Iterator[str]:
+    """Stream ``n_samples`` non-empty texts (this process's shard of them) via ``datasets``."""
+    import datasets
+
+    path = Path(cfg.corpus)
+    if path.exists():
+        suffix = (path.suffix if path.is_file() else "").lower()
+        builder = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
+        if builder is None and path.is_dir():
+            exts = {p.suffix.lower() for p in path.rglob("*") if p.is_file()}
+            builder = next((b for e, b in ((".parquet", "parquet"), (".jsonl", "json"), (".json", "json"), (".txt", "text")) if e in exts), None)
+        if builder is None:
+            raise ValueError(f"statistics corpus {cfg.corpus!r}: cannot tell its format (use .txt, .json, .jsonl, .parquet or .csv)")
+        data_files = str(path) if path.is_file() else [str(p) for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in (".txt", ".json", ".jsonl", ".parquet", ".csv")]
+        ds = datasets.load_dataset(builder, data_files=data_files, split=cfg.split, streaming=True)
+    else:
+        ds = datasets.load_dataset(cfg.corpus, cfg.corpus_name, split=cfg.split, streaming=True)
+    n = 0
+    for i, rec in enumerate(ds):
+        if n >= cfg.n_samples:
+            break
+        if cfg.text_field not in rec:
+            raise KeyError(f"statistics corpus {cfg.corpus!r} has no field {cfg.text_field!r} (fields: {sorted(rec)}); set text_field")
+        text = rec[cfg.text_field]
+        if not text or not text.strip():
+            continue
+        if n % num_shards == shard:
+            yield text
+        n += 1
+
+
+def packed_blocks(tokenizer, texts: Iterator[str], max_length: int, batch_size: int) -> Iterator[torch.Tensor]:
+    """Tokenize texts and pack them (separated by EOS) into ``(batch_size, max_length)`` blocks;
+    the last batch may be shorter and its last block partial (returned with its true length)."""
+    eos = tokenizer.eos_token_id
+    buf: list[int] = []
+    blocks: list[list[int]] = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        buf.extend(ids + ([eos] if eos is not None else []))
+        while len(buf) >= max_length:
+            blocks.append(buf[:max_length])
+            buf = buf[max_length:]
+            if len(blocks) == batch_size:
+                yield torch.tensor(blocks)
+                blocks = []
+    if blocks:
+        yield torch.tensor(blocks)
+    if buf:
+        yield torch.tensor([buf])
+
+
+@torch.no_grad()
+def accumulate_moments(
+    adapter: ModelAdapter,
+    blocks: Iterator[torch.Tensor],
+    layers: Sequence[int],
+    init: dict[int, tuple[torch.Tensor, int]] | None = None,
+    on_batch: Callable[[int, dict[int, tuple[torch.Tensor, int]]], None] | None = None,
+    progress: tqdm | None = None,
+) -> dict[int, tuple[torch.Tensor, int]]:
+    """Sum of ``k k^T`` (float64, ``(d_k, d_k)``) and key count per layer over ``blocks``.
+    One forward per batch captures every layer and stops after the last one."""
+    device = next(adapter.model.parameters()).device
+    acc = {l: (init[l][0].to(device), int(init[l][1])) if init and l in init else (torch.zeros(adapter.dims(l)[1], adapter.dims(l)[1], dtype=torch.float64, device=device), 0) for l in layers}
+    last = max(layers)
+    for bi, ids in enumerate(blocks):
+        ids = ids.to(device)
+        with adapter.trace(key_layers=layers, stop_after=last) as rec:
+            adapter.forward(ids)
+        for l in layers:
+            k = rec["keys"][l].reshape(-1, rec["keys"][l].shape[-1]).float()
+            s, c = acc[l]
+            acc[l] = (s.add_((k.T @ k).double()), c + k.shape[0])
+        if progress is not None:
+            progress.update(ids.numel())
+        if on_batch is not None:
+            on_batch(bi, acc)
+    return acc
+
+
+class StatsCache:
+    """Second moments and projectors on disk (safetensors), keyed and verified by metadata."""
+
+    def __init__(self, cfg: StatsConfig):
+        self.cfg = cfg
+        self.root = Path(cfg.cache_dir)
+
+    def key(self, adapter: ModelAdapter, layer: int) -> dict[str, str]:
+        return {
+            "format": str(STATS_FORMAT_VERSION),
+            "model": model_fingerprint(adapter, layer),
+            "layer": adapter.spec.mlp_down_template.format(layer),
+            "corpus": corpus_fingerprint(self.cfg),
+            "n_samples": str(self.cfg.n_samples),
+            "max_length": str(self.cfg.max_length),
+            "dtype": self.cfg.dtype,
+        }
+
+    def path(self, key: dict[str, str], kind: str = "moment", extra: str = "") -> Path:
+        return self.root / f"{key['layer']}.{kind}.{_hash(*sorted(key.items()), extra)}.safetensors"
+
+    def load(self, key: dict[str, str], kind: str = "moment", extra: str = "") -> dict[str, torch.Tensor] | None:
+        p = self.path(key, kind, extra)
+        if not p.exists():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(p), "pt") as f:
+            meta = f.metadata() or {}
+        if any(meta.get(k) != v for k, v in key.items()):
+            return None  # a hash collision or a stale file: never reuse on mismatch
+        return load_file(str(p))
+
+    def save(self, key: dict[str, str], tensors: dict[str, torch.Tensor], kind: str = "moment", extra: str = "", meta: dict | None = None) -> Path:
+        p = self.path(key, kind, extra)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={**key, **{k: str(v) for k, v in (meta or {}).items()}})
+        os.replace(tmp, p)  # atomic: a kill never leaves a half-written cache entry
+        return p
+
+
+def second_moments(
+    adapter: ModelAdapter,
+    tokenizer,
+    layers: Sequence[int],
+    cfg: StatsConfig,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    shard: int = 0,
+    num_shards: int = 1,
+    is_writer: bool = True,
+    show_progress: bool = True,
+) -> dict[int, torch.Tensor]:
+    """Normalized second moment ``C_0 = sum / count`` ``(d_k, d_k)`` per layer, from the cache
+    where possible; missing layers are computed together in one streamed pass.
+
+    Under DDP, pass this process's ``shard`` of ``num_shards`` and a ``reduce`` that sums a
+    tensor across processes; only the writer saves the cache.
+    """
+    cache = StatsCache(cfg)
+    keys = {l: cache.key(adapter, l) for l in layers}
+    out: dict[int, torch.Tensor] = {}
+    missing = []
+    for l in layers:
+        hit = cache.load(keys[l])
+        if hit is None:
+            missing.append(l)
+        else:
+            out[l] = hit["sum"] / float(hit["count"].item())
+    if missing:
+        # resumable partial sums exist only for single-process runs (shards would differ)
+        partial_key = dict(keys[missing[0]], layers=",".join(map(str, missing)))
+        init = None
+        skip = 0
+        if num_shards == 1:
+            part = cache.load(partial_key, kind="partial")
+            if part is not None:
+                skip = int(part["batches"].item())
+                init = {l: (part[f"sum.{l}"], int(part[f"count.{l}"].item())) for l in missing}
+
+        def checkpoint(bi: int, acc):
+            if num_shards == 1 and is_writer and cfg.save_every and (bi + 1) % cfg.save_every == 0:
+                t = {f"sum.{l}": s for l, (s, _) in acc.items()}
+                t.update({f"count.{l}": torch.tensor(c) for l, (_, c) in acc.items()})
+                t["batches"] = torch.tensor(skip + bi + 1)
+                cache.save(partial_key, t, kind="partial")
+
+        blocks = packed_blocks(tokenizer, iter_corpus_texts(cfg, shard, num_shards), cfg.max_length, cfg.batch_size)
+        for _ in range(skip):
+            next(blocks, None)
+        bar = tqdm(desc=f"key statistics (layers {missing})", unit="tok", unit_scale=True, disable=not (show_progress and is_writer))
+        acc = accumulate_moments(adapter, blocks, missing, init=init, on_batch=checkpoint, progress=bar)
+        bar.close()
+        for l in missing:
+            s, c = acc[l]
+            count = torch.tensor(float(c), dtype=torch.float64, device=s.device)
+            if reduce is not None:
+                s, count = reduce(s), reduce(count)
+            if float(count) == 0:
+                raise ValueError(f"statistics corpus {cfg.corpus!r} produced no tokens")
+            if is_writer:
+                cache.save(keys[l], {"sum": s, "count": count.reshape(1)}, meta={"tokens": int(count)})
+            out[l] = s / float(count)
+        pp = cache.path(partial_key, kind="partial")
+        if is_writer and pp.exists():
+            pp.unlink()
+    return out
+
+
+def projectors(
+    adapter: ModelAdapter,
+    moments: dict[int, torch.Tensor],
+    cfg: StatsConfig,
+    threshold: float,
+    mode: str,
+    is_writer: bool = True,
+) -> tuple[dict[int, torch.Tensor], dict[int, dict]]:
+    """AlphaEdit's null-space projector per layer from its moment, cached beside it."""
+    from .closed_form import null_space_projector
+
+    cache = StatsCache(cfg)
+    out, infos = {}, {}
+    for l, m in moments.items():
+        key = cache.key(adapter, l)
+        extra = f"{mode}:{threshold!r}"
+        hit = cache.load(key, kind="projector", extra=extra)
+        if hit is not None:
+            out[l] = hit["P"]
+            infos[l] = {"rank": int(hit["rank"].item()), "dim": int(m.shape[0])}
+            continue
+        p, info = null_space_projector(m, threshold, mode)  # type: ignore[arg-type]
+        if is_writer:
+            cache.save(key, {"P": p, "rank": torch.tensor(info["rank"])}, kind="projector", extra=extra, meta=info)
+        out[l], infos[l] = p, info
+    return out, infos
+

@@ -1,0 +1,158 @@
+"""Spread the target residuals over the edit layers and apply the closed-form updates.
+
+Plain functions and small method objects (no Lightning): the callbacks in
+:mod:`lightning_edit.callbacks` and the notebook API both call :func:`apply_update`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .arch import ModelAdapter
+from .closed_form import alphaedit_update, memit_update, spread_residual
+from .residuals import ResidualBatch
+
+
+def _rows_device(adapter: ModelAdapter):
+    return next(adapter.model.parameters()).device
+
+
+@torch.no_grad()
+def anchor_keys_and_outputs(
+    adapter: ModelAdapter,
+    batch: ResidualBatch,
+    key_layers: Sequence[int],
+    z_layer: int | None = None,
+    max_rows: int = 0,
+) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    """Keys of every chunk at ``key_layers`` (and block ``z_layer``'s output at the bare prompt).
+
+    Keys are read at the anchor of every rewrite row and averaged per chunk as the reference
+    does: half the bare prompt, half the mean over context prefixes. The forward pass stops
+    after ``max(key_layers + [z_layer])``.
+
+    Returns ``({layer: (n_chunks, d_k)}, (n_chunks, d_model) or None)``.
+    """
+    device = _rows_device(adapter)
+    rows = batch.rewrite_rows
+    stop = max(list(key_layers) + ([z_layer] if z_layer is not None else []))
+    groups = [rows] if max_rows <= 0 else list(rows.split(max_rows))
+    per_row_keys: dict[int, list[torch.Tensor]] = {l: [] for l in key_layers}
+    per_row_z: list[torch.Tensor] = []
+    for g in groups:
+        ids = batch.enc.input_ids[g].to(device)
+        mask = batch.enc.attention_mask[g].to(device)
+        pos = batch.enc.anchor_pos[g, 0].to(device)
+        ar = torch.arange(len(g), device=device)
+        with adapter.trace(key_layers=key_layers, output_layers=[z_layer] if z_layer is not None else [], stop_after=stop) as rec:
+            adapter.forward(ids, mask)
+        for l in key_layers:
+            per_row_keys[l].append(rec["keys"][l][ar, pos].float())
+        if z_layer is not None:
+            per_row_z.append(rec["outputs"][z_layer][ar, pos].float())
+    chunk = batch.row_chunk[rows].to(device)
+    bare = torch.zeros(len(rows), dtype=torch.bool, device=device)
+    bare_rows = batch.bare_rows.to(device)
+    bare[torch.searchsorted(rows.to(device), bare_rows)] = True
+    n = batch.n_chunks
+    n_pref = torch.bincount(chunk[~bare], minlength=n).float()
+    keys = {}
+    for l in key_layers:
+        k = torch.cat(per_row_keys[l])
+        k_bare = torch.zeros(n, k.shape[1], device=device).index_add(0, chunk[bare], k[bare])
+        k_pref = torch.zeros(n, k.shape[1], device=device).index_add(0, chunk[~bare], k[~bare])
+        has_pref = (n_pref > 0).unsqueeze(1)
+        avg = torch.where(has_pref, 0.5 * k_bare + 0.5 * k_pref / n_pref.clamp_min(1).unsqueeze(1), k_bare)
+        keys[l] = avg
+    z = None
+    if z_layer is not None:
+        zr = torch.cat(per_row_z)
+        z = torch.zeros(n, zr.shape[1], device=device).index_add(0, chunk[bare], zr[bare])
+    return keys, z
+
+
+@dataclass
+class MemitMethod:
+    """MEMIT's update. ``moments[layer]`` is the normalized second moment ``C_0``."""
+
+    lam: float
+    moments: dict[int, torch.Tensor]
+    solve_dtype: torch.dtype = torch.float64
+
+    def delta(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        return memit_update(keys, resid, self.moments[layer].to(keys.device), self.lam, self.solve_dtype)
+
+    def commit(self, new_keys: dict[int, torch.Tensor]) -> None:
+        pass
+
+    needs_keys_after = False
+
+
+@dataclass
+class AlphaEditMethod:
+    """AlphaEdit's update with the running ``K_p K_p^T`` of earlier batches (the state that
+    makes sequential edits not overwrite each other)."""
+
+    l2: float
+    projectors: dict[int, torch.Tensor]
+    prev_kkt: dict[int, torch.Tensor] = field(default_factory=dict)
+    solve_dtype: torch.dtype = torch.float64
+    needs_keys_after = True
+
+    def delta(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        prev = self.prev_kkt.get(layer)
+        return alphaedit_update(keys, resid, self.projectors[layer].to(keys.device), None if prev is None else prev.to(keys.device), self.l2, self.solve_dtype)
+
+    def commit(self, new_keys: dict[int, torch.Tensor]) -> None:
+        for l, k in new_keys.items():
+            kkt = (k.T.double() @ k.double()).float()
+            self.prev_kkt[l] = self.prev_kkt[l].to(kkt.device) + kkt if l in self.prev_kkt else kkt
+
+
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+def apply_update(
+    adapter: ModelAdapter,
+    batch: ResidualBatch,
+    z_target: torch.Tensor,
+    layers: Sequence[int],
+    method,
+    gather: Gather | None = None,
+    max_rows: int = 0,
+) -> dict[str, float]:
+    """Apply one edit batch's update to every edit layer, in ascending order.
+
+    For layer ``l`` (the earlier layers already updated): keys and current ``z`` on the
+    partly edited model, residual share ``(z - z_cur) / layers_left``, closed-form update,
+    in-place add. ``gather`` concatenates per-process rows (keys, residuals) under DDP so that
+    every process applies the same update. If anything fails (a non-finite solve, a bad shape),
+    every edit layer is restored and the error re-raised: a batch is applied whole or not at all.
+    Returns summary numbers for logging.
+    """
+    gather = gather or (lambda t: t)
+    layers = sorted(layers)
+    z_layer = layers[-1]
+    snapshot = {l: adapter.weight_as_linear(l).detach().clone() for l in layers}
+    info: dict[str, float] = {}
+    try:
+        for i, l in enumerate(layers):
+            keys, z_cur = anchor_keys_and_outputs(adapter, batch, [l], z_layer, max_rows)
+            resid = spread_residual(z_target.to(z_cur.device), z_cur, len(layers) - i)
+            k_all, r_all = gather(keys[l]), gather(resid)
+            delta = method.delta(l, k_all, r_all)
+            adapter.add_to_weight(l, delta)
+            w = snapshot[l]
+            info[f"update_norm/layer_{l}"] = float(delta.norm() / w.float().norm())
+        if getattr(method, "needs_keys_after", False):
+            keys_after, _ = anchor_keys_and_outputs(adapter, batch, layers, None, max_rows)
+            method.commit({l: gather(k) for l, k in keys_after.items()})
+    except BaseException:
+        with torch.no_grad():
+            for l, w in snapshot.items():
+                adapter.weight_as_linear(l).copy_(w)
+        raise
+    return info
