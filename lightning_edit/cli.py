@@ -46,7 +46,6 @@ TRAINER_DEFAULTS = {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": "logs", "name": "edit", "default_hp_metric": False},
     },
-    "callbacks": [{"class_path": "lightning_edit.cli.EditCheckpoint"}],
     "plugins": [{"class_path": "lightning_edit.checkpointing.SafetensorsCheckpointIO"}],
 }
 
@@ -55,6 +54,7 @@ class EditCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ClosedFormUpdate, "editor", subclass_mode=True, required=False)
         parser.set_defaults({"editor": {"class_path": "lightning_edit.callbacks.AlphaEdit"}})
+        parser.add_lightning_class_args(EditCheckpoint, "checkpoint")
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

@@ -254,18 +254,13 @@ class EditModule(L.LightningModule):
     def _finish_eval(self) -> None:
         from .evaluate import make_edit_metrics, update_edit_metrics
 
-        families = sorted({r.family for r in self._val_requests}) or ["counterfact"]
-        results = {}
-        for fam in families:
-            metrics = make_edit_metrics(fam)
-            metrics = {k: m.to(self.device_) for k, m in metrics.items()}
-            reqs = [r for r in self._val_requests if r.family == fam]
-            with torch.no_grad():
-                update_edit_metrics(metrics, self.lm, self.tokenizer, reqs, batch_size=self.eval_batch_size)
-            for k, m in metrics.items():
-                if m.update_count or self.trainer.world_size > 1:
-                    results[k] = float(m.compute())
+        # every process updates its shard; compute() sums the states across processes
+        metrics = make_edit_metrics("all").to(self.device_)
+        with torch.no_grad():
+            update_edit_metrics(metrics, self.lm, self.tokenizer, self._val_requests, batch_size=self.eval_batch_size)
+        results = {k: float(m.compute()) for k, m in metrics.items()}
+        results = {k: v for k, v in results.items() if not math.isnan(v)}  # families without data
         self.last_eval = results
         for k, v in results.items():
-            self.log(k, v, sync_dist=False, rank_zero_only=True)
+            self.log(k, v, rank_zero_only=True)
         self.log_edit_metrics(results)

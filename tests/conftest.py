@@ -15,13 +15,16 @@ TEMPLATES = ["The mother tongue of {} is", "{} was born in", "{} plays the", "{}
              "The profession of {} is", "{} speaks"]
 
 
+def facts(seed: int = 0) -> list[tuple[str, str, str]]:
+    """A consistent toy world: every (template, name) has one object."""
+    rng = random.Random(seed)
+    return [(t, n, rng.choice(OBJECTS)) for t in TEMPLATES for n in NAMES]
+
+
 def corpus_sentences(n: int = 400, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        t = rng.choice(TEMPLATES)
-        out.append(t.format(rng.choice(NAMES)) + " " + rng.choice(OBJECTS) + ".")
-    return out
+    world = facts()
+    return [t.format(name) + " " + obj + "." for t, name, obj in (rng.choice(world) for _ in range(n))]
 
 
 def make_tokenizer(vocab_size: int = 400):
@@ -64,6 +67,39 @@ def make_model(arch: str, vocab_size: int, n_layer: int = 4, width: int = 48, se
 
 
 ARCHS = ["gpt2", "gptj", "llama", "qwen2"]
+
+
+def train_tiny(arch: str, tok, steps: int = 300, n_layer: int = 4, width: int = 64, seed: int = 0):
+    """A tiny model that has memorized :func:`facts` (a few seconds on CPU, deterministic)."""
+    torch.manual_seed(seed)
+    model = make_model(arch, len(tok), n_layer=n_layer, width=width, seed=seed)
+    texts = [t.format(n) + " " + o + "." for t, n, o in facts()]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    labels = ids.masked_fill(mask == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(texts), (32,), generator=g)
+        loss = model(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def trained_gpt2(tokenizer):
+    return train_tiny("gpt2", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer, trained_gpt2):
+    d = tmp_path_factory.mktemp("tiny_model")
+    trained_gpt2.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,162 @@
+"""A small Python API for notebooks and scripts, on the same pieces as the CLI pipeline.
+
+    from lightning_edit import Editor
+    editor = Editor.from_pretrained("path/or/hub-id", layers=[4, 5, 6, 7, 8], method="alphaedit",
+                                    stats={"corpus": "corpus.jsonl", "corpus_name": None})
+    editor.apply([{"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
+                   "target_new": "English", "target_true": "French"}])
+    editor.evaluate(requests)        # {"edit/efficacy": ..., ...}
+    editor.save("checkpoints/my_edits.safetensors")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .callbacks import MEMIT, AlphaEdit, ClosedFormUpdate
+from .data.formats import records_to_requests
+from .data.requests import EditRequest
+from .module import EditModule, load_pretrained
+from .residuals import ResidualConfig
+from .stats import StatsConfig
+from .update import apply_update
+
+METHODS = {"alphaedit": AlphaEdit, "memit": MEMIT}
+
+
+def _as_requests(requests: Sequence[EditRequest | Mapping[str, Any]]) -> list[EditRequest]:
+    """Accept EditRequests, records of any supported file format, or simple dicts
+    ``{prompt, subject, target_new[, target_true, paraphrase_prompts, locality]}``."""
+    out: list[EditRequest] = []
+    raw: list[Mapping] = []
+    for r in requests:
+        if isinstance(r, EditRequest):
+            out.append(r.validate())
+        else:
+            raw.append(r)
+    if raw:
+        simple = all("prompt" in r and "target_new" in r and isinstance(r["target_new"], str) and "{}" in r["prompt"] for r in raw)
+        if simple:
+            for i, r in enumerate(raw):
+                out.append(EditRequest(
+                    case_id=str(r.get("case_id", i)), prompt=r["prompt"], subject=r.get("subject", ""),
+                    target_new=r["target_new"], target_true=r.get("target_true"),
+                    paraphrase_prompts=tuple(r.get("paraphrase_prompts", ())),
+                    locality=tuple(tuple(p) for p in r.get("locality", ())),
+                    family=r.get("family", "counterfact"), record_index=i,
+                ).validate())
+        else:
+            out.extend(records_to_requests(raw))
+    return out
+
+
+class Editor:
+    """Edit a loaded model in place, batch after batch.
+
+    Args:
+        model, tokenizer: a Hugging Face causal LM and its fast tokenizer.
+        layers: edit layers.
+        method: ``"alphaedit"``, ``"memit"``, or a configured :class:`ClosedFormUpdate`.
+        residual: residual-optimization settings (:class:`ResidualConfig` or a dict).
+        stats: key-statistics settings (:class:`StatsConfig` or a dict); ignored when ``method``
+            is an instance.
+        method_kwargs: e.g. ``l2=10, nullspace_threshold=0.02`` or ``lam=15000``.
+        module_kwargs: other :class:`EditModule` arguments (``context_prefixes``, templates, ...).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        layers: Sequence[int],
+        method: str | ClosedFormUpdate = "alphaedit",
+        residual: ResidualConfig | Mapping | None = None,
+        stats: StatsConfig | Mapping | None = None,
+        method_kwargs: Mapping | None = None,
+        **module_kwargs,
+    ):
+        residual = residual if isinstance(residual, ResidualConfig) else ResidualConfig(**(residual or {}))
+        self.module = EditModule.from_model(model, tokenizer, layers=list(layers), residual=residual, **module_kwargs)
+        if isinstance(method, ClosedFormUpdate):
+            self.callback = method
+        else:
+            if method not in METHODS:
+                raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+            st = stats if isinstance(stats, StatsConfig) else StatsConfig(**(stats or {}))
+            self.callback = METHODS[method](stats=st, **dict(method_kwargs or {}))
+        self.callback._module = self.module
+        self.history: list[EditRequest] = []
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, layers: Sequence[int], dtype: str = "float32", device: str | None = None,
+                        trust_remote_code: bool = False, **kwargs) -> "Editor":
+        model, tok = load_pretrained(name_or_path, dtype, trust_remote_code)  # type: ignore[arg-type]
+        if device is not None:
+            model.to(device)
+        ed = cls(model, tok, layers, **kwargs)
+        ed.module.model_name = name_or_path
+        return ed
+
+    @property
+    def model(self) -> nn.Module:
+        return self.module.lm
+
+    @property
+    def tokenizer(self):
+        return self.module.tokenizer
+
+    @property
+    def num_edits(self) -> int:
+        return self.module.num_edits
+
+    def prepare(self) -> None:
+        """Compute (or load from cache) statistics and projectors; done on first :meth:`apply`."""
+        self.callback.prepare(self.module)
+
+    def apply(self, requests: Sequence[EditRequest | Mapping[str, Any]]) -> dict[str, float]:
+        """Apply one batch of edits (all requests are validated before any weight changes).
+        Returns the residual-optimization losses and per-layer relative update norms."""
+        reqs = _as_requests(requests)
+        if not reqs:
+            return {}
+        self.prepare()
+        rb, res = self.module.compute_residuals(reqs)
+        info = apply_update(self.module.adapter, rb, res.z_target, self.module.layers, self.callback.method,
+                            max_rows=self.module.max_rows)
+        self.module.num_edits += len(reqs)
+        self.callback.batches_applied += 1
+        self.history.extend(reqs)
+        info.update({"z/loss": float(res.loss.mean()), "z/nll": float(res.nll.mean())})
+        return info
+
+    def evaluate(self, requests: Sequence[EditRequest | Mapping[str, Any]] | None = None) -> dict[str, float]:
+        """Edit metrics on ``requests`` (default: everything applied so far)."""
+        reqs = self.history if requests is None else _as_requests(requests)
+        return self.module.evaluate(reqs)
+
+    def save(self, path: str | Path) -> Path:
+        """Export the edited weights (safetensors, only the edited tensors + metadata)."""
+        return self.callback.export(self.module, path)
+
+    def config(self) -> dict:
+        return {"layers": self.module.layers, "residual": asdict(self.module.residual_cfg),
+                "stats": asdict(self.callback.stats), "method": self.callback.method_name}
+
+
+def load_edited(name_or_path: str, edits: str | Path, dtype: str = "float32", device: str | None = None):
+    """Load a base model and apply exported edits onto it; returns ``(model, tokenizer)``."""
+    from .checkpointing import load_edits
+
+    model, tok = load_pretrained(name_or_path, dtype)  # type: ignore[arg-type]
+    load_edits(model, edits)
+    if device is not None:
+        model.to(device)
+    return model, tok
+
+
+__all__ = ["Editor", "load_edited", "METHODS"]

@@ -1,0 +1,301 @@
+"""The edit stream as Lightning data: batches of requests in a fixed order, resumable mid-stream.
+
+Sequential editing (MEMIT / AlphaEdit over thousands of facts) applies one weight update per batch
+of requests, and every update changes the model the next batch is computed on. So the order is
+fixed (no shuffling), and a run resumed from a checkpoint must continue exactly after the last
+*committed* batch: replaying a batch would write its facts twice, skipping one would never write
+them. :class:`EditStreamLoader` carries that position (``applied``) through Lightning checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lightning_edit.data.formats import iter_requests
+from lightning_edit.data.requests import EditRequest
+from lightning_edit.data.sources import load_records
+
+
+@dataclass
+class EditBatch:
+    """One batch of the edit stream.
+
+    Attributes:
+        index: position of the batch in the stream, 0-based (batch ``index`` holds requests
+            ``[index * batch_size, (index + 1) * batch_size)``).
+        requests: the batch's requests, in stream order (the last batch may be shorter).
+    """
+
+    index: int
+    requests: list[EditRequest]
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def to(self, device: Any, **kwargs: Any) -> "EditBatch":
+        """No-op device transfer: the batch is text. Lightning moves a batch with
+        ``apply_to_collection``, which would otherwise recurse into the frozen ``EditRequest``
+        dataclasses and fail ("A frozen dataclass was passed to apply_to_collection"); an object
+        with a ``to`` method is handed to that method instead."""
+        return self
+
+
+class _IndexedRequests(Dataset):
+    """Map-style dataset: ``i -> (i, requests[i])``; the position lets collate name the batch."""
+
+    def __init__(self, requests: Sequence[EditRequest]) -> None:
+        self.requests = requests
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def __getitem__(self, i: int) -> tuple[int, EditRequest]:
+        return i, self.requests[i]
+
+
+class _CollateEditBatch:
+    """``[(position, request), ...] -> EditBatch``; a class (not a lambda) so loaders pickle."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+
+    def __call__(self, items: list[tuple[int, EditRequest]]) -> EditBatch:
+        return EditBatch(index=items[0][0] // self.batch_size, requests=[r for _, r in items])
+
+
+class _StreamBatchSampler(Sampler[list[int]]):
+    """Consecutive index batches ``[b*bs, (b+1)*bs)`` for ``b = start, start+1, ...``; ``start`` is
+    read when iteration begins, so a restored position takes effect on the next ``iter()``."""
+
+    def __init__(self, num_requests: int, batch_size: int) -> None:
+        self.num_requests = num_requests
+        self.batch_size = batch_size
+        self.num_batches = -(-num_requests // batch_size)  # ceil: the last batch may be short
+        self.start = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in range(self.start, self.num_batches):
+            yield list(range(b * self.batch_size, min((b + 1) * self.batch_size, self.num_requests)))
+
+    def __len__(self) -> int:
+        return self.num_batches - self.start
+
+
+def stream_fingerprint(requests: Sequence[EditRequest]) -> str:
+    """SHA-1 over each request's ``(case_id, prompt, subject, target_new)``, in order: two
+    streams with the same size and batch size but other facts (another offset, an edited file)
+    get different fingerprints."""
+    digest = hashlib.sha1()
+    for r in requests:
+        digest.update("\x1f".join((r.case_id, r.prompt, r.subject, r.target_new)).encode("utf-8"))
+        digest.update(b"\x1e")
+    return digest.hexdigest()
+
+
+class EditStreamLoader(DataLoader):
+    """The training stream: :class:`EditBatch` es of ``batch_size`` requests in order, resumable.
+
+    Iteration starts at batch :attr:`applied`, the number of batches whose weight update has been
+    committed; the editing callback sets ``loader.applied = batch.index + 1`` after applying a
+    batch. :meth:`state_dict` / :meth:`load_state_dict` carry it through Lightning checkpoints
+    (the fit loop saves and restores the state of a stateful train loader), so a resumed run
+    neither re-applies nor skips a batch. ``len(loader)`` is the number of batches of the whole
+    stream, whatever ``applied`` is: Lightning restores its own batch counter from the checkpoint
+    and counts on from there.
+
+    Notes:
+        ``DataLoader.batch_size`` is ``None`` here (a batch sampler is used); the number of
+        requests per batch is :attr:`edit_batch_size`. Single process, ``num_workers=0``. Lightning
+        must not re-create this loader with a ``DistributedSampler`` (use
+        ``use_distributed_sampler=False`` under DDP and shard the requests yourself).
+
+    Args:
+        requests: the validated requests, in stream order.
+        batch_size: requests per sequential edit batch (>= 1).
+    """
+
+    def __init__(self, requests: Sequence[EditRequest], batch_size: int = 100) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if len(requests) == 0:
+            raise ValueError("an edit stream needs at least one request")
+        self.requests = list(requests)
+        self.edit_batch_size = batch_size
+        self.fingerprint = stream_fingerprint(self.requests)
+        self._stream = _StreamBatchSampler(len(self.requests), batch_size)
+        super().__init__(
+            _IndexedRequests(self.requests),
+            batch_sampler=self._stream,
+            collate_fn=_CollateEditBatch(batch_size),
+            num_workers=0,
+        )
+
+    @property
+    def num_requests(self) -> int:
+        """Number of requests in the whole stream."""
+        return self._stream.num_requests
+
+    @property
+    def num_batches(self) -> int:
+        """Number of batches in the whole stream (``ceil(num_requests / batch_size)``)."""
+        return self._stream.num_batches
+
+    @property
+    def applied(self) -> int:
+        """Number of batches whose weight update has been committed; iteration starts here."""
+        return self._stream.start
+
+    @applied.setter
+    def applied(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= self.num_batches:
+            raise ValueError(f"applied must be an int in [0, {self.num_batches}], got {value!r}")
+        self._stream.start = value
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"applied", "num_requests", "batch_size", "fingerprint"}`` (see :func:`stream_fingerprint`)."""
+        return {
+            "applied": self.applied,
+            "num_requests": self.num_requests,
+            "batch_size": self.edit_batch_size,
+            "fingerprint": self.fingerprint,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :attr:`applied` from a :meth:`state_dict`.
+
+        Raises:
+            ValueError: the checkpoint was taken on another stream (number of requests, batch size
+                or, when saved, the fingerprint differ): continuing would apply the wrong edits.
+        """
+        hint = "resuming on a different edit stream would apply the wrong edits (check dataset, limit, offset, batch_size)"
+        saved_n, saved_bs = state["num_requests"], state["batch_size"]
+        if saved_n != self.num_requests:
+            raise ValueError(f"checkpoint stream has {saved_n} requests, this one {self.num_requests}: {hint}")
+        if saved_bs != self.edit_batch_size:
+            raise ValueError(f"checkpoint stream has batch_size {saved_bs}, this one {self.edit_batch_size}: {hint}")
+        if "fingerprint" in state and state["fingerprint"] != self.fingerprint:
+            raise ValueError(f"checkpoint stream holds other requests (fingerprint differs): {hint}")
+        self.applied = state["applied"]
+
+
+class EditDataModule(L.LightningDataModule):
+    """Edit requests from a file or hub dataset, as a sequential training stream and eval batches.
+
+    ``setup`` reads and validates the selected requests once, before any weight changes.
+    ``train_dataloader`` is the resumable :class:`EditStreamLoader` (the same object on every call,
+    so its position survives repeated ``fit`` calls); ``val_dataloader`` / ``test_dataloader``
+    iterate the same requests in batches of ``eval_batch_size``. All yield :class:`EditBatch`.
+
+    Args:
+        dataset: a local .json / .jsonl / .parquet / .csv file or directory, or a hub dataset id
+            (see :func:`lightning_edit.data.sources.load_records`).
+        format: record format: auto (detect per record), counterfact, counterfact_flat or zsre.
+        split: split to read from a directory or a hub dataset.
+        data_files: files to read, relative to a directory ``dataset``.
+        batch_size: edits per sequential batch (one weight update each).
+        limit: number of edits to use (after ``offset``); None uses all.
+        offset: number of edits to skip at the start of the dataset.
+        eval_batch_size: requests per evaluation batch.
+        config_name: hub dataset configuration name (``load_dataset(dataset, config_name)``).
+        field: for a JSON file holding one object, the key of the records array.
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        format: str = "auto",
+        split: str = "train",
+        data_files: str | list[str] | None = None,
+        batch_size: int = 100,
+        limit: int | None = None,
+        offset: int = 0,
+        eval_batch_size: int = 64,
+        config_name: str | None = None,
+        field: str | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1 or None, got {limit}")
+        self.save_hyperparameters()
+        self.dataset = dataset
+        self.format = format
+        self.split = split
+        self.data_files = data_files
+        self.batch_size = batch_size
+        self.limit = limit
+        self.offset = offset
+        self.eval_batch_size = eval_batch_size
+        # not ``self.name``: LightningDataModule already has a ``name`` attribute
+        self.config_name = config_name
+        self.field = field
+        self.requests: list[EditRequest] = []
+        self._loaded = False
+        self._train_loader: EditStreamLoader | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load and validate requests ``[offset, offset + limit)`` (once, for every stage).
+
+        Records past the window are not converted, so a bad record outside it does not stop a run.
+
+        Raises:
+            RequestError: a record in the window cannot be edited.
+            ValueError: the window is empty.
+        """
+        if self._loaded:
+            return
+        records = load_records(
+            self.dataset, split=self.split, data_files=self.data_files, name=self.config_name, field=self.field
+        )
+        stop = None if self.limit is None else self.offset + self.limit
+        self.requests = list(itertools.islice(iter_requests(records, self.format), self.offset, stop))
+        if not self.requests:
+            total = sum(1 for _ in iter_requests(records, self.format))
+            raise ValueError(
+                f"no edit requests in {self.dataset!r} (split {self.split!r}) after offset={self.offset}, "
+                f"limit={self.limit}: it holds {total} requests"
+            )
+        self._loaded = True
+
+    def _require_requests(self) -> list[EditRequest]:
+        if not self._loaded:
+            self.setup()
+        return self.requests
+
+    def train_dataloader(self) -> EditStreamLoader:
+        """The resumable, ordered edit stream (batches of ``batch_size``)."""
+        if self._train_loader is None:
+            self._train_loader = EditStreamLoader(self._require_requests(), self.batch_size)
+        return self._train_loader
+
+    def _eval_loader(self) -> DataLoader:
+        return DataLoader(
+            _IndexedRequests(self._require_requests()),
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=_CollateEditBatch(self.eval_batch_size),
+            num_workers=0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """All requests in order, in batches of ``eval_batch_size`` (:class:`EditBatch`)."""
+        return self._eval_loader()
+
+    def test_dataloader(self) -> DataLoader:
+        """All requests in order, in batches of ``eval_batch_size`` (:class:`EditBatch`)."""
+        return self._eval_loader()
