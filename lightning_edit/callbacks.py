@@ -103,7 +103,11 @@ class ClosedFormUpdate(L.Callback):
             raise ValueError(f"batch_size {bs} is smaller than the number of processes {trainer.world_size}")
 
     def on_fit_start(self, trainer, pl_module: EditModule) -> None:
+        # runs after the checkpoint (if any) is restored into self._stash
         self.prepare(pl_module, trainer)
+
+    def on_train_start(self, trainer, pl_module: EditModule) -> None:
+        # the stream loader exists (and has its restored position) only from here on
         loader = trainer.train_dataloader
         if loader is not None and hasattr(loader, "applied") and loader.applied != self.batches_applied:
             raise RuntimeError(f"edit stream position ({loader.applied} batches) disagrees with the edit state ({self.batches_applied} batches applied)")
@@ -121,7 +125,8 @@ class ClosedFormUpdate(L.Callback):
         if edit_batch.index != self.batches_applied:
             raise RuntimeError(f"batch {edit_batch.index} arrived but {self.batches_applied} batches are applied: the stream is out of order")
         info = apply_update(
-            pl_module.adapter, rb, res.z_target, pl_module.layers, self.method,
+            # rb / res are None on a process with no request of this batch (it still joins the gathers)
+            pl_module.adapter, rb, None if res is None else res.z_target, pl_module.layers, self.method,
             gather=lambda t: pl_module.gather_rows(t, len(edit_batch.requests)), max_rows=pl_module.max_rows,
         )
         pl_module._pending = None
@@ -206,8 +211,10 @@ class AlphaEdit(ClosedFormUpdate):
 
     Args:
         nullspace_threshold: eigenvalue threshold of the projector (0.02 absolute in the reference).
-        threshold_mode: ``absolute`` (eigenvalue < threshold) or ``relative`` (eigenvalue <
-            threshold x the largest eigenvalue; transfers across activation scales).
+        threshold_mode: ``absolute`` (eigenvalue < threshold, the reference), ``relative``
+            (eigenvalue < threshold x the largest eigenvalue) or ``energy`` (the smallest
+            eigenvalues holding at most a ``threshold`` share of the keys' energy; bounds how much
+            an update can move preserved outputs, and transfers across activation scales).
         l2: ridge term ``L2`` of the solve (10 in the reference).
         stats: key statistics source and cache.
         solve_dtype: precision of the solve.
@@ -219,7 +226,7 @@ class AlphaEdit(ClosedFormUpdate):
     def __init__(
         self,
         nullspace_threshold: float = 0.02,
-        threshold_mode: Literal["absolute", "relative"] = "absolute",
+        threshold_mode: Literal["absolute", "relative", "energy"] = "absolute",
         l2: float = 10.0,
         stats: StatsConfig = StatsConfig(),
         solve_dtype: SolveDType = "float64",

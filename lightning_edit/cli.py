@@ -16,6 +16,7 @@ from collections.abc import Callable
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from .strategies import FROZEN_DDP_ALIASES, frozen_alias  # importing registers trainer.strategy: ddp_frozen, ...
 from .callbacks import ClosedFormUpdate
 from .data.datamodule import EditDataModule
 from .module import EditModule
@@ -42,6 +43,7 @@ TRAINER_DEFAULTS = {
     "use_distributed_sampler": False,  # every process sees the whole batch and shards it itself
     "num_sanity_val_steps": 0,
     "enable_model_summary": False,
+    "log_every_n_steps": 1,
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": "logs", "name": "edit", "default_hp_metric": False},
@@ -55,6 +57,23 @@ class EditCLI(LightningCLI):
         parser.add_lightning_class_args(ClosedFormUpdate, "editor", subclass_mode=True, required=False)
         parser.set_defaults({"editor": {"class_path": "lightning_edit.callbacks.AlphaEdit"}})
         parser.add_lightning_class_args(EditCheckpoint, "checkpoint")
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        # Stock DDP refuses the frozen LM: its aliases ("ddp", "ddp_spawn", ...) become the frozen
+        # ones, and when "auto" picked stock DDP (several devices) the trainer is rebuilt with it.
+        from lightning.pytorch.strategies import DDPStrategy
+
+        def build(strategy):
+            cfg = {**config, "strategy": strategy}
+            if isinstance(cfg.get("callbacks"), list):
+                cfg["callbacks"] = list(cfg["callbacks"])  # the parent extends this list in place
+            return super(EditCLI, self)._instantiate_trainer(cfg, list(callbacks))
+
+        trainer = build(frozen_alias(config.get("strategy", "auto")))
+        if isinstance(config.get("strategy", "auto"), str) and type(trainer.strategy) is DDPStrategy:
+            start = getattr(trainer.strategy, "_start_method", "popen")
+            trainer = build(next(n for n, m in FROZEN_DDP_ALIASES.items() if m == start))
+        return trainer
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

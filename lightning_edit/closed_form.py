@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-ThresholdMode = Literal["absolute", "relative"]
+ThresholdMode = Literal["absolute", "relative", "energy"]
 
 
 class NonFiniteUpdateError(FloatingPointError):
@@ -32,21 +32,33 @@ def null_space_projector(
 ) -> tuple[torch.Tensor, dict]:
     """AlphaEdit's projector onto the (approximate) null space of the preserved keys.
 
-    ``moment`` is the normalized second moment ``C_0`` ``(d_k, d_k)``. Its eigenvectors with
-    eigenvalue below ``threshold`` (``absolute``: the value itself, as the reference code with
-    0.02; ``relative``: a fraction of the largest eigenvalue, which transfers across models
-    whose activation scales differ) span the directions preserved knowledge barely uses;
-    ``P = U U^T`` projects onto them. Computed in float64 with ``eigh`` (symmetric PSD).
+    ``moment`` is the normalized second moment ``C_0`` ``(d_k, d_k)``. The kept eigenvectors span
+    the directions preserved knowledge barely uses; ``P = U U^T`` projects onto them:
+
+    * ``absolute``: eigenvalue < ``threshold`` (the reference code, 0.02); depends on the
+      model's activation scale.
+    * ``relative``: eigenvalue < ``threshold`` x the largest eigenvalue. Scale-free, but the
+      uncentered moment's top eigenvalue is the keys' mean direction, often far above the rest.
+    * ``energy``: the smallest eigenvalues whose sum is at most ``threshold`` x ``trace(C_0)``.
+      Scale-free and a guarantee: ``||P K_0||_F^2 <= threshold * ||K_0||_F^2`` for the keys
+      the moment was computed from, so ``||Delta P K_0|| <= ||Delta||_2 sqrt(threshold) ||K_0||``.
+
+    Computed in float64 with ``eigh`` (symmetric PSD).
 
     Returns ``(P (d_k, d_k) float32, info)`` where info holds the kept rank and spectrum summary.
     """
-    if mode not in ("absolute", "relative"):
-        raise ValueError(f"threshold mode must be 'absolute' or 'relative', got {mode!r}")
+    if mode not in ("absolute", "relative", "energy"):
+        raise ValueError(f"threshold mode must be 'absolute', 'relative' or 'energy', got {mode!r}")
     m = moment.double()
     m = (m + m.T) / 2
-    evals, evecs = torch.linalg.eigh(m)
-    cut = threshold if mode == "absolute" else threshold * float(evals[-1].clamp_min(0))
-    keep = evals < cut
+    evals, evecs = torch.linalg.eigh(m)  # ascending
+    if mode == "energy":
+        frac = torch.cumsum(evals.clamp_min(0), 0) / evals.clamp_min(0).sum().clamp_min(1e-300)
+        keep = frac <= threshold
+        cut = float(evals[keep][-1]) if bool(keep.any()) else float("-inf")
+    else:
+        cut = threshold if mode == "absolute" else threshold * float(evals[-1].clamp_min(0))
+        keep = evals < cut
     u = evecs[:, keep]
     proj = u @ u.T
     info = {
@@ -55,6 +67,7 @@ def null_space_projector(
         "cutoff": float(cut),
         "max_eigenvalue": float(evals[-1]),
         "min_eigenvalue": float(evals[0]),
+        "kept_energy": float(evals[keep].clamp_min(0).sum() / evals.clamp_min(0).sum().clamp_min(1e-300)),
     }
     return proj.float(), info
 

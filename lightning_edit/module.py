@@ -25,7 +25,10 @@ DType = Literal["float32", "bfloat16", "float16"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
 
-warnings.filterwarnings("ignore", message=r".*configure_optimizers.*returned.*None.*")
+# Expected with a frozen model and manual optimization; not actionable for users.
+for _msg in (r".*configure_optimizers.*returned.*None.*", r".*module\(s\) in eval mode.*", r".*no pre-optimization state was saved.*",
+             r".*compute.*method of metric.*was called before.*", r".*isinstance\(treespec, LeafSpec\).*", r".*smaller than the logging interval.*"):
+    warnings.filterwarnings("ignore", message=_msg)
 
 
 def load_pretrained(name_or_path: str, dtype: DType = "float32", trust_remote_code: bool = False, tokenizer: str | None = None):
@@ -178,16 +181,20 @@ class EditModule(L.LightningModule):
         rank = self.trainer.global_rank if self._trainer is not None else 0
         return list(requests[rank::world])
 
-    def gather_rows(self, t: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Concatenate per-process rows ``(n_i, d)`` into ``(world * ceil(B/world), d)``; padding
-        rows are zero, and zero keys/residuals contribute nothing to the closed form."""
+    def gather_rows(self, t: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """Concatenate every process's rows ``(n_i, d)`` into ``(sum_i n_i, d)``, rank by rank,
+        identical on all processes. ``n_i`` may differ (an uneven or empty shard, a request with
+        several chunks): the counts are gathered first, rows are padded to the largest count for
+        the collective (gloo / NCCL need equal shapes) and the padding is dropped again.
+        ``batch_size`` is unused (kept for callers of the older signature)."""
         world = self.trainer.world_size if self._trainer is not None else 1
         if world == 1:
             return t
-        per = math.ceil(batch_size / world)
-        padded = torch.zeros(per, *t.shape[1:], dtype=t.dtype, device=t.device)
+        counts = self.all_gather(torch.tensor([t.shape[0]], device=t.device)).reshape(-1).tolist()
+        padded = t.new_zeros(max(counts), *t.shape[1:])
         padded[: t.shape[0]] = t
-        return self.all_gather(padded).reshape(-1, *t.shape[1:])
+        gathered = self.all_gather(padded)  # (world, max_n, d)
+        return torch.cat([gathered[r, :n] for r, n in enumerate(counts)])
 
     # ---- editing ---------------------------------------------------------------------------
     def compute_residuals(self, requests: Sequence[EditRequest]):
@@ -262,5 +269,5 @@ class EditModule(L.LightningModule):
         results = {k: v for k, v in results.items() if not math.isnan(v)}  # families without data
         self.last_eval = results
         for k, v in results.items():
-            self.log(k, v, rank_zero_only=True)
-        self.log_edit_metrics(results)
+            self.log(k, v, rank_zero_only=True, logger=False)  # progress bar / callback_metrics
+        self.log_edit_metrics(results)  # TensorBoard, against the number of edits applied

@@ -145,24 +145,32 @@ def iter_corpus_texts(cfg: StatsConfig, shard: int = 0, num_shards: int = 1) -> 
         n += 1
 
 
-def packed_blocks(tokenizer, texts: Iterator[str], max_length: int, batch_size: int) -> Iterator[torch.Tensor]:
+def packed_blocks(tokenizer, texts: Iterator[str], max_length: int, batch_size: int, shard: int = 0, num_shards: int = 1) -> Iterator[torch.Tensor]:
     """Tokenize texts and pack them (separated by EOS) into ``(batch_size, max_length)`` blocks;
-    the last batch may be shorter and its last block partial (returned with its true length)."""
+    the last batch may be shorter and its last block partial (returned with its true length).
+
+    With ``num_shards > 1`` only blocks ``shard, shard + num_shards, ...`` are kept: the shards
+    of all processes together are exactly the unsharded blocks (sharding the *texts* instead
+    would pack other token contexts, so the summed statistics would differ from one process's).
+    """
     eos = tokenizer.eos_token_id
     buf: list[int] = []
     blocks: list[list[int]] = []
+    n = 0  # blocks packed so far, over all shards
     for text in texts:
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         buf.extend(ids + ([eos] if eos is not None else []))
         while len(buf) >= max_length:
-            blocks.append(buf[:max_length])
+            if n % num_shards == shard:
+                blocks.append(buf[:max_length])
+            n += 1
             buf = buf[max_length:]
             if len(blocks) == batch_size:
                 yield torch.tensor(blocks)
                 blocks = []
     if blocks:
         yield torch.tensor(blocks)
-    if buf:
+    if buf and n % num_shards == shard:
         yield torch.tensor([buf])
 
 
@@ -183,7 +191,7 @@ def accumulate_moments(
     for bi, ids in enumerate(blocks):
         ids = ids.to(device)
         with adapter.trace(key_layers=layers, stop_after=last) as rec:
-            adapter.forward(ids)
+            adapter.forward(ids, torch.ones_like(ids))
         for l in layers:
             k = rec["keys"][l].reshape(-1, rec["keys"][l].shape[-1]).float()
             s, c = acc[l]
@@ -282,7 +290,8 @@ def second_moments(
                 t["batches"] = torch.tensor(skip + bi + 1)
                 cache.save(partial_key, t, kind="partial")
 
-        blocks = packed_blocks(tokenizer, iter_corpus_texts(cfg, shard, num_shards), cfg.max_length, cfg.batch_size)
+        # every process reads and packs all texts and keeps its share of the *blocks*
+        blocks = packed_blocks(tokenizer, iter_corpus_texts(cfg), cfg.max_length, cfg.batch_size, shard, num_shards)
         for _ in range(skip):
             next(blocks, None)
         bar = tqdm(desc=f"key statistics (layers {missing})", unit="tok", unit_scale=True, disable=not (show_progress and is_writer))

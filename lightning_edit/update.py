@@ -115,10 +115,17 @@ class AlphaEditMethod:
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _no_rows(adapter: ModelAdapter, layers: Sequence[int], keys: bool = True) -> dict[int, torch.Tensor]:
+    """Zero-row keys ``(0, d_k)`` (or, ``keys=False``, residuals ``(0, d_v)``) per layer: what a
+    process without requests in a batch contributes to the gathers."""
+    device = _rows_device(adapter)
+    return {l: torch.zeros(0, adapter.dims(l)[1 if keys else 0], device=device) for l in layers}
+
+
 def apply_update(
     adapter: ModelAdapter,
-    batch: ResidualBatch,
-    z_target: torch.Tensor,
+    batch: ResidualBatch | None,
+    z_target: torch.Tensor | None,
     layers: Sequence[int],
     method,
     gather: Gather | None = None,
@@ -129,8 +136,10 @@ def apply_update(
     For layer ``l`` (the earlier layers already updated): keys and current ``z`` on the
     partly edited model, residual share ``(z - z_cur) / layers_left``, closed-form update,
     in-place add. ``gather`` concatenates per-process rows (keys, residuals) under DDP so that
-    every process applies the same update. If anything fails (a non-finite solve, a bad shape),
-    every edit layer is restored and the error re-raised: a batch is applied whole or not at all.
+    every process applies the same update; a process without requests in this batch passes
+    ``batch=None`` (and ``z_target=None``): it contributes no rows but joins every gather.
+    If anything fails (a non-finite solve, a bad shape), every edit layer is restored and the
+    error re-raised: a batch is applied whole or not at all.
     Returns summary numbers for logging.
     """
     gather = gather or (lambda t: t)
@@ -140,15 +149,21 @@ def apply_update(
     info: dict[str, float] = {}
     try:
         for i, l in enumerate(layers):
-            keys, z_cur = anchor_keys_and_outputs(adapter, batch, [l], z_layer, max_rows)
-            resid = spread_residual(z_target.to(z_cur.device), z_cur, len(layers) - i)
+            if batch is None:
+                keys, resid = _no_rows(adapter, [l]), _no_rows(adapter, [z_layer], keys=False)[z_layer]
+            else:
+                keys, z_cur = anchor_keys_and_outputs(adapter, batch, [l], z_layer, max_rows)
+                resid = spread_residual(z_target.to(z_cur.device), z_cur, len(layers) - i)
             k_all, r_all = gather(keys[l]), gather(resid)
             delta = method.delta(l, k_all, r_all)
             adapter.add_to_weight(l, delta)
             w = snapshot[l]
             info[f"update_norm/layer_{l}"] = float(delta.norm() / w.float().norm())
         if getattr(method, "needs_keys_after", False):
-            keys_after, _ = anchor_keys_and_outputs(adapter, batch, layers, None, max_rows)
+            if batch is None:
+                keys_after = _no_rows(adapter, layers)
+            else:
+                keys_after, _ = anchor_keys_and_outputs(adapter, batch, layers, None, max_rows)
             method.commit({l: gather(k) for l, k in keys_after.items()})
     except BaseException:
         with torch.no_grad():

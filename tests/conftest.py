@@ -7,6 +7,10 @@ import random
 import pytest
 import torch
 
+# Tiny models are dominated by per-op overhead; one thread is faster, and far faster when the
+# two cores are shared (measured here: 18 s vs 251 s for the same training).
+torch.set_num_threads(1)
+
 NAMES = ["Danielle Darrieux", "Toko Yasuda", "Apple A5", "Kotora Vanu", "Mirel Oshan", "Belkor Stith",
          "Anaya Roven", "Teodor Plum", "Sarin Wexley", "Oma Greti", "Paolo Chenz", "Riva Luntis"]
 OBJECTS = ["French", "English", "Paris", "London", "guitar", "piano", "Google", "Nokia", "Tokyo", "Rome",
@@ -21,13 +25,27 @@ def facts(seed: int = 0) -> list[tuple[str, str, str]]:
     return [(t, n, rng.choice(OBJECTS)) for t in TEMPLATES for n in NAMES]
 
 
+EDIT_NAMES = NAMES[:6]  # facts about these are edited in tests; the statistics corpus never states them
+FILLER = ["People often talk about {}.", "A story about {} was told.", "Nobody forgot {} that year.",
+          "The word {} is common.", "Some say {} matters most."]
+
+
 def corpus_sentences(n: int = 400, seed: int = 0) -> list[str]:
+    """Statistics / tokenizer corpus: facts about the subjects that are never edited, plus
+    general sentences (the role Wikipedia plays for a real model)."""
     rng = random.Random(seed)
-    world = facts()
-    return [t.format(name) + " " + obj + "." for t, name, obj in (rng.choice(world) for _ in range(n))]
+    kept = [f for f in facts() if f[1] not in EDIT_NAMES]
+    out = []
+    for i in range(n):
+        if i % 3 == 2:
+            out.append(rng.choice(FILLER).format(rng.choice(OBJECTS + NAMES)))
+        else:
+            t, name, obj = rng.choice(kept)
+            out.append(t.format(name) + " " + obj + ".")
+    return out
 
 
-def make_tokenizer(vocab_size: int = 400):
+def make_tokenizer(vocab_size: int = 1000):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -36,7 +54,8 @@ def make_tokenizer(vocab_size: int = 400):
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(corpus_sentences(), trainer)
+    # every name and object appears in the tokenizer corpus (as in any real vocabulary)
+    tk.train_from_iterator(corpus_sentences() + [" ".join(NAMES + OBJECTS)] * 20, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>")
 
@@ -116,3 +135,35 @@ def corpus_file(tmp_path_factory):
         for s in corpus_sentences(600, seed=1):
             f.write(json.dumps({"text": s}) + "\n")
     return p
+
+
+def counterfactual_requests(n: int, start: int = 0):
+    """Requests ``start .. start+n`` of a fixed shuffled list of distinct facts about
+    :data:`EDIT_NAMES`: new target = another object, one neighbourhood prompt (same template,
+    a subject that is never edited)."""
+    from lightning_edit.data.requests import EditRequest
+
+    world = facts()
+    editable = [f for f in world if f[1] in EDIT_NAMES]
+    order = random.Random(0).sample(range(len(editable)), len(editable))
+    if start + n > len(editable):
+        raise ValueError(f"only {len(editable)} editable toy facts")
+    out = []
+    for i in range(n):
+        t, name, obj = editable[order[start + i]]
+        new = OBJECTS[(OBJECTS.index(obj) + 3) % len(OBJECTS)]
+        nb_t, nb_name, nb_obj = next(f for f in world if f[0] == t and f[1] not in EDIT_NAMES)
+        out.append(EditRequest(case_id=str(start + i), prompt=t, subject=name, target_new=new, target_true=obj,
+                               locality=((nb_t.format(nb_name), nb_obj),), record_index=i).validate())
+    return out
+
+
+def counterfact_records(n: int, start: int = 0) -> list[dict]:
+    """The same requests as MEMIT-format CounterFact records."""
+    return [{"case_id": int(r.case_id), "requested_rewrite": {"prompt": r.prompt, "subject": r.subject,
+             "target_new": {"str": r.target_new}, "target_true": {"str": r.target_true}},
+             "paraphrase_prompts": [], "neighborhood_prompts": [r.locality[0][0]]}
+            for r in counterfactual_requests(n, start)]
+
+
+FAST_RESIDUAL = dict(anchor="prompt_last", clamp_norm_factor=4.0, steps=25)

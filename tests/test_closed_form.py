@@ -71,8 +71,12 @@ def test_projector_is_orthogonal_projection_and_thresholds():
     evals = torch.linalg.eigvalsh(c0)
     P_abs, info_abs = null_space_projector(c0, threshold=float(evals[5]) + 1e-12, mode="absolute")
     assert info_abs["rank"] == 6
+    # energy mode: the kept directions hold at most that share of trace(C0), which bounds ||P K0||
+    P_en, info_en = null_space_projector(c0, threshold=1e-4, mode="energy")
+    assert info_en["kept_energy"] <= 1e-4 and info_en["rank"] >= 12
+    assert float((k0 @ P_en.double()).norm() ** 2) <= 1e-4 * float(k0.norm() ** 2) * 1.001
     with pytest.raises(ValueError):
-        null_space_projector(c0, 0.1, mode="energy")
+        null_space_projector(c0, 0.1, mode="fraction")
 
 
 def test_spread_residual_shares():

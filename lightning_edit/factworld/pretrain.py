@@ -1,0 +1,395 @@
+"""Pretraining the factworld model with Lightning, and measuring what it knows.
+
+- :class:`ModelSpec`: a small GPT-2 or Llama configuration (built offline from config).
+- :class:`CorpusDataModule`: the corpus, tokenized once, packed into fixed-length blocks of
+  whole texts (re-shuffled and re-packed every epoch from the seed).
+- :class:`PretrainModule`: causal-LM loss, AdamW, linear warmup then cosine decay; logs
+  ``train/loss`` (and ``train/lr``).
+- :class:`RecallCallback`: logs top-1 recall on a fixed sample of facts during training.
+- :func:`pretrain`: builds the model, trains it with a ``lightning.Trainer`` (TensorBoard,
+  progress bar) and saves it with ``save_pretrained`` (safetensors) plus the tokenizer.
+- :func:`recall`: share of facts whose object the model reproduces, every token, greedily.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSpec:
+    """A small decoder-only LM.
+
+    Attributes:
+        arch: ``"gpt2"`` (learned positions, GELU MLP, ``Conv1D`` layers) or ``"llama"``
+            (RoPE, SwiGLU, ``nn.Linear`` layers).
+        n_layer: decoder blocks.
+        d_model: hidden size.
+        n_head: attention heads.
+        mlp_ratio: MLP width / d_model (the MLP width is the editing key size ``d_k``).
+        max_positions: context length.
+    """
+
+    arch: str = "gpt2"
+    n_layer: int = 6
+    d_model: int = 192
+    n_head: int = 6
+    mlp_ratio: int = 4
+    max_positions: int = 256
+
+    def hf_config(self, vocab_size: int, bos_id: int, eos_id: int, pad_id: int):
+        d_ff = self.mlp_ratio * self.d_model
+        if self.arch == "gpt2":
+            # dropout off: a memorization task, and edits expect a deterministic model
+            return GPT2Config(
+                vocab_size=vocab_size, n_positions=self.max_positions, n_embd=self.d_model,
+                n_layer=self.n_layer, n_head=self.n_head, n_inner=d_ff,
+                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+                tie_word_embeddings=True,
+            )
+        if self.arch == "llama":
+            return LlamaConfig(
+                vocab_size=vocab_size, hidden_size=self.d_model, intermediate_size=d_ff,
+                num_hidden_layers=self.n_layer, num_attention_heads=self.n_head,
+                num_key_value_heads=self.n_head, max_position_embeddings=self.max_positions,
+                bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+                tie_word_embeddings=True,
+            )
+        raise ValueError(f"unknown arch {self.arch!r} (gpt2 or llama)")
+
+
+def build_model(spec: ModelSpec, tokenizer) -> PreTrainedModel:
+    """A freshly initialised model for ``tokenizer``'s vocabulary (uses the global torch RNG:
+    seed it first)."""
+    cfg = spec.hf_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def pack_texts(token_lists: Sequence[Sequence[int]], block_size: int, pad_id: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle texts and pack whole texts greedily into blocks of ``block_size`` tokens.
+
+    Each text arrives already prefixed with ``<|endoftext|>``; a text longer than a block is
+    cut into block-sized pieces. Texts are never split across blocks otherwise, so a fact
+    sentence is always seen with its subject. The unused tail of a block is padding with
+    label -100; it sits after every real token, so a causal model needs no attention mask.
+
+    Returns:
+        input_ids, labels: ``(n_blocks, block_size)`` LongTensors.
+    """
+    order = list(range(len(token_lists)))
+    rng.shuffle(order)
+    blocks: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        toks = list(token_lists[i])
+        while len(toks) > block_size:  # only very long texts
+            blocks.append(toks[:block_size])
+            toks = toks[block_size:]
+        if len(cur) + len(toks) > block_size:
+            blocks.append(cur)
+            cur = []
+        cur.extend(toks)
+    if cur:
+        blocks.append(cur)
+    ids = torch.full((len(blocks), block_size), pad_id, dtype=torch.long)
+    labels = torch.full((len(blocks), block_size), -100, dtype=torch.long)
+    for b, toks in enumerate(blocks):
+        ids[b, : len(toks)] = torch.tensor(toks)
+        labels[b, : len(toks)] = ids[b, : len(toks)]
+    return ids, labels
+
+
+class CorpusDataModule(L.LightningDataModule):
+    """The corpus as packed blocks.
+
+    Args:
+        texts: the corpus texts (or pass ``corpus_path``, a ``.jsonl`` with a ``text`` field).
+        tokenizer: a fast tokenizer whose ``<|endoftext|>`` is its BOS.
+        block_size: tokens per training row.
+        batch_size: rows per step.
+        seed: shuffling seed; epoch ``e`` is packed with ``Random((seed, e))``, so a run is
+            reproducible and every epoch sees a new order (use the Trainer's
+            ``reload_dataloaders_every_n_epochs=1``).
+    """
+
+    def __init__(self, tokenizer, texts: Sequence[str] | None = None, corpus_path: str | None = None,
+                 block_size: int = 128, batch_size: int = 32, seed: int = 0):
+        super().__init__()
+        if (texts is None) == (corpus_path is None):
+            raise ValueError("give exactly one of texts / corpus_path")
+        self.tokenizer = tokenizer
+        self.texts = texts
+        self.corpus_path = corpus_path
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self._tokens: list[list[int]] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._tokens is not None:
+            return
+        texts = self.texts
+        if texts is None:
+            from .world import read_jsonl
+
+            texts = [row["text"] for row in read_jsonl(self.corpus_path)]
+        bos = self.tokenizer.bos_token_id
+        enc = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        self._tokens = [[bos] + ids for ids in enc]
+
+    @property
+    def n_tokens(self) -> int:
+        """Real tokens per epoch (BOS included)."""
+        self.setup()
+        return sum(len(t) for t in self._tokens)
+
+    def blocks_per_epoch(self) -> int:
+        self.setup()
+        ids, _ = pack_texts(self._tokens, self.block_size, self.tokenizer.pad_token_id, random.Random(f"{self.seed}-0"))
+        return len(ids)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        ids, labels = pack_texts(self._tokens, self.block_size, self.tokenizer.pad_token_id, random.Random(f"{self.seed}-{epoch}"))
+        # the blocks are already in random order: no sampler shuffling needed
+        return DataLoader(TensorDataset(ids, labels), batch_size=self.batch_size, shuffle=False, drop_last=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Module
+# --------------------------------------------------------------------------------------------
+
+
+class PretrainModule(L.LightningModule):
+    """Causal-LM pretraining of a Hugging Face model.
+
+    Args:
+        model: the LM (build with :func:`build_model`).
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay on matrices (not on biases, norms, embeddings).
+        warmup_steps: linear warmup from 0.
+        max_steps: total optimizer steps (cosine decay to ``min_lr_ratio * lr`` by then).
+        min_lr_ratio: floor of the cosine schedule.
+        betas: AdamW betas.
+    """
+
+    def __init__(self, model: PreTrainedModel, lr: float = 3e-3, weight_decay: float = 0.0, warmup_steps: int = 100,
+                 max_steps: int = 1000, min_lr_ratio: float = 0.1, betas: tuple[float, float] = (0.9, 0.98)):
+        super().__init__()
+        self.model = model
+        self.save_hyperparameters(ignore=["model"])
+
+    def training_step(self, batch, batch_idx):
+        input_ids, labels = batch
+        loss = self.model(input_ids=input_ids, labels=labels, use_cache=False).loss
+        self.log("train/loss", loss, prog_bar=True, on_step=True)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True)
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            # decay only weight matrices of the blocks; embeddings (tied to the output layer),
+            # biases and norms are left alone
+            (decay if p.dim() >= 2 and "wte" not in name and "embed" not in name and "wpe" not in name else no_decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr, betas=tuple(hp.betas),
+        )
+
+        def schedule(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            t = min(1.0, (step - hp.warmup_steps) / max(1, hp.max_steps - hp.warmup_steps))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+# --------------------------------------------------------------------------------------------
+# Recall
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def recall(model, tokenizer, facts: Sequence[dict], batch: int = 256) -> float:
+    """Share of ``facts`` (dicts with ``prompt`` and ``object``) that the model knows.
+
+    A fact counts as known when greedy decoding after the prompt reproduces *every* token of
+    `` object``. Computed teacher-forced: feed ``BOS prompt object`` and require the argmax at
+    each position before an object token to be that token (all argmaxes right <=> greedy
+    decoding emits exactly those tokens). The object's tokens are located from character
+    offsets of the one joint tokenization.
+    """
+    hits = known_mask(model, tokenizer, facts, batch)
+    return float(sum(hits)) / max(1, len(hits))
+
+
+@torch.no_grad()
+def known_mask(model, tokenizer, facts: Sequence[dict], batch: int = 256) -> list[bool]:
+    """Per fact: is the object reproduced greedily, every token (see :func:`recall`)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    out: list[bool] = []
+    for i in range(0, len(facts), batch):
+        chunk = facts[i : i + batch]
+        texts, starts = [], []
+        for f in chunk:
+            texts.append(f"{f['prompt']} {f['object']}")
+            starts.append(len(f["prompt"]))  # the object's span starts at the space
+        enc = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=True)
+        T = max(len(x) for x in enc["input_ids"])
+        ids = torch.full((len(texts), T), pad, dtype=torch.long)
+        for r, x in enumerate(enc["input_ids"]):
+            ids[r, : len(x)] = torch.tensor(x)
+        # right padding: padded positions come after every real one, so no mask is needed
+        pred = model(input_ids=ids.to(device), use_cache=False).logits.argmax(-1).cpu()
+        for r, offsets in enumerate(enc["offset_mapping"]):
+            obj_pos = [t for t, (s, e) in enumerate(offsets) if e > s and e > starts[r]]
+            ok = all(pred[r, t - 1].item() == ids[r, t].item() for t in obj_pos)
+            out.append(bool(obj_pos) and ok)
+    if was_training:
+        model.train()
+    return out
+
+
+class RecallCallback(L.Callback):
+    """Logs ``recall/<name>`` for fixed fact samples every ``every_n_steps`` and at the end."""
+
+    def __init__(self, tokenizer, samples: dict[str, Sequence[dict]], every_n_steps: int = 200):
+        self.tokenizer = tokenizer
+        self.samples = samples
+        self.every = every_n_steps
+        self.history: list[dict] = []
+
+    def _measure(self, trainer, pl_module) -> None:
+        row = {"step": trainer.global_step, "time_s": time.time() - self._t0}
+        for name, facts in self.samples.items():
+            row[name] = recall(pl_module.model, self.tokenizer, facts)
+        self.history.append(row)
+        if trainer.logger is not None:
+            for name in self.samples:
+                trainer.logger.log_metrics({f"recall/{name}": row[name]}, step=trainer.global_step)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._t0 = time.time()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every and trainer.global_step % self.every == 0:
+            self._measure(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not self.history or self.history[-1]["step"] != trainer.global_step:
+            self._measure(trainer, pl_module)
+
+
+# --------------------------------------------------------------------------------------------
+# Training entry
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainSpec:
+    """Optimisation settings of a pretraining run (see :class:`PretrainModule`)."""
+
+    max_steps: int = 3000
+    batch_size: int = 32
+    block_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+
+
+def pretrain(texts: Sequence[str], tokenizer, model_spec: ModelSpec, train_spec: TrainSpec, out_dir: str | Path,
+             log_dir: str | Path | None = None, seed: int = 0, max_minutes: float | None = None,
+             recall_samples: dict[str, Sequence[dict]] | None = None, recall_every: int = 0,
+             progress_bar: bool = True, threads: int | None = None) -> dict:
+    """Train a fresh model on ``texts`` and save it (safetensors) with the tokenizer to ``out_dir``.
+
+    Deterministic for a seed on a given machine (same thread count): the init, the data
+    order and the training are seeded. ``max_minutes`` is a safety cap only (a run that hits
+    it is not reproducible: the result records ``stopped_early``).
+
+    Returns:
+        a dict: ``steps``, ``train_seconds``, ``tokens_seen``, ``final_loss``, ``stopped_early``,
+        ``params``, ``recall_history`` (when ``recall_samples`` are given).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    L.seed_everything(seed, workers=True, verbose=False)
+    model = build_model(model_spec, tokenizer)
+    module = PretrainModule(model, lr=train_spec.lr, weight_decay=train_spec.weight_decay,
+                            warmup_steps=train_spec.warmup_steps, max_steps=train_spec.max_steps,
+                            min_lr_ratio=train_spec.min_lr_ratio)
+    dm = CorpusDataModule(tokenizer, texts=texts, block_size=train_spec.block_size,
+                          batch_size=train_spec.batch_size, seed=seed)
+    callbacks = []
+    recall_cb = None
+    if recall_samples:
+        recall_cb = RecallCallback(tokenizer, recall_samples, every_n_steps=recall_every)
+        callbacks.append(recall_cb)
+    logger = TensorBoardLogger(str(log_dir), name="factworld_pretrain", default_hp_metric=False) if log_dir else False
+    trainer = L.Trainer(
+        max_steps=train_spec.max_steps,
+        max_epochs=-1,
+        max_time={"minutes": max_minutes} if max_minutes else None,
+        accelerator="auto",
+        devices=1,
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=progress_bar,
+        enable_model_summary=False,
+        reload_dataloaders_every_n_epochs=1,
+        log_every_n_steps=10,
+        gradient_clip_val=1.0,
+        deterministic=True,
+    )
+    t0 = time.time()
+    trainer.fit(module, datamodule=dm)
+    train_seconds = time.time() - t0
+    model = module.model.cpu().eval()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    loss = trainer.callback_metrics.get("train/loss")
+    return {
+        "steps": trainer.global_step,
+        "train_seconds": train_seconds,
+        "tokens_seen": trainer.global_step * train_spec.batch_size * train_spec.block_size,
+        "corpus_tokens": dm.n_tokens,
+        "final_loss": float(loss) if loss is not None else None,
+        "stopped_early": trainer.global_step < train_spec.max_steps,
+        "params": sum(p.numel() for p in model.parameters()),
+        "recall_history": recall_cb.history if recall_cb else [],
+        "model_spec": asdict(model_spec),
+        "train_spec": asdict(train_spec),
+    }
