@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import lightning as L
 import pytest
 import torch
 
@@ -167,3 +168,33 @@ def counterfact_records(n: int, start: int = 0) -> list[dict]:
 
 
 FAST_RESIDUAL = dict(anchor="prompt_last", clamp_norm_factor=4.0, steps=25)
+
+
+class CrashAfterBatch(L.Callback):
+    """Kills a run after a given edit batch (to test resume). Importable by the CLI as
+    ``conftest.CrashAfterBatch`` while pytest runs.
+
+    Args:
+        batch: index of the batch after which to crash.
+    """
+
+    def __init__(self, batch: int = 1):
+        self.batch = batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx):
+        if b.index == self.batch:
+            raise RuntimeError(f"simulated crash after batch {self.batch}")
+
+
+def cli_args(model_dir, dataset, corpus, tmp, method="alphaedit", batch_size=4, extra=()):
+    """CLI arguments for a small fit run on the tiny model."""
+    editor = {"alphaedit": ["--editor=lightning_edit.callbacks.AlphaEdit", "--editor.l2=1", "--editor.threshold_mode=relative",
+                            "--editor.nullspace_threshold=0.02"],
+              "memit": ["--editor=lightning_edit.callbacks.MEMIT", "--editor.lam=1"]}[method]
+    return [f"--model.model={model_dir}", "--model.layers=[1,2]", "--model.context_prefixes=2",
+            "--model.residual.anchor=prompt_last", "--model.residual.clamp_norm_factor=4",
+            f"--data.dataset={dataset}", f"--data.batch_size={batch_size}", *editor,
+            f"--editor.stats.corpus={corpus}", "--editor.stats.corpus_name=null", "--editor.stats.n_samples=600",
+            "--editor.stats.max_length=64", f"--editor.stats.cache_dir={tmp}/stats",
+            f"--checkpoint.dirpath={tmp}/ckpt", f"--trainer.logger.init_args.save_dir={tmp}/logs",
+            "--trainer.enable_progress_bar=false", *extra]

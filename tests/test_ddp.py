@@ -182,3 +182,44 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, corpus_file, editor):
     # only rank 0 wrote: one log version, one checkpoint, the stats cache once
     assert len(list((two / "logs" / "edit").iterdir())) == 1
     assert sorted(p.name for p in (two / "ckpt").iterdir()) == ["edited.safetensors", "last.safetensors"]
+
+
+@pytest.mark.parametrize("name,start", [("ddp_frozen", "popen"), ("ddp_frozen_spawn", "spawn"), ("ddp_frozen_fork", "fork")])
+def test_frozen_strategy_names(name, start):
+    from lightning_edit.strategies import FrozenDDPStrategy
+
+    trainer = L.Trainer(strategy=name, accelerator="cpu", devices=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    assert type(trainer.strategy) is FrozenDDPStrategy and trainer.strategy._start_method == start
+    assert trainer.world_size == 2
+
+
+def test_frozen_strategy_does_not_wrap():
+    from lightning_edit.strategies import FrozenDDPStrategy
+
+    module = L.LightningModule()
+    module.layer = torch.nn.Linear(2, 2).requires_grad_(False)  # what stock DDP refuses to wrap
+    strategy = FrozenDDPStrategy()
+    strategy.connect(module)
+    strategy.configure_ddp()
+    assert strategy.model is module and strategy.lightning_module is module
+
+
+@pytest.mark.parametrize("flag,start", [("ddp", "popen"), ("ddp_spawn", "spawn"), ("auto", "popen"), ("ddp_frozen_spawn", "spawn")])
+def test_cli_maps_stock_ddp_to_frozen(tmp_path, tiny_model_dir, flag, start):
+    """``trainer.strategy: ddp`` (or ``auto`` on several devices) would crash on the frozen LM."""
+    from lightning_edit.cli import TRAINER_DEFAULTS, EditCLI
+    from lightning_edit.data.datamodule import EditDataModule
+    from lightning_edit.module import EditModule
+    from lightning_edit.strategies import FrozenDDPStrategy
+
+    dataset = tmp_path / "cf.json"
+    _dataset(dataset, 2)
+    cli = EditCLI(EditModule, EditDataModule, trainer_defaults=TRAINER_DEFAULTS, auto_configure_optimizers=False, run=False,
+                  args=[f"--model.model={tiny_model_dir}", "--model.layers=[1,2]", f"--data.dataset={dataset}",
+                        f"--checkpoint.dirpath={tmp_path / 'ckpt'}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+                        "--trainer.accelerator=cpu", "--trainer.devices=2", f"--trainer.strategy={flag}"])
+    assert type(cli.trainer.strategy) is FrozenDDPStrategy and cli.trainer.strategy._start_method == start
+    # the callbacks are not duplicated by the rebuild
+    names = [type(c).__name__ for c in cli.trainer.callbacks]
+    assert names.count("AlphaEdit") == 1 and names.count("EditCheckpoint") == 1 and names.count("SaveConfigCallback") == 1

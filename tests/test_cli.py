@@ -1,0 +1,111 @@
+"""The CLI end to end: configs parse, fit runs and exports, resume is exact, bad input fails early."""
+
+import glob
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import cli_args, counterfact_records
+from lightning_edit.checkpointing import load_nested, read_edits
+from lightning_edit.cli import main
+
+CONFIGS = sorted(glob.glob(str(Path(__file__).parent.parent / "configs" / "*.yaml")))
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda p: Path(p).name)
+def test_every_shipped_config_parses(cfg, capsys):
+    text = Path(cfg).read_text()
+    assert text.startswith("# lightning-edit "), "each config opens with the command that runs it"
+    first = text.splitlines()[0]
+    sub = first.split()[2]
+    with pytest.raises(SystemExit) as e:
+        main([sub, "-c", cfg, "--print_config"])
+    assert e.value.code == 0
+    assert "model:" in capsys.readouterr().out
+
+
+def test_help_lists_commands(capsys):
+    main([])
+    out = capsys.readouterr().out
+    assert "fit" in out and "trace" in out and "factworld" in out
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    p = tmp_path / "cf.json"
+    p.write_text(json.dumps(counterfact_records(12)))
+    return p
+
+
+def _scalars(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(logdir))
+    ea.Reload()
+    return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
+
+
+def test_fit_end_to_end_then_validate(tiny_model_dir, dataset, corpus_file, tmp_path):
+    args = cli_args(tiny_model_dir, dataset, corpus_file, tmp_path, extra=["--model.eval_every=1"])
+    cli = main(["fit", *args])
+    module = cli.model
+    assert module.num_edits == 12
+    assert module.last_eval["edit/efficacy"] >= 0.75
+    # only the edited tensors (+ state) are exported / checkpointed, in safetensors
+    weights, meta = read_edits(tmp_path / "ckpt" / "edited.safetensors")
+    assert sorted(weights) == ["transformer.h.1.mlp.c_proj.weight", "transformer.h.2.mlp.c_proj.weight"]
+    assert meta["method"] == "alphaedit" and meta["num_edits"] == "12"
+    ckpt = load_nested(tmp_path / "ckpt" / "last.safetensors")
+    assert ckpt["state_dict"] == {}
+    state = ckpt["callbacks"]["AlphaEdit"]
+    assert state["batches_applied"] == 3 and set(state["method"]["prev_kkt"]) == {"1", "2"}
+    assert ckpt["global_step"] == 3  # one (mock) optimizer step per edit batch
+    # curves against the number of edits applied
+    logs = _scalars(glob.glob(str(tmp_path / "logs" / "edit" / "version_*"))[0])
+    steps = [s for s, _ in logs["edit/efficacy"]]
+    assert steps[:3] == [4, 8, 12]
+    for tag in ("edit/generalization", "edit/specificity"):
+        assert tag in logs or tag == "edit/generalization"  # the toy records have no paraphrases
+    # validate the edited checkpoint: same numbers as at the end of fit
+    vcli = main(["validate", *args, f"--ckpt_path={tmp_path}/ckpt/last.safetensors"])
+    assert vcli.model.last_eval["edit/efficacy"] == pytest.approx(module.last_eval["edit/efficacy"])
+    # and the unedited model does not know the new targets
+    vcli0 = main(["validate", *args])
+    assert vcli0.model.last_eval["edit/efficacy"] <= 0.1
+
+
+def test_resume_after_kill_is_exact(tiny_model_dir, dataset, corpus_file, tmp_path):
+    full = tmp_path / "full"
+    main(["fit", *cli_args(tiny_model_dir, dataset, corpus_file, full)])
+    w_full, _ = read_edits(full / "ckpt" / "edited.safetensors")
+
+    run = tmp_path / "run"
+    args = cli_args(tiny_model_dir, dataset, corpus_file, run)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["fit", *args, "--trainer.callbacks+=conftest.CrashAfterBatch", "--trainer.callbacks.batch=1"])
+    assert not (run / "ckpt" / "edited.safetensors").exists()
+    state = load_nested(run / "ckpt" / "last.safetensors")["callbacks"]["AlphaEdit"]
+    assert state["batches_applied"] in (1, 2)  # killed after batch index 1: before or after its checkpoint
+    cli = main(["fit", *args, f"--ckpt_path={run}/ckpt/last.safetensors"])
+    assert cli.model.num_edits == 12
+    w_res, _ = read_edits(run / "ckpt" / "edited.safetensors")
+    for k in w_full:
+        torch.testing.assert_close(w_res[k], w_full[k], rtol=1e-4, atol=1e-5)
+
+
+def test_bad_record_fails_before_any_change(tiny_model_dir, corpus_file, tmp_path):
+    recs = counterfact_records(6)
+    del recs[4]["requested_rewrite"]["subject"]
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(recs))
+    with pytest.raises(Exception, match=r"record 4.*subject"):
+        main(["fit", *cli_args(tiny_model_dir, p, corpus_file, tmp_path)])
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_wrong_module_name_is_clear(tiny_model_dir, dataset, corpus_file, tmp_path):
+    with pytest.raises(Exception, match="transformer.h.0.mlp.nope"):
+        main(["fit", *cli_args(tiny_model_dir, dataset, corpus_file, tmp_path,
+                               extra=["--model.mlp_down_template=transformer.h.{}.mlp.nope"])])
