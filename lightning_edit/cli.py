@@ -20,6 +20,7 @@ from .strategies import FROZEN_DDP_ALIASES, frozen_alias  # importing registers 
 from .callbacks import ClosedFormUpdate
 from .data.datamodule import EditDataModule
 from .module import EditModule
+from .report import EditReport
 
 
 class EditCheckpoint(ModelCheckpoint):
@@ -57,6 +58,7 @@ class EditCLI(LightningCLI):
         parser.add_lightning_class_args(ClosedFormUpdate, "editor", subclass_mode=True, required=False)
         parser.set_defaults({"editor": {"class_path": "lightning_edit.callbacks.AlphaEdit"}})
         parser.add_lightning_class_args(EditCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(EditReport, "report")
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         # Stock DDP refuses the frozen LM: its aliases ("ddp", "ddp_spawn", ...) become the frozen

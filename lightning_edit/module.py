@@ -35,8 +35,12 @@ def load_pretrained(name_or_path: str, dtype: DType = "float32", trust_remote_co
     """Load a causal LM and its (fast) tokenizer from a hub id or a local directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .resources import resolve
+
     if dtype not in DTYPES:
         raise ValueError(f"model dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    name_or_path = resolve(name_or_path)
+    tokenizer = resolve(tokenizer) if tokenizer else None
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
@@ -70,7 +74,8 @@ class EditModule(L.LightningModule):
     """Knowledge editing of a frozen causal LM.
 
     Args:
-        model: Hugging Face hub id or local directory of the causal LM to edit.
+        model: Hugging Face hub id or local directory of the causal LM to edit, or
+            ``factworld:<preset>/model`` for the built-in offline fact-world model.
         layers: the edit layers (indices of decoder blocks whose MLP down projection is updated);
             the last one is where the target residuals ``z`` are defined.
         tokenizer: tokenizer id/path when it differs from ``model``.

@@ -33,8 +33,8 @@ class StatsConfig:
     """Where the preserved-knowledge statistics come from.
 
     Args:
-        corpus: a local text/JSON/JSONL/parquet file (or directory), or a ``datasets`` hub id
-            (``wikitext``, ``wikipedia``) where a hub is reachable.
+        corpus: a local text/JSON/JSONL/parquet file (or directory), a ``datasets`` hub id
+            (``wikitext``, ``wikipedia``) where a hub is reachable, or ``factworld:<preset>/corpus``.
         corpus_name: the dataset configuration name for hub datasets (e.g. ``wikitext-103-raw-v1``).
         split: dataset split.
         text_field: the column holding the text.
@@ -91,10 +91,16 @@ def model_fingerprint(adapter: ModelAdapter, layer: int) -> str:
     return _hash(*parts)
 
 
+def _corpus_path(cfg: StatsConfig) -> str:
+    from .resources import resolve
+
+    return resolve(cfg.corpus)
+
+
 def corpus_fingerprint(cfg: StatsConfig) -> str:
     """Identity of the corpus: for local files their names, sizes and content hash (the first
     and last 8 MiB for big files); for hub datasets the id, config name and split."""
-    path = Path(cfg.corpus)
+    path = Path(_corpus_path(cfg))
     parts: list = [cfg.split, cfg.text_field, cfg.corpus_name]
     if path.exists():
         files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
@@ -118,7 +124,7 @@ def iter_corpus_texts(cfg: StatsConfig, shard: int = 0, num_shards: int = 1) -> 
     """Stream ``n_samples`` non-empty texts (this process's shard of them) via ``datasets``."""
     import datasets
 
-    path = Path(cfg.corpus)
+    path = Path(_corpus_path(cfg))
     if path.exists():
         suffix = (path.suffix if path.is_file() else "").lower()
         builder = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)

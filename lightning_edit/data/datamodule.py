@@ -197,7 +197,7 @@ class EditDataModule(L.LightningDataModule):
     iterate the same requests in batches of ``eval_batch_size``. All yield :class:`EditBatch`.
 
     Args:
-        dataset: a local .json / .jsonl / .parquet / .csv file or directory, or a hub dataset id
+        dataset: a local .json / .jsonl / .parquet / .csv file or directory, ``factworld:<preset>/counterfact`` (or ``/zsre``), or a hub dataset id
             (see :func:`lightning_edit.data.sources.load_records`).
         format: record format: auto (detect per record), counterfact, counterfact_flat or zsre.
         split: split to read from a directory or a hub dataset.
@@ -259,8 +259,10 @@ class EditDataModule(L.LightningDataModule):
         """
         if self._loaded:
             return
+        from ..resources import resolve
+
         records = load_records(
-            self.dataset, split=self.split, data_files=self.data_files, name=self.config_name, field=self.field
+            resolve(self.dataset), split=self.split, data_files=self.data_files, name=self.config_name, field=self.field
         )
         stop = None if self.limit is None else self.offset + self.limit
         self.requests = list(itertools.islice(iter_requests(records, self.format), self.offset, stop))

@@ -1,0 +1,203 @@
+"""The end-of-stream report: what editing did to the model's knowledge.
+
+:class:`EditReport` (a callback, ``report:`` in a config) measures, besides the edit metrics of
+:class:`~lightning_edit.module.EditModule`:
+
+* ``retention``: share of never-edited facts whose answer fingerprint (teacher-forced top-1
+  tokens, :func:`~lightning_edit.scoring.top1_tokens`) is unchanged from the unedited model;
+* ``first_batch_efficacy``: efficacy of the first batch's edits, measured at the end;
+* ``fluency`` / ``consistency``: n-gram entropy and TF-IDF consistency of generations;
+* ``perplexity_before`` / ``perplexity_after`` on held-out corpus text;
+
+logs retention as a curve against edits applied, and writes ``summary.json``, ``summary.md``
+and ``summary.png`` into the run's log directory, printing the table at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from .module import EditModule
+from .resources import resolve
+
+SUMMARY_KEYS = ("method", "num_edits", "efficacy", "generalization", "specificity", "retention", "first_batch_efficacy")
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class EditReport(L.Callback):
+    """Args:
+        probes: JSONL of facts ``{prompt, object|answer[, edit_case_id]}`` for retention (e.g.
+            ``factworld:default/facts``); only facts that are never edited are used.
+        n_probes: how many probe facts to sample (fixed seed).
+        perplexity_corpus: JSONL/text corpus (field ``text``) for perplexity; its last
+            ``n_perplexity`` texts are used.
+        n_perplexity: number of texts for perplexity.
+        references: JSON ``{object: [texts]}`` for the consistency metric (e.g.
+            ``factworld:default/references``).
+        n_generation: requests whose generation prompts are sampled for fluency/consistency (0 = off).
+        max_new_tokens: generation length.
+        seed: sampling seed for probes and generation requests.
+    """
+
+    def __init__(self, probes: str | None = None, n_probes: int = 1000, perplexity_corpus: str | None = None,
+                 n_perplexity: int = 200, references: str | None = None, n_generation: int = 50,
+                 max_new_tokens: int = 30, seed: int = 0):
+        self.probes_spec, self.n_probes = probes, n_probes
+        self.ppl_spec, self.n_ppl = perplexity_corpus, n_perplexity
+        self.refs_spec, self.n_generation, self.max_new_tokens, self.seed = references, n_generation, max_new_tokens, seed
+        self.baseline: torch.Tensor | None = None
+        self.ppl_before: float | None = None
+        self.history: list[dict] = []
+        self.summary: dict = {}
+        self._t0 = time.time()
+
+    # ---- inputs --------------------------------------------------------------------------
+    def _probe_pairs(self) -> tuple[list[str], list[str]]:
+        if not self.probes_spec:
+            return [], []
+        facts = [f for f in _read_jsonl(resolve(self.probes_spec)) if f.get("edit_case_id") is None]
+        rng = random.Random(self.seed)
+        facts = rng.sample(facts, min(self.n_probes, len(facts)))
+        return [f["prompt"] for f in facts], [f.get("object", f.get("answer")) for f in facts]
+
+    def _ppl_texts(self) -> list[str]:
+        if not self.ppl_spec:
+            return []
+        path = resolve(self.ppl_spec)
+        texts = [r["text"] for r in _read_jsonl(path)] if path.endswith(".jsonl") else Path(path).read_text().splitlines()
+        return [t for t in texts if t.strip()][-self.n_ppl:]
+
+    # ---- measurements ----------------------------------------------------------------------
+    @torch.no_grad()
+    def fingerprint(self, module: EditModule) -> torch.Tensor | None:
+        from .scoring import top1_tokens
+
+        prompts, answers = self._probe_pairs()
+        return top1_tokens(module.lm, module.tokenizer, prompts, answers, module.eval_batch_size) if prompts else None
+
+    def retention(self, module: EditModule) -> float | None:
+        if self.baseline is None:
+            return None
+        now = self.fingerprint(module)
+        return float((now == self.baseline).all(dim=1).float().mean())
+
+    @torch.no_grad()
+    def perplexity(self, module: EditModule) -> float | None:
+        from .metrics import Perplexity
+        from .scoring import text_token_nll
+
+        texts = self._ppl_texts()
+        if not texts:
+            return None
+        m = Perplexity()
+        for nll in text_token_nll(module.lm, module.tokenizer, texts, batch_size=16):
+            m.update(nll)
+        return float(m.compute())
+
+    # ---- hooks -----------------------------------------------------------------------------
+    def on_fit_start(self, trainer, pl_module: EditModule) -> None:
+        # restored from a checkpoint on resume: never re-measured on an edited model
+        if self.baseline is None:
+            self.baseline = self.fingerprint(pl_module)
+            self.ppl_before = self.perplexity(pl_module)
+        self._t0 = time.time()
+
+    def on_train_batch_end(self, trainer, pl_module: EditModule, outputs, batch, batch_idx) -> None:
+        every = pl_module.eval_every
+        if every and (batch.index + 1) % every == 0 and self.baseline is not None:
+            r = self.retention(pl_module)
+            self.history.append({"num_edits": pl_module.num_edits, "retention": r})
+            pl_module.log_edit_metrics({"edit/retention": r})
+
+    def state_dict(self) -> dict:
+        return {"baseline": self.baseline, "ppl_before": self.ppl_before, "history": json.dumps(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.baseline = state.get("baseline")
+        self.ppl_before = state.get("ppl_before")
+        self.history = json.loads(state.get("history", "[]"))
+
+    def on_fit_end(self, trainer, pl_module: EditModule) -> None:
+        from .evaluate import evaluate_generation
+
+        dm = trainer.datamodule
+        edited = list(dm.requests[: pl_module.num_edits]) if dm is not None else list(pl_module.edit_history)
+        first = edited[: getattr(dm, "batch_size", len(edited))]
+        final = dict(pl_module.last_eval) if getattr(pl_module, "last_eval", None) else pl_module.evaluate(edited)
+        s: dict = {"method": getattr(trainer, "_edit_method", None) or _method_name(trainer), "num_edits": pl_module.num_edits}
+        for key in ("efficacy", "generalization", "specificity", "margin"):
+            if f"edit/{key}" in final:
+                s[key] = final[f"edit/{key}"]
+        for key in ("rewrite", "paraphrase", "locality"):
+            if f"zsre/{key}" in final:
+                s[f"zsre_{key}"] = final[f"zsre/{key}"]
+        fb = pl_module.evaluate(first)
+        s["first_batch_efficacy"] = fb.get("edit/efficacy", fb.get("zsre/rewrite"))
+        s["retention"] = self.retention(pl_module)
+        s["perplexity_before"], s["perplexity_after"] = self.ppl_before, self.perplexity(pl_module)
+        if self.n_generation and edited:
+            rng = random.Random(self.seed)
+            sample = rng.sample(edited, min(self.n_generation, len(edited)))
+            refs = json.loads(Path(resolve(self.refs_spec)).read_text()) if self.refs_spec else None
+            by_case = {r.case_id: refs.get(r.target_new.strip(), []) for r in sample} if refs else None
+            corpus = [t for texts in refs.values() for t in texts] if refs else None
+            gen = evaluate_generation(pl_module.lm, pl_module.tokenizer, sample, references=by_case, vectorizer=corpus,
+                                      max_new_tokens=self.max_new_tokens)
+            s["fluency"] = gen.get("edit/fluency")
+            s["consistency"] = gen.get("edit/consistency")
+        s["wall_time_s"] = round(time.time() - self._t0, 1)
+        s = {k: v for k, v in s.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        self.summary = s
+        if trainer.is_global_zero:
+            pl_module.log_edit_metrics({f"edit/{k}": v for k, v in s.items() if k in ("retention", "first_batch_efficacy", "fluency", "consistency")})
+            out = Path(trainer.log_dir or trainer.default_root_dir)
+            write_summary(out, s, self.history + [{"num_edits": s["num_edits"], "retention": s.get("retention")}])
+            print("\n" + summary_markdown(s))
+            print(f"summary written to {out}/summary.md, summary.json, summary.png")
+
+
+def _method_name(trainer) -> str | None:
+    for cb in trainer.callbacks:
+        if hasattr(cb, "method_name"):
+            return cb.method_name
+    return None
+
+
+def summary_markdown(s: dict) -> str:
+    rows = ["| metric | value |", "|---|---|"]
+    for k, v in s.items():
+        rows.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
+    return "\n".join(rows)
+
+
+def write_summary(out: Path, s: dict, history: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(s, indent=1))
+    (out / "summary.md").write_text(f"# Edit run summary ({s.get('method')}, {s.get('num_edits')} edits)\n\n" + summary_markdown(s) + "\n")
+    pts = [(h["num_edits"], h["retention"]) for h in history if h.get("retention") is not None]
+    if pts:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(5, 3.2))
+        ax = fig.add_subplot()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="retention")
+        for key in ("efficacy", "specificity", "first_batch_efficacy"):
+            if key in s:
+                ax.axhline(s[key], linestyle="--", linewidth=0.8, label=f"{key} (end)", color={"efficacy": "C1", "specificity": "C2"}.get(key, "C3"))
+        ax.set_xlabel("edits applied")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{s.get('method')}: knowledge over the edit stream")
+        ax.legend(fontsize=7, loc="lower left")
+        fig.tight_layout()
+        fig.savefig(out / "summary.png", dpi=120)

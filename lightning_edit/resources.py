@@ -1,0 +1,32 @@
+"""Built-in resources addressed by name in configs: ``factworld:<preset>/<item>``.
+
+``factworld:default/model`` builds the offline fact-world model on first use (cached under
+``checkpoints/factworld``) and returns its directory; ``/counterfact``, ``/zsre``, ``/corpus``,
+``/facts``, ``/references`` return the matching files. Any other string is returned unchanged
+(a hub id or a local path).
+"""
+
+from __future__ import annotations
+
+import os
+
+PREFIX = "factworld:"
+ITEMS = ("model", "counterfact", "zsre", "corpus", "facts", "references", "documents")
+
+
+def resolve(spec: str, root: str | None = None) -> str:
+    if not isinstance(spec, str) or not spec.startswith(PREFIX):
+        return spec
+    rest = spec[len(PREFIX):]
+    preset, _, item = rest.partition("/")
+    seed = 0
+    if "@" in preset:
+        preset, s = preset.split("@", 1)
+        seed = int(s)
+    item = item or "model"
+    if item not in ITEMS:
+        raise ValueError(f"{spec!r}: unknown factworld item {item!r}; choose from {ITEMS}")
+    from .factworld.build import ensure_factworld
+
+    paths = ensure_factworld(root or os.environ.get("LIGHTNING_EDIT_FACTWORLD", "checkpoints/factworld"), seed=seed, preset=preset or "default")
+    return str(paths.model_dir if item == "model" else getattr(paths, item))
