@@ -1,6 +1,8 @@
-"""lightning-edit: knowledge editing of Hugging Face causal LMs (MEMIT, AlphaEdit, AnyEdit)."""
+"""lightning-edit: knowledge editing of Hugging Face causal LMs (MEMIT, AlphaEdit)."""
 
 __version__ = "0.1.0"
 
-# registers the "ddp_frozen*" strategies (DDP without the wrapper, for the frozen model)
-from . import strategies as _strategies  # noqa: E402,F401
+from .api import Editor, load_edited  # noqa: E402
+from .data.requests import EditRequest  # noqa: E402
+
+__all__ = ["Editor", "EditRequest", "load_edited", "__version__"]
