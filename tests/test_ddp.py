@@ -70,6 +70,7 @@ def _cli_args(run: Path, model_dir: Path, dataset: Path, corpus: Path, editor: l
         "fit",
         f"--model.model={model_dir}", "--model.layers=[1,2]", "--model.context_prefixes=0",
         "--model.residual.anchor=prompt_last", "--model.residual.clamp_norm_factor=4", "--model.residual.steps=15",
+        "--model.eval_every=2",  # a mid-stream evaluation on every rank (metrics sync in compute())
         f"--data.dataset={dataset}", f"--data.batch_size={BATCH_SIZE}", "--data.eval_batch_size=4",
         *editor,
         f"--editor.stats.corpus={corpus}", "--editor.stats.corpus_name=null", "--editor.stats.n_samples=300",
