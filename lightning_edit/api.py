@@ -31,7 +31,8 @@ METHODS = {"alphaedit": AlphaEdit, "memit": MEMIT}
 
 def _as_requests(requests: Sequence[EditRequest | Mapping[str, Any]]) -> list[EditRequest]:
     """Accept EditRequests, records of any supported file format, or simple dicts
-    ``{prompt, subject, target_new[, target_true, paraphrase_prompts, locality]}``."""
+    ``{prompt, subject, target_new[, target_true, paraphrase_prompts, locality]}`` whose prompt
+    has ``{}`` for the subject or contains the subject written out. All are validated first."""
     out: list[EditRequest] = []
     raw: list[Mapping] = []
     for r in requests:
@@ -40,11 +41,14 @@ def _as_requests(requests: Sequence[EditRequest | Mapping[str, Any]]) -> list[Ed
         else:
             raw.append(r)
     if raw:
-        simple = all("prompt" in r and "target_new" in r and isinstance(r["target_new"], str) and "{}" in r["prompt"] for r in raw)
+        simple = all(isinstance(r.get("prompt"), str) and isinstance(r.get("target_new"), str) for r in raw)
         if simple:
             for i, r in enumerate(raw):
+                prompt, subject = r["prompt"], r.get("subject", "")
+                if "{}" not in prompt and subject and subject in prompt:
+                    prompt = prompt.replace(subject, "{}", 1)  # subject written out: make the template
                 out.append(EditRequest(
-                    case_id=str(r.get("case_id", i)), prompt=r["prompt"], subject=r.get("subject", ""),
+                    case_id=str(r.get("case_id", i)), prompt=prompt, subject=subject,
                     target_new=r["target_new"], target_true=r.get("target_true"),
                     paraphrase_prompts=tuple(r.get("paraphrase_prompts", ())),
                     locality=tuple(tuple(p) for p in r.get("locality", ())),
