@@ -164,8 +164,9 @@ class ClosedFormUpdate(L.Callback):
     _module: EditModule | None = None
 
     def on_fit_end(self, trainer, pl_module: EditModule) -> None:
+        path = self._default_export_path(trainer)  # on every rank: trainer.log_dir is a broadcast under DDP
         if trainer.is_global_zero:
-            self.export(pl_module, self._default_export_path(trainer))
+            self.export(pl_module, path)
 
     def _default_export_path(self, trainer) -> Path:
         if self.export_path:

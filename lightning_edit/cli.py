@@ -123,7 +123,7 @@ def main(args: list[str] | None = None) -> EditCLI | object:
         trainer_defaults=TRAINER_DEFAULTS,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        args=argv,
+        args=None if args is None else argv,  # None: LightningCLI reads sys.argv itself
     )
 
 

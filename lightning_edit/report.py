@@ -159,9 +159,9 @@ class EditReport(L.Callback):
         s["wall_time_s"] = round(time.time() - self._t0, 1)
         s = {k: v for k, v in s.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
         self.summary = s
+        out = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank: log_dir is a broadcast under DDP
         if trainer.is_global_zero:
             pl_module.log_edit_metrics({f"edit/{k}": v for k, v in s.items() if k in ("retention", "first_batch_efficacy", "fluency", "consistency")})
-            out = Path(trainer.log_dir or trainer.default_root_dir)
             write_summary(out, s, self.history + [{"num_edits": s["num_edits"], "retention": s.get("retention")}])
             print("\n" + summary_markdown(s))
             print(f"summary written to {out}/summary.md, summary.json, summary.png")
