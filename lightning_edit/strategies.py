@@ -20,7 +20,10 @@ name                       start method
 ``ddp_frozen_notebook``    fork
 =========================  ==============
 
-so a config can say ``trainer.strategy: ddp_frozen``. :mod:`lightning_edit` imports it.
+so a config can say ``trainer.strategy: ddp_frozen``. :mod:`lightning_edit` and
+:mod:`lightning_edit.cli` import it. The CLI also turns the stock aliases (``ddp``,
+``ddp_spawn``, ...) and ``auto`` on several devices into these; a plain ``Trainer`` needs the
+name (or a :class:`FrozenDDPStrategy` instance) itself.
 """
 
 from __future__ import annotations

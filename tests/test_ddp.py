@@ -1,9 +1,12 @@
 """Editing under DDP (2 CPU processes, gloo) gives the same edited weights as one process.
 
-The CLI runs as a subprocess (the popen launcher of ``ddp_frozen`` re-executes the command
-line, which inside pytest would re-run pytest). :class:`RankRecorder` (passed to the trainer as
-a callback) writes what every rank did to files, since the per-rank objects are gone after the
-run: which requests each rank optimized, its final edit weights and its last evaluation.
+The 2-process run is the CLI as a subprocess (the popen launcher of ``ddp_frozen`` re-executes
+the command line, which inside pytest would re-run pytest); the 1-process reference runs the
+same CLI arguments in this process. 11 requests in batches of 5 on 2 processes: shards of 3 + 2
+(a batch not divisible by the world size) and a last batch of 1 that leaves rank 1 without a
+request (it must still join every collective). :class:`RankRecorder` (a trainer callback) writes
+what every rank did to files, since the per-rank objects are gone after the run: which requests
+each rank optimized, its final edit weights and its last evaluation.
 """
 
 from __future__ import annotations
@@ -119,11 +122,15 @@ def _moments(stats_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {p.name.split(".moment.")[0]: _load(p) for p in sorted(stats_dir.glob("*.moment.*.safetensors"))}
 
 
-@pytest.mark.parametrize("editor", [
+@pytest.mark.parametrize("editor,elementwise", [
     pytest.param(["--editor=lightning_edit.callbacks.AlphaEdit", "--editor.threshold_mode=relative",
-                  "--editor.nullspace_threshold=0.02", "--editor.l2=1"], id="alphaedit"),
+                  "--editor.nullspace_threshold=0.02", "--editor.l2=1"], True, id="alphaedit"),
+    # MEMIT's lam C_0 + K K^T has no ridge and C_0 of this tiny model has condition ~1e6: float32
+    # rounding in the statistics (which any other batching changes, in one process too) moves
+    # single entries of the update by ~1e-2 relative; only the update as a whole is compared
+    pytest.param(["--editor=lightning_edit.callbacks.MEMIT", "--editor.lam=1"], False, id="memit", marks=pytest.mark.slow),
 ])
-def test_two_processes_match_one(tmp_path, tiny_model_dir, corpus_file, editor):
+def test_two_processes_match_one(tmp_path, tiny_model_dir, corpus_file, editor, elementwise):
     torch.set_num_threads(1)
     dataset = tmp_path / "counterfact.json"
     case_ids = _dataset(dataset, N_REQUESTS)
@@ -149,9 +156,10 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, corpus_file, editor):
     assert e1.keys() == e2.keys() and len(e1) == 2
     for name in e1:
         assert (e1[name] - base[name]).abs().max() > 1e-3, "the edits did not change the weights"
-        torch.testing.assert_close(e2[name], e1[name], rtol=1e-4, atol=1e-4 * float(e1[name].abs().max()))
+        if elementwise:
+            torch.testing.assert_close(e2[name], e1[name], rtol=1e-4, atol=1e-4 * float(e1[name].abs().max()))
         delta1, delta2 = e1[name] - base[name], e2[name] - base[name]
-        assert float((delta2 - delta1).norm() / delta1.norm()) < 1e-3
+        assert float((delta2 - delta1).norm() / delta1.norm()) < 2e-3
 
     # every rank ends with bit-identical weights, and each request was optimized by exactly one rank
     ranks = [json.loads((two / "ranks" / f"rank{r}.json").read_text()) for r in range(2)]
@@ -183,6 +191,23 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, corpus_file, editor):
     # only rank 0 wrote: one log version, one checkpoint, the stats cache once
     assert len(list((two / "logs" / "edit").iterdir())) == 1
     assert sorted(p.name for p in (two / "ckpt").iterdir()) == ["edited.safetensors", "last.safetensors"]
+    assert sorted(p.name for p in (two / "stats").iterdir()) == sorted(p.name for p in (one / "stats").iterdir())
+
+
+def test_block_shards_partition_the_blocks(tokenizer):
+    """The statistics shards of all processes are exactly the single-process blocks (the
+    packing, and so every key's context, is the same whatever the number of processes)."""
+    from conftest import corpus_sentences
+    from lightning_edit.stats import packed_blocks
+
+    texts = corpus_sentences(120, seed=3)
+    whole = [row for b in packed_blocks(tokenizer, iter(texts), 32, 4) for row in b.tolist()]
+    for world in (2, 3):
+        shards = [[row for b in packed_blocks(tokenizer, iter(texts), 32, 4, shard=r, num_shards=world) for row in b.tolist()]
+                  for r in range(world)]
+        assert sum(len(s) for s in shards) == len(whole)
+        for r, rows in enumerate(shards):
+            assert rows == whole[r::world]
 
 
 @pytest.mark.parametrize("name,start", [("ddp_frozen", "popen"), ("ddp_frozen_spawn", "spawn"), ("ddp_frozen_fork", "fork")])

@@ -1,8 +1,8 @@
 """Pretraining the factworld model with Lightning, and measuring what it knows.
 
 - :class:`ModelSpec`: a small GPT-2 or Llama configuration (built offline from config).
-- :class:`CorpusDataModule`: the corpus, tokenized once, packed into fixed-length blocks of
-  whole texts (re-shuffled and re-packed every epoch from the seed).
+- :class:`CorpusDataModule`: the corpus, tokenized once, one text per row in length-bucketed
+  batches (re-shuffled every epoch from the seed).
 - :class:`PretrainModule`: causal-LM loss, AdamW, linear warmup then cosine decay; logs
   ``train/loss`` (and ``train/lr``).
 - :class:`RecallCallback`: logs top-1 recall on a fixed sample of facts during training.
@@ -23,7 +23,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
 
 # --------------------------------------------------------------------------------------------
@@ -86,63 +86,87 @@ def build_model(spec: ModelSpec, tokenizer) -> PreTrainedModel:
 # --------------------------------------------------------------------------------------------
 
 
-def pack_texts(token_lists: Sequence[Sequence[int]], block_size: int, pad_id: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shuffle texts and pack whole texts greedily into blocks of ``block_size`` tokens.
+def bucket_batches(token_lists: Sequence[Sequence[int]], tokens_per_batch: int, pad_id: int, rng: random.Random,
+                   max_length: int | None = None, window: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of batches, one text per row, texts of similar length batched together.
 
-    Each text arrives already prefixed with ``<|endoftext|>``; a text longer than a block is
-    cut into block-sized pieces. Texts are never split across blocks otherwise, so a fact
-    sentence is always seen with its subject. The unused tail of a block is padding with
-    label -100; it sits after every real token, so a causal model needs no attention mask.
+    Every text is a row of its own starting at position 0 (``<|endoftext|> text``), as a prompt
+    is at evaluation time. (Packing several texts per row made the toy model search for the
+    current sentence's subject among other sentences' names at arbitrary absolute positions,
+    and it learned its facts several times more slowly.) Texts are shuffled, sorted by length
+    within windows of ``window`` batches (little padding, random order otherwise), cut into
+    batches of about ``tokens_per_batch`` tokens, and the batches shuffled.
 
     Returns:
-        input_ids, labels: ``(n_blocks, block_size)`` LongTensors.
+        a list of ``(input_ids, labels)``, each ``(rows, length)``; padding is on the right
+        with label -100 (after every real token, so a causal model needs no attention mask).
     """
     order = list(range(len(token_lists)))
     rng.shuffle(order)
-    blocks: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        toks = list(token_lists[i])
-        while len(toks) > block_size:  # only very long texts
-            blocks.append(toks[:block_size])
-            toks = toks[block_size:]
-        if len(cur) + len(toks) > block_size:
-            blocks.append(cur)
-            cur = []
-        cur.extend(toks)
-    if cur:
-        blocks.append(cur)
-    ids = torch.full((len(blocks), block_size), pad_id, dtype=torch.long)
-    labels = torch.full((len(blocks), block_size), -100, dtype=torch.long)
-    for b, toks in enumerate(blocks):
-        ids[b, : len(toks)] = torch.tensor(toks)
-        labels[b, : len(toks)] = ids[b, : len(toks)]
-    return ids, labels
+    if max_length is not None:
+        token_lists = [t[:max_length] for t in token_lists]
+    mean_len = max(1.0, sum(len(t) for t in token_lists) / max(1, len(token_lists)))
+    chunk = max(1, int(window * tokens_per_batch / mean_len))
+    batches: list[list[int]] = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start : start + chunk], key=lambda i: len(token_lists[i]))
+        cur: list[int] = []
+        for i in part:
+            longest = max(len(token_lists[i]), max((len(token_lists[j]) for j in cur), default=0))
+            if cur and longest * (len(cur) + 1) > tokens_per_batch:
+                batches.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            batches.append(cur)
+    rng.shuffle(batches)
+    out = []
+    for rows in batches:
+        T = max(len(token_lists[i]) for i in rows)
+        ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), T), -100, dtype=torch.long)
+        for r, i in enumerate(rows):
+            toks = torch.tensor(token_lists[i], dtype=torch.long)
+            ids[r, : len(toks)] = toks
+            labels[r, : len(toks)] = toks
+        out.append((ids, labels))
+    return out
+
+
+class _Batches(torch.utils.data.Dataset):
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.batches[i]
 
 
 class CorpusDataModule(L.LightningDataModule):
-    """The corpus as packed blocks.
+    """The corpus as length-bucketed batches of whole texts (see :func:`bucket_batches`).
 
     Args:
         texts: the corpus texts (or pass ``corpus_path``, a ``.jsonl`` with a ``text`` field).
         tokenizer: a fast tokenizer whose ``<|endoftext|>`` is its BOS.
-        block_size: tokens per training row.
-        batch_size: rows per step.
-        seed: shuffling seed; epoch ``e`` is packed with ``Random((seed, e))``, so a run is
-            reproducible and every epoch sees a new order (use the Trainer's
+        tokens_per_batch: about this many tokens (padding included) per step.
+        max_length: longer texts are truncated.
+        seed: shuffling seed; epoch ``e`` is batched with ``Random(f"{seed}-{e}")``, so a run
+            is reproducible and every epoch sees a new order (use the Trainer's
             ``reload_dataloaders_every_n_epochs=1``).
     """
 
     def __init__(self, tokenizer, texts: Sequence[str] | None = None, corpus_path: str | None = None,
-                 block_size: int = 128, batch_size: int = 32, seed: int = 0):
+                 tokens_per_batch: int = 2048, max_length: int = 256, seed: int = 0):
         super().__init__()
         if (texts is None) == (corpus_path is None):
             raise ValueError("give exactly one of texts / corpus_path")
         self.tokenizer = tokenizer
         self.texts = texts
         self.corpus_path = corpus_path
-        self.block_size = block_size
-        self.batch_size = batch_size
+        self.tokens_per_batch = tokens_per_batch
+        self.max_length = max_length
         self.seed = seed
         self._tokens: list[list[int]] | None = None
 
@@ -164,17 +188,15 @@ class CorpusDataModule(L.LightningDataModule):
         self.setup()
         return sum(len(t) for t in self._tokens)
 
-    def blocks_per_epoch(self) -> int:
+    def epoch_batches(self, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         self.setup()
-        ids, _ = pack_texts(self._tokens, self.block_size, self.tokenizer.pad_token_id, random.Random(f"{self.seed}-0"))
-        return len(ids)
+        return bucket_batches(self._tokens, self.tokens_per_batch, self.tokenizer.pad_token_id,
+                              random.Random(f"{self.seed}-{epoch}"), max_length=self.max_length)
 
     def train_dataloader(self) -> DataLoader:
-        self.setup()
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        ids, labels = pack_texts(self._tokens, self.block_size, self.tokenizer.pad_token_id, random.Random(f"{self.seed}-{epoch}"))
-        # the blocks are already in random order: no sampler shuffling needed
-        return DataLoader(TensorDataset(ids, labels), batch_size=self.batch_size, shuffle=False, drop_last=True)
+        # batches are pre-made (variable shapes): the loader hands them over one by one
+        return DataLoader(_Batches(self.epoch_batches(epoch)), batch_size=None, shuffle=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,8 +341,7 @@ class TrainSpec:
     """Optimisation settings of a pretraining run (see :class:`PretrainModule`)."""
 
     max_steps: int = 3000
-    batch_size: int = 32
-    block_size: int = 128
+    tokens_per_batch: int = 2048
     lr: float = 3e-3
     weight_decay: float = 0.0
     warmup_steps: int = 100
@@ -348,8 +369,8 @@ def pretrain(texts: Sequence[str], tokenizer, model_spec: ModelSpec, train_spec:
     module = PretrainModule(model, lr=train_spec.lr, weight_decay=train_spec.weight_decay,
                             warmup_steps=train_spec.warmup_steps, max_steps=train_spec.max_steps,
                             min_lr_ratio=train_spec.min_lr_ratio)
-    dm = CorpusDataModule(tokenizer, texts=texts, block_size=train_spec.block_size,
-                          batch_size=train_spec.batch_size, seed=seed)
+    dm = CorpusDataModule(tokenizer, texts=texts, tokens_per_batch=train_spec.tokens_per_batch,
+                          max_length=model_spec.max_positions, seed=seed)
     callbacks = []
     recall_cb = None
     if recall_samples:
@@ -384,7 +405,7 @@ def pretrain(texts: Sequence[str], tokenizer, model_spec: ModelSpec, train_spec:
     return {
         "steps": trainer.global_step,
         "train_seconds": train_seconds,
-        "tokens_seen": trainer.global_step * train_spec.batch_size * train_spec.block_size,
+        "tokens_seen": trainer.global_step * train_spec.tokens_per_batch,  # approximate (padding included)
         "corpus_tokens": dm.n_tokens,
         "final_loss": float(loss) if loss is not None else None,
         "stopped_early": trainer.global_step < train_spec.max_steps,

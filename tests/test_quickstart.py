@@ -1,0 +1,57 @@
+"""The quickstart: a reduced run in the default suite, the full one behind `-m slow`."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from lightning_edit.cli import main
+
+ROOT = Path(__file__).parent.parent
+SUMMARY_KEYS = {"method", "num_edits", "efficacy", "generalization", "specificity", "retention", "first_batch_efficacy"}
+
+
+def _summary(logs: Path, name: str) -> dict:
+    runs = sorted((logs / name).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    return json.loads((runs[-1] / "summary.json").read_text())
+
+
+def _reduced_args(tmp_path, preset="tiny"):
+    fw = f"factworld:{preset}"
+    return ["-c", str(ROOT / "configs" / "quickstart.yaml"),
+            f"--model.model={fw}/model", "--model.layers=[0,1]", "--model.context_prefixes=1",
+            "--model.residual.steps=10", "--model.eval_every=1",
+            f"--editor.stats.corpus={fw}/corpus", "--editor.stats.n_samples=500", f"--editor.stats.cache_dir={tmp_path}/stats",
+            f"--report.probes={fw}/facts", "--report.n_probes=100", f"--report.perplexity_corpus={fw}/corpus",
+            "--report.n_perplexity=20", f"--report.references={fw}/references", "--report.n_generation=4",
+            "--report.max_new_tokens=8",
+            f"--data.dataset={fw}/counterfact", "--data.batch_size=2", "--data.limit=4",
+            f"--checkpoint.dirpath={tmp_path}/ckpt", f"--trainer.logger.init_args.save_dir={tmp_path}/logs",
+            "--trainer.enable_progress_bar=false"]
+
+
+def test_reduced_quickstart(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_EDIT_FACTWORLD", str(tmp_path / "factworld"))
+    main(["fit", *_reduced_args(tmp_path)])
+    s = _summary(tmp_path / "logs", "quickstart")
+    assert SUMMARY_KEYS <= set(s) and s["method"] == "alphaedit" and s["num_edits"] == 4
+    for k in SUMMARY_KEYS - {"method", "num_edits"}:
+        assert 0.0 <= s[k] <= 1.0, (k, s[k])
+    run = sorted((tmp_path / "logs" / "quickstart").glob("version_*"))[-1]
+    assert (run / "summary.md").read_text().startswith("# Edit run summary")
+    assert (run / "summary.png").stat().st_size > 1000
+    assert "perplexity_before" in s and "fluency" in s
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg,method", [("quickstart.yaml", "alphaedit"), ("quickstart_memit.yaml", "memit")])
+def test_full_quickstart(cfg, method, tmp_path):
+    """The README's main job as shipped (uses and fills the real checkpoints/ cache)."""
+    t = time.time()
+    main(["fit", "-c", str(ROOT / "configs" / cfg), f"--trainer.logger.init_args.save_dir={tmp_path}/logs",
+          f"--checkpoint.dirpath={tmp_path}/ckpt"])
+    s = _summary(tmp_path / "logs", Path(cfg).stem)
+    assert s["method"] == method and s["num_edits"] >= 1000
+    assert SUMMARY_KEYS <= set(s)
+    assert time.time() - t < 600 * 1.5
