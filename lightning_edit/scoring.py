@@ -72,6 +72,19 @@ def _inference(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def _padded(rows: Sequence[list[int]], pad_id: int, left: bool) -> tuple[Tensor, Tensor, list[int]]:
+    """``(ids, attention_mask)`` of shape ``(len(rows), max_len)``, right- or left-padded, and the lengths."""
+    lens = [len(r) for r in rows]
+    T = max(lens)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for r, (row, n) in enumerate(zip(rows, lens)):
+        sl = slice(T - n, T) if left else slice(0, n)
+        ids[r, sl] = torch.tensor(row)
+        mask[r, sl] = 1
+    return ids, mask, lens
+
+
 def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
     """Consecutive slices of ``order`` of at most ``batch_size`` indices."""
     if batch_size < 1:
@@ -162,13 +175,7 @@ def text_token_nll(model: nn.Module, tokenizer, texts: Sequence[str], batch_size
     order = sorted(range(len(ids_list)), key=lambda i: len(ids_list[i]))
     with _inference(model):
         for idx in _batches(order, batch_size):
-            lens = [len(ids_list[i]) for i in idx]
-            T = max(lens)
-            ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), T), dtype=torch.long)
-            for r, i in enumerate(idx):
-                ids[r, : lens[r]] = torch.tensor(ids_list[i])
-                mask[r, : lens[r]] = 1
+            ids, mask, lens = _padded([ids_list[i] for i in idx], pad_id, left=False)
             ids, mask = ids.to(device), mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (b, T, vocab)
             ids = ids.to(logits.device)
@@ -212,13 +219,8 @@ def greedy_generate(
     order = sorted(range(len(ids_list)), key=lambda i: len(ids_list[i]))
     with _inference(model):
         for idx in _batches(order, batch_size):
-            lens = [len(ids_list[i]) for i in idx]
-            T = max(lens)
-            ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), T), dtype=torch.long)
-            for r, i in enumerate(idx):
-                ids[r, T - lens[r] :] = torch.tensor(ids_list[i])
-                mask[r, T - lens[r] :] = 1
+            ids, mask, lens = _padded([ids_list[i] for i in idx], pad_id, left=True)
+            T = ids.shape[1]
             gen = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
