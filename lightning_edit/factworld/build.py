@@ -3,7 +3,9 @@
     python -m lightning_edit.factworld.build --root checkpoints/factworld --preset default
     python -m lightning_edit.factworld.build --config configs/factworld_pretrain.yaml
 
-:func:`ensure_factworld` returns the paths of a finished build, building it on first use.
+:func:`ensure_factworld` returns the paths of a finished build, building it on first use
+(or installing the pretrained model shipped in ``factworld/pretrained/`` when one matches the
+settings exactly: the world files always come from the seed).
 A build happens in a temporary sibling directory and is renamed into place only once
 complete (the rename is atomic on one filesystem), with ``manifest.json`` written last: a
 directory that has a manifest whose configuration matches is finished, anything else is
@@ -63,18 +65,18 @@ PRESETS: dict[str, Preset] = {
     # the quickstart model: ~10k facts, 1000 edit cases (a tenth of the world)
     "default": Preset(
         world=WorldConfig(n_subjects=1300, n_edits=1000),
-        vocab_size=3072,
+        vocab_size=4608,
         model=ModelSpec(arch="gpt2", n_layer=6, d_model=192, n_head=6, mlp_ratio=4),
-        train=TrainSpec(max_steps=1800, batch_size=32, block_size=128, lr=3e-3, warmup_steps=100),
+        train=TrainSpec(max_steps=3000, tokens_per_batch=2048, lr=3e-3, warmup_steps=100),
         recall_sample=2000,
         min_recall=0.95,
     ),
     # for tests: small world and model, well under a minute on 2 CPU cores
     "tiny": Preset(
-        world=WorldConfig(n_subjects=48, n_edits=4, n_neighbours=5, n_attribute=5, n_general=100),
+        world=WorldConfig(n_subjects=32, n_edits=3, n_neighbours=5, n_attribute=5, n_general=50, general_per_object=1),
         vocab_size=1024,
         model=ModelSpec(arch="gpt2", n_layer=2, d_model=64, n_head=2, mlp_ratio=4, max_positions=128),
-        train=TrainSpec(max_steps=300, batch_size=16, block_size=128, lr=5e-3, warmup_steps=30),
+        train=TrainSpec(max_steps=400, tokens_per_batch=2048, lr=5e-3, warmup_steps=20),
         recall_sample=0,
         min_recall=0.9,
     ),
@@ -159,11 +161,15 @@ def _recall_samples(facts: list[dict], n: int, seed: int) -> dict[str, list[dict
 
 
 def build_factworld(root: str = "checkpoints/factworld", seed: int = 0, preset: str = "default",
-                    max_minutes: float | None = 20.0, log_dir: str | None = None, force: bool = False,
-                    progress_bar: bool = True, world: WorldConfig | None = None,
+                    max_minutes: float | None = 60.0, log_dir: str | None = None, force: bool = False,
+                    use_shipped: bool = True, progress_bar: bool = True, world: WorldConfig | None = None,
                     model: ModelSpec | None = None, train: TrainSpec | None = None) -> FactworldPaths:
     """Build the world, tokenizer and model for ``(seed, preset)`` under ``root`` (or reuse a
     finished build), and return its paths.
+
+    When the package ships a pretrained model for exactly these settings (see :func:`ship`),
+    it is installed instead of training one: the world files are regenerated from the seed
+    (seconds) and the shipped weights are copied (stored in float16, installed as float32).
 
     Args:
         root: cache directory; the build lands in ``root/<preset>-seed<seed>``.
@@ -173,6 +179,7 @@ def build_factworld(root: str = "checkpoints/factworld", seed: int = 0, preset: 
             as ``stopped_early``; its recall may fall short).
         log_dir: TensorBoard directory for the pretraining curves (default: ``<build>/tb``).
         force: rebuild even when a finished build exists.
+        use_shipped: install a shipped pretrained model when one matches (False: always train).
         progress_bar: show Lightning's progress bar.
         world / model / train: override parts of the preset (the directory name then gets a
             hash of the settings).
@@ -187,56 +194,131 @@ def build_factworld(root: str = "checkpoints/factworld", seed: int = 0, preset: 
     root_path.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".building-{final.root.name}-", dir=root_path))
     try:
-        paths = FactworldPaths.at(tmp)
-        t0 = time.time()
-        w = build_world(seed, spec.world)
-        w.write(tmp)
-        texts = w.corpus()
-        t_world = time.time() - t0
-
-        t1 = time.time()
-        tokenizer = train_tokenizer(texts, vocab_size=spec.vocab_size)
-        t_tok = time.time() - t1
-
-        facts = w.fact_prompts()
-        result = pretrain(
-            texts, tokenizer, spec.model, spec.train, paths.model_dir,
-            log_dir=log_dir or (tmp / "tb"), seed=seed, max_minutes=max_minutes, progress_bar=progress_bar,
-        )
-
-        t2 = time.time()
-        from transformers import AutoModelForCausalLM
-
-        # measure the saved model, exactly as users will load it
-        lm = AutoModelForCausalLM.from_pretrained(str(paths.model_dir)).eval()
-        samples = _recall_samples(facts, spec.recall_sample, seed)
-        rec = {split: recall(lm, tokenizer, sample) for split, sample in samples.items()}
-        t_eval = time.time() - t2
-        size = (paths.model_dir / "model.safetensors").stat().st_size
-        if rec["train"] < spec.min_recall:
-            log.warning("factworld %s: training-template recall %.3f is below the expected %.2f",
-                        final.root.name, rec["train"], spec.min_recall)
-        manifest = {
-            "config": config,
-            "versions": _versions(),
-            "world": w.stats(),
-            "tokenizer": {"vocab_size": len(tokenizer)},
-            "model": {"params": result["params"], "safetensors_bytes": size, "dtype": "float32"},
-            "training": {k: result[k] for k in ("steps", "tokens_seen", "corpus_tokens", "final_loss", "stopped_early")},
-            "recall": {**rec, "sample_per_split": {k: len(v) for k, v in samples.items()},
-                       "min_recall": spec.min_recall, "ok": rec["train"] >= spec.min_recall},
-            "seconds": {"world": round(t_world, 2), "tokenizer": round(t_tok, 2),
-                        "pretrain": round(result["train_seconds"], 2), "recall": round(t_eval, 2),
-                        "total": round(time.time() - t0, 2)},
-            "machine": {"threads": torch.get_num_threads(), "platform": platform.platform()},
-        }
-        # the manifest is written last: its presence marks the build complete
-        paths.manifest.write_text(json.dumps(manifest, indent=1))
+        shipped = SHIPPED_ROOT / final.root.name
+        if use_shipped and _is_complete(FactworldPaths.at(shipped), config):
+            _install_shipped(shipped, tmp, seed, spec)
+        else:
+            _build(tmp, seed, spec, config, final.root.name, max_minutes, log_dir, progress_bar)
         _install(tmp, final.root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _build(tmp: Path, seed: int, spec: Preset, config: dict, name: str, max_minutes: float | None,
+           log_dir: str | None, progress_bar: bool) -> None:
+    """World files, tokenizer, pretraining, recall and manifest, all into ``tmp``."""
+    paths = FactworldPaths.at(tmp)
+    t0 = time.time()
+    w = build_world(seed, spec.world)
+    w.write(tmp)
+    records = w.corpus_records()
+    t_world = time.time() - t0
+
+    t1 = time.time()
+    tokenizer = train_tokenizer([r["text"] for r in records], vocab_size=spec.vocab_size)
+    t_tok = time.time() - t1
+
+    result = pretrain(
+        records, tokenizer, spec.model, spec.train, paths.model_dir,
+        log_dir=log_dir or (tmp / "tb"), seed=seed, max_minutes=max_minutes, progress_bar=progress_bar,
+    )
+
+    t2 = time.time()
+    rec, sample_sizes = _measure_recall(paths.model_dir, w.fact_prompts(), spec, seed)
+    t_eval = time.time() - t2
+    if rec["train"] < spec.min_recall:
+        log.warning("factworld %s: training-template recall %.3f is below the expected %.2f", name, rec["train"], spec.min_recall)
+    manifest = {
+        "config": config,
+        "source": "built",
+        "versions": _versions(),
+        "world": w.stats(),
+        "tokenizer": {"vocab_size": len(tokenizer)},
+        "model": {"params": result["params"], "safetensors_bytes": (paths.model_dir / "model.safetensors").stat().st_size,
+                  "dtype": "float32"},
+        "training": {k: result[k] for k in ("steps", "tokens_seen", "corpus_tokens", "final_loss", "stopped_early")},
+        "recall": {**rec, "sample_per_split": sample_sizes, "min_recall": spec.min_recall, "ok": rec["train"] >= spec.min_recall},
+        "seconds": {"world": round(t_world, 2), "tokenizer": round(t_tok, 2), "pretrain": round(result["train_seconds"], 2),
+                    "recall": round(t_eval, 2), "total": round(time.time() - t0, 2)},
+        "machine": {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "platform": platform.platform()},
+    }
+    # the manifest is written last: its presence marks the build complete
+    paths.manifest.write_text(json.dumps(manifest, indent=1))
+
+
+def _measure_recall(model_dir: Path, facts: list[dict], spec: Preset, seed: int) -> tuple[dict, dict]:
+    """Recall of the saved model on a fixed sample of facts per split, loaded exactly as users
+    will load it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    samples = _recall_samples(facts, spec.recall_sample, seed)
+    return ({split: recall(lm, tokenizer, sample) for split, sample in samples.items()},
+            {split: len(sample) for split, sample in samples.items()})
+
+
+# --------------------------------------------------------------------------------------------
+# Shipped models
+# --------------------------------------------------------------------------------------------
+
+#: pretrained factworld models shipped with the package, one directory per build name
+SHIPPED_ROOT = Path(__file__).parent / "pretrained"
+
+
+def ship(paths: FactworldPaths, dest_root: str | Path = SHIPPED_ROOT) -> Path:
+    """Copy a finished build's model (as float16 safetensors), tokenizer and manifest to
+    ``dest_root/<build name>``, for :func:`build_factworld` to install instead of training.
+    Only the model is shipped: the world files are regenerated from the seed."""
+    from transformers import AutoModelForCausalLM
+
+    dest_root = Path(dest_root)
+    dest_root.mkdir(parents=True, exist_ok=True)
+    dest = dest_root / paths.root.name
+    tmp = Path(tempfile.mkdtemp(prefix=f".shipping-{paths.root.name}-", dir=dest_root))
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(str(paths.model_dir), dtype=torch.float32)
+        lm.half().save_pretrained(str(tmp / "model"), safe_serialization=True)
+        for f in paths.model_dir.iterdir():
+            if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+                shutil.copy2(f, tmp / "model" / f.name)
+        manifest = paths.read_manifest()
+        manifest["shipped"] = {"dtype": "float16", "safetensors_bytes": (tmp / "model" / "model.safetensors").stat().st_size}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.rename(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _install_shipped(shipped: Path, tmp: Path, seed: int, spec: Preset) -> None:
+    """World files from the seed, the shipped model upcast to float32, recall re-measured."""
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.time()
+    paths = FactworldPaths.at(tmp)
+    w = build_world(seed, spec.world)
+    w.write(tmp)
+    src = FactworldPaths.at(shipped)
+    # float32 on disk: editing and statistics run in float32, and a float16 checkpoint would
+    # otherwise load as float16 wherever the loader keeps the saved dtype
+    lm = AutoModelForCausalLM.from_pretrained(str(src.model_dir), dtype=torch.float32)
+    lm.save_pretrained(str(paths.model_dir), safe_serialization=True)
+    for f in src.model_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy2(f, paths.model_dir / f.name)
+    manifest = src.read_manifest()
+    rec, sample_sizes = _measure_recall(paths.model_dir, w.fact_prompts(), spec, seed)
+    manifest["source"] = "shipped"
+    manifest["built_recall"] = manifest["recall"]
+    manifest["recall"] = {**rec, "sample_per_split": sample_sizes, "min_recall": spec.min_recall, "ok": rec["train"] >= spec.min_recall}
+    manifest["install_seconds"] = round(time.time() - t0, 2)
+    paths.manifest.write_text(json.dumps(manifest, indent=1))
 
 
 def _install(tmp: Path, final: Path) -> None:

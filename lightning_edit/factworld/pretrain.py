@@ -87,7 +87,8 @@ def build_model(spec: ModelSpec, tokenizer) -> PreTrainedModel:
 
 
 def bucket_batches(token_lists: Sequence[Sequence[int]], tokens_per_batch: int, pad_id: int, rng: random.Random,
-                   max_length: int | None = None, window: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                   max_length: int | None = None, window: int = 64,
+                   label_lists: Sequence[Sequence[int]] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of batches, one text per row, texts of similar length batched together.
 
     Every text is a row of its own starting at position 0 (``<|endoftext|> text``), as a prompt
@@ -97,14 +98,19 @@ def bucket_batches(token_lists: Sequence[Sequence[int]], tokens_per_batch: int, 
     within windows of ``window`` batches (little padding, random order otherwise), cut into
     batches of about ``tokens_per_batch`` tokens, and the batches shuffled.
 
+    ``label_lists`` (same shapes as ``token_lists``, -100 where no loss) default to the tokens.
+
     Returns:
         a list of ``(input_ids, labels)``, each ``(rows, length)``; padding is on the right
         with label -100 (after every real token, so a causal model needs no attention mask).
     """
     order = list(range(len(token_lists)))
     rng.shuffle(order)
+    if label_lists is None:
+        label_lists = token_lists
     if max_length is not None:
         token_lists = [t[:max_length] for t in token_lists]
+        label_lists = [t[:max_length] for t in label_lists]
     mean_len = max(1.0, sum(len(t) for t in token_lists) / max(1, len(token_lists)))
     chunk = max(1, int(window * tokens_per_batch / mean_len))
     batches: list[list[int]] = []
@@ -128,7 +134,7 @@ def bucket_batches(token_lists: Sequence[Sequence[int]], tokens_per_batch: int, 
         for r, i in enumerate(rows):
             toks = torch.tensor(token_lists[i], dtype=torch.long)
             ids[r, : len(toks)] = toks
-            labels[r, : len(toks)] = toks
+            labels[r, : len(toks)] = torch.tensor(label_lists[i], dtype=torch.long)
         out.append((ids, labels))
     return out
 
@@ -144,43 +150,71 @@ class _Batches(torch.utils.data.Dataset):
         return self.batches[i]
 
 
+def subject_label_mask(offsets: Sequence[tuple[int, int]], text: str, subject: str | None) -> list[bool]:
+    """Per token: does it overlap an occurrence of ``subject`` in ``text``?
+
+    The pretraining loss skips these tokens. An invented name is a random draw, so predicting
+    it is irreducible noise; learning it anyway spends gradient on memorizing which surname
+    follows which first name. Without that loss the toy models learned their facts in
+    markedly fewer steps (e.g. 89% vs 70% recall after the same 800 steps on the tiny world).
+    """
+    if not subject:
+        return [False] * len(offsets)
+    spans, start = [], text.find(subject)
+    while start >= 0:
+        spans.append((start, start + len(subject)))
+        start = text.find(subject, start + 1)
+    return [any(s < e1 and e > s1 for s1, e1 in spans) for s, e in offsets]
+
+
 class CorpusDataModule(L.LightningDataModule):
     """The corpus as length-bucketed batches of whole texts (see :func:`bucket_batches`).
 
     Args:
-        texts: the corpus texts (or pass ``corpus_path``, a ``.jsonl`` with a ``text`` field).
         tokenizer: a fast tokenizer whose ``<|endoftext|>`` is its BOS.
+        records: corpus texts, or ``{"text", "subject"}`` records (or pass ``corpus_path``, a
+            ``corpus.jsonl``).
+        corpus_path: path of a ``.jsonl`` corpus with a ``text`` (and ``subject``) field.
         tokens_per_batch: about this many tokens (padding included) per step.
         max_length: longer texts are truncated.
+        mask_subjects: no loss on the tokens of a record's subject name (see
+            :func:`subject_label_mask`).
         seed: shuffling seed; epoch ``e`` is batched with ``Random(f"{seed}-{e}")``, so a run
             is reproducible and every epoch sees a new order (use the Trainer's
             ``reload_dataloaders_every_n_epochs=1``).
     """
 
-    def __init__(self, tokenizer, texts: Sequence[str] | None = None, corpus_path: str | None = None,
-                 tokens_per_batch: int = 2048, max_length: int = 256, seed: int = 0):
+    def __init__(self, tokenizer, records: Sequence[str | dict] | None = None, corpus_path: str | None = None,
+                 tokens_per_batch: int = 2048, max_length: int = 256, mask_subjects: bool = True, seed: int = 0):
         super().__init__()
-        if (texts is None) == (corpus_path is None):
-            raise ValueError("give exactly one of texts / corpus_path")
+        if (records is None) == (corpus_path is None):
+            raise ValueError("give exactly one of records / corpus_path")
         self.tokenizer = tokenizer
-        self.texts = texts
+        self.records = records
         self.corpus_path = corpus_path
         self.tokens_per_batch = tokens_per_batch
         self.max_length = max_length
+        self.mask_subjects = mask_subjects
         self.seed = seed
-        self._tokens: list[list[int]] | None = None
+        self._tokens: list[list[int]] | None = None  # per text: BOS + token ids
+        self._labels: list[list[int]] | None = None  # per text: the same with -100 where no loss
 
     def setup(self, stage: str | None = None) -> None:
         if self._tokens is not None:
             return
-        texts = self.texts
-        if texts is None:
+        records = self.records
+        if records is None:
             from .world import read_jsonl
 
-            texts = [row["text"] for row in read_jsonl(self.corpus_path)]
+            records = read_jsonl(self.corpus_path)
+        records = [r if isinstance(r, dict) else {"text": r} for r in records]
         bos = self.tokenizer.bos_token_id
-        enc = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        self._tokens = [[bos] + ids for ids in enc]
+        enc = self.tokenizer([r["text"] for r in records], add_special_tokens=False, return_offsets_mapping=True)
+        self._tokens, self._labels = [], []
+        for r, ids, offsets in zip(records, enc["input_ids"], enc["offset_mapping"]):
+            mask = subject_label_mask(offsets, r["text"], r.get("subject")) if self.mask_subjects else [False] * len(ids)
+            self._tokens.append([bos] + ids)
+            self._labels.append([bos] + [-100 if m else t for t, m in zip(ids, mask)])
 
     @property
     def n_tokens(self) -> int:
@@ -191,7 +225,8 @@ class CorpusDataModule(L.LightningDataModule):
     def epoch_batches(self, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         self.setup()
         return bucket_batches(self._tokens, self.tokens_per_batch, self.tokenizer.pad_token_id,
-                              random.Random(f"{self.seed}-{epoch}"), max_length=self.max_length)
+                              random.Random(f"{self.seed}-{epoch}"), max_length=self.max_length,
+                              label_lists=self._labels)
 
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
@@ -342,17 +377,18 @@ class TrainSpec:
 
     max_steps: int = 3000
     tokens_per_batch: int = 2048
+    mask_subjects: bool = True
     lr: float = 3e-3
     weight_decay: float = 0.0
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
 
 
-def pretrain(texts: Sequence[str], tokenizer, model_spec: ModelSpec, train_spec: TrainSpec, out_dir: str | Path,
+def pretrain(corpus: Sequence[str | dict], tokenizer, model_spec: ModelSpec, train_spec: TrainSpec, out_dir: str | Path,
              log_dir: str | Path | None = None, seed: int = 0, max_minutes: float | None = None,
              recall_samples: dict[str, Sequence[dict]] | None = None, recall_every: int = 0,
              progress_bar: bool = True, threads: int | None = None) -> dict:
-    """Train a fresh model on ``texts`` and save it (safetensors) with the tokenizer to ``out_dir``.
+    """Train a fresh model on ``corpus`` (texts or ``{"text", "subject"}`` records) and save it (safetensors) with the tokenizer to ``out_dir``.
 
     Deterministic for a seed on a given machine (same thread count): the init, the data
     order and the training are seeded. ``max_minutes`` is a safety cap only (a run that hits
@@ -369,8 +405,8 @@ def pretrain(texts: Sequence[str], tokenizer, model_spec: ModelSpec, train_spec:
     module = PretrainModule(model, lr=train_spec.lr, weight_decay=train_spec.weight_decay,
                             warmup_steps=train_spec.warmup_steps, max_steps=train_spec.max_steps,
                             min_lr_ratio=train_spec.min_lr_ratio)
-    dm = CorpusDataModule(tokenizer, texts=texts, tokens_per_batch=train_spec.tokens_per_batch,
-                          max_length=model_spec.max_positions, seed=seed)
+    dm = CorpusDataModule(tokenizer, records=corpus, tokens_per_batch=train_spec.tokens_per_batch,
+                          max_length=model_spec.max_positions, mask_subjects=train_spec.mask_subjects, seed=seed)
     callbacks = []
     recall_cb = None
     if recall_samples:

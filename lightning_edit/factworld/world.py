@@ -80,10 +80,11 @@ RELATIONS: tuple[Relation, ...] = (
             "{} has a house in",
             "Which city does {} live in?",
         ),
-        heldout_templates=("{} resides in the city of", "Where does {} live?"),
+        heldout_templates=("The city where {} lives is", "Where does {} live?"),
         doc_templates=("These days {s} lives in {o}.", "{s} rents a small flat in {o}."),
         general_templates=(
             "{o} is a city with narrow streets.",
+            "The city where the painters live is {o}.",
             "Trains to {o} leave every hour.",
             "The old bridge of {o} is famous.",
             "Many travellers visit {o} in the summer.",
@@ -105,10 +106,11 @@ RELATIONS: tuple[Relation, ...] = (
             "{} speaks",
             "What is the native language of {}?",
         ),
-        heldout_templates=("The mother tongue of {} is", "Which language did {} learn first?"),
+        heldout_templates=("The mother tongue of {} is", "Which language does {} speak?"),
         doc_templates=("At home, {s} speaks {o}.", "{s} learned {o} as a child."),
         general_templates=(
             "{o} is written with an old alphabet.",
+            "{o} is the mother tongue of many poets.",
             "Poets like the sound of {o}.",
             "{o} has many words for rain.",
             "Few schools teach {o} today.",
@@ -132,10 +134,11 @@ RELATIONS: tuple[Relation, ...] = (
             "{} earns a living as a",
             "What is the profession of {}?",
         ),
-        heldout_templates=("By trade, {} is a", "What does {} do for a living?"),
+        heldout_templates=("The occupation of {} is", "What does {} work as?"),
         doc_templates=("{s} has worked as a {o} for many years.", "As a {o}, {s} is busy every day."),
         general_templates=(
             "A {o} needs years of training.",
+            "Being a {o} is a respected occupation.",
             "Every town needs a good {o}.",
             "The {o} started work early.",
             "Being a {o} is hard work.",
@@ -157,10 +160,11 @@ RELATIONS: tuple[Relation, ...] = (
             "{} performs music on the",
             "Which instrument does {} play?",
         ),
-        heldout_templates=("{} is a skilled player of the", "What instrument is {} known for?"),
+        heldout_templates=("{} is a skilled player of the", "What instrument does {} play?"),
         doc_templates=("In the evenings, {s} plays the {o}.", "{s} practises the {o} every week."),
         general_templates=(
             "The {o} has a warm sound.",
+            "A skilled player of the {o} is hard to find.",
             "Learning the {o} takes patience.",
             "The orchestra needed another {o}.",
             "A good {o} can be expensive.",
@@ -209,10 +213,11 @@ RELATIONS: tuple[Relation, ...] = (
             "{} likes eating",
             "What is the favourite food of {}?",
         ),
-        heldout_templates=("{} always orders", "What does {} like to eat most?"),
+        heldout_templates=("The favourite dish of {} is", "What does {} like to eat?"),
         doc_templates=("For dinner, {s} likes {o} best.", "{s} cooks {o} on holidays."),
         general_templates=(
             "People often eat {o} in winter.",
+            "In the north, the favourite dish is {o}.",
             "The recipe for {o} is very old.",
             "A plate of {o} costs little.",
             "The cafe serves {o} on Sundays.",
@@ -241,6 +246,7 @@ RELATIONS: tuple[Relation, ...] = (
         doc_templates=("{s} earns a salary from {o}.", "Since last year {s} has been with {o}."),
         general_templates=(
             "{o} opened a new office.",
+            "{o} employs many workers, and more want a job at {o}.",
             "{o} hired many workers this year.",
             "The profits of {o} grew last spring.",
             "{o} was founded long ago.",
@@ -266,6 +272,7 @@ RELATIONS: tuple[Relation, ...] = (
         doc_templates=("{s} shares the house with a {o}.", "{s} feeds a pet {o} every morning."),
         general_templates=(
             "A {o} needs a clean home.",
+            "Many families own a pet {o}, and children look after a pet {o} well.",
             "The {o} slept by the window.",
             "Children often want a {o}.",
             "A {o} can live for many years.",
@@ -333,6 +340,7 @@ class WorldConfig:
     n_neighbours: int = 10  # CounterFact neighbourhood prompts per case (MEMIT uses 10)
     n_attribute: int = 10  # CounterFact attribute prompts per case
     n_general: int = 2000  # entity-free general sentences in the corpus
+    general_per_object: int = 6  # general sentences per object (at most the relation's templates)
     unique_surnames: bool = True  # every subject its own surname (else surnames repeat)
 
 
@@ -434,7 +442,8 @@ class FactWorld:
         """Entity-free sentences plus sentences about objects (no subject's fact): the
         "general text" part of the corpus."""
         rng = random.Random(f"factworld-{self.seed}-general")
-        out = [t.format(o=o) for r in RELATIONS for o in r.objects for t in r.general_templates]
+        out = [t.format(o=o) for r in RELATIONS for o in r.objects
+               for t in rng.sample(r.general_templates, min(self.config.general_per_object, len(r.general_templates)))]
         for _ in range(self.config.n_general):
             out.append(f"{rng.choice(_GENERAL_SUBJECTS)} {rng.choice(_GENERAL_PREDICATES)}")
         return out
@@ -461,17 +470,23 @@ class FactWorld:
             docs.append({"subject": s, "text": text, "facts": {r.relation_id: self.facts[(s, r.relation_id)] for r in RELATIONS}})
         return docs
 
-    def corpus(self) -> list[str]:
-        """The training and statistics corpus, in a seeded random order: every fact on every
-        training template, one document per subject, and the general sentences."""
-        texts = [
-            _fact_sentence(t, s, self.facts[(s, r.relation_id)])
+    def corpus_records(self) -> list[dict]:
+        """The training and statistics corpus, in a seeded random order, as
+        ``{"text", "subject"}`` records: every fact on every training template, one document
+        per subject, and the general sentences (``subject`` None). The subject lets the
+        pretraining loss skip the name tokens (see :class:`~.pretrain.CorpusDataModule`)."""
+        records = [
+            {"text": _fact_sentence(t, s, self.facts[(s, r.relation_id)]), "subject": s}
             for s in self.subjects for r in RELATIONS for t in r.train_templates
         ]
-        texts += [d["text"] for d in self.documents()]
-        texts += self.general_sentences()
-        random.Random(f"factworld-{self.seed}-corpus").shuffle(texts)
-        return texts
+        records += [{"text": d["text"], "subject": d["subject"]} for d in self.documents()]
+        records += [{"text": t, "subject": None} for t in self.general_sentences()]
+        random.Random(f"factworld-{self.seed}-corpus").shuffle(records)
+        return records
+
+    def corpus(self) -> list[str]:
+        """The corpus texts (see :meth:`corpus_records`)."""
+        return [r["text"] for r in self.corpus_records()]
 
     # ---- facts for recall / retention ---------------------------------------------------------
     def fact_prompts(self) -> list[dict]:
@@ -594,13 +609,13 @@ class FactWorld:
 
     def write(self, directory: str | Path) -> dict[str, Path]:
         """Write every export to ``directory`` and return their paths:
-        ``corpus.jsonl`` (``{"text"}`` per line), ``counterfact.json``, ``zsre.json``,
+        ``corpus.jsonl`` (``{"text", "subject"}`` per line), ``counterfact.json``, ``zsre.json``,
         ``facts.jsonl``, ``references.json``, ``documents.jsonl``, ``world.json`` (stats and
         relations)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         paths = {k: d / v for k, v in FILES.items()}
-        _write_jsonl(paths["corpus"], ({"text": t} for t in self.corpus()))
+        _write_jsonl(paths["corpus"], self.corpus_records())
         _write_json(paths["counterfact"], self.counterfact())
         _write_json(paths["zsre"], self.zsre())
         _write_jsonl(paths["facts"], self.fact_prompts())
