@@ -7,8 +7,20 @@ from collections import Counter
 
 import pytest
 
+import random
+
+import torch
+
 from lightning_edit.factworld.build import PRESETS, FactworldPaths, build_dir_name, ensure_factworld
-from lightning_edit.factworld.pretrain import pack_texts, recall
+from lightning_edit.factworld.pretrain import (
+    CorpusDataModule,
+    ModelSpec,
+    TrainSpec,
+    bucket_batches,
+    pretrain,
+    recall,
+    subject_label_mask,
+)
 from lightning_edit.factworld.tokenizer import train_tokenizer
 from lightning_edit.factworld.world import RELATION_BY_ID, RELATIONS, WorldConfig, build_world, read_jsonl
 
@@ -177,39 +189,110 @@ def test_exports_load_through_the_project_loaders(world, tmp_path):
     assert req.target_new.strip() == cf[0]["requested_rewrite"]["target_new"]["str"]
 
 
-# ---- tokenizer and packing ------------------------------------------------------------------
+# ---- tokenizer and data ---------------------------------------------------------------------
 
 
 def test_tokenizer_prepends_eot_and_offsets_skip_it(world):
     tok = train_tokenizer(world.corpus(), vocab_size=1024)
     assert tok.bos_token_id == tok.eos_token_id == tok.pad_token_id == tok.convert_tokens_to_ids("<|endoftext|>")
     enc = tok("A lute", return_offsets_mapping=True)
-    assert enc["input_ids"][0] == tok.bos_token_id and enc["offset_mapping"][0] == (0, 0)
+    assert enc["input_ids"][0] == tok.bos_token_id and tuple(enc["offset_mapping"][0]) == (0, 0)
     assert tok.decode(enc["input_ids"], skip_special_tokens=True) == "A lute"
 
 
-def test_pack_texts_keeps_texts_whole():
-    import random
-
-    texts = [[0, 1, 2], [0, 3], [0, 4, 5, 6, 7], [0, 8]]
-    ids, labels = pack_texts(texts, block_size=6, pad_id=0, rng=random.Random(0))
-    assert ids.shape[1] == 6
-    real = [t for row, lab in zip(ids.tolist(), labels.tolist()) for t, l in zip(row, lab) if l != -100]
-    assert sorted(real) == sorted(t for x in texts for t in x)
-    # every text sits inside one block, in order
-    rows = [r for r in labels.tolist()]
-    for x in texts:
-        assert any(any(r[i : i + len(x)] == x for i in range(6)) for r in rows)
+def test_corpus_records_name_their_subject(world):
+    records = world.corpus_records()
+    assert [r["text"] for r in records] == world.corpus()
+    for r in records[:500]:
+        if r["subject"] is None:
+            assert not any(s in r["text"] for s in world.subjects[:50])
+        else:
+            assert r["subject"] in r["text"]
 
 
-# ---- the tiny build -------------------------------------------------------------------------
+def test_subject_tokens_get_no_loss(world):
+    tok = train_tokenizer(world.corpus(), vocab_size=1024)
+    s = world.subjects[0]
+    text = f"Which city does {s} live in? Korrin."
+    dm = CorpusDataModule(tok, records=[{"text": text, "subject": s}, {"text": "The lute is old.", "subject": None}])
+    dm.setup()
+    ids, labels = dm._tokens[0], dm._labels[0]
+    kept = tok.decode([t for t, lab in zip(ids, labels) if lab != -100], skip_special_tokens=True)
+    assert kept == "Which city does live in? Korrin."
+    assert dm._labels[1] == dm._tokens[1]
+    # offsets-based helper on its own
+    assert subject_label_mask([(0, 3), (3, 9), (9, 12)], "Bob Dylans sings", "Bob Dylans")[:2] == [True, True]
 
 
-def test_tiny_build_reaches_recall_and_is_cached(tmp_path):
-    root = tmp_path / "fw"
-    paths = ensure_factworld(str(root), seed=0, preset="tiny", progress_bar=False)
+def test_bucket_batches_keep_texts_whole_one_per_row():
+    texts = [[0, 1, 2], [0, 3], [0, 4, 5, 6, 7], [0, 8], [0, 9, 9]]
+    labels = [[0, -100, 2], [0, 3], [0, 4, 5, 6, 7], [0, 8], [0, 9, 9]]
+    batches = bucket_batches(texts, tokens_per_batch=8, pad_id=0, rng=random.Random(0), label_lists=labels)
+    seen = []
+    for ids, lab in batches:
+        assert ids.shape == lab.shape
+        assert ids.numel() <= 8 or ids.shape[0] == 1  # the token budget
+        for r in range(ids.shape[0]):
+            # each row is one whole text from position 0, then right padding with label -100
+            n = next(i for i, t in enumerate(texts) if ids[r, : len(t)].tolist() == t and not ids[r, len(t) :].any())
+            seen.append(n)
+            assert lab[r, : len(texts[n])].tolist() == labels[n]
+            assert (lab[r, len(texts[n]) :] == -100).all()
+    assert sorted(seen) == list(range(len(texts)))
+
+
+def test_pretraining_is_deterministic(world, tmp_path):
+    tok = train_tokenizer(world.corpus(), vocab_size=1024)
+    spec = ModelSpec(n_layer=1, d_model=32, n_head=2, max_positions=128)
+    train = TrainSpec(max_steps=5, tokens_per_batch=512, warmup_steps=2)
+    records = world.corpus_records()[:300]
+    runs = [pretrain(records, tok, spec, train, tmp_path / f"m{i}", seed=3, progress_bar=False) for i in range(2)]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / f"m{i}" / "model.safetensors")) for i in range(2))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert runs[0]["steps"] == 5 and runs[0]["final_loss"] == runs[1]["final_loss"]
+
+
+def test_recall_needs_every_object_token():
+    """A model that predicts only the first object token right does not count as knowing."""
+
+    class FirstTokenOnly(torch.nn.Module):
+        def __init__(self, vocab, first_ids):
+            super().__init__()
+            self.vocab, self.first_ids = vocab, first_ids
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, use_cache=False):
+            B, T = input_ids.shape
+            logits = torch.zeros(B, T, self.vocab)
+            logits[:, :, self.first_ids] = 1.0  # always the first object token
+            return type("Out", (), {"logits": logits})()
+
+    tok = train_tokenizer(["The favourite food of Ab is lentil soup.", "The favourite food of Ab is plum cake."] * 20, vocab_size=300)
+    first = tok(" lentil", add_special_tokens=False)["input_ids"][0]
+    model = FirstTokenOnly(len(tok), first)
+    facts = [{"prompt": "The favourite food of Ab is", "object": "lentil soup"}]
+    if len(tok(" lentil soup", add_special_tokens=False)["input_ids"]) > 1:
+        assert recall(model, tok, facts) == 0.0
+    single = [{"prompt": "The favourite food of Ab is", "object": tok.decode([first]).strip()}]
+    assert recall(model, tok, single) == 1.0
+
+
+# ---- builds ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    root = tmp_path_factory.mktemp("factworld")
+    return root, ensure_factworld(str(root), seed=0, preset="tiny", use_shipped=False, progress_bar=False)
+
+
+def test_tiny_build_reaches_recall_and_is_cached(tiny_build):
+    root, paths = tiny_build
     assert isinstance(paths, FactworldPaths) and paths.root.name == build_dir_name(0, "tiny", PRESETS["tiny"])
     manifest = paths.read_manifest()
+    assert manifest["source"] == "built"
     assert manifest["recall"]["train"] >= PRESETS["tiny"].min_recall, manifest["recall"]
     assert (paths.model_dir / "model.safetensors").exists() and (paths.model_dir / "tokenizer.json").exists()
     for p in (paths.corpus, paths.counterfact, paths.zsre, paths.facts, paths.references, paths.documents):
@@ -224,8 +307,31 @@ def test_tiny_build_reaches_recall_and_is_cached(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(str(paths.model_dir))
     tok = AutoTokenizer.from_pretrained(str(paths.model_dir))
-    facts = [f for f in read_jsonl(paths.facts) if f["split"] == "train"][:200]
-    assert recall(model, tok, facts) >= PRESETS["tiny"].min_recall - 0.05
+    facts = [f for f in read_jsonl(paths.facts) if f["split"] == "train"]
+    assert recall(model, tok, facts) == pytest.approx(manifest["recall"]["train"])
+
+
+def test_shipped_model_is_installed_without_training(tiny_build, tmp_path, monkeypatch):
+    import lightning_edit.factworld.build as build
+
+    _, paths = tiny_build
+    shipped_root = tmp_path / "shipped"
+    monkeypatch.setattr(build, "SHIPPED_ROOT", shipped_root)
+    shipped = build.ship(paths, shipped_root)
+    assert (shipped / "model" / "model.safetensors").stat().st_size < 0.6 * (paths.model_dir / "model.safetensors").stat().st_size
+
+    def no_training(*a, **k):
+        raise AssertionError("a shipped model must not be retrained")
+
+    monkeypatch.setattr(build, "pretrain", no_training)
+    installed = build.ensure_factworld(str(tmp_path / "fresh"), seed=0, preset="tiny", progress_bar=False)
+    manifest = installed.read_manifest()
+    assert manifest["source"] == "shipped"
+    assert manifest["recall"]["train"] >= PRESETS["tiny"].min_recall - 0.02
+    assert installed.counterfact.read_bytes() == paths.counterfact.read_bytes()
+    from safetensors.torch import load_file
+
+    assert all(t.dtype == torch.float32 for t in load_file(str(installed.model_dir / "model.safetensors")).values())
 
 
 def test_half_built_directory_is_rebuilt(tmp_path, monkeypatch):
@@ -237,14 +343,32 @@ def test_half_built_directory_is_rebuilt(tmp_path, monkeypatch):
     (final.root / "corpus.jsonl").write_text("partial")
     calls = []
 
-    def fake_pretrain(texts, tokenizer, model_spec, train_spec, out_dir, **kw):
+    def fake_pretrain(records, tokenizer, model_spec, train_spec, out_dir, **kw):
         calls.append(out_dir)
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(build, "pretrain", fake_pretrain)
     with pytest.raises(RuntimeError, match="stop here"):
-        build.ensure_factworld(str(tmp_path), seed=0, preset="tiny", progress_bar=False)
+        build.ensure_factworld(str(tmp_path), seed=0, preset="tiny", use_shipped=False, progress_bar=False)
     assert calls, "the partial directory must trigger a build"
     # the failed build left no temporary directory and did not touch the old one
     assert sorted(p.name for p in tmp_path.iterdir()) == [final.root.name]
     assert (final.root / "corpus.jsonl").read_text() == "partial"
+
+
+def test_cli_parses_the_shipped_config():
+    from pathlib import Path
+
+    from jsonargparse import CLI
+
+    from lightning_edit.factworld.build import build_factworld
+
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "factworld_pretrain.yaml"
+    seen = {}
+
+    def fake(**kwargs):
+        seen.update(kwargs)
+
+    fake.__signature__ = __import__("inspect").signature(build_factworld)
+    CLI(fake, args=["--config", str(cfg)], as_positional=False)
+    assert seen["preset"] == "default" and seen["root"] == "checkpoints/factworld"

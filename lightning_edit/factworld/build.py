@@ -49,6 +49,8 @@ class Preset:
         model: the model configuration.
         train: the optimisation settings.
         recall_sample: facts per split measured for the manifest (0 = all).
+        recall_every: log ``recall/train`` and ``recall/heldout`` (500 facts each) to
+            TensorBoard every this many steps (0 = never).
         min_recall: training-template recall the build is expected to reach (a shortfall is
             logged and recorded, not raised).
     """
@@ -59,6 +61,7 @@ class Preset:
     train: TrainSpec
     recall_sample: int = 2000
     min_recall: float = 0.95
+    recall_every: int = 500
 
 
 PRESETS: dict[str, Preset] = {
@@ -79,6 +82,7 @@ PRESETS: dict[str, Preset] = {
         train=TrainSpec(max_steps=400, tokens_per_batch=2048, lr=5e-3, warmup_steps=20),
         recall_sample=0,
         min_recall=0.9,
+        recall_every=0,
     ),
 }
 
@@ -220,13 +224,15 @@ def _build(tmp: Path, seed: int, spec: Preset, config: dict, name: str, max_minu
     tokenizer = train_tokenizer([r["text"] for r in records], vocab_size=spec.vocab_size)
     t_tok = time.time() - t1
 
+    facts = w.fact_prompts()
     result = pretrain(
         records, tokenizer, spec.model, spec.train, paths.model_dir,
         log_dir=log_dir or (tmp / "tb"), seed=seed, max_minutes=max_minutes, progress_bar=progress_bar,
+        recall_samples=_recall_samples(facts, 500, seed) if spec.recall_every else None, recall_every=spec.recall_every,
     )
 
     t2 = time.time()
-    rec, sample_sizes = _measure_recall(paths.model_dir, w.fact_prompts(), spec, seed)
+    rec, sample_sizes = _measure_recall(paths.model_dir, facts, spec, seed)
     t_eval = time.time() - t2
     if rec["train"] < spec.min_recall:
         log.warning("factworld %s: training-template recall %.3f is below the expected %.2f", name, rec["train"], spec.min_recall)

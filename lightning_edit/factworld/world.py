@@ -302,6 +302,15 @@ _GENERAL_PREDICATES = (
 # Names
 # --------------------------------------------------------------------------------------------
 
+
+def _vocabulary_texts() -> list[str]:
+    """Every fixed text of the world: objects, templates, general sentences."""
+    texts = list(_GENERAL_SUBJECTS) + list(_GENERAL_PREDICATES)
+    for r in RELATIONS:
+        texts += [*r.objects, *r.train_templates, *r.heldout_templates, *r.doc_templates,
+                  *r.general_templates, *r.generation_templates]
+    return texts + ["{s} is a {o} from {o}."]
+
 _ONSETS = ("b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
            "b", "d", "k", "l", "m", "n", "r", "s", "t", "br", "dr", "tr", "st", "sh", "th")
 _VOWELS = ("a", "e", "i", "o", "u", "a", "e", "i", "o", "a", "ia", "ei")
@@ -382,10 +391,8 @@ class FactWorld:
         if config.n_edits > config.n_subjects:
             raise ValueError(f"n_edits ({config.n_edits}) must not exceed n_subjects ({config.n_subjects}): one edit per subject")
         rng = random.Random(f"factworld-{seed}-names")
-        # Names: first and last names from pools, combined uniquely. A byte-level BPE learns the
-        # frequent pool words as one or two tokens each, so a subject is several tokens whose
-        # last one (the surname) alone does not identify the person -- as with real names.
-        taken = {w.lower() for r in RELATIONS for o in r.objects for w in o.split()}
+        # Names are invented words that collide with no word the corpus uses otherwise.
+        taken = {w.strip(".,?'{}").lower() for text in _vocabulary_texts() for w in text.split()}
         n_first = max(20, int(round((config.n_subjects * 0.5) ** 0.5 * 4)))
         firsts = _name_pool(rng, n_first, (2, 2, 3), taken)
         if config.unique_surnames:
