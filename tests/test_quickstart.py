@@ -35,7 +35,10 @@ def test_reduced_quickstart(tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTNING_EDIT_FACTWORLD", str(tmp_path / "factworld"))
     main(["fit", *_reduced_args(tmp_path)])
     s = _summary(tmp_path / "logs", "quickstart")
-    assert SUMMARY_KEYS <= set(s) and s["method"] == "alphaedit" and s["num_edits"] == 4
+    from lightning_edit.resources import resolve
+
+    n_cases = len(json.loads(Path(resolve("factworld:tiny/counterfact")).read_text()))
+    assert SUMMARY_KEYS <= set(s) and s["method"] == "alphaedit" and s["num_edits"] == min(4, n_cases) >= 2
     for k in SUMMARY_KEYS - {"method", "num_edits"}:
         assert 0.0 <= s[k] <= 1.0, (k, s[k])
     run = sorted((tmp_path / "logs" / "quickstart").glob("version_*"))[-1]

@@ -258,7 +258,10 @@ class PretrainModule(L.LightningModule):
                  max_steps: int = 1000, min_lr_ratio: float = 0.1, betas: tuple[float, float] = (0.9, 0.98)):
         super().__init__()
         self.model = model
-        self.save_hyperparameters(ignore=["model"])
+        # explicit dict: this module may be built while LightningCLI instantiates an EditModule
+        # (factworld: resources), and frame inspection would then record the CLI's arguments
+        self.save_hyperparameters({"lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
+                                   "max_steps": max_steps, "min_lr_ratio": min_lr_ratio, "betas": tuple(betas)})
 
     def training_step(self, batch, batch_idx):
         input_ids, labels = batch
