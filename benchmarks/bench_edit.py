@@ -34,7 +34,7 @@ import argparse
 import json
 import os
 import platform
-import random
+
 import shlex
 import statistics
 import sys
@@ -53,91 +53,12 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
 
 from lightning_edit.arch import ModelAdapter  # noqa: E402
 from lightning_edit.closed_form import ThresholdMode, null_space_projector  # noqa: E402
-from lightning_edit.data.requests import EditRequest  # noqa: E402
 from lightning_edit.module import generate_prefixes, load_pretrained  # noqa: E402
 from lightning_edit.residuals import ResidualConfig, build_residual_batch, optimize_residuals  # noqa: E402
 from lightning_edit.scoring import target_scores  # noqa: E402
 from lightning_edit.stats import StatsConfig, accumulate_moments, iter_corpus_texts, packed_blocks  # noqa: E402
+from lightning_edit.toy import corpus_sentences, counterfactual_requests, make_tokenizer, train_tiny  # noqa: E402
 from lightning_edit.update import AlphaEditMethod, MemitMethod, apply_update  # noqa: E402
-
-# --------------------------------------------------------------------------------------------
-# Toy world and tiny model (a minimal copy of tests/conftest.py's builders)
-# --------------------------------------------------------------------------------------------
-
-NAMES = ["Danielle Darrieux", "Toko Yasuda", "Apple A5", "Kotora Vanu", "Mirel Oshan", "Belkor Stith",
-         "Anaya Roven", "Teodor Plum", "Sarin Wexley", "Oma Greti", "Paolo Chenz", "Riva Luntis"]
-OBJECTS = ["French", "English", "Paris", "London", "guitar", "piano", "Google", "Nokia", "Tokyo", "Rome",
-           "violin", "Spanish", "German", "Berlin", "Madrid", "chef", "pilot"]
-TEMPLATES = ["The mother tongue of {} is", "{} was born in", "{} plays the", "{} works for", "{} lives in",
-             "The profession of {} is", "{} speaks"]
-
-
-def toy_facts(seed: int = 0) -> list[tuple[str, str, str]]:
-    """``(template, subject, object)`` for every template x name (84 facts)."""
-    rng = random.Random(seed)
-    return [(t, n, rng.choice(OBJECTS)) for t in TEMPLATES for n in NAMES]
-
-
-def toy_sentences(n: int, seed: int = 0) -> list[str]:
-    """``n`` sentences sampled from the toy facts (the statistics corpus)."""
-    rng = random.Random(seed)
-    world = toy_facts()
-    return [t.format(s) + " " + o + "." for t, s, o in (rng.choice(world) for _ in range(n))]
-
-
-def build_tokenizer(vocab_size: int = 400):
-    """A byte-level BPE trained on the toy sentences, wrapped as a fast HF tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator(toy_sentences(400), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
-
-
-def build_tiny_gpt2(tok, n_layer: int, width: int, steps: int, seed: int = 0):
-    """A GPT-2 from config, trained (AdamW, batch 32) for ``steps`` steps to memorize the toy facts."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=len(tok), n_embd=width, n_layer=n_layer, n_head=4, n_positions=128,
-                     bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    model = GPT2LMHeadModel(cfg)
-    texts = [t.format(s) + " " + o + "." for t, s, o in toy_facts()]
-    enc = tok(texts, padding=True, return_tensors="pt")
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    labels = ids.masked_fill(mask == 0, -100)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(texts), (32,), generator=gen)
-        loss = model(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
-def counterfactual_requests(n: int, seed: int = 0) -> list[EditRequest]:
-    """``n`` requests from the toy facts, each with a different (counterfactual) object.
-    Facts are shuffled; past 84 they repeat with another counterfactual target."""
-    rng = random.Random(seed)
-    world = toy_facts()
-    order = list(range(len(world)))
-    rng.shuffle(order)
-    out = []
-    for i in range(n):
-        t, s, o = world[order[i % len(order)]]
-        new = rng.choice([x for x in OBJECTS if x != o])
-        out.append(EditRequest(case_id=str(i), prompt=t, subject=s, target_new=new, target_true=o).validate())
-    return out
-
 
 # --------------------------------------------------------------------------------------------
 # Timing helpers
@@ -521,8 +442,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model, tok = load_pretrained(args.model, args.dtype)
         model_name = args.model
     else:
-        tok = build_tokenizer()
-        model = build_tiny_gpt2(tok, args.n_layer, args.width, args.train_steps, args.seed)
+        tok = make_tokenizer()
+        model = train_tiny("gpt2", tok, steps=args.train_steps, n_layer=args.n_layer, width=args.width, seed=args.seed)
         model_name = f"tiny GPT-2 (trained {args.train_steps} steps on the toy facts)"
     model = model.to(device).eval()
     for p in model.parameters():
@@ -550,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             raise SystemExit(f"no edit requests in {args.requests}")
         requests = [pool[i % len(pool)] for i in range(args.num_edits)]
     else:
-        requests = counterfactual_requests(args.num_edits, args.seed)
+        requests = counterfactual_requests(args.num_edits)
     prefixes = generate_prefixes(model, tok, args.prefixes, args.prefix_length, args.seed)
     cfg = ResidualConfig(steps=args.steps, early_stop_loss=0.0, anchor=args.anchor, clamp_norm_factor=args.clamp_norm_factor)
 
@@ -561,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if corpus is None:
             corpus = str(Path(tmp) / "toy_corpus.jsonl")
             with open(corpus, "w") as f:
-                for s in toy_sentences(args.stats_texts, seed=args.seed + 1):
+                for s in corpus_sentences(args.stats_texts, seed=args.seed + 1):
                     f.write(json.dumps({"text": s}) + "\n")
         scfg = StatsConfig(corpus=corpus, corpus_name=None, text_field=args.text_field, n_samples=args.stats_texts,
                            max_length=max_length, batch_size=args.stats_batch, cache_dir=str(Path(tmp) / "stats"))
