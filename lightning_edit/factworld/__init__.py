@@ -14,13 +14,24 @@ the CounterFact and ZsRE formats.
 - :mod:`.build`: build-once-and-cache, presets, the command line.
 """
 
-from .build import PRESETS, FactworldPaths, Preset, build_factworld, ensure_factworld, ship
-from .pretrain import CorpusDataModule, ModelSpec, PretrainModule, TrainSpec, known_mask, pretrain, recall
-from .tokenizer import train_tokenizer
-from .world import RELATIONS, FactWorld, Relation, WorldConfig, build_world, read_jsonl
+import importlib
 
-__all__ = [
-    "PRESETS", "FactworldPaths", "Preset", "build_factworld", "ensure_factworld", "ship",
-    "CorpusDataModule", "ModelSpec", "PretrainModule", "TrainSpec", "known_mask", "pretrain", "recall",
-    "train_tokenizer", "RELATIONS", "FactWorld", "Relation", "WorldConfig", "build_world", "read_jsonl",
-]
+# name -> submodule; imported on first use, so that `python -m lightning_edit.factworld.build`
+# does not import the module twice and `import lightning_edit.factworld` stays cheap
+_EXPORTS = {
+    "PRESETS": "build", "FactworldPaths": "build", "Preset": "build", "build_factworld": "build",
+    "ensure_factworld": "build", "ship": "build",
+    "CorpusDataModule": "pretrain", "ModelSpec": "pretrain", "PretrainModule": "pretrain", "TrainSpec": "pretrain",
+    "known_mask": "pretrain", "pretrain_model": "pretrain", "recall": "pretrain",
+    "train_tokenizer": "tokenizer",
+    "RELATIONS": "world", "FactWorld": "world", "Relation": "world", "WorldConfig": "world",
+    "build_world": "world", "read_jsonl": "world",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

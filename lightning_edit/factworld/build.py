@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .pretrain import ModelSpec, TrainSpec, pretrain, recall
+from .pretrain import ModelSpec, TrainSpec, pretrain_model, recall
 from .tokenizer import train_tokenizer
 from .world import FILES, WorldConfig, build_world
 
@@ -68,9 +68,9 @@ PRESETS: dict[str, Preset] = {
     # the quickstart model: ~10k facts, 1000 edit cases (a tenth of the world)
     "default": Preset(
         world=WorldConfig(n_subjects=1300, n_edits=1000),
-        vocab_size=4608,
+        vocab_size=4608,  # every invented surname becomes one token
         model=ModelSpec(arch="gpt2", n_layer=6, d_model=192, n_head=6, mlp_ratio=4),
-        train=TrainSpec(max_steps=3000, tokens_per_batch=2048, lr=3e-3, warmup_steps=100),
+        train=TrainSpec(max_steps=3500, tokens_per_batch=2048, lr=3e-3, warmup_steps=200),
         recall_sample=2000,
         min_recall=0.95,
     ),
@@ -79,7 +79,7 @@ PRESETS: dict[str, Preset] = {
         world=WorldConfig(n_subjects=32, n_edits=3, n_neighbours=5, n_attribute=5, n_general=50, general_per_object=1),
         vocab_size=1024,
         model=ModelSpec(arch="gpt2", n_layer=2, d_model=64, n_head=2, mlp_ratio=4, max_positions=128),
-        train=TrainSpec(max_steps=400, tokens_per_batch=2048, lr=5e-3, warmup_steps=20),
+        train=TrainSpec(max_steps=500, tokens_per_batch=2048, lr=5e-3, warmup_steps=20),
         recall_sample=0,
         min_recall=0.9,
         recall_every=0,
@@ -167,7 +167,8 @@ def _recall_samples(facts: list[dict], n: int, seed: int) -> dict[str, list[dict
 def build_factworld(root: str = "checkpoints/factworld", seed: int = 0, preset: str = "default",
                     max_minutes: float | None = 60.0, log_dir: str | None = None, force: bool = False,
                     use_shipped: bool = True, progress_bar: bool = True, world: WorldConfig | None = None,
-                    model: ModelSpec | None = None, train: TrainSpec | None = None) -> FactworldPaths:
+                    model: ModelSpec | None = None, train: TrainSpec | None = None,
+                    ship_model: bool = False) -> FactworldPaths:
     """Build the world, tokenizer and model for ``(seed, preset)`` under ``root`` (or reuse a
     finished build), and return its paths.
 
@@ -187,26 +188,31 @@ def build_factworld(root: str = "checkpoints/factworld", seed: int = 0, preset: 
         progress_bar: show Lightning's progress bar.
         world / model / train: override parts of the preset (the directory name then gets a
             hash of the settings).
+        ship_model: (maintainers) afterwards copy the model into the package's
+            ``factworld/pretrained/`` so that fresh installs skip the training (see :func:`ship`).
     """
     spec = resolve_preset(preset, world, model, train)
     config = _config_record(seed, preset, spec)
     root_path = Path(root)
     final = FactworldPaths.at(root_path / build_dir_name(seed, preset, spec))
     if not force and _is_complete(final, config):
+        if ship_model:
+            ship(final)
         return final
 
     root_path.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".building-{final.root.name}-", dir=root_path))
     try:
         shipped = SHIPPED_ROOT / final.root.name
-        if use_shipped and _is_complete(FactworldPaths.at(shipped), config):
-            _install_shipped(shipped, tmp, seed, spec)
-        else:
+        installed = use_shipped and _is_complete(FactworldPaths.at(shipped), config) and _install_shipped(shipped, tmp, seed, spec)
+        if not installed:
             _build(tmp, seed, spec, config, final.root.name, max_minutes, log_dir, progress_bar)
         _install(tmp, final.root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    if ship_model:
+        ship(final)
     return final
 
 
@@ -225,7 +231,7 @@ def _build(tmp: Path, seed: int, spec: Preset, config: dict, name: str, max_minu
     t_tok = time.time() - t1
 
     facts = w.fact_prompts()
-    result = pretrain(
+    result = pretrain_model(
         records, tokenizer, spec.model, spec.train, paths.model_dir,
         log_dir=log_dir or (tmp / "tb"), seed=seed, max_minutes=max_minutes, progress_bar=progress_bar,
         recall_samples=_recall_samples(facts, 500, seed) if spec.recall_every else None, recall_every=spec.recall_every,
@@ -239,6 +245,7 @@ def _build(tmp: Path, seed: int, spec: Preset, config: dict, name: str, max_minu
     manifest = {
         "config": config,
         "source": "built",
+        "corpus_sha256": _sha256(paths.corpus),
         "versions": _versions(),
         "world": w.stats(),
         "tokenizer": {"vocab_size": len(tokenizer)},
@@ -302,8 +309,16 @@ def ship(paths: FactworldPaths, dest_root: str | Path = SHIPPED_ROOT) -> Path:
     return dest
 
 
-def _install_shipped(shipped: Path, tmp: Path, seed: int, spec: Preset) -> None:
-    """World files from the seed, the shipped model upcast to float32, recall re-measured."""
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _install_shipped(shipped: Path, tmp: Path, seed: int, spec: Preset) -> bool:
+    """World files from the seed, the shipped model upcast to float32, recall re-measured.
+
+    Returns False (nothing installed) when the regenerated corpus differs from the one the
+    shipped model was trained on -- the world code changed since -- so the caller trains.
+    """
     from transformers import AutoModelForCausalLM
 
     t0 = time.time()
@@ -311,6 +326,11 @@ def _install_shipped(shipped: Path, tmp: Path, seed: int, spec: Preset) -> None:
     w = build_world(seed, spec.world)
     w.write(tmp)
     src = FactworldPaths.at(shipped)
+    if src.read_manifest().get("corpus_sha256") != _sha256(paths.corpus):
+        log.warning("factworld: the shipped model %s was trained on another corpus (world code changed); training instead", shipped.name)
+        for f in tmp.iterdir():
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+        return False
     # float32 on disk: editing and statistics run in float32, and a float16 checkpoint would
     # otherwise load as float16 wherever the loader keeps the saved dtype
     lm = AutoModelForCausalLM.from_pretrained(str(src.model_dir), dtype=torch.float32)
@@ -325,6 +345,7 @@ def _install_shipped(shipped: Path, tmp: Path, seed: int, spec: Preset) -> None:
     manifest["recall"] = {**rec, "sample_per_split": sample_sizes, "min_recall": spec.min_recall, "ok": rec["train"] >= spec.min_recall}
     manifest["install_seconds"] = round(time.time() - t0, 2)
     paths.manifest.write_text(json.dumps(manifest, indent=1))
+    return True
 
 
 def _install(tmp: Path, final: Path) -> None:

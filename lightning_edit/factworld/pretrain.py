@@ -6,7 +6,7 @@
 - :class:`PretrainModule`: causal-LM loss, AdamW, linear warmup then cosine decay; logs
   ``train/loss`` (and ``train/lr``).
 - :class:`RecallCallback`: logs top-1 recall on a fixed sample of facts during training.
-- :func:`pretrain`: builds the model, trains it with a ``lightning.Trainer`` (TensorBoard,
+- :func:`pretrain_model`: builds the model, trains it with a ``lightning.Trainer`` (TensorBoard,
   progress bar) and saves it with ``save_pretrained`` (safetensors) plus the tokenizer.
 - :func:`recall`: share of facts whose object the model reproduces, every token, greedily.
 """
@@ -120,8 +120,8 @@ def bucket_batches(token_lists: Sequence[Sequence[int]], tokens_per_batch: int, 
         part = sorted(order[start : start + chunk], key=lambda i: len(token_lists[i]))
         cur: list[int] = []
         for i in part:
-            longest = max(len(token_lists[i]), max((len(token_lists[j]) for j in cur), default=0))
-            if cur and longest * (len(cur) + 1) > tokens_per_batch:
+            # ascending lengths: text i is the longest of the batch it would join
+            if cur and len(token_lists[i]) * (len(cur) + 1) > tokens_per_batch:
                 batches.append(cur)
                 cur = []
             cur.append(i)
@@ -302,7 +302,7 @@ def recall(model, tokenizer, facts: Sequence[dict], batch: int = 256) -> float:
     """Share of ``facts`` (dicts with ``prompt`` and ``object``) that the model knows.
 
     A fact counts as known when greedy decoding after the prompt reproduces *every* token of
-    `` object``. Computed teacher-forced: feed ``BOS prompt object`` and require the argmax at
+    the object (which follows the prompt after a space). Computed teacher-forced: feed ``BOS prompt object`` and require the argmax at
     each position before an object token to be that token (all argmaxes right <=> greedy
     decoding emits exactly those tokens). The object's tokens are located from character
     offsets of the one joint tokenization.
@@ -378,7 +378,14 @@ class RecallCallback(L.Callback):
 
 @dataclass
 class TrainSpec:
-    """Optimisation settings of a pretraining run (see :class:`PretrainModule`)."""
+    """Optimisation settings of a pretraining run (see :class:`PretrainModule`).
+
+    Attributes:
+        max_steps: optimizer steps (the length of the cosine schedule).
+        tokens_per_batch: about this many tokens per step (see :func:`bucket_batches`).
+        mask_subjects: no loss on subject-name tokens (see :func:`subject_label_mask`).
+        lr, weight_decay, warmup_steps, min_lr_ratio: see :class:`PretrainModule`.
+    """
 
     max_steps: int = 3000
     tokens_per_batch: int = 2048
@@ -389,11 +396,14 @@ class TrainSpec:
     min_lr_ratio: float = 0.1
 
 
-def pretrain(corpus: Sequence[str | dict], tokenizer, model_spec: ModelSpec, train_spec: TrainSpec, out_dir: str | Path,
-             log_dir: str | Path | None = None, seed: int = 0, max_minutes: float | None = None,
-             recall_samples: dict[str, Sequence[dict]] | None = None, recall_every: int = 0,
-             progress_bar: bool = True, threads: int | None = None) -> dict:
-    """Train a fresh model on ``corpus`` (texts or ``{"text", "subject"}`` records) and save it (safetensors) with the tokenizer to ``out_dir``.
+def pretrain_model(corpus: Sequence[str | dict], tokenizer, model_spec: ModelSpec, train_spec: TrainSpec,
+                   out_dir: str | Path, log_dir: str | Path | None = None, seed: int = 0,
+                   max_minutes: float | None = None, recall_samples: dict[str, Sequence[dict]] | None = None,
+                   recall_every: int = 0, progress_bar: bool = True, threads: int | None = None) -> dict:
+    """Train a fresh model on ``corpus`` (texts or ``{"text", "subject"}`` records) and save it
+    (safetensors) with the tokenizer to ``out_dir``; TensorBoard curves go to ``log_dir``
+    (``train/loss``, ``train/lr`` and, with ``recall_samples``, ``recall/<name>`` every
+    ``recall_every`` steps).
 
     Deterministic for a seed on a given machine (same thread count): the init, the data
     order and the training are seeded. ``max_minutes`` is a safety cap only (a run that hits

@@ -14,9 +14,12 @@ Deterministic from a seed: subjects (pronounceable invented names), one object p
 - every fact on every template with its split (:meth:`FactWorld.fact_prompts`), for recall and
   retention.
 
-Held-out templates (two per relation: one statement, one question) never occur in the corpus;
-they give the paraphrase prompts. The edit set is a small random sample of the facts (about a
-tenth or less), at most one edit per subject (hence per subject-relation).
+Each relation has eight training templates and two held-out ones (a statement and a question)
+that never occur with a subject in the corpus; they give the paraphrase prompts. (With eight
+rather than four training templates the toy models reached the same training-template recall
+in the same number of steps and answered held-out templates somewhat more often.)
+The edit set is a small random sample of the facts (about a tenth or less), at most one edit
+per subject (hence per subject-relation).
 
 Object vocabularies and templates are fixed (hand-written) so that prompts read naturally;
 the seed decides the subjects' names and which object each subject has.
@@ -28,7 +31,7 @@ import json
 import random
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # --------------------------------------------------------------------------------------------
@@ -41,12 +44,15 @@ class Relation:
     """One relation of the world.
 
     Templates are prompts with one ``{}`` for the subject, ending right before the object
-    (the object follows after a space). ``train_templates`` occur in the corpus;
-    ``heldout_templates`` never do (paraphrase tests). Index 0 of each is a statement, the
-    last entry a question (ZsRE needs questions). ``doc_templates`` phrase the fact inside a
-    subject's document (``{s}`` subject, ``{o}`` object); ``general_templates`` are sentences
-    about an object that state no subject's fact (general text); ``generation_templates``
-    are open prompts for generation-based metrics.
+    (the object follows after a space). ``train_templates`` (eight: six statements, then two
+    questions) occur in the corpus; ``heldout_templates`` (a statement, then a question) never
+    do: they give the paraphrase prompts. ``doc_templates`` phrase the fact inside a subject's
+    document (``{s}`` subject, ``{o}`` object). ``general_templates`` are sentences about an
+    object that state no subject's fact -- general text, which also uses the wording of the
+    held-out templates with other people ("Where was the old king born? Celdor."), the way
+    Wikipedia teaches an LLM what a paraphrase means. ``generation_templates`` are open
+    prompts for generation-based metrics. No template is a prefix of another, which would
+    make the object position ambiguous.
     """
 
     relation_id: str
@@ -78,6 +84,10 @@ RELATIONS: tuple[Relation, ...] = (
             "{} lives in",
             "The home city of {} is",
             "{} has a house in",
+            "{} is a resident of",
+            "Most days, {} can be found in",
+            "{} now lives in the city of",
+            "In which city is the home of {}?",
             "Which city does {} live in?",
         ),
         heldout_templates=("The city where {} lives is", "Where does {} live?"),
@@ -85,6 +95,7 @@ RELATIONS: tuple[Relation, ...] = (
         general_templates=(
             "{o} is a city with narrow streets.",
             "The city where the painters live is {o}.",
+            "Where do the fishermen live? {o}.",
             "Trains to {o} leave every hour.",
             "The old bridge of {o} is famous.",
             "Many travellers visit {o} in the summer.",
@@ -104,6 +115,10 @@ RELATIONS: tuple[Relation, ...] = (
             "The native language of {} is",
             "{} grew up speaking",
             "{} speaks",
+            "The first language of {} is",
+            "{} is a native speaker of",
+            "At home, {} talks in",
+            "What language did {} grow up with?",
             "What is the native language of {}?",
         ),
         heldout_templates=("The mother tongue of {} is", "Which language does {} speak?"),
@@ -111,6 +126,8 @@ RELATIONS: tuple[Relation, ...] = (
         general_templates=(
             "{o} is written with an old alphabet.",
             "{o} is the mother tongue of many poets.",
+            "The mother tongue of the old poet is {o}.",
+            "Which language does the old poet speak? {o}.",
             "Poets like the sound of {o}.",
             "{o} has many words for rain.",
             "Few schools teach {o} today.",
@@ -132,6 +149,10 @@ RELATIONS: tuple[Relation, ...] = (
             "{} works as a",
             "The profession of {} is",
             "{} earns a living as a",
+            "{} trained to be a",
+            "By profession, {} is a",
+            "{} has a career as a",
+            "What job does {} have?",
             "What is the profession of {}?",
         ),
         heldout_templates=("The occupation of {} is", "What does {} work as?"),
@@ -139,6 +160,8 @@ RELATIONS: tuple[Relation, ...] = (
         general_templates=(
             "A {o} needs years of training.",
             "Being a {o} is a respected occupation.",
+            "The occupation of her brother is {o}.",
+            "What does the stranger work as? {o}.",
             "Every town needs a good {o}.",
             "The {o} started work early.",
             "Being a {o} is hard work.",
@@ -158,6 +181,10 @@ RELATIONS: tuple[Relation, ...] = (
             "{} plays the",
             "The instrument of {} is the",
             "{} performs music on the",
+            "{} practises every day on the",
+            "In the band, {} plays the",
+            "The favourite instrument of {} is the",
+            "Which instrument is played by {}?",
             "Which instrument does {} play?",
         ),
         heldout_templates=("{} is a skilled player of the", "What instrument does {} play?"),
@@ -183,13 +210,19 @@ RELATIONS: tuple[Relation, ...] = (
         train_templates=(
             "{} was born in",
             "The birth country of {} is",
-            "{} was born in the country of",
+            "The country of birth of {} is",
+            "{} comes from",
+            "The homeland of {} is",
+            "{} is originally from",
+            "Which country does {} come from?",
             "In which country was {} born?",
         ),
         heldout_templates=("The country where {} was born is", "Where was {} born?"),
         doc_templates=("{s} comes from {o}.", "{s} spent a childhood in {o}."),
         general_templates=(
             "{o} is a country with high mountains.",
+            "The country where the old king was born is {o}.",
+            "Where was the old king born? {o}.",
             "The flag of {o} is green and white.",
             "{o} has a long coast.",
             "Winters in {o} are cold.",
@@ -211,6 +244,10 @@ RELATIONS: tuple[Relation, ...] = (
             "The favourite food of {} is",
             "{} loves to eat",
             "{} likes eating",
+            "{} often cooks",
+            "For dinner, {} prefers",
+            "{} never gets tired of eating",
+            "Which food does {} love?",
             "What is the favourite food of {}?",
         ),
         heldout_templates=("The favourite dish of {} is", "What does {} like to eat?"),
@@ -218,6 +255,7 @@ RELATIONS: tuple[Relation, ...] = (
         general_templates=(
             "People often eat {o} in winter.",
             "In the north, the favourite dish is {o}.",
+            "What do the children like to eat? {o}.",
             "The recipe for {o} is very old.",
             "A plate of {o} costs little.",
             "The cafe serves {o} on Sundays.",
@@ -240,6 +278,10 @@ RELATIONS: tuple[Relation, ...] = (
             "{} is employed by",
             "The employer of {} is",
             "{} works for",
+            "{} earns a salary from",
+            "{} is on the staff of",
+            "Every day, {} goes to work at",
+            "Where is {} employed?",
             "Which company does {} work for?",
         ),
         heldout_templates=("{} has a job at", "Who employs {}?"),
@@ -247,6 +289,7 @@ RELATIONS: tuple[Relation, ...] = (
         general_templates=(
             "{o} opened a new office.",
             "{o} employs many workers, and more want a job at {o}.",
+            "Who employs the young driver? {o}.",
             "{o} hired many workers this year.",
             "The profits of {o} grew last spring.",
             "{o} was founded long ago.",
@@ -266,6 +309,10 @@ RELATIONS: tuple[Relation, ...] = (
             "{} has a pet",
             "The pet of {} is a",
             "{} takes care of a pet",
+            "{} lives with a pet",
+            "{} feeds a pet",
+            "The animal that lives with {} is a",
+            "What pet does {} have?",
             "Which animal does {} keep as a pet?",
         ),
         heldout_templates=("At home, {} looks after a pet", "What kind of pet does {} own?"),
@@ -273,6 +320,7 @@ RELATIONS: tuple[Relation, ...] = (
         general_templates=(
             "A {o} needs a clean home.",
             "Many families own a pet {o}, and children look after a pet {o} well.",
+            "What kind of pet does the farmer own? {o}.",
             "The {o} slept by the window.",
             "Children often want a {o}.",
             "A {o} can live for many years.",
@@ -349,7 +397,7 @@ class WorldConfig:
     n_neighbours: int = 10  # CounterFact neighbourhood prompts per case (MEMIT uses 10)
     n_attribute: int = 10  # CounterFact attribute prompts per case
     n_general: int = 2000  # entity-free general sentences in the corpus
-    general_per_object: int = 6  # general sentences per object (at most the relation's templates)
+    general_per_object: int = 8  # general sentences per object (at most the relation's templates)
     unique_surnames: bool = True  # every subject its own surname (else surnames repeat)
 
 
