@@ -2,7 +2,8 @@
 
 ``factworld:default/model`` builds the offline fact-world model on first use (cached under
 ``checkpoints/factworld``) and returns its directory; ``/counterfact``, ``/zsre``, ``/corpus``,
-``/facts``, ``/references`` return the matching files. Any other string is returned unchanged
+``/facts``, ``/references``, ``/documents``, ``/heldout`` (held-out text for perplexity) return
+the matching files. Any other string is returned unchanged
 (a hub id or a local path).
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 
 PREFIX = "factworld:"
-ITEMS = ("model", "counterfact", "zsre", "corpus", "facts", "references", "documents")
+ITEMS = ("model", "counterfact", "zsre", "corpus", "facts", "references", "documents", "heldout")
 
 
 def resolve(spec: str, root: str | None = None) -> str:

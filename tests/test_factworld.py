@@ -118,6 +118,16 @@ def test_documents_state_every_fact(world):
 # ---- edit datasets --------------------------------------------------------------------------
 
 
+def test_heldout_text_is_fresh_and_about_unedited_subjects(world):
+    held = world.heldout_texts()
+    corpus = set(world.corpus())
+    edited = {c["requested_rewrite"]["subject"] for c in world.counterfact()}
+    assert held and all(h["text"] not in corpus for h in held)
+    assert not edited & {h["subject"] for h in held}
+    assert len(held) == len(set(world.subjects) - edited)
+    assert held == world.heldout_texts()
+
+
 def test_counterfact_shape_and_invariants(world):
     records = world.counterfact()
     assert len(records) == SMALL.n_edits

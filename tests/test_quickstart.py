@@ -23,7 +23,7 @@ def _reduced_args(tmp_path, preset="tiny"):
             f"--model.model={fw}/model", "--model.layers=[0,1]", "--model.context_prefixes=1",
             "--model.residual.steps=10", "--model.eval_every=1",
             f"--editor.stats.corpus={fw}/corpus", "--editor.stats.n_samples=500", f"--editor.stats.cache_dir={tmp_path}/stats",
-            f"--report.probes={fw}/facts", "--report.n_probes=100", f"--report.perplexity_corpus={fw}/corpus",
+            f"--report.probes={fw}/facts", "--report.n_probes=100", f"--report.perplexity_corpus={fw}/heldout",
             "--report.n_perplexity=20", f"--report.references={fw}/references", "--report.n_generation=4",
             "--report.max_new_tokens=8",
             f"--data.dataset={fw}/counterfact", "--data.batch_size=2", "--data.limit=4",

@@ -99,6 +99,7 @@ class FactworldPaths:
     facts: Path  # facts.jsonl: every fact on every template, with split and edit_case_id
     references: Path  # references.json: {object: [texts]} for the consistency metric
     documents: Path  # documents.jsonl: {"subject", "text", "facts"} per subject
+    heldout: Path  # heldout.jsonl: {"text", "subject"} held-out documents (perplexity)
     world: Path  # world.json: sizes and relations
     manifest: Path  # manifest.json: seed, preset, versions, timings, recall
 
@@ -134,12 +135,14 @@ def build_dir_name(seed: int, preset_name: str, preset: Preset) -> str:
     return name
 
 
-def _is_complete(paths: FactworldPaths, config: dict) -> bool:
+def _is_complete(paths: FactworldPaths, config: dict, data: bool = True) -> bool:
+    """A finished build of ``config``: manifest, model and (``data``) every world file."""
     try:
         manifest = paths.read_manifest()
     except (OSError, ValueError):
         return False
-    return manifest.get("config") == config and (paths.model_dir / "model.safetensors").exists()
+    return (manifest.get("config") == config and (paths.model_dir / "model.safetensors").exists()
+            and (not data or all((paths.root / name).exists() for name in FILES.values())))
 
 
 def _versions() -> dict:
@@ -204,7 +207,7 @@ def build_factworld(root: str = "checkpoints/factworld", seed: int = 0, preset: 
     tmp = Path(tempfile.mkdtemp(prefix=f".building-{final.root.name}-", dir=root_path))
     try:
         shipped = SHIPPED_ROOT / final.root.name
-        installed = use_shipped and _is_complete(FactworldPaths.at(shipped), config) and _install_shipped(shipped, tmp, seed, spec)
+        installed = use_shipped and _is_complete(FactworldPaths.at(shipped), config, data=False) and _install_shipped(shipped, tmp, seed, spec)
         if not installed:
             _build(tmp, seed, spec, config, final.root.name, max_minutes, log_dir, progress_bar)
         _install(tmp, final.root)

@@ -507,9 +507,20 @@ class FactWorld:
         """One short document per subject: every fact of the subject, phrased with document
         templates (never a held-out template), in random order, with one or two general
         sentences about its objects mixed in. ``{"subject", "text", "facts"}``."""
-        rng = random.Random(f"factworld-{self.seed}-documents")
+        return self._documents(random.Random(f"factworld-{self.seed}-documents"), self.subjects)
+
+    def heldout_texts(self) -> list[dict]:
+        """Held-out corpus text for the perplexity health check: for every subject with no
+        edited fact, a fresh document drawn like :meth:`documents` but with another seed (other
+        phrasing and sentence order; never one of the corpus's texts). ``{"text", "subject"}``."""
+        corpus_docs = {d["text"] for d in self.documents()}
+        unedited = [s for s in self.subjects if not any(self.is_edited(s, r.relation_id) for r in RELATIONS)]
+        docs = self._documents(random.Random(f"factworld-{self.seed}-heldout"), unedited)
+        return [{"text": d["text"], "subject": d["subject"]} for d in docs if d["text"] not in corpus_docs]
+
+    def _documents(self, rng: random.Random, subjects: list[str]) -> list[dict]:
         docs = []
-        for s in self.subjects:
+        for s in subjects:
             prof = self.facts[(s, "profession")]
             country = self.facts[(s, "birth_country")]
             sentences = []
@@ -665,7 +676,8 @@ class FactWorld:
     def write(self, directory: str | Path) -> dict[str, Path]:
         """Write every export to ``directory`` and return their paths:
         ``corpus.jsonl`` (``{"text", "subject"}`` per line), ``counterfact.json``, ``zsre.json``,
-        ``facts.jsonl``, ``references.json``, ``documents.jsonl``, ``world.json`` (stats and
+        ``facts.jsonl``, ``references.json``, ``documents.jsonl``, ``heldout.jsonl`` (held-out text
+        for perplexity, :meth:`heldout_texts`), ``world.json`` (stats and
         relations)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
@@ -676,6 +688,7 @@ class FactWorld:
         _write_jsonl(paths["facts"], self.fact_prompts())
         _write_json(paths["references"], self.references())
         _write_jsonl(paths["documents"], self.documents())
+        _write_jsonl(paths["heldout"], self.heldout_texts())
         _write_json(paths["world"], {"stats": self.stats(), "relations": [asdict(r) for r in RELATIONS]})
         return paths
 
@@ -687,6 +700,7 @@ FILES: dict[str, str] = {
     "facts": "facts.jsonl",
     "references": "references.json",
     "documents": "documents.jsonl",
+    "heldout": "heldout.jsonl",
     "world": "world.json",
 }
 
