@@ -145,6 +145,8 @@ class EditModule(L.LightningModule):
         self.num_edits = 0
         self._pending = None
         self.edit_history: list[EditRequest] = []
+        # mid-stream evaluations: {"num_edits", "edit/efficacy", ...} (for the report's plot)
+        self.stream_history: list[dict] = []
 
     # ---- Lightning plumbing ----------------------------------------------------------------
     def configure_optimizers(self):
@@ -227,7 +229,9 @@ class EditModule(L.LightningModule):
         # runs after the update callback: the batch is applied
         self.edit_history.extend(batch.requests)
         if self.eval_every and (batch.index + 1) % self.eval_every == 0:
-            self.log_edit_metrics(self.evaluate(self.edit_history), prefix="")
+            results = self.evaluate(self.edit_history)
+            self.stream_history.append({"num_edits": self.num_edits, **results})
+            self.log_edit_metrics(results, prefix="")
 
     # ---- evaluation ------------------------------------------------------------------------
     def evaluate(self, requests: Sequence[EditRequest]) -> dict[str, float]:

@@ -59,6 +59,8 @@ class EditReport(L.Callback):
         self.baseline: torch.Tensor | None = None
         self.ppl_before: float | None = None
         self.history: list[dict] = []
+        self._stream: list[dict] = []
+        self._module: EditModule | None = None
         self.summary: dict = {}
         self._t0 = time.time()
 
@@ -108,6 +110,9 @@ class EditReport(L.Callback):
     # ---- hooks -----------------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module: EditModule) -> None:
         # restored from a checkpoint on resume: never re-measured on an edited model
+        self._module = pl_module
+        if self._stream and not pl_module.stream_history:
+            pl_module.stream_history = list(self._stream)
         if self.baseline is None:
             self.baseline = self.fingerprint(pl_module)
             self.ppl_before = self.perplexity(pl_module)
@@ -121,12 +126,16 @@ class EditReport(L.Callback):
             pl_module.log_edit_metrics({"edit/retention": r})
 
     def state_dict(self) -> dict:
-        return {"baseline": self.baseline, "ppl_before": self.ppl_before, "history": json.dumps(self.history)}
+        # the module is never checkpointed: its mid-stream evaluations travel with the report
+        stream = getattr(self._module, "stream_history", []) if self._module is not None else self._stream
+        return {"baseline": self.baseline, "ppl_before": self.ppl_before, "history": json.dumps(self.history),
+                "stream": json.dumps(stream)}
 
     def load_state_dict(self, state: dict) -> None:
         self.baseline = state.get("baseline")
         self.ppl_before = state.get("ppl_before")
         self.history = json.loads(state.get("history", "[]"))
+        self._stream = json.loads(state.get("stream", "[]"))
 
     def on_fit_end(self, trainer, pl_module: EditModule) -> None:
         from .evaluate import evaluate_generation
@@ -162,7 +171,7 @@ class EditReport(L.Callback):
         out = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank: log_dir is a broadcast under DDP
         if trainer.is_global_zero:
             pl_module.log_edit_metrics({f"edit/{k}": v for k, v in s.items() if k in ("retention", "first_batch_efficacy", "fluency", "consistency")})
-            write_summary(out, s, self.history + [{"num_edits": s["num_edits"], "retention": s.get("retention")}])
+            write_summary(out, s, _merge_history(self.history, pl_module.stream_history, s))
             print("\n" + summary_markdown(s))
             print(f"summary written to {out}/summary.md, summary.json, summary.png")
 
@@ -174,6 +183,23 @@ def _method_name(trainer) -> str | None:
     return None
 
 
+def _merge_history(retention: list[dict], stream: list[dict], final: dict) -> list[dict]:
+    """One row per evaluation point: ``{"num_edits", "retention", "efficacy", ...}``, ending
+    with the final summary."""
+    rows: dict[int, dict] = {}
+    for h in retention:
+        rows.setdefault(h["num_edits"], {"num_edits": h["num_edits"]})["retention"] = h.get("retention")
+    for h in stream:
+        row = rows.setdefault(h["num_edits"], {"num_edits": h["num_edits"]})
+        row.update({k.split("/", 1)[1]: v for k, v in h.items() if k.startswith("edit/")})
+    end = rows.setdefault(final["num_edits"], {"num_edits": final["num_edits"]})
+    end.update({k: final[k] for k in _CURVES if k in final})
+    return [rows[n] for n in sorted(rows)]
+
+
+_CURVES = ("efficacy", "generalization", "specificity", "retention")
+
+
 def summary_markdown(s: dict) -> str:
     rows = ["| metric | value |", "|---|---|"]
     for k, v in s.items():
@@ -183,18 +209,19 @@ def summary_markdown(s: dict) -> str:
 
 def write_summary(out: Path, s: dict, history: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(s, indent=1))
+    (out / "summary.json").write_text(json.dumps({**s, "curve": history}, indent=1))
     (out / "summary.md").write_text(f"# Edit run summary ({s.get('method')}, {s.get('num_edits')} edits)\n\n" + summary_markdown(s) + "\n")
-    pts = [(h["num_edits"], h["retention"]) for h in history if h.get("retention") is not None]
-    if pts:
+    curves = {k: [(h["num_edits"], h[k]) for h in history if h.get(k) is not None] for k in _CURVES}
+    if any(curves.values()):
         from matplotlib.figure import Figure
 
-        fig = Figure(figsize=(5, 3.2))
+        fig = Figure(figsize=(5.5, 3.4))
         ax = fig.add_subplot()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="retention")
-        for key in ("efficacy", "specificity", "first_batch_efficacy"):
-            if key in s:
-                ax.axhline(s[key], linestyle="--", linewidth=0.8, label=f"{key} (end)", color={"efficacy": "C1", "specificity": "C2"}.get(key, "C3"))
+        for key, pts in curves.items():
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=key)
+        if "first_batch_efficacy" in s:
+            ax.axhline(s["first_batch_efficacy"], linestyle="--", linewidth=0.8, color="C7", label="first_batch_efficacy (end)")
         ax.set_xlabel("edits applied")
         ax.set_ylim(0, 1.02)
         ax.set_title(f"{s.get('method')}: knowledge over the edit stream")

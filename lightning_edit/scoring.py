@@ -162,11 +162,15 @@ def text_token_nll(model: nn.Module, tokenizer, texts: Sequence[str], batch_size
     :class:`lightning_edit.metrics.Perplexity`.
 
     Each text is tokenized with the tokenizer's special tokens (so a BOS, when added, lets the
-    first word be scored) and truncated to ``max_length`` tokens. Returns, per text, a
-    ``(len_i - 1,)`` tensor: the NLL of tokens ``1..len_i-1`` given their prefix.
+    first word be scored) and truncated to ``max_length`` tokens (default: the model's context
+    length from its config). Returns, per text, a ``(len_i - 1,)`` tensor: the NLL of tokens
+    ``1..len_i-1`` given their prefix.
     """
     if not texts:
         return []
+    if max_length is None:
+        cfg = getattr(model, "config", None)
+        max_length = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     enc = tokenizer(list(texts), add_special_tokens=True, truncation=max_length is not None, max_length=max_length)
     ids_list = enc["input_ids"]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)

@@ -45,6 +45,11 @@ def test_reduced_quickstart(tmp_path, monkeypatch):
     assert (run / "summary.md").read_text().startswith("# Edit run summary")
     assert (run / "summary.png").stat().st_size > 1000
     assert "perplexity_before" in s and "fluency" in s
+    # the curve behind summary.png: one row per evaluation (every batch here), retention and edit metrics
+    curve = s["curve"]
+    assert [r["num_edits"] for r in curve] == [2, s["num_edits"]]
+    assert all({"efficacy", "specificity", "retention"} <= set(r) for r in curve)
+    assert curve[-1]["efficacy"] == s["efficacy"] and curve[-1]["retention"] == s["retention"]
 
 
 @pytest.mark.slow
@@ -58,3 +63,26 @@ def test_full_quickstart(cfg, method, tmp_path):
     assert s["method"] == method and s["num_edits"] >= 1000
     assert SUMMARY_KEYS <= set(s)
     assert time.time() - t < 600 * 1.5
+
+
+def test_report_state_carries_the_mid_stream_curve():
+    """The module is never checkpointed, so the report's state carries its mid-stream
+    evaluations: a resumed run's summary.png still starts at the first evaluation."""
+    from types import SimpleNamespace
+
+    from lightning_edit.report import EditReport, _merge_history
+
+    before = EditReport()
+    module = SimpleNamespace(stream_history=[{"num_edits": 2, "edit/efficacy": 1.0, "edit/specificity": 0.5}])
+    before.on_fit_start(None, module)
+    state = before.state_dict()
+
+    after = EditReport()
+    after.load_state_dict(state)
+    resumed = SimpleNamespace(stream_history=[])
+    after.on_fit_start(None, resumed)
+    assert resumed.stream_history == module.stream_history
+    rows = _merge_history([{"num_edits": 2, "retention": 0.9}], resumed.stream_history,
+                          {"num_edits": 4, "efficacy": 0.8, "retention": 0.7})
+    assert rows == [{"num_edits": 2, "retention": 0.9, "efficacy": 1.0, "specificity": 0.5},
+                    {"num_edits": 4, "efficacy": 0.8, "retention": 0.7}]
