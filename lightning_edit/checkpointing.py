@@ -119,7 +119,6 @@ def load_edits(model: torch.nn.Module, path: str | os.PathLike, strict_fingerpri
     """Copy exported edited weights into ``model`` (in its own dtype/device). Checks every
     name and shape before changing anything; with ``strict_fingerprint`` also that the export
     was made from this base model (config fingerprint)."""
-    from .stats import _hash
 
     weights, meta = read_edits(path)
     params = dict(model.named_parameters())
