@@ -9,6 +9,7 @@ matrices (the ``nn.Linear`` layout) and transposed here for GPT-2's ``Conv1D``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -245,3 +246,13 @@ class ModelAdapter:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw)
         except _StopForward:
             return None
+
+
+def supports_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model.forward`` can compute the LM head on selected positions only
+    (``logits_to_keep``, transformers >= 4.50): scoring a few positions then skips the head
+    (and its softmax) everywhere else."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False

@@ -24,9 +24,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .arch import ModelAdapter
+from .arch import ModelAdapter, supports_logits_to_keep
 from .data.requests import EditRequest, target_text
-from .tokens import Encoded, Segment, encode_segments, flatten_targets, gather_target_logprobs
+from .tokens import Encoded, Segment, encode_segments, flatten_targets
 
 AnchorRule = Literal["subject_last", "prompt_last"]
 
@@ -188,51 +188,64 @@ def optimize_residuals(
 
     a_rows, a_pos, a_chunk = batch.anchors()
     t_rows, t_pos, _ = flatten_targets(batch.enc)
+    n_rows = batch.enc.input_ids.shape[0]
     n_rewrite = torch.bincount(batch.row_chunk[~batch.is_kl], minlength=n).float().to(device)
-    tok_per_row = torch.bincount(t_rows, minlength=batch.enc.input_ids.shape[0]).clamp_min(1).float()
-    kl_init: dict[int, torch.Tensor] = {}
-    groups = _micro_batches(batch.enc.input_ids.shape[0], batch.row_chunk, cfg.max_rows_per_forward)
+    tok_per_row = torch.bincount(t_rows, minlength=n_rows).clamp_min(1).float()
+    t_weight = (1.0 / tok_per_row[t_rows]).to(device) / n_rewrite[batch.row_chunk[t_rows].to(device)]
+    kl_rows_all = torch.nonzero(batch.is_kl).flatten() if cfg.kl_factor > 0 else torch.zeros(0, dtype=torch.long)
+    kl_init: torch.Tensor | None = None  # (n_rows, vocab) rows of kl_rows_all filled at step 0
+    groups = _micro_batches(n_rows, batch.row_chunk, cfg.max_rows_per_forward)
+    keep_kw = supports_logits_to_keep(model)
     active = torch.ones(n, dtype=torch.bool, device=device)
     steps = torch.zeros(n, dtype=torch.long, device=device)
-    loss_c = nll_c = torch.zeros(n, device=device)
+    nll_c = torch.zeros(n, device=device)
+    kl_c = torch.zeros(n, device=device)
 
     for step in range(cfg.steps + 1):
         opt.zero_grad(set_to_none=True)
-        nll_c = torch.zeros(n, device=device)
-        kl_c = torch.zeros(n, device=device)
-        for gi, rows in enumerate(groups):
-            local = torch.full((batch.enc.input_ids.shape[0],), -1, dtype=torch.long)
+        active_cpu = active.cpu()
+        for rows in groups:
+            # only the rows of chunks still optimizing: converged chunks cost nothing more
+            rows = rows[active_cpu[batch.row_chunk[rows]]]
+            if len(rows) == 0:
+                continue
+            local = torch.full((n_rows,), -1, dtype=torch.long)
             local[rows] = torch.arange(len(rows))
-            sel_a = local[a_rows] >= 0
-            sel_t = local[t_rows] >= 0
-            ids = batch.enc.input_ids[rows].to(device)
-            mask = batch.enc.attention_mask[rows].to(device)
+            sel_a, sel_t = local[a_rows] >= 0, local[t_rows] >= 0
+            width = int(batch.enc.attention_mask[rows].sum(1).max())  # right padding: trim the tail
+            ids = batch.enc.input_ids[rows, :width].to(device)
+            mask = batch.enc.attention_mask[rows, :width].to(device)
             ar, ap = local[a_rows[sel_a]].to(device), a_pos[sel_a].to(device)
+            tr, tp = local[t_rows[sel_t]], t_pos[sel_t]
+            kl_rows = kl_rows_all[local[kl_rows_all] >= 0]
+            kr, kp = local[kl_rows], batch.enc.anchor_pos[kl_rows, 0]
+            # the LM head and softmax only where a loss reads them
+            need = torch.cat([tp - 1, kp]).unique()
+            kw = {"logits_to_keep": need.to(device)} if keep_kw else {}
             with torch.enable_grad(), adapter.add_at_positions(z_layer, ar, ap, delta[a_chunk[sel_a].to(device)]):
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            logp = torch.log_softmax(logits.float(), dim=-1)
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **kw).logits
+            col = (lambda p: torch.searchsorted(need, p)) if keep_kw else (lambda p: p)
             # target NLL: per row mean over its tokens, per chunk mean over its rewrite rows
-            tr, tp = t_rows[sel_t], t_pos[sel_t]
-            lp = gather_target_logprobs(logp, ids, local[tr].to(device), tp.to(device))
-            w = (1.0 / tok_per_row[tr]).to(device) / n_rewrite[batch.row_chunk[tr].to(device)]
-            part_nll = torch.zeros(n, device=device).index_add(0, batch.row_chunk[tr].to(device), -lp * w)
+            t_logp = logits[tr.to(device), col(tp - 1).to(device)].float().log_softmax(-1)
+            lp = t_logp.gather(-1, ids[tr.to(device), tp.to(device)].unsqueeze(-1)).squeeze(-1)
+            chunk_t = batch.row_chunk[t_rows[sel_t]].to(device)
+            part_nll = torch.zeros(n, device=device).index_add(0, chunk_t, -lp * t_weight[sel_t.to(device)])
             part_kl = torch.zeros(n, device=device)
-            kl_rows = rows[batch.is_kl[rows]]
-            if cfg.kl_factor > 0 and len(kl_rows):
-                kl_pos = batch.enc.anchor_pos[kl_rows, 0].to(device)
-                kl_logp = logp[local[kl_rows].to(device), kl_pos]
-                if gi not in kl_init:
-                    kl_init[gi] = kl_logp.detach()
-                kl = F.kl_div(kl_init[gi], kl_logp, log_target=True, reduction="none").sum(-1)
+            if len(kl_rows):
+                kl_logp = logits[kr.to(device), col(kp).to(device)].float().log_softmax(-1)
+                if kl_init is None:
+                    kl_init = torch.zeros(n_rows, kl_logp.shape[-1], device=device)
+                if step == 0:
+                    kl_init[kl_rows.to(device)] = kl_logp.detach()
+                kl = F.kl_div(kl_init[kl_rows.to(device)], kl_logp, log_target=True, reduction="none").sum(-1)
                 part_kl = part_kl.index_add(0, batch.row_chunk[kl_rows].to(device), cfg.kl_factor * kl)
-            wd = cfg.weight_decay * delta.norm(dim=-1) / z0_norm.pow(2)
-            # chunks live entirely in one group, so each group's loss only touches its chunks
             in_group = torch.zeros(n, dtype=torch.bool, device=device)
             in_group[batch.row_chunk[rows].unique().to(device)] = True
-            part = part_nll + part_kl + torch.where(in_group, wd, torch.zeros_like(wd))
-            (part * active.float()).sum().backward()
-            nll_c = nll_c + part_nll.detach()
-            kl_c = kl_c + part_kl.detach()
+            wd = cfg.weight_decay * delta.norm(dim=-1) / z0_norm.pow(2)
+            # chunks live entirely in one group, so each group's loss only touches its chunks
+            (part_nll + part_kl + torch.where(in_group, wd, torch.zeros_like(wd))).sum().backward()
+            nll_c = torch.where(in_group, part_nll.detach(), nll_c)
+            kl_c = torch.where(in_group, part_kl.detach(), kl_c)
         loss_c = nll_c + kl_c + (cfg.weight_decay * delta.norm(dim=-1) / z0_norm.pow(2)).detach()
         active = active & (loss_c >= cfg.early_stop_loss)
         if step == cfg.steps or not bool(active.any()):

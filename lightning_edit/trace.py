@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import logging
 import math
@@ -46,7 +45,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .arch import ModelAdapter
+from .arch import ModelAdapter, supports_logits_to_keep
 from .data.requests import EditRequest, target_text
 from .tokens import Segment, TokenizationError, encode_segments
 
@@ -300,14 +299,6 @@ def answer_scores(logits: torch.Tensor, answer_ids: torch.Tensor, score: Score) 
     return tok[:, 0].exp() if score == "prob" else tok.mean(-1)
 
 
-def _supports_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the model can skip the LM head on positions we do not score (transformers >= 4.50)."""
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 @torch.no_grad()
 def restored_scores(
     adapter: ModelAdapter,
@@ -339,7 +330,7 @@ def restored_scores(
     T = pf.input_ids.shape[0]
     states = states.to(device)
     keep = T - int(pf.answer_pos.min())
-    kw = {"logits_to_keep": keep} if _supports_logits_to_keep(model) else {}
+    kw = {"logits_to_keep": keep} if supports_logits_to_keep(model) else {}
     offset = T - keep if kw else 0
     pick = (pf.answer_pos - offset).to(device)
     cells = [list(r) for r in restorations]

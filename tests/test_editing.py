@@ -35,6 +35,22 @@ def test_batched_residuals_equal_one_at_a_time(trained_gpt2, tokenizer, kl):
     torch.testing.assert_close(split.z_target, alone, rtol=1e-4, atol=1e-4)
 
 
+def test_head_on_scored_positions_only_is_the_same_computation(trained_gpt2, tokenizer, monkeypatch):
+    """``logits_to_keep`` (the LM head only where a loss reads it) changes nothing but speed."""
+    import lightning_edit.residuals as residuals
+
+    ad = ModelAdapter(trained_gpt2)
+    reqs = counterfactual_requests(4)
+    cfg = ResidualConfig(anchor="prompt_last", steps=6, kl_factor=0.0625, early_stop_loss=0.0)
+    batch = build_residual_batch(tokenizer, reqs, ["The cat sat. "], cfg.anchor)
+    assert residuals.supports_logits_to_keep(trained_gpt2)
+    kept = optimize_residuals(ad, batch, 2, cfg)
+    monkeypatch.setattr(residuals, "supports_logits_to_keep", lambda model: False)
+    full = optimize_residuals(ad, batch, 2, cfg)
+    torch.testing.assert_close(kept.z_target, full.z_target, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kept.loss, full.loss, rtol=1e-4, atol=1e-5)
+
+
 def test_early_stop_freezes_converged_chunks(trained_gpt2, tokenizer):
     ad = ModelAdapter(trained_gpt2)
     reqs = counterfactual_requests(4, start=5)
