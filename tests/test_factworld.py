@@ -355,6 +355,23 @@ def test_shipped_model_is_installed_without_training(tiny_build, tmp_path, monke
     assert all(t.dtype == torch.float32 for t in load_file(str(installed.model_dir / "model.safetensors")).values())
 
 
+def test_the_shipped_default_model_matches_the_world_code(tmp_path, monkeypatch):
+    """The quickstart's model ships in the package. If the world code changes, the regenerated
+    corpus no longer matches the one the model learned and a fresh clone would silently spend
+    an hour retraining: this fails first (re-ship with ``--ship_model true``)."""
+    import lightning_edit.factworld.build as build
+
+    def no_training(*a, **k):
+        raise AssertionError("the shipped default model no longer matches the world: retrain and re-ship it")
+
+    monkeypatch.setattr(build, "pretrain_model", no_training)
+    installed = build.ensure_factworld(str(tmp_path), seed=0, preset="default", progress_bar=False)
+    manifest = installed.read_manifest()
+    assert manifest["source"] == "shipped"
+    assert manifest["recall"]["train"] >= PRESETS["default"].min_recall
+    assert manifest["world"]["n_facts"] >= 10 * manifest["world"]["n_edits"] >= 10_000 - 1
+
+
 def test_half_built_directory_is_rebuilt(tmp_path, monkeypatch):
     """A directory without a matching manifest is not mistaken for a finished build."""
     import lightning_edit.factworld.build as build
