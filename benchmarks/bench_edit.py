@@ -135,6 +135,22 @@ def bench_residuals(adapter, tok, requests, prefixes, z_layer, cfg, repeats, dev
     t_s, all_s = time_it(run_single, repeats, device, warmup=lambda: run_single(warm_cfg))
     log(f"    one-by-one: {t_s:.3f} s  (runs: {', '.join(f'{t:.3f}' for t in all_s)})")
 
+    # baseline: the same batched run computing the LM head (and softmax) on every position
+    import lightning_edit.residuals as residuals_mod
+
+    keep_fn = residuals_mod.supports_logits_to_keep
+    residuals_mod.supports_logits_to_keep = lambda model: False
+    try:
+        def run_full_head(c=cfg):
+            out["full_head"] = optimize_residuals(adapter, batch, z_layer, c)
+
+        t_f, all_f = time_it(run_full_head, repeats, device, warmup=lambda: run_full_head(warm_cfg))
+    finally:
+        residuals_mod.supports_logits_to_keep = keep_fn
+    log(f"    batched, LM head on every position: {t_f:.3f} s  (runs: {', '.join(f'{t:.3f}' for t in all_f)})")
+    head_rel = ((out["full_head"].z_target.cpu() - out["batched"].z_target.cpu()).norm(dim=-1)
+                / out["batched"].z_target.cpu().norm(dim=-1).clamp_min(1e-12)).max().item()
+
     zb = out["batched"].z_target.cpu()
     zs = torch.cat([r.z_target for r in out["single"]]).cpu()
     rel = ((zb - zs).norm(dim=-1) / zs.norm(dim=-1).clamp_min(1e-12)).max().item()
@@ -157,6 +173,9 @@ def bench_residuals(adapter, tok, requests, prefixes, z_layer, cfg, repeats, dev
         "one_by_one_s": t_s,
         "one_by_one_per_edit_s": t_s / n,
         "speedup": t_s / t_b,
+        "full_head_s": t_f,
+        "head_speedup": t_f / t_b,
+        "head_z_max_rel_diff": head_rel,
         "z_max_rel_diff": rel,
         "z_max_abs_diff_over_max_abs": elem,
         "steps_identical": bool(torch.equal(steps_b, steps_s)),
@@ -386,6 +405,8 @@ def markdown_table(env: dict, setup: dict, res: dict | None, edit: dict | None, 
             ("residuals, one request at a time", f"{fmt_s(res['one_by_one_s'])} / batch, {fmt_s(res['one_by_one_per_edit_s'])} / edit"),
             ("residuals, speed-up of batching", f"{res['speedup']:.2f}x"),
             ("residuals, max relative difference of z (batched vs single)", f"{res['z_max_rel_diff']:.1e}"),
+            ("residuals, LM head on every position (before) vs scored positions only",
+             f"{fmt_s(res['full_head_s'])} vs {fmt_s(res['batched_s'])}: {res['head_speedup']:.2f}x (z max rel diff {res['head_z_max_rel_diff']:.1e})"),
             ("residuals, padded token slots (batched / one at a time)", f"{res['padding_share_batched']:.0%} / {res['padding_share_one_by_one']:.0%}"),
         ]
     if edit:
