@@ -168,7 +168,7 @@ def _recall_samples(facts: list[dict], n: int, seed: int) -> dict[str, list[dict
 
 
 def build_factworld(root: str = "checkpoints/factworld", seed: int = 0, preset: str = "default",
-                    max_minutes: float | None = 60.0, log_dir: str | None = None, force: bool = False,
+                    max_minutes: float | None = 120.0, log_dir: str | None = None, force: bool = False,
                     use_shipped: bool = True, progress_bar: bool = True, world: WorldConfig | None = None,
                     model: ModelSpec | None = None, train: TrainSpec | None = None,
                     ship_model: bool = False) -> FactworldPaths:
