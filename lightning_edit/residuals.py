@@ -193,7 +193,9 @@ def optimize_residuals(
     tok_per_row = torch.bincount(t_rows, minlength=n_rows).clamp_min(1).float()
     t_weight = (1.0 / tok_per_row[t_rows]).to(device) / n_rewrite[batch.row_chunk[t_rows].to(device)]
     kl_rows_all = torch.nonzero(batch.is_kl).flatten() if cfg.kl_factor > 0 else torch.zeros(0, dtype=torch.long)
-    kl_init: torch.Tensor | None = None  # (n_rows, vocab) rows of kl_rows_all filled at step 0
+    kl_slot = torch.full((n_rows,), -1, dtype=torch.long)  # KL row -> its row of kl_init
+    kl_slot[kl_rows_all] = torch.arange(len(kl_rows_all))
+    kl_init: torch.Tensor | None = None  # (KL rows, vocab): the step-0 distributions
     groups = _micro_batches(n_rows, batch.row_chunk, cfg.max_rows_per_forward)
     keep_kw = supports_logits_to_keep(model)
     active = torch.ones(n, dtype=torch.bool, device=device)
@@ -233,11 +235,12 @@ def optimize_residuals(
             part_kl = torch.zeros(n, device=device)
             if len(kl_rows):
                 kl_logp = logits[kr.to(device), col(kp).to(device)].float().log_softmax(-1)
+                slots = kl_slot[kl_rows].to(device)
                 if kl_init is None:
-                    kl_init = torch.zeros(n_rows, kl_logp.shape[-1], device=device)
+                    kl_init = torch.zeros(len(kl_rows_all), kl_logp.shape[-1], device=device)
                 if step == 0:
-                    kl_init[kl_rows.to(device)] = kl_logp.detach()
-                kl = F.kl_div(kl_init[kl_rows.to(device)], kl_logp, log_target=True, reduction="none").sum(-1)
+                    kl_init[slots] = kl_logp.detach()
+                kl = F.kl_div(kl_init[slots], kl_logp, log_target=True, reduction="none").sum(-1)
                 part_kl = part_kl.index_add(0, batch.row_chunk[kl_rows].to(device), cfg.kl_factor * kl)
             in_group = torch.zeros(n, dtype=torch.bool, device=device)
             in_group[batch.row_chunk[rows].unique().to(device)] = True

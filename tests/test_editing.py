@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from conftest import FAST_RESIDUAL, counterfactual_requests
+from conftest import ARCHS, FAST_RESIDUAL, counterfactual_requests, make_model
 from lightning_edit.api import Editor
 from lightning_edit.arch import ModelAdapter
 from lightning_edit.closed_form import NonFiniteUpdateError
@@ -35,15 +35,18 @@ def test_batched_residuals_equal_one_at_a_time(trained_gpt2, tokenizer, kl):
     torch.testing.assert_close(split.z_target, alone, rtol=1e-4, atol=1e-4)
 
 
-def test_head_on_scored_positions_only_is_the_same_computation(trained_gpt2, tokenizer, monkeypatch):
-    """``logits_to_keep`` (the LM head only where a loss reads it) changes nothing but speed."""
+@pytest.mark.parametrize("arch", ARCHS)
+def test_head_on_scored_positions_only_is_the_same_computation(arch, tokenizer, monkeypatch):
+    """``logits_to_keep`` (the LM head only where a loss reads it) changes nothing but speed,
+    on every supported architecture."""
     import lightning_edit.residuals as residuals
 
-    ad = ModelAdapter(trained_gpt2)
+    model = make_model(arch, vocab_size=len(tokenizer), n_layer=3, width=32)
+    ad = ModelAdapter(model)
     reqs = counterfactual_requests(4)
     cfg = ResidualConfig(anchor="prompt_last", steps=6, kl_factor=0.0625, early_stop_loss=0.0)
     batch = build_residual_batch(tokenizer, reqs, ["The cat sat. "], cfg.anchor)
-    assert residuals.supports_logits_to_keep(trained_gpt2)
+    assert residuals.supports_logits_to_keep(model)
     kept = optimize_residuals(ad, batch, 2, cfg)
     monkeypatch.setattr(residuals, "supports_logits_to_keep", lambda model: False)
     full = optimize_residuals(ad, batch, 2, cfg)
