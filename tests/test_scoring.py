@@ -272,3 +272,14 @@ def test_evaluate_generation_and_locality_probes(model_tok):
     assert out["edit/fluency"] >= 0.0 and 0.0 <= out["edit/consistency"] <= 1.0 + 1e-9
     prompts, answers = locality_probes(cf)
     assert len(prompts) == len(answers) == 4 and answers[0] == "French"
+
+
+def test_text_token_nll_truncates_to_the_models_context(model_tok):
+    """A text longer than the model's positions is scored on its first context-length tokens
+    (it used to index past GPT-2's position table)."""
+    model, tok = model_tok
+    ctx = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions
+    long_text = " ".join(SENTENCES * (ctx // 3 + 2))
+    assert len(tok(long_text)["input_ids"]) > ctx
+    (nll,) = text_token_nll(model, tok, [long_text])
+    assert nll.shape == (ctx - 1,) and torch.isfinite(nll).all()

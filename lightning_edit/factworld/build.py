@@ -288,18 +288,12 @@ def ship(paths: FactworldPaths, dest_root: str | Path = SHIPPED_ROOT) -> Path:
     """Copy a finished build's model (as float16 safetensors), tokenizer and manifest to
     ``dest_root/<build name>``, for :func:`build_factworld` to install instead of training.
     Only the model is shipped: the world files are regenerated from the seed."""
-    from transformers import AutoModelForCausalLM
-
     dest_root = Path(dest_root)
     dest_root.mkdir(parents=True, exist_ok=True)
     dest = dest_root / paths.root.name
     tmp = Path(tempfile.mkdtemp(prefix=f".shipping-{paths.root.name}-", dir=dest_root))
     try:
-        lm = AutoModelForCausalLM.from_pretrained(str(paths.model_dir), dtype=torch.float32)
-        lm.half().save_pretrained(str(tmp / "model"), safe_serialization=True)
-        for f in paths.model_dir.iterdir():
-            if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
-                shutil.copy2(f, tmp / "model" / f.name)
+        _copy_model(paths.model_dir, tmp / "model", torch.float16)
         manifest = paths.read_manifest()
         manifest["shipped"] = {"dtype": "float16", "safetensors_bytes": (tmp / "model" / "model.safetensors").stat().st_size}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -312,6 +306,17 @@ def ship(paths: FactworldPaths, dest_root: str | Path = SHIPPED_ROOT) -> Path:
     return dest
 
 
+def _copy_model(src: Path, dest: Path, dtype: torch.dtype) -> None:
+    """``save_pretrained`` copy of the model in ``src`` stored as ``dtype``, with its tokenizer files."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    lm.to(dtype).save_pretrained(str(dest), safe_serialization=True)
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy2(f, dest / f.name)
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -322,8 +327,6 @@ def _install_shipped(shipped: Path, tmp: Path, seed: int, spec: Preset) -> bool:
     Returns False (nothing installed) when the regenerated corpus differs from the one the
     shipped model was trained on -- the world code changed since -- so the caller trains.
     """
-    from transformers import AutoModelForCausalLM
-
     t0 = time.time()
     paths = FactworldPaths.at(tmp)
     w = build_world(seed, spec.world)
@@ -336,11 +339,7 @@ def _install_shipped(shipped: Path, tmp: Path, seed: int, spec: Preset) -> bool:
         return False
     # float32 on disk: editing and statistics run in float32, and a float16 checkpoint would
     # otherwise load as float16 wherever the loader keeps the saved dtype
-    lm = AutoModelForCausalLM.from_pretrained(str(src.model_dir), dtype=torch.float32)
-    lm.save_pretrained(str(paths.model_dir), safe_serialization=True)
-    for f in src.model_dir.iterdir():
-        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
-            shutil.copy2(f, paths.model_dir / f.name)
+    _copy_model(src.model_dir, paths.model_dir, torch.float32)
     manifest = src.read_manifest()
     rec, sample_sizes = _measure_recall(paths.model_dir, w.fact_prompts(), spec, seed)
     manifest["source"] = "shipped"
