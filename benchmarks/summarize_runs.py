@@ -40,7 +40,7 @@ def settings(run: Path) -> str:
     if "lam" in editor:
         parts.append(f"lam {editor['lam']:g}")
     if "nullspace_threshold" in editor:
-        parts.append(f"{editor.get('threshold_mode', 'absolute')} {editor['nullspace_threshold']:g}, L2 {editor.get('l2'):g}")
+        parts.append(f"{editor.get('threshold_mode', 'absolute')} {editor['nullspace_threshold']:g}" + (f", L2 {editor['l2']:g}" if editor.get('l2') is not None else ""))
     return ", ".join(parts)
 
 
