@@ -248,6 +248,45 @@ class ModelAdapter:
             return None
 
 
+def prefix_cache_kwarg(model: nn.Module) -> str | None:
+    """The keyword under which ``model.forward`` takes a key/value cache of earlier positions
+    (``cache`` in recent transformers 5 releases, ``past_key_values`` before), or ``None``
+    when the model cannot continue from a cache with explicit ``position_ids`` (then the
+    residual optimization runs every step on the whole sequence)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    if "position_ids" not in params:
+        return None
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return None
+
+
+def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(keys, values)]`` per decoder layer of a transformers ``DynamicCache``
+    (``(batch, kv_heads, seq, head_dim)`` each)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [(l.keys, l.values) for l in layers]
+    return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]
+
+
+def make_cache(model: nn.Module, kv: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+    """A fresh ``DynamicCache`` holding ``kv`` (one ``(keys, values)`` pair per layer)."""
+    from transformers import DynamicCache
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except TypeError:
+        cache = DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        cache.update(k, v, i)
+    return cache
+
+
 def supports_logits_to_keep(model: nn.Module) -> bool:
     """Whether ``model.forward`` can compute the LM head on selected positions only
     (``logits_to_keep``, transformers >= 4.50): scoring a few positions then skips the head

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .arch import ModelAdapter, supports_logits_to_keep
+from .arch import ModelAdapter, cache_layers, make_cache, prefix_cache_kwarg, supports_logits_to_keep
 from .data.requests import EditRequest, target_text
 from .tokens import Encoded, Segment, encode_segments, flatten_targets
 
@@ -46,6 +46,9 @@ class ResidualConfig:
             target; where small models look facts up).
         max_rows_per_forward: split the padded batch into micro-batches of at most this many
             rows (gradients accumulate); bounds activation memory on big models. 0 = no split.
+        prefix_cache: run the tokens before each row's anchor once per batch (their states
+            cannot depend on the residual vectors) and only the rest in every step. Same
+            result up to rounding; off runs every step on the whole sequence.
     """
 
     lr: float = 0.5
@@ -56,6 +59,7 @@ class ResidualConfig:
     early_stop_loss: float = 0.05
     anchor: AnchorRule = "subject_last"
     max_rows_per_forward: int = 0
+    prefix_cache: bool = True
 
     def __post_init__(self):
         if self.anchor not in ("subject_last", "prompt_last"):
@@ -173,10 +177,84 @@ class ResidualResult:
     steps: torch.Tensor  # (n_chunks,) steps each chunk took
 
 
+@dataclass
+class _Layout:
+    """Rows re-laid so every row's first read position sits in column ``width``: the columns
+    before it (left-padded) are the *prefix*, computed once; the columns from it on the *suffix*,
+    the only part a residual vector can change (attention is causal and every delta sits at or
+    after the split). ``shift[r]`` maps an original position ``p`` of row ``r`` to ``p - shift[r]``
+    in suffix coordinates."""
+
+    ids: torch.Tensor  # (rows, width + suffix) left/right padded
+    mask: torch.Tensor
+    position_ids: torch.Tensor
+    width: int  # prefix columns
+    split: torch.Tensor  # (rows,) original position of each row's first suffix token
+    suffix_len: torch.Tensor  # (rows,) real suffix tokens
+
+
+def _layout(enc: Encoded, split: torch.Tensor) -> _Layout:
+    n, _ = enc.input_ids.shape
+    lengths = enc.attention_mask.sum(1)
+    width = int(split.max()) if n else 0
+    suffix_len = lengths - split
+    total = width + int(suffix_len.max())
+    ids = torch.zeros((n, total), dtype=torch.long)  # padding slots are masked: any id will do
+    mask = torch.zeros((n, total), dtype=torch.long)
+    pos = torch.zeros((n, total), dtype=torch.long)
+    for r in range(n):
+        sh = width - int(split[r])
+        L = int(lengths[r])
+        ids[r, sh : sh + L] = enc.input_ids[r, :L]
+        mask[r, sh : sh + L] = 1
+        pos[r, sh : sh + L] = torch.arange(L)
+    return _Layout(ids, mask, pos, width, split, suffix_len)
+
+
+@torch.no_grad()
+def _prefix_kv(adapter: ModelAdapter, lay: _Layout, groups: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Keys and values of every layer at the prefix columns of all rows (one no-grad pass per
+    row group), with left-padding slots zeroed so nothing undefined can leak into attention."""
+    if lay.width == 0:
+        return None
+    model = adapter.model
+    device = next(model.parameters()).device
+    parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+    for rows in groups:
+        mask = lay.mask[rows, : lay.width].to(device)
+        out = model(
+            input_ids=lay.ids[rows, : lay.width].to(device),
+            attention_mask=mask,
+            position_ids=lay.position_ids[rows, : lay.width].to(device),
+            use_cache=True,
+            **({"logits_to_keep": 1} if supports_logits_to_keep(model) else {}),
+        )
+        cache = getattr(out, "cache", None)
+        cache = cache if cache is not None else out.past_key_values
+        keep = mask.bool()[:, None, :, None]
+        parts.append([(torch.where(keep, k, 0), torch.where(keep, v, 0)) for k, v in cache_layers(cache)])
+    if len(parts) == 1:
+        return parts[0]
+    # groups partition the rows in order: concatenate back to row order
+    order = torch.cat(groups)
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(len(order))
+    inv = inv.to(device)
+    return [
+        (torch.cat([p[i][0] for p in parts])[inv], torch.cat([p[i][1] for p in parts])[inv]) for i in range(len(parts[0]))
+    ]
+
+
 def optimize_residuals(
     adapter: ModelAdapter, batch: ResidualBatch, z_layer: int, cfg: ResidualConfig
 ) -> ResidualResult:
-    """Optimize one ``delta`` per chunk jointly (see module docstring)."""
+    """Optimize one ``delta`` per chunk jointly (see module docstring).
+
+    With ``cfg.prefix_cache`` (and a model that accepts a key/value cache with explicit
+    position ids), the tokens before each row's first anchor are run once: their states do
+    not depend on any delta (causal attention), so every optimization step only runs the
+    suffix from the anchor on, attending to the cached prefix.
+    """
     model = adapter.model
     device = next(model.parameters()).device
     n = batch.n_chunks
@@ -198,6 +276,25 @@ def optimize_residuals(
     kl_init: torch.Tensor | None = None  # (KL rows, vocab): the step-0 distributions
     groups = _micro_batches(n_rows, batch.row_chunk, cfg.max_rows_per_forward)
     keep_kw = supports_logits_to_keep(model)
+    cache_kw = prefix_cache_kwarg(model) if cfg.prefix_cache else None
+
+    # where each row's suffix starts: its first anchor, or an earlier position a loss reads
+    if cache_kw is not None:
+        split = batch.enc.anchor_pos[:, 0].clone()
+        if len(t_rows):
+            split = split.scatter_reduce(0, t_rows, t_pos - 1, reduce="amin")
+        if len(kl_rows_all):
+            split[kl_rows_all] = torch.minimum(split[kl_rows_all], batch.enc.anchor_pos[kl_rows_all, 0])
+        split = split.clamp_min(0)
+    else:
+        split = torch.zeros(n_rows, dtype=torch.long)
+    lay = _layout(batch.enc, split)
+    kv = _prefix_kv(adapter, lay, groups) if cache_kw is not None else None
+    W = lay.width
+    a_suf = a_pos - split[a_rows]  # positions in suffix coordinates
+    t_suf = t_pos - split[t_rows]
+    kl_suf = batch.enc.anchor_pos[:, 0] - split
+
     active = torch.ones(n, dtype=torch.bool, device=device)
     steps = torch.zeros(n, dtype=torch.long, device=device)
     nll_c = torch.zeros(n, device=device)
@@ -214,18 +311,22 @@ def optimize_residuals(
             local = torch.full((n_rows,), -1, dtype=torch.long)
             local[rows] = torch.arange(len(rows))
             sel_a, sel_t = local[a_rows] >= 0, local[t_rows] >= 0
-            width = int(batch.enc.attention_mask[rows].sum(1).max())  # right padding: trim the tail
-            ids = batch.enc.input_ids[rows, :width].to(device)
-            mask = batch.enc.attention_mask[rows, :width].to(device)
-            ar, ap = local[a_rows[sel_a]].to(device), a_pos[sel_a].to(device)
-            tr, tp = local[t_rows[sel_t]], t_pos[sel_t]
+            width = int(lay.suffix_len[rows].max())  # right padding: trim the tail
+            ids = lay.ids[rows, W : W + width].to(device)
+            mask = lay.mask[rows, : W + width].to(device)
+            ar, ap = local[a_rows[sel_a]].to(device), a_suf[sel_a].to(device)
+            tr, tp = local[t_rows[sel_t]], t_suf[sel_t]
             kl_rows = kl_rows_all[local[kl_rows_all] >= 0]
-            kr, kp = local[kl_rows], batch.enc.anchor_pos[kl_rows, 0]
+            kr, kp = local[kl_rows], kl_suf[kl_rows]
             # the LM head and softmax only where a loss reads them
             need = torch.cat([tp - 1, kp]).unique()
             kw = {"logits_to_keep": need.to(device)} if keep_kw else {}
+            if kv is not None:
+                d_rows = rows.to(device)
+                kw[cache_kw] = make_cache(model, [(k[d_rows], v[d_rows]) for k, v in kv])
+                kw["position_ids"] = lay.position_ids[rows, W : W + width].to(device)
             with torch.enable_grad(), adapter.add_at_positions(z_layer, ar, ap, delta[a_chunk[sel_a].to(device)]):
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **kw).logits
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=kv is not None, **kw).logits
             col = (lambda p: torch.searchsorted(need, p)) if keep_kw else (lambda p: p)
             # target NLL: per row mean over its tokens, per chunk mean over its rewrite rows
             t_logp = logits[tr.to(device), col(tp - 1).to(device)].float().log_softmax(-1)
