@@ -176,10 +176,11 @@ class ModelAdapter:
         stop_after: int | None = None,
     ) -> Iterator[dict[str, dict[int, torch.Tensor]]]:
         """Record down-projection inputs (``keys[l]``: ``(batch, seq, d_k)``) and block outputs
-        (``outputs[l]``: ``(batch, seq, d_model)``) during forward passes inside the block, and
+        (``outputs[l]``: ``(batch, seq, d_model)``; ``tuple_len[l]``: the length of the tuple the
+        block returned, 0 for a tensor) during forward passes inside the block, and
         optionally stop the forward pass right after block ``stop_after`` (use
         :meth:`forward` so the stop is caught)."""
-        rec: dict[str, dict[int, torch.Tensor]] = {"keys": {}, "outputs": {}}
+        rec: dict[str, dict] = {"keys": {}, "outputs": {}, "tuple_len": {}}
         handles = []
         for layer in set(key_layers):
             def pre_hook(_m, args, layer=layer):
@@ -190,6 +191,7 @@ class ModelAdapter:
             def hook(_m, _args, out, layer=layer):
                 if layer in output_layers:
                     rec["outputs"][layer] = _block_output(out)
+                    rec["tuple_len"][layer] = len(out) if isinstance(out, tuple) else 0
                 if layer == stop_after:
                     raise _StopForward
             handles.append(self.layer(layer).register_forward_hook(hook))
@@ -240,10 +242,44 @@ class ModelAdapter:
         finally:
             handle.remove()
 
+    @contextlib.contextmanager
+    def skip_blocks(self, upto: int, output: torch.Tensor, tuple_len: int = 0) -> Iterator[None]:
+        """Inside the block, blocks ``0 .. upto`` do not compute: blocks before ``upto`` pass
+        their input through and block ``upto`` returns ``output`` (a precomputed block output
+        whose shape matches the forward's ``(batch, seq, d_model)``; ``tuple_len`` is the length
+        of the tuple the real blocks return, 0 for a plain tensor, as :meth:`trace` records it).
+        Hooks on the blocks
+        still run, so :meth:`add_at_positions` on block ``upto`` still adds its vectors.
+        Used where the lower blocks' states are known not to change between forwards."""
+
+        def shaped(h):
+            return (h, *([None] * (tuple_len - 1))) if tuple_len else h
+
+        def passthrough(*args, **kwargs):
+            return shaped(args[0] if args else kwargs["hidden_states"])
+
+        def last(*args, **kwargs):
+            return shaped(output)
+
+        saved = []
+        for i in range(upto + 1):
+            block = self.layer(i)
+            saved.append((block, block.__dict__.get("forward")))
+            block.forward = last if i == upto else passthrough
+        try:
+            yield
+        finally:
+            for block, fwd in saved:
+                if fwd is None:
+                    del block.forward
+                else:
+                    block.forward = fwd
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw):
         """Run the model; returns its output, or ``None`` when a hook stopped it early."""
         try:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw)
+            kw.setdefault("use_cache", False)
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
         except _StopForward:
             return None
 

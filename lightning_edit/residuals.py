@@ -17,6 +17,7 @@ Adam is element-wise, this equals optimizing each request alone.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -49,6 +50,8 @@ class ResidualConfig:
         prefix_cache: run the tokens before each row's anchor once per batch (their states
             cannot depend on the residual vectors) and only the rest in every step. Same
             result up to rounding; off runs every step on the whole sequence.
+        skip_lower_blocks: compute the blocks up to ``z_layer`` once per batch (their states do
+            not depend on the residual vectors) and run only the blocks above in every step.
     """
 
     lr: float = 0.5
@@ -60,6 +63,7 @@ class ResidualConfig:
     anchor: AnchorRule = "subject_last"
     max_rows_per_forward: int = 0
     prefix_cache: bool = True
+    skip_lower_blocks: bool = True
 
     def __post_init__(self):
         if self.anchor not in ("subject_last", "prompt_last"):
@@ -245,6 +249,34 @@ def _prefix_kv(adapter: ModelAdapter, lay: _Layout, groups: list[torch.Tensor]) 
     ]
 
 
+@torch.no_grad()
+def _lower_outputs(
+    adapter: ModelAdapter, lay: _Layout, kv, groups: list[torch.Tensor], z_layer: int, cache_kw: str | None
+) -> tuple[torch.Tensor, int]:
+    """Block ``z_layer``'s output at every suffix column of every row (no delta: nothing up to
+    that block depends on one), and the block's output structure (see ``ModelAdapter.trace``)."""
+    model = adapter.model
+    device = next(model.parameters()).device
+    W = lay.width
+    S = int(lay.suffix_len.max())
+    out: torch.Tensor | None = None
+    tuple_len = 0
+    for rows in groups:
+        d_rows = rows.to(device)
+        kw = {}
+        if kv is not None:
+            kw = {cache_kw: make_cache(model, [(k[d_rows], v[d_rows]) for k, v in kv]),
+                  "position_ids": lay.position_ids[rows, W:].to(device), "use_cache": True}
+        with adapter.trace(output_layers=[z_layer], stop_after=z_layer) as rec:
+            adapter.forward(lay.ids[rows, W:].to(device), lay.mask[rows].to(device), **kw)
+        h = rec["outputs"][z_layer]
+        tuple_len = rec["tuple_len"][z_layer]
+        if out is None:
+            out = torch.zeros(lay.ids.shape[0], S, h.shape[-1], dtype=h.dtype, device=device)
+        out[d_rows] = h
+    return out, tuple_len
+
+
 def optimize_residuals(
     adapter: ModelAdapter, batch: ResidualBatch, z_layer: int, cfg: ResidualConfig
 ) -> ResidualResult:
@@ -291,6 +323,7 @@ def optimize_residuals(
     lay = _layout(batch.enc, split)
     kv = _prefix_kv(adapter, lay, groups) if cache_kw is not None else None
     W = lay.width
+    lower = _lower_outputs(adapter, lay, kv, groups, z_layer, cache_kw) if cfg.skip_lower_blocks else None
     a_suf = a_pos - split[a_rows]  # positions in suffix coordinates
     t_suf = t_pos - split[t_rows]
     kl_suf = batch.enc.anchor_pos[:, 0] - split
@@ -325,7 +358,10 @@ def optimize_residuals(
                 d_rows = rows.to(device)
                 kw[cache_kw] = make_cache(model, [(k[d_rows], v[d_rows]) for k, v in kv])
                 kw["position_ids"] = lay.position_ids[rows, W : W + width].to(device)
-            with torch.enable_grad(), adapter.add_at_positions(z_layer, ar, ap, delta[a_chunk[sel_a].to(device)]):
+            skip = contextlib.nullcontext()
+            if lower is not None:
+                skip = adapter.skip_blocks(z_layer, lower[0][rows.to(device), :width], lower[1])
+            with torch.enable_grad(), skip, adapter.add_at_positions(z_layer, ar, ap, delta[a_chunk[sel_a].to(device)]):
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=kv is not None, **kw).logits
             col = (lambda p: torch.searchsorted(need, p)) if keep_kw else (lambda p: p)
             # target NLL: per row mean over its tokens, per chunk mean over its rewrite rows

@@ -154,10 +154,11 @@ def test_failed_update_leaves_weights_untouched(trained_gpt2, tokenizer):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("anchor", ["subject_last", "prompt_last"])
-def test_prefix_cache_is_the_same_computation(arch, anchor, tokenizer):
+def test_prefix_cache_and_lower_block_skip_are_the_same_computation(arch, anchor, tokenizer):
     """Running the tokens before each anchor once (key/value cache, left-aligned rows) and only
-    the suffix in every step gives the same residuals as full forwards, on every architecture,
-    with context prefixes of different lengths, KL rows and row micro-batches."""
+    the suffix in every step, and computing the blocks up to the z layer once, each and both
+    give the same residuals as full forwards, on every architecture, with context prefixes of
+    different lengths, KL rows and row micro-batches."""
     model = make_model(arch, vocab_size=len(tokenizer), n_layer=3, width=32)
     ad = ModelAdapter(model)
     reqs = counterfactual_requests(4)
@@ -165,11 +166,12 @@ def test_prefix_cache_is_the_same_computation(arch, anchor, tokenizer):
     batch = build_residual_batch(tokenizer, reqs, prefixes, anchor)
     for rows in (0, 5):
         base = dict(anchor=anchor, steps=6, kl_factor=0.0625, early_stop_loss=0.0, max_rows_per_forward=rows, lr=0.5)
-        cached = optimize_residuals(ad, batch, 1, ResidualConfig(**base, prefix_cache=True))
-        full = optimize_residuals(ad, batch, 1, ResidualConfig(**base, prefix_cache=False))
-        assert not torch.equal(cached.z_target, cached.z_init)  # the deltas moved
-        torch.testing.assert_close(cached.z_target, full.z_target, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(cached.loss, full.loss, rtol=1e-4, atol=1e-5)
+        full = optimize_residuals(ad, batch, 1, ResidualConfig(**base, prefix_cache=False, skip_lower_blocks=False))
+        for cache, skip in ((True, False), (False, True), (True, True)):
+            fast = optimize_residuals(ad, batch, 1, ResidualConfig(**base, prefix_cache=cache, skip_lower_blocks=skip))
+            assert not torch.equal(fast.z_target, fast.z_init)  # the deltas moved
+            torch.testing.assert_close(fast.z_target, full.z_target, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(fast.loss, full.loss, rtol=1e-4, atol=1e-5)
 
 
 def test_prefix_cache_layout_puts_every_anchor_at_the_split(tokenizer):
