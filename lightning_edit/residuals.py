@@ -236,7 +236,13 @@ def _prefix_kv(adapter: ModelAdapter, lay: _Layout, groups: list[torch.Tensor]) 
         cache = getattr(out, "cache", None)
         cache = cache if cache is not None else out.past_key_values
         keep = mask.bool()[:, None, :, None]
-        parts.append([(torch.where(keep, k, 0), torch.where(keep, v, 0)) for k, v in cache_layers(cache)])
+        layer_kv = [(torch.where(keep, k, 0), torch.where(keep, v, 0)) for k, v in cache_layers(cache)]
+        if not all(bool(torch.isfinite(k).all() and torch.isfinite(v).all()) for k, v in layer_kv):
+            raise FloatingPointError(
+                "the prefix key/value cache has non-finite values (the attention kernel mishandles "
+                "left padding?); set residual.prefix_cache: false"
+            )
+        parts.append(layer_kv)
     if len(parts) == 1:
         return parts[0]
     # groups partition the rows in order: concatenate back to row order

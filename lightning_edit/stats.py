@@ -180,6 +180,19 @@ def packed_blocks(tokenizer, texts: Iterator[str], max_length: int, batch_size: 
         yield torch.tensor([buf])
 
 
+def key_gram(k: torch.Tensor) -> torch.Tensor:
+    """``k^T k`` in float32 for keys ``(n, d_k)``. Half-precision keys on a GPU multiply on the
+    tensor cores with float32 accumulation and output (products of bf16/fp16 numbers are exact
+    in float32, so this is the float32 result at half-precision speed); otherwise float32."""
+    if k.is_cuda and k.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(k.T, k, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    k = k.float()
+    return k.T @ k
+
+
 @torch.no_grad()
 def accumulate_moments(
     adapter: ModelAdapter,
@@ -199,9 +212,9 @@ def accumulate_moments(
         with adapter.trace(key_layers=layers, stop_after=last) as rec:
             adapter.forward(ids, torch.ones_like(ids))
         for l in layers:
-            k = rec["keys"][l].reshape(-1, rec["keys"][l].shape[-1]).float()
+            k = rec["keys"][l].reshape(-1, rec["keys"][l].shape[-1])
             s, c = acc[l]
-            acc[l] = (s.add_((k.T @ k).double()), c + k.shape[0])
+            acc[l] = (s.add_(key_gram(k)), c + k.shape[0])  # float64 running sum
         if progress is not None:
             progress.update(ids.numel())
         if on_batch is not None:

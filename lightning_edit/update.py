@@ -13,6 +13,7 @@ import torch
 
 from .arch import ModelAdapter
 from .closed_form import alphaedit_update, memit_update, spread_residual
+from .profiling import PhaseTimer, phase
 from .residuals import ResidualBatch
 
 
@@ -130,6 +131,7 @@ def apply_update(
     method,
     gather: Gather | None = None,
     max_rows: int = 0,
+    timer: PhaseTimer | None = None,
 ) -> dict[str, float]:
     """Apply one edit batch's update to every edit layer, in ascending order.
 
@@ -140,6 +142,8 @@ def apply_update(
     ``batch=None`` (and ``z_target=None``): it contributes no rows but joins every gather.
     If anything fails (a non-finite solve, a bad shape), every edit layer is restored and the
     error re-raised: a batch is applied whole or not at all.
+    ``timer`` (optional) accumulates seconds per phase: ``keys``, ``solve``, ``apply`` and
+    ``state`` (AlphaEdit's keys after the update and its ``K_p K_p^T``).
     Returns summary numbers for logging.
     """
     gather = gather or (lambda t: t)
@@ -149,22 +153,26 @@ def apply_update(
     info: dict[str, float] = {}
     try:
         for i, l in enumerate(layers):
-            if batch is None:
-                keys, resid = _no_rows(adapter, [l]), _no_rows(adapter, [z_layer], keys=False)[z_layer]
-            else:
-                keys, z_cur = anchor_keys_and_outputs(adapter, batch, [l], z_layer, max_rows)
-                resid = spread_residual(z_target.to(z_cur.device), z_cur, len(layers) - i)
-            k_all, r_all = gather(keys[l]), gather(resid)
-            delta = method.delta(l, k_all, r_all)
-            adapter.add_to_weight(l, delta)
+            with phase(timer, "keys"):
+                if batch is None:
+                    keys, resid = _no_rows(adapter, [l]), _no_rows(adapter, [z_layer], keys=False)[z_layer]
+                else:
+                    keys, z_cur = anchor_keys_and_outputs(adapter, batch, [l], z_layer, max_rows)
+                    resid = spread_residual(z_target.to(z_cur.device), z_cur, len(layers) - i)
+                k_all, r_all = gather(keys[l]), gather(resid)
+            with phase(timer, "solve"):
+                delta = method.delta(l, k_all, r_all)
+            with phase(timer, "apply"):
+                adapter.add_to_weight(l, delta)
             w = snapshot[l]
             info[f"update_norm/layer_{l}"] = float(delta.norm() / w.float().norm())
         if getattr(method, "needs_keys_after", False):
-            if batch is None:
-                keys_after = _no_rows(adapter, layers)
-            else:
-                keys_after, _ = anchor_keys_and_outputs(adapter, batch, layers, None, max_rows)
-            method.commit({l: gather(k) for l, k in keys_after.items()})
+            with phase(timer, "state"):
+                if batch is None:
+                    keys_after = _no_rows(adapter, layers)
+                else:
+                    keys_after, _ = anchor_keys_and_outputs(adapter, batch, layers, None, max_rows)
+                method.commit({l: gather(k) for l, k in keys_after.items()})
     except BaseException:
         with torch.no_grad():
             for l, w in snapshot.items():
