@@ -182,6 +182,9 @@ class Settings:
     l2: float = 10.0
     keep: float = 0.7
     solve_dtype: str = "float64"
+    length_buckets: int = 1
+    bucket_sweep: str = ""
+    profile_steps: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -206,7 +209,7 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
     g = torch.Generator().manual_seed(1)
     prefixes = [words(g, s.prefix_len, vocab) + " " for _ in range(s.prefixes)]
     cfg = ResidualConfig(lr=shape.lr, steps=s.steps, early_stop_loss=0.0, clamp_norm_factor=4.0, kl_factor=0.0625,
-                         anchor="subject_last")
+                         anchor="subject_last", length_buckets=s.length_buckets)
     solve = {"float32": torch.float32, "float64": torch.float64}[s.solve_dtype]
     projs = {l: random_projector(d_k, s.keep, device, seed=l) for l in layers}
     method = AlphaEditMethod(l2=s.l2, projectors=projs, solve_dtype=solve)
@@ -234,6 +237,26 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
     rows, cols = rb.enc.input_ids.shape
     log(f"[{name}] edit batch: {batch_s:.2f} s for {s.edits} edits ({rows} rows); " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
     final_nll = float(res.nll.mean())
+
+    # z optimization of the same batch with other length-bucket counts
+    sweep = {}
+    for b in [int(x) for x in s.bucket_sweep.split(",") if x.strip()]:
+        tb = PhaseTimer(device)
+        with tb("z"):
+            optimize_residuals(adapter, build_residual_batch(tok, reqs, prefixes, cfg.anchor), z_layer, replace(cfg, length_buckets=b))
+        sweep[b] = tb.seconds["z"] * 100 / s.edits
+        log(f"[{name}] z optimization with {b} length buckets: {sweep[b]:.2f} s per 100 edits")
+    profile = None
+    if s.profile_steps:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=acts) as prof:
+            optimize_residuals(adapter, build_residual_batch(tok, reqs, prefixes, cfg.anchor), z_layer, replace(cfg, steps=s.profile_steps))
+            sync(device)
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        profile = prof.key_averages().table(sort_by=sort, row_limit=20)
+        log(f"[{name}] profile of z optimization ({s.profile_steps} steps, {s.edits} edits):\n{profile}")
 
     # baselines on a subset: the previous code path (full forwards every step), one request at a time
     sub = reqs[: s.one_at_a_time]
@@ -317,6 +340,8 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
         "s_per_100_edits_one_at_a_time_full_forward": sub_s["one_at_a_time_full_forward"] * scale + update_s * 100 / s.edits,
         "z_s_per_100_edits_subset": {k: v * scale for k, v in sub_s.items()},
         "z_subset_requests": len(sub),
+        "z_s_per_100_edits_by_length_buckets": sweep,
+        "length_buckets": s.length_buckets,
         "delta_max_rel_diff_fast_vs_full_forward": delta_rel_diff,
         "solve_s_one_layer": solve_s,
         "solve_dtype": s.solve_dtype,

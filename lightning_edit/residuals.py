@@ -52,6 +52,8 @@ class ResidualConfig:
             result up to rounding; off runs every step on the whole sequence.
         skip_lower_blocks: compute the blocks up to ``z_layer`` once per batch (their states do
             not depend on the residual vectors) and run only the blocks above in every step.
+        length_buckets: sort rows by the length of the part each step runs and split them into
+            this many forwards (less padding, more forwards per step).
     """
 
     lr: float = 0.5
@@ -64,6 +66,7 @@ class ResidualConfig:
     max_rows_per_forward: int = 0
     prefix_cache: bool = True
     skip_lower_blocks: bool = True
+    length_buckets: int = 1
 
     def __post_init__(self):
         if self.anchor not in ("subject_last", "prompt_last"):
@@ -150,26 +153,18 @@ def block_outputs_at_anchors(adapter: ModelAdapter, batch: ResidualBatch, layer:
     return rec["outputs"][layer][torch.arange(len(rows), device=device), pos].float()
 
 
-def _micro_batches(n_rows: int, row_chunk: torch.Tensor, max_rows: int) -> list[torch.Tensor]:
-    """Row groups of at most ``max_rows`` rows that never split a chunk's rows."""
-    if max_rows <= 0 or n_rows <= max_rows:
-        return [torch.arange(n_rows)]
-    groups, cur, cur_chunk = [], [], None
-    bounds = []
-    for r in range(n_rows):
-        c = int(row_chunk[r])
-        if c != cur_chunk:
-            bounds.append(r)
-            cur_chunk = c
-    bounds.append(n_rows)
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        if cur and len(cur) + (e - s) > max_rows:
-            groups.append(torch.tensor(cur))
-            cur = []
-        cur.extend(range(s, e))
-    if cur:
-        groups.append(torch.tensor(cur))
-    return groups
+def _row_groups(suffix_len: torch.Tensor, max_rows: int, buckets: int) -> list[torch.Tensor]:
+    """Rows of one padded forward each: with ``buckets > 1`` the rows sorted by suffix length
+    and cut into that many equal parts (less padding, more forwards), each part further cut
+    into forwards of at most ``max_rows`` rows (0 = no limit)."""
+    n = len(suffix_len)
+    if buckets <= 1 and (max_rows <= 0 or n <= max_rows):
+        return [torch.arange(n)]
+    order = torch.argsort(suffix_len, stable=True) if buckets > 1 else torch.arange(n)
+    groups = []
+    for part in order.tensor_split(max(1, min(buckets, n))):
+        groups.extend(part.split(max_rows) if max_rows > 0 else [part])
+    return [g for g in groups if len(g)]
 
 
 @dataclass
@@ -194,15 +189,17 @@ class _Layout:
     position_ids: torch.Tensor
     width: int  # prefix columns
     split: torch.Tensor  # (rows,) original position of each row's first suffix token
-    suffix_len: torch.Tensor  # (rows,) real suffix tokens
+    suffix_len: torch.Tensor  # (rows,) suffix tokens a forward must run (up to the last one read)
 
 
-def _layout(enc: Encoded, split: torch.Tensor) -> _Layout:
+def _layout(enc: Encoded, split: torch.Tensor, end: torch.Tensor | None = None) -> _Layout:
+    """``end[r]``: one past the last position of row ``r`` whose output is read (default: the
+    row's length); later tokens are kept (as labels) but never run."""
     n, _ = enc.input_ids.shape
     lengths = enc.attention_mask.sum(1)
     width = int(split.max()) if n else 0
-    suffix_len = lengths - split
-    total = width + int(suffix_len.max())
+    suffix_len = (lengths if end is None else torch.minimum(end, lengths)) - split
+    total = width + int((lengths - split).max())
     ids = torch.zeros((n, total), dtype=torch.long)  # padding slots are masked: any id will do
     mask = torch.zeros((n, total), dtype=torch.long)
     pos = torch.zeros((n, total), dtype=torch.long)
@@ -272,9 +269,9 @@ def _lower_outputs(
         kw = {}
         if kv is not None:
             kw = {cache_kw: make_cache(model, [(k[d_rows], v[d_rows]) for k, v in kv]),
-                  "position_ids": lay.position_ids[rows, W:].to(device), "use_cache": True}
+                  "position_ids": lay.position_ids[rows, W : W + S].to(device), "use_cache": True}
         with adapter.trace(output_layers=[z_layer], stop_after=z_layer) as rec:
-            adapter.forward(lay.ids[rows, W:].to(device), lay.mask[rows].to(device), **kw)
+            adapter.forward(lay.ids[rows, W : W + S].to(device), lay.mask[rows, : W + S].to(device), **kw)
         h = rec["outputs"][z_layer]
         tuple_len = rec["tuple_len"][z_layer]
         if out is None:
@@ -312,7 +309,6 @@ def optimize_residuals(
     kl_slot = torch.full((n_rows,), -1, dtype=torch.long)  # KL row -> its row of kl_init
     kl_slot[kl_rows_all] = torch.arange(len(kl_rows_all))
     kl_init: torch.Tensor | None = None  # (KL rows, vocab): the step-0 distributions
-    groups = _micro_batches(n_rows, batch.row_chunk, cfg.max_rows_per_forward)
     keep_kw = supports_logits_to_keep(model)
     cache_kw = prefix_cache_kwarg(model) if cfg.prefix_cache else None
 
@@ -326,7 +322,12 @@ def optimize_residuals(
         split = split.clamp_min(0)
     else:
         split = torch.zeros(n_rows, dtype=torch.long)
-    lay = _layout(batch.enc, split)
+    # one past the last position whose output a loss or a delta reads: later tokens never run
+    end = batch.enc.anchor_pos.max(1).values + 1
+    if len(t_rows):
+        end = end.scatter_reduce(0, t_rows, t_pos, reduce="amax")  # predicted at t_pos - 1
+    lay = _layout(batch.enc, split, end)
+    groups = _row_groups(lay.suffix_len, cfg.max_rows_per_forward, cfg.length_buckets)
     kv = _prefix_kv(adapter, lay, groups) if cache_kw is not None else None
     W = lay.width
     lower = _lower_outputs(adapter, lay, kv, groups, z_layer, cache_kw) if cfg.skip_lower_blocks else None
@@ -342,6 +343,12 @@ def optimize_residuals(
     for step in range(cfg.steps + 1):
         opt.zero_grad(set_to_none=True)
         active_cpu = active.cpu()
+        wd = cfg.weight_decay * delta.norm(dim=-1) / z0_norm.pow(2)
+        # the loss is a sum of per-row terms (+ one weight-decay term per chunk): groups may
+        # split a chunk's rows, their gradients and losses add up
+        wd_pending = torch.where(active, wd, torch.zeros_like(wd)).sum()
+        nll_step = torch.zeros(n, device=device)
+        kl_step = torch.zeros(n, device=device)
         for rows in groups:
             # only the rows of chunks still optimizing: converged chunks cost nothing more
             rows = rows[active_cpu[batch.row_chunk[rows]]]
@@ -352,6 +359,7 @@ def optimize_residuals(
             sel_a, sel_t = local[a_rows] >= 0, local[t_rows] >= 0
             width = int(lay.suffix_len[rows].max())  # right padding: trim the tail
             ids = lay.ids[rows, W : W + width].to(device)
+            labels = lay.ids[rows, W:].to(device)
             mask = lay.mask[rows, : W + width].to(device)
             ar, ap = local[a_rows[sel_a]].to(device), a_suf[sel_a].to(device)
             tr, tp = local[t_rows[sel_t]], t_suf[sel_t]
@@ -372,7 +380,7 @@ def optimize_residuals(
             col = (lambda p: torch.searchsorted(need, p)) if keep_kw else (lambda p: p)
             # target NLL: per row mean over its tokens, per chunk mean over its rewrite rows
             t_logp = logits[tr.to(device), col(tp - 1).to(device)].float().log_softmax(-1)
-            lp = t_logp.gather(-1, ids[tr.to(device), tp.to(device)].unsqueeze(-1)).squeeze(-1)
+            lp = t_logp.gather(-1, labels[tr.to(device), tp.to(device)].unsqueeze(-1)).squeeze(-1)
             chunk_t = batch.row_chunk[t_rows[sel_t]].to(device)
             part_nll = torch.zeros(n, device=device).index_add(0, chunk_t, -lp * t_weight[sel_t.to(device)])
             part_kl = torch.zeros(n, device=device)
@@ -385,13 +393,15 @@ def optimize_residuals(
                     kl_init[slots] = kl_logp.detach()
                 kl = F.kl_div(kl_init[slots], kl_logp, log_target=True, reduction="none").sum(-1)
                 part_kl = part_kl.index_add(0, batch.row_chunk[kl_rows].to(device), cfg.kl_factor * kl)
-            in_group = torch.zeros(n, dtype=torch.bool, device=device)
-            in_group[batch.row_chunk[rows].unique().to(device)] = True
-            wd = cfg.weight_decay * delta.norm(dim=-1) / z0_norm.pow(2)
-            # chunks live entirely in one group, so each group's loss only touches its chunks
-            (part_nll + part_kl + torch.where(in_group, wd, torch.zeros_like(wd))).sum().backward()
-            nll_c = torch.where(in_group, part_nll.detach(), nll_c)
-            kl_c = torch.where(in_group, part_kl.detach(), kl_c)
+            loss = part_nll.sum() + part_kl.sum()
+            if wd_pending is not None:
+                loss = loss + wd_pending
+                wd_pending = None
+            loss.backward()
+            nll_step += part_nll.detach()
+            kl_step += part_kl.detach()
+        nll_c = torch.where(active, nll_step, nll_c)
+        kl_c = torch.where(active, kl_step, kl_c)
         loss_c = nll_c + kl_c + (cfg.weight_decay * delta.norm(dim=-1) / z0_norm.pow(2)).detach()
         active = active & (loss_c >= cfg.early_stop_loss)
         if step == cfg.steps or not bool(active.any()):

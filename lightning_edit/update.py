@@ -44,9 +44,11 @@ def anchor_keys_and_outputs(
     per_row_keys: dict[int, list[torch.Tensor]] = {l: [] for l in key_layers}
     per_row_z: list[torch.Tensor] = []
     for g in groups:
-        ids = batch.enc.input_ids[g].to(device)
-        mask = batch.enc.attention_mask[g].to(device)
-        pos = batch.enc.anchor_pos[g, 0].to(device)
+        pos = batch.enc.anchor_pos[g, 0]
+        width = int(pos.max()) + 1  # causal: tokens after the last anchor cannot change its key
+        ids = batch.enc.input_ids[g, :width].to(device)
+        mask = batch.enc.attention_mask[g, :width].to(device)
+        pos = pos.to(device)
         ar = torch.arange(len(g), device=device)
         with adapter.trace(key_layers=key_layers, output_layers=[z_layer] if z_layer is not None else [], stop_after=stop) as rec:
             adapter.forward(ids, mask)

@@ -158,7 +158,8 @@ def test_prefix_cache_and_lower_block_skip_are_the_same_computation(arch, anchor
     """Running the tokens before each anchor once (key/value cache, left-aligned rows) and only
     the suffix in every step, and computing the blocks up to the z layer once, each and both
     give the same residuals as full forwards, on every architecture, with context prefixes of
-    different lengths, KL rows and row micro-batches."""
+    different lengths, KL rows, row micro-batches and rows bucketed by length (a chunk's rows
+    then run in different forwards)."""
     model = make_model(arch, vocab_size=len(tokenizer), n_layer=3, width=32)
     ad = ModelAdapter(model)
     reqs = counterfactual_requests(4)
@@ -167,8 +168,9 @@ def test_prefix_cache_and_lower_block_skip_are_the_same_computation(arch, anchor
     for rows in (0, 5):
         base = dict(anchor=anchor, steps=6, kl_factor=0.0625, early_stop_loss=0.0, max_rows_per_forward=rows, lr=0.5)
         full = optimize_residuals(ad, batch, 1, ResidualConfig(**base, prefix_cache=False, skip_lower_blocks=False))
-        for cache, skip in ((True, False), (False, True), (True, True)):
-            fast = optimize_residuals(ad, batch, 1, ResidualConfig(**base, prefix_cache=cache, skip_lower_blocks=skip))
+        for cache, skip, buckets in ((True, False, 1), (False, True, 1), (True, True, 1), (True, True, 3)):
+            fast = optimize_residuals(ad, batch, 1, ResidualConfig(**base, prefix_cache=cache, skip_lower_blocks=skip,
+                                                                   length_buckets=buckets))
             assert not torch.equal(fast.z_target, fast.z_init)  # the deltas moved
             torch.testing.assert_close(fast.z_target, full.z_target, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(fast.loss, full.loss, rtol=1e-4, atol=1e-5)
