@@ -182,9 +182,11 @@ class Settings:
     l2: float = 10.0
     keep: float = 0.7
     solve_dtype: str = "float64"
-    length_buckets: int = 1
+    length_buckets: int = 2
     bucket_sweep: str = ""
     profile_steps: int = 0
+    stream_batches: int = 0
+    stream_steps: int = 5
     extra: dict = field(default_factory=dict)
 
 
@@ -257,6 +259,23 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         profile = prof.key_averages().table(sort_by=sort, row_limit=20)
         log(f"[{name}] profile of z optimization ({s.profile_steps} steps, {s.edits} edits):\n{profile}")
+
+    # a sequential stream: is the time per batch flat as edits accumulate?
+    stream = None
+    if s.stream_batches:
+        times = []
+        st_cfg = replace(cfg, steps=s.stream_steps)
+        for b in range(s.stream_batches):
+            tb = PhaseTimer(device)
+            with tb("batch"):
+                edit_batch(random_requests(s.edits, vocab, seed=1000 + b), st_cfg, None)
+            times.append(tb.seconds["batch"])
+        k = max(1, len(times) // 10)
+        first, last = sum(times[:k]) / k, sum(times[-k:]) / k
+        stream = {"batches": s.stream_batches, "edits": s.stream_batches * s.edits, "steps": s.stream_steps,
+                  "batch_s": times, "first_tenth_mean_s": first, "last_tenth_mean_s": last, "last_over_first": last / first}
+        log(f"[{name}] stream of {stream['edits']} edits ({s.stream_batches} batches, {s.stream_steps} steps): first tenth "
+            f"{first:.2f} s per batch, last tenth {last:.2f} s, ratio {last / first:.2f}")
 
     # baselines on a subset: the previous code path (full forwards every step), one request at a time
     sub = reqs[: s.one_at_a_time]
@@ -341,6 +360,7 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
         "z_s_per_100_edits_subset": {k: v * scale for k, v in sub_s.items()},
         "z_subset_requests": len(sub),
         "z_s_per_100_edits_by_length_buckets": sweep,
+        "stream": stream,
         "length_buckets": s.length_buckets,
         "delta_max_rel_diff_fast_vs_full_forward": delta_rel_diff,
         "solve_s_one_layer": solve_s,
