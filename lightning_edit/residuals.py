@@ -55,6 +55,9 @@ class ResidualConfig:
         length_buckets: sort rows by the length of the part each step runs and split them into
             this many forwards (less padding, more forwards per step). 2 measured best or equal
             on Llama-3-8B / Qwen2.5-7B / GPT-J shapes on an H200 (benchmarks/results/).
+        mode: for requests of several chunks (long-form editing): ``joint`` optimizes all
+            chunks together, ``autoregressive`` chunk after chunk with the earlier chunks'
+            deltas fixed (AnyEdit's reference). Single facts are one chunk: both are the same.
     """
 
     lr: float = 0.5
@@ -68,27 +71,65 @@ class ResidualConfig:
     prefix_cache: bool = True
     skip_lower_blocks: bool = True
     length_buckets: int = 2
+    mode: Literal["joint", "autoregressive"] = "joint"
 
     def __post_init__(self):
         if self.anchor not in ("subject_last", "prompt_last"):
             raise ValueError(f"anchor must be 'subject_last' or 'prompt_last', got {self.anchor!r}")
         if self.steps < 1 or self.lr <= 0:
             raise ValueError("steps must be >= 1 and lr > 0")
+        if self.mode not in ("joint", "autoregressive"):
+            raise ValueError(f"mode must be 'joint' or 'autoregressive', got {self.mode!r}")
+
+
+class MultiAnchorError(ValueError):
+    """Rows with several anchors but no map from anchors to chunks (each anchor must carry its
+    own residual vector; a shared one is never silently used)."""
 
 
 @dataclass
 class ResidualBatch:
     """The encoded rows of a batch of requests.
 
-    Rows are, per request: one per context prefix (the bare prompt first), then one KL row.
-    ``row_chunk[r]`` is the chunk (request) a row belongs to; ``is_kl[r]`` marks KL rows.
+    Single-fact rows are, per request: one per context prefix (the bare prompt first), then one
+    KL row; ``row_chunk[r]`` is the chunk (request) a row belongs to; ``is_kl[r]`` marks KL rows.
+
+    Long-form rows carry several chunks, each with its own anchor and target tokens:
+    ``anchor_chunk[r, j]`` is the chunk of row ``r``'s ``j``-th anchor (and target span), -1 where
+    absent; ``row_chunk[r]`` is then the row's first chunk. ``chunk_order[c]`` is the position of
+    chunk ``c`` within its request (0 for single facts), ``chunk_request[c]`` its request.
     """
 
     enc: Encoded
     row_chunk: torch.Tensor  # (rows,)
     is_kl: torch.Tensor  # (rows,) bool
     n_chunks: int
-    n_prefixes: int  # rewrite rows per chunk (1 bare + prefixes)
+    n_prefixes: int  # rewrite rows per request (1 bare + prefixes)
+    anchor_chunk: torch.Tensor | None = None  # (rows, max_anchors)
+    chunk_order: torch.Tensor | None = None  # (n_chunks,)
+    chunk_request: torch.Tensor | None = None  # (n_chunks,)
+    bare_row_of_chunk: torch.Tensor | None = None  # (n_chunks,)
+
+    def __post_init__(self):
+        a = self.enc.anchor_pos
+        if self.anchor_chunk is None:
+            multi = (a[:, 1:] >= 0).any(1) if a.shape[1] > 1 else torch.zeros(a.shape[0], dtype=torch.bool)
+            if bool(multi.any()):
+                r = int(multi.nonzero()[0])
+                raise MultiAnchorError(
+                    f"row {r} has {int((a[r] >= 0).sum())} anchors but the batch maps each row to one chunk; "
+                    "give anchor_chunk (one residual vector per anchor) instead of sharing one"
+                )
+            self.anchor_chunk = torch.where(a >= 0, self.row_chunk.unsqueeze(1).expand_as(a), torch.full_like(a, -1))
+        if self.anchor_chunk.shape != a.shape:
+            raise ValueError(f"anchor_chunk has shape {tuple(self.anchor_chunk.shape)}, anchors {tuple(a.shape)}")
+        if self.chunk_order is None:
+            self.chunk_order = torch.zeros(self.n_chunks, dtype=torch.long)
+        if self.chunk_request is None:
+            self.chunk_request = torch.arange(self.n_chunks)
+        if self.bare_row_of_chunk is None:
+            per = self.n_prefixes + (1 if bool(self.is_kl.any()) else 0)
+            self.bare_row_of_chunk = torch.arange(self.n_chunks) * per
 
     @property
     def rewrite_rows(self) -> torch.Tensor:
@@ -97,15 +138,27 @@ class ResidualBatch:
     @property
     def bare_rows(self) -> torch.Tensor:
         """Row of each chunk's bare prompt, ``(n_chunks,)``."""
-        per = self.n_prefixes + (1 if bool(self.is_kl.any()) else 0)
-        return torch.arange(self.n_chunks) * per
+        return self.bare_row_of_chunk
 
     def anchors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(rows, positions, chunk)`` of every anchor, flat ``(m,)`` each."""
         a = self.enc.anchor_pos
         valid = a >= 0
         rows = torch.arange(a.shape[0]).unsqueeze(1).expand_as(a)[valid]
-        return rows, a[valid], self.row_chunk[rows]
+        return rows, a[valid], self.anchor_chunk[valid]
+
+    def bare_anchor_positions(self) -> torch.Tensor:
+        """Position of each chunk's anchor in its bare row, ``(n_chunks,)``."""
+        rows, pos, chunk = self.anchors()
+        out = torch.full((self.n_chunks,), -1, dtype=torch.long)
+        on_bare = rows == self.bare_row_of_chunk[chunk]
+        out[chunk[on_bare]] = pos[on_bare]
+        return out
+
+    def target_chunks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, positions, chunk)`` of every target token, flat."""
+        t_rows, t_pos, t_idx = flatten_targets(self.enc)
+        return t_rows, t_pos, self.anchor_chunk[t_rows, t_idx]
 
 
 def anchor_char(request: EditRequest, rule: AnchorRule) -> int | None:
@@ -141,17 +194,55 @@ def build_residual_batch(
     return ResidualBatch(enc, torch.tensor(chunk), torch.tensor(is_kl), len(requests), len(all_prefixes))
 
 
+def build_chunked_batch(
+    tokenizer, items: Sequence[tuple[str, Sequence[tuple[int, int]]]], prefixes: Sequence[str] = ()
+) -> ResidualBatch:
+    """Long-form requests: ``items[i] = (text, spans)`` with the full text (prompt + answer) and
+    the character spans of its target chunks in order. One row per request and context prefix
+    (bare first); each chunk's anchor is the token before its first token, so chunk ``k`` is
+    predicted from the prompt and the gold chunks before it. Chunks are numbered request by
+    request; one residual vector per chunk, shared by the request's rows."""
+    segments: list[Segment] = []
+    row_chunk, anchor_chunk, order, request, bare = [], [], [], [], []
+    all_prefixes = [""] + [p for p in prefixes if p]
+    c0 = 0
+    for i, (text, spans) in enumerate(items):
+        if not spans:
+            raise ValueError(f"long-form request {i}: no target chunks")
+        k = len(spans)
+        for j, pre in enumerate(all_prefixes):
+            if j == 0:
+                bare.extend([len(segments)] * k)
+            segments.append(Segment(pre + text, [(len(pre) + s, len(pre) + e) for s, e in spans], [None] * k))
+            row_chunk.append(c0)
+            anchor_chunk.append(list(range(c0, c0 + k)))
+        order.extend(range(k))
+        request.extend([i] * k)
+        c0 += k
+    enc = encode_segments(tokenizer, segments)
+    A = enc.anchor_pos.shape[1]
+    ac = torch.full((len(segments), A), -1, dtype=torch.long)
+    for r, cs in enumerate(anchor_chunk):
+        ac[r, : len(cs)] = torch.tensor(cs)
+    return ResidualBatch(enc, torch.tensor(row_chunk), torch.zeros(len(segments), dtype=torch.bool), c0, len(all_prefixes),
+                         anchor_chunk=ac, chunk_order=torch.tensor(order), chunk_request=torch.tensor(request),
+                         bare_row_of_chunk=torch.tensor(bare))
+
+
 @torch.no_grad()
-def block_outputs_at_anchors(adapter: ModelAdapter, batch: ResidualBatch, layer: int, rows: torch.Tensor) -> torch.Tensor:
-    """Block ``layer``'s output at the (first) anchor of ``rows``: ``(len(rows), d_model)``.
-    The forward pass stops after that block."""
+def block_outputs_at_anchors(adapter: ModelAdapter, batch: ResidualBatch, layer: int) -> torch.Tensor:
+    """Block ``layer``'s output at each chunk's anchor in its bare row: ``(n_chunks, d_model)``.
+    One forward over the bare rows, stopped after that block."""
     device = next(adapter.model.parameters()).device
-    ids = batch.enc.input_ids[rows].to(device)
-    mask = batch.enc.attention_mask[rows].to(device)
+    rows = batch.bare_row_of_chunk
+    uniq, inv = rows.unique(return_inverse=True)
+    pos = batch.bare_anchor_positions()
+    width = int(pos.max()) + 1
+    ids = batch.enc.input_ids[uniq, :width].to(device)
+    mask = batch.enc.attention_mask[uniq, :width].to(device)
     with adapter.trace(output_layers=[layer], stop_after=layer) as rec:
         adapter.forward(ids, mask)
-    pos = batch.enc.anchor_pos[rows, 0].to(device)
-    return rec["outputs"][layer][torch.arange(len(rows), device=device), pos].float()
+    return rec["outputs"][layer][inv.to(device), pos.to(device)].float()
 
 
 def _row_groups(suffix_len: torch.Tensor, max_rows: int, buckets: int) -> list[torch.Tensor]:
@@ -214,23 +305,37 @@ def _layout(enc: Encoded, split: torch.Tensor, end: torch.Tensor | None = None) 
 
 
 @torch.no_grad()
-def _prefix_kv(adapter: ModelAdapter, lay: _Layout, groups: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+def _prefix_kv(
+    adapter: ModelAdapter, lay: _Layout, groups: list[torch.Tensor], z_layer: int | None = None, add=None
+) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """Keys and values of every layer at the prefix columns of all rows (one no-grad pass per
-    row group), with left-padding slots zeroed so nothing undefined can leak into attention."""
+    row group), with left-padding slots zeroed so nothing undefined can leak into attention.
+    ``add = (rows, columns, vectors)``: fixed vectors added to block ``z_layer``'s output at
+    those prefix columns (earlier chunks' deltas in autoregressive editing)."""
     if lay.width == 0:
         return None
     model = adapter.model
     device = next(model.parameters()).device
     parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+    n_rows = lay.ids.shape[0]
     for rows in groups:
         mask = lay.mask[rows, : lay.width].to(device)
-        out = model(
-            input_ids=lay.ids[rows, : lay.width].to(device),
-            attention_mask=mask,
-            position_ids=lay.position_ids[rows, : lay.width].to(device),
-            use_cache=True,
-            **({"logits_to_keep": 1} if supports_logits_to_keep(model) else {}),
-        )
+        hook = contextlib.nullcontext()
+        if add is not None and len(add[0]):
+            local = torch.full((n_rows,), -1, dtype=torch.long)
+            local[rows] = torch.arange(len(rows))
+            sel = local[add[0]] >= 0
+            if bool(sel.any()):
+                hook = adapter.add_at_positions(z_layer, local[add[0][sel]].to(device), add[1][sel].to(device),
+                                                add[2][sel.to(add[2].device)])
+        with hook:
+            out = model(
+                input_ids=lay.ids[rows, : lay.width].to(device),
+                attention_mask=mask,
+                position_ids=lay.position_ids[rows, : lay.width].to(device),
+                use_cache=True,
+                **({"logits_to_keep": 1} if supports_logits_to_keep(model) else {}),
+            )
         cache = getattr(out, "cache", None)
         cache = cache if cache is not None else out.past_key_values
         keep = mask.bool()[:, None, :, None]
@@ -241,16 +346,19 @@ def _prefix_kv(adapter: ModelAdapter, lay: _Layout, groups: list[torch.Tensor]) 
                 "left padding?); set residual.prefix_cache: false"
             )
         parts.append(layer_kv)
-    if len(parts) == 1:
+    if len(parts) == 1 and len(groups[0]) == n_rows and bool((groups[0] == torch.arange(n_rows)).all()):
         return parts[0]
-    # groups partition the rows in order: concatenate back to row order
-    order = torch.cat(groups)
-    inv = torch.empty_like(order)
-    inv[order] = torch.arange(len(order))
-    inv = inv.to(device)
-    return [
-        (torch.cat([p[i][0] for p in parts])[inv], torch.cat([p[i][1] for p in parts])[inv]) for i in range(len(parts[0]))
-    ]
+    # scatter the groups' rows back to row order (rows outside every group stay zero)
+    out = []
+    for i in range(len(parts[0])):
+        k0, v0 = parts[0][i]
+        k = torch.zeros((n_rows, *k0.shape[1:]), dtype=k0.dtype, device=k0.device)
+        v = torch.zeros((n_rows, *v0.shape[1:]), dtype=v0.dtype, device=v0.device)
+        for rows, part in zip(groups, parts):
+            k[rows.to(device)] = part[i][0]
+            v[rows.to(device)] = part[i][1]
+        out.append((k, v))
+    return out
 
 
 @torch.no_grad()
@@ -284,66 +392,130 @@ def _lower_outputs(
 def optimize_residuals(
     adapter: ModelAdapter, batch: ResidualBatch, z_layer: int, cfg: ResidualConfig
 ) -> ResidualResult:
-    """Optimize one ``delta`` per chunk jointly (see module docstring).
+    """Optimize one ``delta`` per chunk (see module docstring).
+
+    ``cfg.mode``: ``joint`` optimizes every chunk of every request together (one padded forward
+    per step; a single fact is one chunk); ``autoregressive`` (AnyEdit's reference) optimizes the
+    ``k``-th chunks of all requests together, phase after phase, with the earlier chunks' deltas
+    held fixed at their anchors and later chunks left out.
 
     With ``cfg.prefix_cache`` (and a model that accepts a key/value cache with explicit
-    position ids), the tokens before each row's first anchor are run once: their states do
-    not depend on any delta (causal attention), so every optimization step only runs the
-    suffix from the anchor on, attending to the cached prefix.
+    position ids), the tokens before each row's first optimized anchor run once per phase:
+    their states do not depend on the optimized deltas (causal attention), so every step only
+    runs the suffix from there on, attending to the cached prefix.
     """
+    device = next(adapter.model.parameters()).device
+    n = batch.n_chunks
+    z0 = block_outputs_at_anchors(adapter, batch, z_layer)
+    order = batch.chunk_order
+    if cfg.mode == "joint" or int(order.max()) == 0:
+        delta, loss, nll, steps = _optimize_phase(adapter, batch, z_layer, cfg, z0, torch.ones(n, dtype=torch.bool), None, None)
+    else:
+        delta = torch.zeros_like(z0)
+        loss, nll = torch.zeros(n, device=device), torch.zeros(n, device=device)
+        steps = torch.zeros(n, dtype=torch.long, device=device)
+        for k in range(int(order.max()) + 1):
+            train = order == k
+            d_k, l_k, n_k, s_k = _optimize_phase(adapter, batch, z_layer, cfg, z0, train, order < k, delta)
+            t = train.to(device)
+            delta = torch.where(t.unsqueeze(1), d_k, delta)
+            loss, nll, steps = torch.where(t, l_k, loss), torch.where(t, n_k, nll), torch.where(t, s_k, steps)
+    z = (z0 + delta).float()
+    return ResidualResult(z_target=z, z_init=z0, loss=loss, nll=nll, steps=steps)
+
+
+def _optimize_phase(
+    adapter: ModelAdapter,
+    batch: ResidualBatch,
+    z_layer: int,
+    cfg: ResidualConfig,
+    z0: torch.Tensor,
+    train: torch.Tensor,
+    frozen: torch.Tensor | None,
+    fixed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adam on the deltas of the ``train`` chunks, with the ``frozen`` chunks' deltas ``fixed``
+    (added at their anchors, no gradient) and every other chunk left out (no delta, no loss).
+    Returns ``(delta, loss, nll, steps)`` per chunk (meaningful for ``train`` chunks)."""
     model = adapter.model
     device = next(model.parameters()).device
     n = batch.n_chunks
-    z0 = block_outputs_at_anchors(adapter, batch, z_layer, batch.bare_rows)
     d_model = z0.shape[-1]
     z0_norm = z0.norm(dim=-1)
+    frozen = torch.zeros(n, dtype=torch.bool) if frozen is None else frozen
+    fixed = torch.zeros(n, d_model, device=device) if fixed is None else fixed.detach()
     delta = torch.zeros(n, d_model, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
 
     a_rows, a_pos, a_chunk = batch.anchors()
-    t_rows, t_pos, _ = flatten_targets(batch.enc)
+    keep_a = train[a_chunk] | frozen[a_chunk]
+    a_rows, a_pos, a_chunk = a_rows[keep_a], a_pos[keep_a], a_chunk[keep_a]
+    a_train = train[a_chunk]
+    t_rows, t_pos, t_chunk = batch.target_chunks()
+    keep_t = train[t_chunk]
+    t_rows, t_pos, t_chunk = t_rows[keep_t], t_pos[keep_t], t_chunk[keep_t]
     n_rows = batch.enc.input_ids.shape[0]
-    n_rewrite = torch.bincount(batch.row_chunk[~batch.is_kl], minlength=n).float().to(device)
-    tok_per_row = torch.bincount(t_rows, minlength=n_rows).clamp_min(1).float()
-    t_weight = (1.0 / tok_per_row[t_rows]).to(device) / n_rewrite[batch.row_chunk[t_rows].to(device)]
-    kl_rows_all = torch.nonzero(batch.is_kl).flatten() if cfg.kl_factor > 0 else torch.zeros(0, dtype=torch.long)
+    # target NLL: per (row, chunk) mean over its tokens, per chunk mean over the rows holding it
+    pair = t_rows * n + t_chunk
+    pair_u, pair_inv, pair_count = pair.unique(return_inverse=True, return_counts=True)
+    rows_per_chunk = torch.bincount(pair_u % n, minlength=n).clamp_min(1).float()
+    t_weight = (1.0 / pair_count[pair_inv].float() / rows_per_chunk[t_chunk]).to(device)
+    kl_rows_all = torch.nonzero(batch.is_kl & train[batch.row_chunk]).flatten() if cfg.kl_factor > 0 else torch.zeros(0, dtype=torch.long)
     kl_slot = torch.full((n_rows,), -1, dtype=torch.long)  # KL row -> its row of kl_init
     kl_slot[kl_rows_all] = torch.arange(len(kl_rows_all))
     kl_init: torch.Tensor | None = None  # (KL rows, vocab): the step-0 distributions
     keep_kw = supports_logits_to_keep(model)
     cache_kw = prefix_cache_kwarg(model) if cfg.prefix_cache else None
 
-    # where each row's suffix starts: its first anchor, or an earlier position a loss reads
+    # the rows this phase runs: those with targets (or a KL term) of an optimized chunk
+    in_phase = torch.zeros(n_rows, dtype=torch.bool)
+    in_phase[t_rows] = True
+    in_phase[kl_rows_all] = True
+    big = torch.iinfo(torch.long).max
+    kl_pos = batch.enc.anchor_pos[:, 0]
+    # where each row's suffix starts: its first optimized anchor, or an earlier position read
     if cache_kw is not None:
-        split = batch.enc.anchor_pos[:, 0].clone()
-        if len(t_rows):
-            split = split.scatter_reduce(0, t_rows, t_pos - 1, reduce="amin")
-        if len(kl_rows_all):
-            split[kl_rows_all] = torch.minimum(split[kl_rows_all], batch.enc.anchor_pos[kl_rows_all, 0])
-        split = split.clamp_min(0)
+        split = torch.full((n_rows,), big, dtype=torch.long)
+        split = split.scatter_reduce(0, a_rows[a_train], a_pos[a_train], reduce="amin")
+        split = split.scatter_reduce(0, t_rows, t_pos - 1, reduce="amin")
+        split[kl_rows_all] = torch.minimum(split[kl_rows_all], kl_pos[kl_rows_all])
+        split = torch.where(split == big, torch.zeros_like(split), split).clamp_min(0)
     else:
         split = torch.zeros(n_rows, dtype=torch.long)
-    # one past the last position whose output a loss or a delta reads: later tokens never run
-    end = batch.enc.anchor_pos.max(1).values + 1
-    if len(t_rows):
-        end = end.scatter_reduce(0, t_rows, t_pos, reduce="amax")  # predicted at t_pos - 1
+    # one past the last position a loss or an optimized delta reads: later tokens never run
+    end = torch.zeros(n_rows, dtype=torch.long)
+    end = end.scatter_reduce(0, a_rows[a_train], a_pos[a_train] + 1, reduce="amax")
+    end = end.scatter_reduce(0, t_rows, t_pos, reduce="amax")  # predicted at t_pos - 1
+    end[kl_rows_all] = torch.maximum(end[kl_rows_all], kl_pos[kl_rows_all] + 1)
+    end = torch.maximum(end, split + 1)
     lay = _layout(batch.enc, split, end)
-    groups = _row_groups(lay.suffix_len, cfg.max_rows_per_forward, cfg.length_buckets)
-    kv = _prefix_kv(adapter, lay, groups) if cache_kw is not None else None
+    groups = [g[in_phase[g]] for g in _row_groups(lay.suffix_len, cfg.max_rows_per_forward, cfg.length_buckets)]
+    groups = [g for g in groups if len(g)]
     W = lay.width
+    # frozen deltas before the split act inside the cached prefix; the rest in every step
+    in_prefix = (~a_train) & (a_pos < split[a_rows])
+    pre_add = (a_rows[in_prefix], a_pos[in_prefix] - split[a_rows[in_prefix]] + W, fixed[a_chunk[in_prefix].to(device)])
+    a_rows, a_pos, a_chunk, a_train = a_rows[~in_prefix], a_pos[~in_prefix], a_chunk[~in_prefix], a_train[~in_prefix]
+    kv = _prefix_kv(adapter, lay, groups, z_layer, pre_add) if cache_kw is not None else None
     lower = _lower_outputs(adapter, lay, kv, groups, z_layer, cache_kw) if cfg.skip_lower_blocks else None
     a_suf = a_pos - split[a_rows]  # positions in suffix coordinates
     t_suf = t_pos - split[t_rows]
-    kl_suf = batch.enc.anchor_pos[:, 0] - split
+    kl_suf = kl_pos - split
+    # a row runs while any optimized chunk it holds is still optimizing
+    row_of = torch.cat([t_rows, kl_rows_all])
+    chunk_of = torch.cat([t_chunk, batch.row_chunk[kl_rows_all]])
 
-    active = torch.ones(n, dtype=torch.bool, device=device)
+    active = train.to(device).clone()
     steps = torch.zeros(n, dtype=torch.long, device=device)
     nll_c = torch.zeros(n, device=device)
     kl_c = torch.zeros(n, device=device)
+    loss_c = torch.zeros(n, device=device)
 
     for step in range(cfg.steps + 1):
         opt.zero_grad(set_to_none=True)
         active_cpu = active.cpu()
+        row_active = torch.zeros(n_rows, dtype=torch.bool)
+        row_active[row_of[active_cpu[chunk_of]]] = True
         wd = cfg.weight_decay * delta.norm(dim=-1) / z0_norm.pow(2)
         # the loss is a sum of per-row terms (+ one weight-decay term per chunk): groups may
         # split a chunk's rows, their gradients and losses add up
@@ -352,7 +524,7 @@ def optimize_residuals(
         kl_step = torch.zeros(n, device=device)
         for rows in groups:
             # only the rows of chunks still optimizing: converged chunks cost nothing more
-            rows = rows[active_cpu[batch.row_chunk[rows]]]
+            rows = rows[row_active[rows]]
             if len(rows) == 0:
                 continue
             local = torch.full((n_rows,), -1, dtype=torch.long)
@@ -363,6 +535,8 @@ def optimize_residuals(
             labels = lay.ids[rows, W:].to(device)
             mask = lay.mask[rows, : W + width].to(device)
             ar, ap = local[a_rows[sel_a]].to(device), a_suf[sel_a].to(device)
+            vec_chunk = a_chunk[sel_a].to(device)
+            vecs = torch.where(a_train[sel_a].to(device).unsqueeze(1), delta[vec_chunk], fixed[vec_chunk])
             tr, tp = local[t_rows[sel_t]], t_suf[sel_t]
             kl_rows = kl_rows_all[local[kl_rows_all] >= 0]
             kr, kp = local[kl_rows], kl_suf[kl_rows]
@@ -376,13 +550,12 @@ def optimize_residuals(
             skip = contextlib.nullcontext()
             if lower is not None:
                 skip = adapter.skip_blocks(z_layer, lower[0][rows.to(device), :width], lower[1])
-            with torch.enable_grad(), skip, adapter.add_at_positions(z_layer, ar, ap, delta[a_chunk[sel_a].to(device)]):
+            with torch.enable_grad(), skip, adapter.add_at_positions(z_layer, ar, ap, vecs):
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=kv is not None, **kw).logits
             col = (lambda p: torch.searchsorted(need, p)) if keep_kw else (lambda p: p)
-            # target NLL: per row mean over its tokens, per chunk mean over its rewrite rows
             t_logp = logits[tr.to(device), col(tp - 1).to(device)].float().log_softmax(-1)
             lp = t_logp.gather(-1, labels[tr.to(device), tp.to(device)].unsqueeze(-1)).squeeze(-1)
-            chunk_t = batch.row_chunk[t_rows[sel_t]].to(device)
+            chunk_t = t_chunk[sel_t].to(device)
             part_nll = torch.zeros(n, device=device).index_add(0, chunk_t, -lp * t_weight[sel_t.to(device)])
             part_kl = torch.zeros(n, device=device)
             if len(kl_rows):
@@ -403,7 +576,7 @@ def optimize_residuals(
             kl_step += part_kl.detach()
         nll_c = torch.where(active, nll_step, nll_c)
         kl_c = torch.where(active, kl_step, kl_c)
-        loss_c = nll_c + kl_c + (cfg.weight_decay * delta.norm(dim=-1) / z0_norm.pow(2)).detach()
+        loss_c = torch.where(active, nll_c + kl_c + wd.detach(), loss_c)
         active = active & (loss_c >= cfg.early_stop_loss)
         if step == cfg.steps or not bool(active.any()):
             break
@@ -417,5 +590,4 @@ def optimize_residuals(
             norm = delta.norm(dim=-1)
             scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-12), torch.ones_like(norm))
             delta.mul_(scale.unsqueeze(-1))
-    z = (z0 + delta.detach()).float()
-    return ResidualResult(z_target=z, z_init=z0, loss=loss_c.detach(), nll=nll_c.detach(), steps=steps)
+    return delta.detach(), loss_c.detach(), nll_c.detach(), steps

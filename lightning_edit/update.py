@@ -31,9 +31,10 @@ def anchor_keys_and_outputs(
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
     """Keys of every chunk at ``key_layers`` (and block ``z_layer``'s output at the bare prompt).
 
-    Keys are read at the anchor of every rewrite row and averaged per chunk as the reference
-    does: half the bare prompt, half the mean over context prefixes. The forward pass stops
-    after ``max(key_layers + [z_layer])``.
+    Keys are read at every anchor of every rewrite row (a long-form row holds one anchor per
+    chunk) and averaged per chunk as the reference does: half the bare prompt, half the mean
+    over context prefixes. The forward pass stops after ``max(key_layers + [z_layer])`` and at
+    each row group's last anchor.
 
     Returns ``({layer: (n_chunks, d_k)}, (n_chunks, d_model) or None)``.
     """
@@ -41,30 +42,36 @@ def anchor_keys_and_outputs(
     rows = batch.rewrite_rows
     stop = max(list(key_layers) + ([z_layer] if z_layer is not None else []))
     groups = [rows] if max_rows <= 0 else list(rows.split(max_rows))
-    per_row_keys: dict[int, list[torch.Tensor]] = {l: [] for l in key_layers}
-    per_row_z: list[torch.Tensor] = []
+    a_rows, a_pos, a_chunk = batch.anchors()
+    n_rows = batch.enc.input_ids.shape[0]
+    per_anchor_keys: dict[int, list[torch.Tensor]] = {l: [] for l in key_layers}
+    per_anchor_z: list[torch.Tensor] = []
+    order: list[torch.Tensor] = []  # anchor indices in the order they were read
     for g in groups:
-        pos = batch.enc.anchor_pos[g, 0]
-        width = int(pos.max()) + 1  # causal: tokens after the last anchor cannot change its key
+        local = torch.full((n_rows,), -1, dtype=torch.long)
+        local[g] = torch.arange(len(g))
+        sel = (local[a_rows] >= 0).nonzero().flatten()
+        if len(sel) == 0:
+            continue
+        width = int(a_pos[sel].max()) + 1  # causal: tokens after the last anchor cannot change its key
         ids = batch.enc.input_ids[g, :width].to(device)
         mask = batch.enc.attention_mask[g, :width].to(device)
-        pos = pos.to(device)
-        ar = torch.arange(len(g), device=device)
+        r, p = local[a_rows[sel]].to(device), a_pos[sel].to(device)
         with adapter.trace(key_layers=key_layers, output_layers=[z_layer] if z_layer is not None else [], stop_after=stop) as rec:
             adapter.forward(ids, mask)
         for l in key_layers:
-            per_row_keys[l].append(rec["keys"][l][ar, pos].float())
+            per_anchor_keys[l].append(rec["keys"][l][r, p].float())
         if z_layer is not None:
-            per_row_z.append(rec["outputs"][z_layer][ar, pos].float())
-    chunk = batch.row_chunk[rows].to(device)
-    bare = torch.zeros(len(rows), dtype=torch.bool, device=device)
-    bare_rows = batch.bare_rows.to(device)
-    bare[torch.searchsorted(rows.to(device), bare_rows)] = True
+            per_anchor_z.append(rec["outputs"][z_layer][r, p].float())
+        order.append(sel)
+    idx = torch.cat(order)
+    rows_a, chunk = a_rows[idx], a_chunk[idx].to(device)
+    bare = (rows_a == batch.bare_row_of_chunk[a_chunk[idx]]).to(device)
     n = batch.n_chunks
     n_pref = torch.bincount(chunk[~bare], minlength=n).float()
     keys = {}
     for l in key_layers:
-        k = torch.cat(per_row_keys[l])
+        k = torch.cat(per_anchor_keys[l])
         k_bare = torch.zeros(n, k.shape[1], device=device).index_add(0, chunk[bare], k[bare])
         k_pref = torch.zeros(n, k.shape[1], device=device).index_add(0, chunk[~bare], k[~bare])
         has_pref = (n_pref > 0).unsqueeze(1)
@@ -72,9 +79,26 @@ def anchor_keys_and_outputs(
         keys[l] = avg
     z = None
     if z_layer is not None:
-        zr = torch.cat(per_row_z)
+        zr = torch.cat(per_anchor_z)
         z = torch.zeros(n, zr.shape[1], device=device).index_add(0, chunk[bare], zr[bare])
     return keys, z
+
+
+@torch.no_grad()
+def context_keys(adapter: ModelAdapter, batch: ResidualBatch, layer: int) -> torch.Tensor:
+    """Keys of ``layer`` at every real position of the bare rows that is not an anchor,
+    ``(m, d_k)``: AnyEdit's zero-residual constraints, which ask the update to leave the rest of
+    the edited text's states where they are. One forward over the bare rows, stopped after
+    ``layer``."""
+    device = _rows_device(adapter)
+    rows = batch.bare_row_of_chunk.unique()
+    mask = batch.enc.attention_mask[rows].bool().clone()
+    a = batch.enc.anchor_pos[rows]
+    r_idx = torch.arange(len(rows)).unsqueeze(1).expand_as(a)
+    mask[r_idx[a >= 0], a[a >= 0]] = False
+    with adapter.trace(key_layers=[layer], stop_after=layer) as rec:
+        adapter.forward(batch.enc.input_ids[rows].to(device), batch.enc.attention_mask[rows].to(device))
+    return rec["keys"][layer][mask.to(device)].float()
 
 
 @dataclass
@@ -134,6 +158,7 @@ def apply_update(
     gather: Gather | None = None,
     max_rows: int = 0,
     timer: PhaseTimer | None = None,
+    context: bool = False,
 ) -> dict[str, float]:
     """Apply one edit batch's update to every edit layer, in ascending order.
 
@@ -144,6 +169,9 @@ def apply_update(
     ``batch=None`` (and ``z_target=None``): it contributes no rows but joins every gather.
     If anything fails (a non-finite solve, a bad shape), every edit layer is restored and the
     error re-raised: a batch is applied whole or not at all.
+    ``context``: also ask the update to leave the keys at every other position of the edited
+    texts unchanged (zero-residual rows, AnyEdit's option; only the solve uses them, AlphaEdit's
+    ``K_p K_p^T`` accumulates the edit keys as for facts).
     ``timer`` (optional) accumulates seconds per phase: ``keys``, ``solve``, ``apply`` and
     ``state`` (AlphaEdit's keys after the update and its ``K_p K_p^T``).
     Returns summary numbers for logging.
@@ -162,6 +190,10 @@ def apply_update(
                     keys, z_cur = anchor_keys_and_outputs(adapter, batch, [l], z_layer, max_rows)
                     resid = spread_residual(z_target.to(z_cur.device), z_cur, len(layers) - i)
                 k_all, r_all = gather(keys[l]), gather(resid)
+                if context:
+                    kc = gather(context_keys(adapter, batch, l) if batch is not None else _no_rows(adapter, [l])[l])
+                    k_all = torch.cat([k_all, kc])
+                    r_all = torch.cat([r_all, r_all.new_zeros(kc.shape[0], r_all.shape[1])])
             with phase(timer, "solve"):
                 delta = method.delta(l, k_all, r_all)
             with phase(timer, "apply"):
