@@ -20,7 +20,7 @@ from torch import nn
 
 from .callbacks import MEMIT, AlphaEdit, ClosedFormUpdate
 from .data.formats import records_to_requests
-from .data.requests import EditRequest
+from .data.requests import EditRequest, RequestError
 from .module import EditModule, load_pretrained
 from .residuals import ResidualConfig
 from .stats import StatsConfig
@@ -29,33 +29,31 @@ from .update import apply_update
 METHODS = {"alphaedit": AlphaEdit, "memit": MEMIT}
 
 
-def _as_requests(requests: Sequence[EditRequest | Mapping[str, Any]]) -> list[EditRequest]:
-    """Accept EditRequests, records of any supported file format, or simple dicts
-    ``{prompt, subject, target_new[, target_true, paraphrase_prompts, locality]}`` whose prompt
-    has ``{}`` for the subject or contains the subject written out. All are validated first."""
+def _as_requests(requests: Sequence[EditRequest | Mapping[str, Any]], seen: Mapping[str, Any] = (), start: int = 0) -> list[EditRequest]:
+    """Validate a batch through the file loader (:func:`records_to_requests`): records of any
+    supported format (CounterFact nested / flat, ZsRE), including the flat shape
+    ``{prompt, subject, target_new, target_true | ground_truth[, paraphrase_prompts | rephrase_prompt,
+    locality | locality_prompt + locality_ground_truth]}`` whose prompt has ``{}`` for the subject
+    or the subject written out, or :class:`EditRequest` objects. Duplicate ``case_id`` s (within the
+    batch or with ``seen``, the ids already applied) are refused, naming the record. Records are
+    numbered from ``start`` (the editor's stream position), which also names records without a
+    ``case_id``, as the CLI names them by their position in the stream."""
+    if isinstance(requests, (Mapping, EditRequest, str)):
+        raise TypeError("pass a list of requests (records or EditRequest objects), not a single one")
     out: list[EditRequest] = []
-    raw: list[Mapping] = []
-    for r in requests:
+    for i, r in enumerate(requests):
         if isinstance(r, EditRequest):
             out.append(r.validate())
         else:
-            raw.append(r)
-    if raw:
-        simple = all(isinstance(r.get("prompt"), str) and isinstance(r.get("target_new"), str) for r in raw)
-        if simple:
-            for i, r in enumerate(raw):
-                prompt, subject = r["prompt"], r.get("subject", "")
-                if "{}" not in prompt and subject and subject in prompt:
-                    prompt = prompt.replace(subject, "{}", 1)  # subject written out: make the template
-                out.append(EditRequest(
-                    case_id=str(r.get("case_id", i)), prompt=prompt, subject=subject,
-                    target_new=r["target_new"], target_true=r.get("target_true"),
-                    paraphrase_prompts=tuple(r.get("paraphrase_prompts", ())),
-                    locality=tuple(tuple(p) for p in r.get("locality", ())),
-                    family=r.get("family", "counterfact"), record_index=i,
-                ).validate())
-        else:
-            out.extend(records_to_requests(raw))
+            out.extend(records_to_requests([r], start_index=start + i))
+    first: dict[str, int] = {}
+    for i, r in enumerate(out):
+        rec = r.record_index if r.record_index >= 0 else start + i
+        if r.case_id in first:
+            raise RequestError(rec, "case_id", f"duplicate case_id {r.case_id!r} (already used by record {first[r.case_id]})")
+        if r.case_id in seen:
+            raise RequestError(rec, "case_id", f"case_id {r.case_id!r} was already applied by this editor")
+        first[r.case_id] = rec
     return out
 
 
@@ -125,9 +123,10 @@ class Editor:
     def apply(self, requests: Sequence[EditRequest | Mapping[str, Any]]) -> dict[str, float]:
         """Apply one batch of edits (all requests are validated before any weight changes).
         Returns the residual-optimization losses and per-layer relative update norms."""
-        reqs = _as_requests(requests)
+        reqs = _as_requests(requests, seen={r.case_id for r in self.history}, start=len(self.history))
         if not reqs:
             return {}
+        self.module.check_lengths(reqs, prefixes=True)
         self.prepare()
         rb, res = self.module.compute_residuals(reqs)
         info = apply_update(self.module.adapter, rb, res.z_target, self.module.layers, self.callback.method,

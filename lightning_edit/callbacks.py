@@ -15,7 +15,7 @@ from typing import Literal
 import lightning as L
 import torch
 
-from .checkpointing import config_fingerprint, save_edits
+from .checkpointing import check_finite, config_fingerprint, full_model_fingerprint, save_edits
 from .module import EditModule
 from .stats import StatsConfig, model_fingerprint, projectors, second_moments
 from .update import AlphaEditMethod, MemitMethod, apply_update
@@ -66,9 +66,7 @@ class ClosedFormUpdate(L.Callback):
         world = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
         reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else None
-        self.base_fingerprint = model_fingerprint(module.adapter, module.layers[-1])
-        if self._stash is not None and self._stash.get("base_fingerprint") not in (None, self.base_fingerprint):
-            raise ValueError("the checkpoint was made on a different base model (fingerprint mismatch); refusing to resume")
+        self._check_stash(module)  # before the statistics: a wrong checkpoint fails fast
         moments = second_moments(module.adapter, module.tokenizer, module.layers, self.stats, reduce=reduce,
                                  shard=rank, num_shards=world, is_writer=rank == 0)
         if trainer is not None and world > 1:
@@ -77,9 +75,31 @@ class ClosedFormUpdate(L.Callback):
         self.method = self.build_method(module, moments, trainer)
         self._restore_edits(module)
 
+    def _check_stash(self, module: EditModule) -> None:
+        """Refuse a checkpoint made with another method, other edit layers or another base model
+        (fingerprint of its config and all its weights, taken before any edit is restored)."""
+        if self.base_fingerprint is None:
+            self.base_fingerprint = full_model_fingerprint(module.lm)
+        st = self._stash
+        if st is None:
+            return
+        where = f"checkpoint {self._stash_path}" if self._stash_path else "the checkpoint"
+        if st.get("method_name") != self.method_name:
+            raise ValueError(f"{where} was written by method {st.get('method_name')!r}, this run uses {self.method_name!r}")
+        check_finite({"weights": st.get("weights", {}), "method": st.get("method", {})}, where)
+        saved_layers = [int(l) for l in st.get("layers", [])]
+        if saved_layers != list(module.layers):
+            raise ValueError(f"{where} edits layers {saved_layers}, this run edits {list(module.layers)}: "
+                             f"resume with --model.layers={saved_layers}")
+        if st.get("base_fingerprint") != self.base_fingerprint:
+            raise ValueError(f"{where} was made on another base model (model fingerprint {st.get('base_fingerprint')} of "
+                             f"{st.get('model_name', '?')!r}; this model {str(module.model_name)!r} has {self.base_fingerprint}): "
+                             "its config or some weight differs; refusing to apply its edits")
+
     def _restore_edits(self, module: EditModule) -> None:
         if self._stash is None:
             return
+        self._check_stash(module)
         st = self._stash
         with torch.no_grad():
             for l in module.layers:
@@ -138,6 +158,7 @@ class ClosedFormUpdate(L.Callback):
         self.last_info = info
         pl_module.log_dict(info, on_step=True, batch_size=len(edit_batch.requests))
         pl_module.log("edits_applied", float(pl_module.num_edits), on_step=True, prog_bar=True, batch_size=1)
+        pl_module.record_applied(edit_batch)  # history + mid-stream evaluation, before this batch's checkpoint
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -147,6 +168,7 @@ class ClosedFormUpdate(L.Callback):
         return {
             "method_name": self.method_name,
             "base_fingerprint": self.base_fingerprint,
+            "model_name": str(m.model_name),
             "layers": list(m.layers),
             "batches_applied": self.batches_applied,
             "num_edits": m.num_edits,
@@ -158,8 +180,14 @@ class ClosedFormUpdate(L.Callback):
         if not state_dict:
             return
         if state_dict.get("method_name") != self.method_name:
-            raise ValueError(f"checkpoint was written by {state_dict.get('method_name')}, not {self.method_name}")
+            raise ValueError(f"checkpoint {self._stash_path or ''} was written by method {state_dict.get('method_name')!r}, "
+                             f"this run uses {self.method_name!r}")
         self._stash = state_dict
+
+    _stash_path: str | None = None
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._stash_path = str(trainer.ckpt_path) if trainer.ckpt_path else None
 
     _module: EditModule | None = None
 

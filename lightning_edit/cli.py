@@ -102,8 +102,19 @@ def _tool_commands() -> dict[str, tuple[Callable[[list[str]], object], str]]:
 
 
 def main(args: list[str] | None = None) -> EditCLI | object:
-    """Entry point of the ``lightning-edit`` console script (``args`` for tests)."""
-    argv = list(sys.argv[1:] if args is None else args)
+    """Entry point of the ``lightning-edit`` console script.
+
+    Called with ``args`` (tests, notebooks) it returns the CLI object (or the tool's result).
+    Called as the console script (``args=None``) it returns an exit status for ``sys.exit``:
+    0 on success (a returned object would make ``sys.exit`` report failure).
+    """
+    if args is None:
+        result = _run(list(sys.argv[1:]), from_argv=True)
+        return result if isinstance(result, int) and not isinstance(result, bool) else 0
+    return _run(list(args), from_argv=False)
+
+
+def _run(argv: list[str], from_argv: bool) -> EditCLI | object:
     tools = _tool_commands()
     if argv and argv[0] in tools:
         return tools[argv[0]][0](argv[1:])
@@ -123,9 +134,9 @@ def main(args: list[str] | None = None) -> EditCLI | object:
         trainer_defaults=TRAINER_DEFAULTS,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        args=None if args is None else argv,  # None: LightningCLI reads sys.argv itself
+        args=None if from_argv else argv,  # None: LightningCLI reads sys.argv itself
     )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

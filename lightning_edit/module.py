@@ -27,7 +27,8 @@ PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
 
 # Expected with a frozen model and manual optimization; not actionable for users.
 for _msg in (r".*configure_optimizers.*returned.*None.*", r".*module\(s\) in eval mode.*", r".*no pre-optimization state was saved.*",
-             r".*compute.*method of metric.*was called before.*", r".*isinstance\(treespec, LeafSpec\).*", r".*smaller than the logging interval.*"):
+             r".*compute.*method of metric.*was called before.*", r".*isinstance\(treespec, LeafSpec\).*", r".*smaller than the logging interval.*",
+             r".*logger=True.*but have no logger configured.*"):  # validate's table needs logger=True, with or without a logger
     warnings.filterwarnings("ignore", message=_msg)
 
 
@@ -156,6 +157,11 @@ class EditModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.lm.eval()  # Lightning switched the module to train mode: keep HF dropout off
+        # a resumed run carries the edits applied before it: mid-stream evaluations cover them too
+        dm = self.trainer.datamodule
+        requests = getattr(dm, "requests", None)
+        if requests and len(self.edit_history) < self.num_edits:
+            self.edit_history = list(requests[: self.num_edits])
 
     def on_validation_model_train(self) -> None:
         self.lm.eval()
@@ -180,6 +186,55 @@ class EditModule(L.LightningModule):
         if self.prefixes is None:
             self.prefixes = generate_prefixes(self.lm, self.tokenizer, self.n_prefixes, self.prefix_length, self.seed)
         return self.prefixes
+
+    # ---- input lengths ----------------------------------------------------------------------
+    def max_positions(self) -> int | None:
+        """The model's maximum number of positions (``n_positions`` / ``max_position_embeddings``)."""
+        cfg = getattr(self.lm, "config", None)
+        for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):
+            v = getattr(cfg, name, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return None
+
+    def check_lengths(self, requests: Sequence[EditRequest], prefixes: bool = True) -> None:
+        """Refuse, before anything is applied, any request whose texts (prompt + target, with the
+        longest context prefix when ``prefixes``; paraphrases, locality and generation prompts
+        with their answers) do not fit the model's positions. Raises :class:`RequestError`
+        naming the record and the field."""
+        from .data.requests import RequestError, target_text
+
+        limit = self.max_positions()
+        if limit is None or not requests:
+            return
+        # a generated prefix is a start word + context_length sampled tokens + ". " (re-tokenized:
+        # bounded by its length in tokens plus a margin for the start word and the period)
+        pre = (self.prefix_length + max(len(self.tokenizer(w, add_special_tokens=False)["input_ids"]) for w in PREFIX_STARTS) + 3
+               if prefixes and self.n_prefixes > 0 else 0)
+        texts, where = [], []
+        for i, r in enumerate(requests):
+            rec = r.record_index if r.record_index >= 0 else r.case_id
+            prompt = r.rendered_prompt
+            for field_name, t, extra in [("prompt", prompt + target_text(prompt, r.target_new), pre)] + \
+                    ([("target_true", prompt + target_text(prompt, r.target_true), 0)] if r.target_true else []) + \
+                    [(f"paraphrase_prompts[{j}]", p + target_text(p, r.target_new), 0) for j, p in enumerate(r.paraphrase_prompts)] + \
+                    [(f"locality[{j}]", p + target_text(p, a), 0) for j, (p, a) in enumerate(r.locality)] + \
+                    [(f"generation_prompts[{j}]", g, 0) for j, g in enumerate(r.generation_prompts)]:
+                texts.append(t)
+                where.append((rec, r.case_id, field_name, extra))
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        for n, (rec, cid, field_name, extra) in zip(lengths, where):
+            if n + extra > limit:
+                ctx = f" plus up to {extra} context-prefix tokens" if extra else ""
+                raise RequestError(rec, field_name, f"{n} tokens with its target{ctx} (case_id {cid!r}) exceed the model's "
+                                                    f"{limit} positions; shorten or drop the record")
+
+    def setup(self, stage: str) -> None:
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        requests = getattr(dm, "requests", None)
+        if requests:
+            # the whole stream, before the first batch is applied
+            self.check_lengths(requests, prefixes=stage == "fit")
 
     # ---- sharding a batch across processes ---------------------------------------------------
     def shard(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
@@ -225,8 +280,9 @@ class EditModule(L.LightningModule):
         opt.step()  # advances global_step (mock optimizer)
         return None
 
-    def on_train_batch_end(self, outputs, batch: EditBatch, batch_idx: int) -> None:
-        # runs after the update callback: the batch is applied
+    def record_applied(self, batch: EditBatch) -> None:
+        """Called by the update callback once ``batch`` is applied (before the checkpoint of the
+        same batch is written, so the checkpoint holds this batch's evaluation too)."""
         self.edit_history.extend(batch.requests)
         if self.eval_every and (batch.index + 1) % self.eval_every == 0:
             results = self.evaluate(self.edit_history)
@@ -277,6 +333,11 @@ class EditModule(L.LightningModule):
         results = {k: float(m.compute()) for k, m in metrics.items()}
         results = {k: v for k, v in results.items() if not math.isnan(v)}  # families without data
         self.last_eval = results
+        in_fit = self._trainer is not None and self.trainer.state.fn == "fit"
+        # In fit the curve is logged against the number of edits applied (log_edit_metrics); in
+        # validate / test the metrics go through Lightning's own logging, so `lightning-edit
+        # validate` prints its table and trainer.validate() returns the numbers.
         for k, v in results.items():
-            self.log(k, v, rank_zero_only=True, logger=False)  # progress bar / callback_metrics
-        self.log_edit_metrics(results)  # TensorBoard, against the number of edits applied
+            self.log(k, v, rank_zero_only=True, logger=not in_fit)
+        if in_fit:
+            self.log_edit_metrics(results)  # TensorBoard, against the number of edits applied

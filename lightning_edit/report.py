@@ -63,6 +63,11 @@ class EditReport(L.Callback):
         self._module: EditModule | None = None
         self.summary: dict = {}
         self._t0 = time.time()
+        self._elapsed_before = 0.0  # stream time of the run(s) this one resumes
+
+    def elapsed(self) -> float:
+        """Seconds spent on the edit stream, over every resumed part of the run."""
+        return self._elapsed_before + (time.time() - self._t0)
 
     # ---- inputs --------------------------------------------------------------------------
     def _probe_pairs(self) -> tuple[list[str], list[str]]:
@@ -129,13 +134,14 @@ class EditReport(L.Callback):
         # the module is never checkpointed: its mid-stream evaluations travel with the report
         stream = getattr(self._module, "stream_history", []) if self._module is not None else self._stream
         return {"baseline": self.baseline, "ppl_before": self.ppl_before, "history": json.dumps(self.history),
-                "stream": json.dumps(stream)}
+                "stream": json.dumps(stream), "elapsed_s": self.elapsed()}
 
     def load_state_dict(self, state: dict) -> None:
         self.baseline = state.get("baseline")
         self.ppl_before = state.get("ppl_before")
         self.history = json.loads(state.get("history", "[]"))
         self._stream = json.loads(state.get("stream", "[]"))
+        self._elapsed_before = float(state.get("elapsed_s", 0.0))
 
     def on_fit_end(self, trainer, pl_module: EditModule) -> None:
         from .evaluate import evaluate_generation
@@ -165,7 +171,7 @@ class EditReport(L.Callback):
                                       max_new_tokens=self.max_new_tokens)
             s["fluency"] = gen.get("edit/fluency")
             s["consistency"] = gen.get("edit/consistency")
-        s["wall_time_s"] = round(time.time() - self._t0, 1)
+        s["wall_time_s"] = round(self.elapsed(), 1)
         s = {k: v for k, v in s.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
         self.summary = s
         out = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank: log_dir is a broadcast under DDP

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .arch import ModelAdapter
 
-STATS_FORMAT_VERSION = 1
+STATS_FORMAT_VERSION = 2  # 2: entries carry a content hash per tensor
 
 
 @dataclass
@@ -97,13 +98,33 @@ def _corpus_path(cfg: StatsConfig) -> str:
     return resolve(cfg.corpus)
 
 
-def corpus_fingerprint(cfg: StatsConfig) -> str:
-    """Identity of the corpus: for local files their names, sizes and content hash (the first
-    and last 8 MiB for big files); for hub datasets the id, config name and split."""
-    path = Path(_corpus_path(cfg))
-    parts: list = [cfg.split, cfg.text_field, cfg.corpus_name]
+_CORPUS_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet", ".csv")
+
+
+def corpus_files(cfg: StatsConfig) -> list[Path] | None:
+    """The local files of the corpus, sorted: a file, a directory's files, or the files a glob
+    pattern (``data/*.jsonl``, ``shards/**/*.parquet``) matches; None for a hub dataset id."""
+    import glob
+
+    raw = _corpus_path(cfg)
+    path = Path(raw)
     if path.exists():
-        files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+        return sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+    if glob.has_magic(raw):
+        files = sorted(Path(p) for p in glob.glob(raw, recursive=True) if Path(p).is_file())
+        if not files:
+            raise FileNotFoundError(f"statistics corpus {cfg.corpus!r}: the pattern matches no file")
+        return files
+    return None
+
+
+def corpus_fingerprint(cfg: StatsConfig) -> str:
+    """Identity of the corpus: for local files (a file, a directory, or every file a glob
+    matches) their names, sizes and content hash (the first and last 8 MiB for big files); for
+    hub datasets the id, config name and split."""
+    files = corpus_files(cfg)
+    parts: list = [cfg.split, cfg.text_field, cfg.corpus_name]
+    if files is not None:
         for f in files:
             size = f.stat().st_size
             parts += [f.name, size]
@@ -125,7 +146,16 @@ def iter_corpus_texts(cfg: StatsConfig, shard: int = 0, num_shards: int = 1) -> 
     import datasets
 
     path = Path(_corpus_path(cfg))
-    if path.exists():
+    files = corpus_files(cfg)
+    if files is not None and not path.exists():  # a glob: exactly the files the fingerprint hashed
+        exts = {f.suffix.lower() for f in files if f.suffix.lower() in _CORPUS_SUFFIXES}
+        if len(exts) != 1:
+            raise ValueError(f"statistics corpus {cfg.corpus!r}: the pattern must match files of one type "
+                             f"({', '.join(_CORPUS_SUFFIXES)}), got {sorted({f.suffix for f in files})}")
+        ext = exts.pop()
+        builder = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}[ext]
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files if f.suffix.lower() == ext], split=cfg.split, streaming=True)
+    elif path.exists():
         suffix = (path.suffix if path.is_file() else "").lower()
         builder = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
         if builder is None and path.is_dir():
@@ -231,23 +261,28 @@ class StatsCache:
         return self.root / f"{key['layer']}.{kind}.{_hash(*sorted(key.items()), extra)}.safetensors"
 
     def load(self, key: dict[str, str], kind: str = "moment", extra: str = "") -> dict[str, torch.Tensor] | None:
+        """The cached tensors, or None (then they are recomputed). A truncated, garbled or
+        non-finite entry is reported by path (a warning) and treated as missing."""
+        from .checkpointing import CorruptFileError, read_verified
+
         p = self.path(key, kind, extra)
         if not p.exists():
             return None
-        from safetensors import safe_open
-
-        with safe_open(str(p), "pt") as f:
-            meta = f.metadata() or {}
+        try:
+            tensors, meta = read_verified(p, require_digest=True)
+        except CorruptFileError as err:
+            warnings.warn(f"statistics cache entry {err}; recomputing it", stacklevel=2)
+            return None
         if any(meta.get(k) != v for k, v in key.items()):
             return None  # a hash collision or a stale file: never reuse on mismatch
-        return load_file(str(p))
+        return tensors
 
     def save(self, key: dict[str, str], tensors: dict[str, torch.Tensor], kind: str = "moment", extra: str = "", meta: dict | None = None) -> Path:
+        from .checkpointing import atomic_save_file
+
         p = self.path(key, kind, extra)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".tmp")
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={**key, **{k: str(v) for k, v in (meta or {}).items()}})
-        os.replace(tmp, p)  # atomic: a kill never leaves a half-written cache entry
+        # atomic (a kill never leaves a half-written entry), with a content hash per tensor
+        atomic_save_file(tensors, p, metadata={**key, **{k: str(v) for k, v in (meta or {}).items()}})
         return p
 
 
@@ -294,7 +329,11 @@ def second_moments(
                 t = {f"sum.{l}": s for l, (s, _) in acc.items()}
                 t.update({f"count.{l}": torch.tensor(c) for l, (_, c) in acc.items()})
                 t["batches"] = torch.tensor(skip + bi + 1)
-                cache.save(partial_key, t, kind="partial")
+                try:
+                    cache.save(partial_key, t, kind="partial")
+                except OSError as err:  # optional (resume only): a full disk must not kill the pass
+                    warnings.warn(f"could not save the partial statistics to {cache.path(partial_key, kind='partial')} "
+                                  f"({err}); continuing without it", stacklevel=2)
 
         # every process reads and packs all texts and keeps its share of the *blocks*
         blocks = packed_blocks(tokenizer, iter_corpus_texts(cfg), cfg.max_length, cfg.batch_size, shard, num_shards)
