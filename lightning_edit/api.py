@@ -130,7 +130,7 @@ class Editor:
         self.prepare()
         rb, res = self.module.compute_residuals(reqs)
         info = apply_update(self.module.adapter, rb, res.z_target, self.module.layers, self.callback.method,
-                            max_rows=self.module.max_rows)
+                            max_rows=self.module.max_rows, master=self.callback.master)
         self.module.num_edits += len(reqs)
         self.callback.batches_applied += 1
         self.history.extend(reqs)

@@ -18,7 +18,7 @@ import torch
 from .checkpointing import check_finite, config_fingerprint, full_model_fingerprint, save_edits
 from .module import EditModule
 from .stats import StatsConfig, model_fingerprint, projectors, second_moments
-from .update import AlphaEditMethod, MemitMethod, apply_update
+from .update import AlphaEditMethod, MemitMethod, apply_update, master_copies, write_master
 
 SolveDType = Literal["float32", "float64"]
 _SOLVE = {"float32": torch.float32, "float64": torch.float64}
@@ -43,6 +43,7 @@ class ClosedFormUpdate(L.Callback):
         self.solve_dtype = _SOLVE[solve_dtype]
         self.export_path = export_path
         self.method = None
+        self.master: dict[int, torch.Tensor] = {}
         self.batches_applied = 0
         self.base_fingerprint: str | None = None
         self._stash: dict | None = None
@@ -72,6 +73,7 @@ class ClosedFormUpdate(L.Callback):
         if trainer is not None and world > 1:
             trainer.strategy.barrier("lightning_edit_stats")
         module.ensure_prefixes()  # from the unedited model, unless restored from the checkpoint
+        self.master = master_copies(module.adapter, module.layers)  # float32 masters of bf16/fp16 edit layers
         self.method = self.build_method(module, moments, trainer)
         self._restore_edits(module)
 
@@ -86,7 +88,7 @@ class ClosedFormUpdate(L.Callback):
         where = f"checkpoint {self._stash_path}" if self._stash_path else "the checkpoint"
         if st.get("method_name") != self.method_name:
             raise ValueError(f"{where} was written by method {st.get('method_name')!r}, this run uses {self.method_name!r}")
-        check_finite({"weights": st.get("weights", {}), "method": st.get("method", {})}, where)
+        check_finite({"weights": st.get("weights", {}), "master": st.get("master", {}), "method": st.get("method", {})}, where)
         saved_layers = [int(l) for l in st.get("layers", [])]
         if saved_layers != list(module.layers):
             raise ValueError(f"{where} edits layers {saved_layers}, this run edits {list(module.layers)}: "
@@ -101,13 +103,18 @@ class ClosedFormUpdate(L.Callback):
             return
         self._check_stash(module)
         st = self._stash
+        masters = st.get("master", {})
         with torch.no_grad():
             for l in module.layers:
                 name = module.adapter.weight_name(l)
                 if name not in st["weights"]:
                     raise KeyError(f"checkpoint has no edited weight {name!r}; was it made with other edit layers?")
                 w = module.adapter.down_proj(l).weight
-                w.copy_(st["weights"][name].to(w.dtype))
+                if name in masters:  # a low-precision model: the float32 master goes on
+                    self.master[l] = masters[name].to(w.device, torch.float32).clone()
+                    write_master(module.adapter, l, self.master[l])
+                else:
+                    w.copy_(st["weights"][name].to(w.dtype))
         self.batches_applied = int(st["batches_applied"])
         module.num_edits = int(st["num_edits"])
         if self.method is not None:
@@ -148,6 +155,7 @@ class ClosedFormUpdate(L.Callback):
             # rb / res are None on a process with no request of this batch (it still joins the gathers)
             pl_module.adapter, rb, None if res is None else res.z_target, pl_module.layers, self.method,
             gather=lambda t: pl_module.gather_rows(t, len(edit_batch.requests)), max_rows=pl_module.max_rows,
+            master=self.master,
         )
         pl_module._pending = None
         pl_module.num_edits += len(edit_batch.requests)
@@ -173,6 +181,7 @@ class ClosedFormUpdate(L.Callback):
             "batches_applied": self.batches_applied,
             "num_edits": m.num_edits,
             "weights": {m.adapter.weight_name(l): m.adapter.down_proj(l).weight.detach() for l in m.layers},
+            "master": {m.adapter.weight_name(l): t for l, t in self.master.items()},
             "method": self.method_state(),
         }
 

@@ -42,7 +42,12 @@ class StatsConfig:
         n_samples: number of texts to read (the reference uses 100,000 Wikipedia articles).
         max_length: tokens per packed block.
         batch_size: blocks per forward pass.
-        dtype: dtype the model runs in for the pass (``float32``, ``bfloat16``, ``float16``).
+        dtype: dtype the keys' outer products ``k k^T`` are computed in (``float32`` or
+            ``float64``; the sums are float64 either way, and the model runs in its own dtype).
+        encoding: how corpus texts become model inputs: ``packed`` (the first ``n_samples`` texts
+            tokenized and packed, EOS-separated, into full ``max_length`` blocks: no padding, texts
+            cross block boundaries) or ``per_text`` (as the reference code: one text per row, from
+            its BOS, truncated to ``max_length``, padding not counted).
         cache_dir: where sums, counts and projectors are cached.
         save_every: write a resumable partial sum every this many batches (0 = never).
     """
@@ -55,6 +60,7 @@ class StatsConfig:
     max_length: int = 256
     batch_size: int = 16
     dtype: str = "float32"
+    encoding: str = "packed"
     cache_dir: str = "checkpoints/stats"
     save_every: int = 50
 
@@ -210,6 +216,45 @@ def packed_blocks(tokenizer, texts: Iterator[str], max_length: int, batch_size: 
         yield torch.tensor([buf])
 
 
+def per_text_batches(tokenizer, texts: Iterator[str], max_length: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(ids, mask)`` batches of ``batch_size`` texts, one text per row from its BOS (the
+    tokenizer's special tokens), truncated to ``max_length`` and right-padded (the reference
+    code's encoding)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    rows: list[list[int]] = []
+
+    def emit():
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return ids, mask
+
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"][:max_length]
+        if ids:
+            rows.append(ids)
+        if len(rows) == batch_size:
+            yield emit()
+            rows = []
+    if rows:
+        yield emit()
+
+
+_STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+ENCODINGS = ("packed", "per_text")
+
+
+def _check_cfg(cfg: StatsConfig) -> None:
+    if cfg.dtype not in _STATS_DTYPES:
+        raise ValueError(f"stats.dtype must be one of {sorted(_STATS_DTYPES)} (the dtype k k^T is computed in; "
+                         f"the model runs in its own dtype), got {cfg.dtype!r}")
+    if cfg.encoding not in ENCODINGS:
+        raise ValueError(f"stats.encoding must be one of {list(ENCODINGS)}, got {cfg.encoding!r}")
+
+
 @torch.no_grad()
 def accumulate_moments(
     adapter: ModelAdapter,
@@ -218,22 +263,27 @@ def accumulate_moments(
     init: dict[int, tuple[torch.Tensor, int]] | None = None,
     on_batch: Callable[[int, dict[int, tuple[torch.Tensor, int]]], None] | None = None,
     progress: tqdm | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[int, tuple[torch.Tensor, int]]:
-    """Sum of ``k k^T`` (float64, ``(d_k, d_k)``) and key count per layer over ``blocks``.
-    One forward per batch captures every layer and stops after the last one."""
+    """Sum of ``k k^T`` (float64, ``(d_k, d_k)``; each batch's product computed in ``dtype``)
+    and key count per layer over ``blocks`` (id tensors, or ``(ids, mask)`` pairs whose padding
+    is not counted). One forward per batch captures every layer and stops after the last one."""
     device = next(adapter.model.parameters()).device
     acc = {l: (init[l][0].to(device), int(init[l][1])) if init and l in init else (torch.zeros(adapter.dims(l)[1], adapter.dims(l)[1], dtype=torch.float64, device=device), 0) for l in layers}
     last = max(layers)
-    for bi, ids in enumerate(blocks):
+    for bi, item in enumerate(blocks):
+        ids, mask = item if isinstance(item, tuple) else (item, None)
         ids = ids.to(device)
+        mask = torch.ones_like(ids) if mask is None else mask.to(device)
         with adapter.trace(key_layers=layers, stop_after=last) as rec:
-            adapter.forward(ids, torch.ones_like(ids))
+            adapter.forward(ids, mask)
+        keep = mask.reshape(-1).bool()
         for l in layers:
-            k = rec["keys"][l].reshape(-1, rec["keys"][l].shape[-1]).float()
+            k = rec["keys"][l].reshape(-1, rec["keys"][l].shape[-1])[keep].to(dtype)
             s, c = acc[l]
             acc[l] = (s.add_((k.T @ k).double()), c + k.shape[0])
         if progress is not None:
-            progress.update(ids.numel())
+            progress.update(int(keep.sum()))
         if on_batch is not None:
             on_batch(bi, acc)
     return acc
@@ -255,6 +305,7 @@ class StatsCache:
             "n_samples": str(self.cfg.n_samples),
             "max_length": str(self.cfg.max_length),
             "dtype": self.cfg.dtype,
+            "encoding": self.cfg.encoding,
         }
 
     def path(self, key: dict[str, str], kind: str = "moment", extra: str = "") -> Path:
@@ -303,6 +354,7 @@ def second_moments(
     Under DDP, pass this process's ``shard`` of ``num_shards`` and a ``reduce`` that sums a
     tensor across processes; only the writer saves the cache.
     """
+    _check_cfg(cfg)
     cache = StatsCache(cfg)
     keys = {l: cache.key(adapter, l) for l in layers}
     out: dict[int, torch.Tensor] = {}
@@ -336,11 +388,14 @@ def second_moments(
                                   f"({err}); continuing without it", stacklevel=2)
 
         # every process reads and packs all texts and keeps its share of the *blocks*
-        blocks = packed_blocks(tokenizer, iter_corpus_texts(cfg), cfg.max_length, cfg.batch_size, shard, num_shards)
+        if cfg.encoding == "per_text":  # rows are independent: each process keeps its share of the texts
+            blocks = per_text_batches(tokenizer, iter_corpus_texts(cfg, shard, num_shards), cfg.max_length, cfg.batch_size)
+        else:
+            blocks = packed_blocks(tokenizer, iter_corpus_texts(cfg), cfg.max_length, cfg.batch_size, shard, num_shards)
         for _ in range(skip):
             next(blocks, None)
         bar = tqdm(desc=f"key statistics (layers {missing})", unit="tok", unit_scale=True, disable=not (show_progress and is_writer))
-        acc = accumulate_moments(adapter, blocks, missing, init=init, on_batch=checkpoint, progress=bar)
+        acc = accumulate_moments(adapter, blocks, missing, init=init, on_batch=checkpoint, progress=bar, dtype=_STATS_DTYPES[cfg.dtype])
         bar.close()
         for l in missing:
             s, c = acc[l]

@@ -122,6 +122,26 @@ def _no_rows(adapter: ModelAdapter, layers: Sequence[int], keys: bool = True) ->
     return {l: torch.zeros(0, adapter.dims(l)[1 if keys else 0], device=device) for l in layers}
 
 
+def master_copies(adapter: ModelAdapter, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Float32 master copies ``(d_model, d_k)`` of the edit layers' weights when the model keeps
+    them in a lower precision (bf16 / fp16); empty for a float32 model. Updates accumulate in the
+    master and the model holds its rounding, so small updates are not lost to bf16 rounding and
+    the leakage onto preserved keys does not grow with the number of batches."""
+    out = {}
+    for l in layers:
+        w = adapter.weight_as_linear(l)
+        if w.dtype in (torch.bfloat16, torch.float16):
+            out[l] = w.detach().float().clone()
+    return out
+
+
+@torch.no_grad()
+def write_master(adapter: ModelAdapter, layer: int, master: torch.Tensor) -> None:
+    """The model's weight of ``layer`` := the master copy rounded to the weight's dtype."""
+    w = adapter.weight_as_linear(layer)
+    w.copy_(master.to(device=w.device, dtype=w.dtype))
+
+
 def apply_update(
     adapter: ModelAdapter,
     batch: ResidualBatch | None,
@@ -130,6 +150,7 @@ def apply_update(
     method,
     gather: Gather | None = None,
     max_rows: int = 0,
+    master: dict[int, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Apply one edit batch's update to every edit layer, in ascending order.
 
@@ -140,12 +161,16 @@ def apply_update(
     ``batch=None`` (and ``z_target=None``): it contributes no rows but joins every gather.
     If anything fails (a non-finite solve, a bad shape), every edit layer is restored and the
     error re-raised: a batch is applied whole or not at all.
+    With ``master`` (float32 copies of low-precision edit layers, :func:`master_copies`) the
+    update is added to the master and the model's weight is written as its rounding.
     Returns summary numbers for logging.
     """
     gather = gather or (lambda t: t)
     layers = sorted(layers)
     z_layer = layers[-1]
+    master = master if master is not None else {}
     snapshot = {l: adapter.weight_as_linear(l).detach().clone() for l in layers}
+    master_snapshot = {l: m.clone() for l, m in master.items()}
     info: dict[str, float] = {}
     try:
         for i, l in enumerate(layers):
@@ -156,7 +181,11 @@ def apply_update(
                 resid = spread_residual(z_target.to(z_cur.device), z_cur, len(layers) - i)
             k_all, r_all = gather(keys[l]), gather(resid)
             delta = method.delta(l, k_all, r_all)
-            adapter.add_to_weight(l, delta)
+            if l in master:
+                master[l].add_(delta.to(device=master[l].device, dtype=torch.float32))
+                write_master(adapter, l, master[l])
+            else:
+                adapter.add_to_weight(l, delta)
             w = snapshot[l]
             info[f"update_norm/layer_{l}"] = float(delta.norm() / w.float().norm())
         if getattr(method, "needs_keys_after", False):
@@ -169,5 +198,7 @@ def apply_update(
         with torch.no_grad():
             for l, w in snapshot.items():
                 adapter.weight_as_linear(l).copy_(w)
+            for l, m in master_snapshot.items():
+                master[l].copy_(m)
         raise
     return info
