@@ -92,7 +92,7 @@ class Editor:
             st = stats if isinstance(stats, StatsConfig) else StatsConfig(**(stats or {}))
             self.callback = METHODS[method](stats=st, **dict(method_kwargs or {}))
         self.callback._module = self.module
-        self.history: list[EditRequest] = []
+        self._base: dict[int, Any] | None = None  # unedited edit-layer weights (CPU), for exact undo
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, layers: Sequence[int], dtype: str = "float32", device: str | None = None,
@@ -102,6 +102,7 @@ class Editor:
             model.to(device)
         ed = cls(model, tok, layers, **kwargs)
         ed.module.model_name = name_or_path
+        ed.module.ledger.meta["model"] = name_or_path
         return ed
 
     @property
@@ -116,35 +117,74 @@ class Editor:
     def num_edits(self) -> int:
         return self.module.num_edits
 
+    @property
+    def ledger(self):
+        """The :class:`~lightning_edit.ledger.EditLedger`: every batch applied, in order."""
+        return self.module.ledger
+
     def prepare(self) -> None:
         """Compute (or load from cache) statistics and projectors; done on first :meth:`apply`."""
+        if self._base is None:
+            ad = self.module.adapter
+            self._base = {l: ad.weight_as_linear(l).detach().cpu().clone() for l in self.module.layers}
         self.callback.prepare(self.module)
 
     def apply(self, requests: Sequence[EditRequest | Mapping[str, Any]]) -> dict[str, float]:
         """Apply one batch of edits (all requests are validated before any weight changes).
         Returns the residual-optimization losses and per-layer relative update norms."""
-        reqs = _as_requests(requests, seen={r.case_id for r in self.history}, start=len(self.history))
+        applied = self.module.edit_history
+        reqs = _as_requests(requests, seen={r.case_id for r in applied}, start=len(applied))
         if not reqs:
             return {}
         self.module.check_lengths(reqs, prefixes=True)
         self.prepare()
         rb, res = self.module.compute_residuals(reqs)
-        info = apply_update(self.module.adapter, rb, res.z_target, self.module.layers, self.callback.method,
-                            max_rows=self.module.max_rows, master=self.callback.master)
-        self.module.num_edits += len(reqs)
-        self.callback.batches_applied += 1
-        self.history.extend(reqs)
+        ledger, cb = self.module.ledger, self.callback
+        info = apply_update(self.module.adapter, rb, res.z_target, self.module.layers, cb.method,
+                            max_rows=self.module.max_rows, master=cb.master, record={},
+                            on_record=lambda t, inf: ledger.append(cb.batch_record(ledger.position, [r.case_id for r in reqs], inf, t)))
+        applied.extend(reqs)
         info.update({"z/loss": float(res.loss.mean()), "z/nll": float(res.nll.mean())})
         return info
 
+    def undo(self, n: int = 1) -> list[dict]:
+        """Take the last ``n`` batches back: weights rebuilt from the unedited ones plus the kept
+        batches (bit-identical to never having applied the others, also in bf16), ``K_p K_p^T``
+        without their keys, ledger and history rewound. Returns the removed batches' rows."""
+        ledger = self.module.ledger
+        if not 0 <= n <= ledger.position:
+            raise ValueError(f"cannot undo {n} batches: {ledger.position} are applied")
+        if n == 0:
+            return []
+        rows = ledger.history()[ledger.position - n:]
+        ledger.truncate(ledger.position - n)
+        ad = self.module.adapter
+        base = {l: t.to(ad.weight_as_linear(l).device) for l, t in self._base.items()}
+        self.callback.rebuild(self.module, base)
+        del self.module.edit_history[ledger.num_edits:]
+        return rows
+
+    def history(self) -> list[dict]:
+        """What the model carries: one row per applied batch (request ids, method, hyper-parameters,
+        edits after it, update norms)."""
+        return self.module.ledger.history()
+
     def evaluate(self, requests: Sequence[EditRequest | Mapping[str, Any]] | None = None) -> dict[str, float]:
         """Edit metrics on ``requests`` (default: everything applied so far)."""
-        reqs = self.history if requests is None else _as_requests(requests)
+        reqs = self.module.edit_history if requests is None else _as_requests(requests)
         return self.module.evaluate(reqs)
 
     def save(self, path: str | Path) -> Path:
         """Export the edited weights (safetensors, only the edited tensors + metadata)."""
         return self.callback.export(self.module, path)
+
+    def export(self, directory: str | Path) -> Path:
+        """Write the edited model as a full ``save_pretrained`` directory (safetensors, config,
+        tokenizer) plus ``edit_ledger.json`` (what it carries), loadable by
+        ``AutoModelForCausalLM.from_pretrained`` and serving engines."""
+        from .checkpointing import export_pretrained
+
+        return export_pretrained(self.module.lm, self.module.tokenizer, self.module.ledger, directory)
 
     def config(self) -> dict:
         return {"layers": self.module.layers, "residual": asdict(self.module.residual_cfg),

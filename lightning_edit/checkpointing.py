@@ -223,3 +223,23 @@ def full_model_fingerprint(model: torch.nn.Module) -> str:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         parts += [name, tensor_fingerprint(t)]
     return _hash(*parts)
+
+
+def export_pretrained(model: torch.nn.Module, tokenizer, ledger, directory: str | os.PathLike) -> Path:
+    """The edited model as a full ``save_pretrained`` directory (safetensors weights, config,
+    generation config, tokenizer) with ``edit_ledger.json`` beside it; written into a temporary
+    sibling and renamed, so a kill never leaves a half-written export."""
+    import shutil
+
+    out = Path(directory)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    (tmp / "edit_ledger.json").write_text(json.dumps(ledger.summary(), indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

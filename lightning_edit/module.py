@@ -19,6 +19,7 @@ from torch import nn
 from .arch import ModelAdapter
 from .data.datamodule import EditBatch
 from .data.requests import EditRequest
+from .ledger import EditLedger
 from .residuals import ResidualConfig, build_residual_batch, optimize_residuals
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -125,7 +126,10 @@ class EditModule(L.LightningModule):
         self.n_prefixes, self.prefix_length, self.seed = context_prefixes, context_length, seed
         self.eval_every, self.eval_batch_size, self.max_rows = eval_every, eval_batch_size, max_rows_per_forward
         self._templates = (layer_template, mlp_down_template)
+        self._tokenizer_name, self._trust_remote_code = tokenizer, trust_remote_code
         self.lm, self.tokenizer = load_pretrained(model, dtype, trust_remote_code, tokenizer) if isinstance(model, str) else model
+        if not isinstance(model, str):  # a loaded model: name it by its config's path
+            self.model_name = str(getattr(getattr(self.lm, "config", None), "_name_or_path", "") or type(self.lm).__name__)
         self._finish_init()
 
     @classmethod
@@ -143,11 +147,32 @@ class EditModule(L.LightningModule):
         self.adapter = ModelAdapter(self.lm, *self._templates)
         self.adapter.check_layers(self.layers)
         self.prefixes: list[str] | None = None
-        self.num_edits = 0
         self._pending = None
+        # the requests applied so far, in stream order (their ids are the ledger's)
         self.edit_history: list[EditRequest] = []
-        # mid-stream evaluations: {"num_edits", "edit/efficacy", ...} (for the report's plot)
-        self.stream_history: list[dict] = []
+        # the stream's state: every applied batch, the position, the evaluation history
+        self.ledger = EditLedger(meta=self.ledger_meta())
+
+    def ledger_meta(self) -> dict:
+        """What the edit stream edits (written into checkpoints and exports)."""
+        p = next(self.lm.parameters())
+        return {"model": str(self.model_name), "dtype": str(p.dtype).removeprefix("torch."), "layers": list(self.layers),
+                "layer_template": self._templates[0], "mlp_down_template": self._templates[1],
+                "tokenizer": self._tokenizer_name, "trust_remote_code": self._trust_remote_code}
+
+    @property
+    def num_edits(self) -> int:
+        """Requests applied so far (from the ledger)."""
+        return self.ledger.num_edits
+
+    @property
+    def stream_history(self) -> list[dict]:
+        """Mid-stream evaluations ``{"num_edits", "edit/efficacy", ...}`` (the ledger's)."""
+        return self.ledger.evals
+
+    @stream_history.setter
+    def stream_history(self, rows: list[dict]) -> None:
+        self.ledger.evals = list(rows)
 
     # ---- Lightning plumbing ----------------------------------------------------------------
     def configure_optimizers(self):
@@ -162,6 +187,9 @@ class EditModule(L.LightningModule):
         requests = getattr(dm, "requests", None)
         if requests and len(self.edit_history) < self.num_edits:
             self.edit_history = list(requests[: self.num_edits])
+            if [r.case_id for r in self.edit_history] != self.ledger.request_ids():
+                raise ValueError("the checkpoint's edit ledger holds other requests than the first "
+                                 f"{self.num_edits} of this stream (check dataset, limit, offset, batch_size)")
 
     def on_validation_model_train(self) -> None:
         self.lm.eval()
@@ -171,12 +199,14 @@ class EditModule(L.LightningModule):
         return {}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["edit_module"] = {"prefixes": self.prefixes, "num_edits": self.num_edits}
+        checkpoint["edit_module"] = {"prefixes": self.prefixes, "num_edits": self.num_edits, "ledger": self.ledger.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("edit_module", {})
         self.prefixes = state.get("prefixes")
-        self.num_edits = int(state.get("num_edits", 0))
+        if "ledger" not in state:
+            raise ValueError("the checkpoint holds no edit ledger (written by an older lightning-edit); it cannot be resumed")
+        self.ledger.load_state_dict(state["ledger"])
 
     @property
     def device_(self) -> torch.device:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .arch import ModelAdapter
-from .closed_form import alphaedit_update, memit_update, spread_residual
+from .closed_form import alphaedit_factors, alphaedit_update, memit_factors, memit_update, spread_residual
 from .residuals import ResidualBatch
 
 
@@ -85,8 +85,14 @@ class MemitMethod:
     def delta(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         return memit_update(keys, resid, self.moments[layer].to(keys.device), self.lam, self.solve_dtype)
 
+    def factors(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return memit_factors(keys, resid, self.moments[layer].to(keys.device), self.lam, self.solve_dtype)
+
     def commit(self, new_keys: dict[int, torch.Tensor]) -> None:
         pass
+
+    def hparams(self) -> dict:
+        return {"lam": self.lam, "solve_dtype": str(self.solve_dtype).removeprefix("torch.")}
 
     needs_keys_after = False
 
@@ -106,10 +112,25 @@ class AlphaEditMethod:
         prev = self.prev_kkt.get(layer)
         return alphaedit_update(keys, resid, self.projectors[layer].to(keys.device), None if prev is None else prev.to(keys.device), self.l2, self.solve_dtype)
 
+    def factors(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        prev = self.prev_kkt.get(layer)
+        return alphaedit_factors(keys, resid, self.projectors[layer].to(keys.device), None if prev is None else prev.to(keys.device), self.l2, self.solve_dtype)
+
     def commit(self, new_keys: dict[int, torch.Tensor]) -> None:
-        for l, k in new_keys.items():
-            kkt = (k.T.double() @ k.double()).float()
-            self.prev_kkt[l] = self.prev_kkt[l].to(kkt.device) + kkt if l in self.prev_kkt else kkt
+        self.prev_kkt = accumulate_kkt(self.prev_kkt, new_keys)
+
+    def hparams(self) -> dict:
+        return {"l2": self.l2, "solve_dtype": str(self.solve_dtype).removeprefix("torch.")}
+
+
+def accumulate_kkt(prev: dict[int, torch.Tensor], new_keys: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """``K_p K_p^T += K K^T`` per layer (products in float64, sums in float32). The one
+    definition used live and when the ledger rebuilds ``K_p K_p^T``, so both are bit-identical."""
+    out = dict(prev)
+    for l, k in new_keys.items():
+        kkt = (k.T.double() @ k.double()).float()
+        out[l] = out[l].to(kkt.device) + kkt if l in out else kkt
+    return out
 
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -151,6 +172,9 @@ def apply_update(
     gather: Gather | None = None,
     max_rows: int = 0,
     master: dict[int, torch.Tensor] | None = None,
+    broadcast: Callable | None = None,
+    record: dict | None = None,
+    on_record: Callable[[dict, dict], None] | None = None,
 ) -> dict[str, float]:
     """Apply one edit batch's update to every edit layer, in ascending order.
 
@@ -163,6 +187,11 @@ def apply_update(
     error re-raised: a batch is applied whole or not at all.
     With ``master`` (float32 copies of low-precision edit layers, :func:`master_copies`) the
     update is added to the master and the model's weight is written as its rounding.
+    Methods with ``factors`` (MEMIT, AlphaEdit) give ``Delta = U @ V`` (float32, rank <= rows);
+    ``broadcast`` (DDP) replaces every process's factors by rank 0's, so processes can never drift
+    apart; ``record`` (a dict) receives ``u.{l}``, ``v.{l}`` and the keys after the update
+    ``keys.{l}``: what the edit ledger stores to replay, undo and rebuild ``K_p K_p^T`` exactly;
+    ``on_record(record, info)`` runs before the method commits, inside the all-or-nothing block.
     Returns summary numbers for logging.
     """
     gather = gather or (lambda t: t)
@@ -180,7 +209,15 @@ def apply_update(
                 keys, z_cur = anchor_keys_and_outputs(adapter, batch, [l], z_layer, max_rows)
                 resid = spread_residual(z_target.to(z_cur.device), z_cur, len(layers) - i)
             k_all, r_all = gather(keys[l]), gather(resid)
-            delta = method.delta(l, k_all, r_all)
+            if hasattr(method, "factors"):
+                u, v = method.factors(l, k_all, r_all)
+                if broadcast is not None:  # via CPU: pickled device tensors would land on rank 0's device
+                    u, v = (t.to(k_all.device) for t in broadcast((u.cpu(), v.cpu())))
+                delta = u @ v
+                if record is not None:
+                    record[f"u.{l}"], record[f"v.{l}"] = u.detach(), v.detach()
+            else:
+                delta = method.delta(l, k_all, r_all)
             if l in master:
                 master[l].add_(delta.to(device=master[l].device, dtype=torch.float32))
                 write_master(adapter, l, master[l])
@@ -188,12 +225,21 @@ def apply_update(
                 adapter.add_to_weight(l, delta)
             w = snapshot[l]
             info[f"update_norm/layer_{l}"] = float(delta.norm() / w.float().norm())
-        if getattr(method, "needs_keys_after", False):
+        if getattr(method, "needs_keys_after", False) or record is not None:
             if batch is None:
                 keys_after = _no_rows(adapter, layers)
             else:
                 keys_after, _ = anchor_keys_and_outputs(adapter, batch, layers, None, max_rows)
-            method.commit({l: gather(k) for l, k in keys_after.items()})
+            keys_after = {l: gather(k) for l, k in keys_after.items()}
+            if broadcast is not None:
+                dev = {l: k.device for l, k in keys_after.items()}
+                keys_after = {l: k.to(dev[l]) for l, k in broadcast({l: k.cpu() for l, k in keys_after.items()}).items()}
+            if record is not None:
+                record.update({f"keys.{l}": k.detach() for l, k in keys_after.items()})
+        if on_record is not None:
+            on_record(record, info)  # e.g. the ledger's append: if it fails, the batch is rolled back
+        if getattr(method, "needs_keys_after", False):
+            method.commit(keys_after)
     except BaseException:
         with torch.no_grad():
             for l, w in snapshot.items():

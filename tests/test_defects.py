@@ -218,12 +218,6 @@ def test_checkpoint_names_its_model_and_layers_and_refuses_a_mismatch(tiny_model
         main(["fit", *[a for a in args if not a.startswith("--model.layers")], "--model.layers=[2]", f"--ckpt_path={ckpt}"])
     with pytest.raises(ValueError, match=r"edits layers \[1, 2\]"):
         main(["validate", *[a for a in args if not a.startswith("--model.layers")], "--model.layers=[2]", f"--ckpt_path={ckpt}"])
-    # a checkpoint with a non-finite edited weight (hashes intact): refused by path and entry
-    bad = load_nested(ckpt)
-    bad["callbacks"]["AlphaEdit"]["weights"]["transformer.h.1.mlp.c_proj.weight"][0, 0] = float("inf")
-    save_nested(bad, run / "bad.safetensors")
-    with pytest.raises(CorruptFileError, match=r"bad.safetensors: weights.transformer.h.1.mlp.c_proj.weight holds non-finite"):
-        main(["fit", *args, "--trainer.max_steps=2", f"--ckpt_path={run / 'bad.safetensors'}"])
     # a model that differs only above the edit layers: refused, naming the fingerprint
     from transformers import AutoModelForCausalLM
 
@@ -238,6 +232,22 @@ def test_checkpoint_names_its_model_and_layers_and_refuses_a_mismatch(tiny_model
         main(["fit", *other_args, "--trainer.max_steps=2", f"--ckpt_path={ckpt}"])
     with pytest.raises(ValueError, match="another base model"):
         main(["validate", *other_args, f"--ckpt_path={ckpt}"])
+    # the checkpoint's edits (its ledger batch file) damaged: refused, naming the file
+    from lightning_edit.checkpointing import atomic_save_file, read_verified
+
+    batch = run / "ckpt" / "ledger" / "batch_000000.safetensors"
+    tensors, meta = read_verified(batch)
+    tensors["u.1"][0, 0] = float("inf")  # hashes intact, value not finite
+    atomic_save_file(tensors, batch, {k: v for k, v in meta.items() if k != "lightning_edit.sha256"})
+    with pytest.raises(CorruptFileError, match=f"{batch}.*non-finite"):
+        main(["fit", *args, "--trainer.max_steps=2", f"--ckpt_path={ckpt}"])
+    tensors["u.1"][0, 0] = 0.5
+    atomic_save_file(tensors, batch, {k: v for k, v in meta.items() if k != "lightning_edit.sha256"})
+    with pytest.raises(CorruptFileError, match=f"{batch}.*digest its checkpoint recorded"):  # another file than the checkpoint's
+        main(["validate", *args, f"--ckpt_path={ckpt}"])
+    _garble(batch)
+    with pytest.raises(CorruptFileError, match=f"{batch}.*content hash"):
+        main(["validate", *args, f"--ckpt_path={ckpt}"])
 
 
 def test_resume_keeps_curves_and_wall_time_of_the_whole_stream(tiny_model_dir, dataset, corpus_file, tmp_path):

@@ -1,0 +1,235 @@
+"""The edit ledger: the one record of everything an edit stream has done to a model.
+
+Per applied batch (:class:`BatchRecord`): the request ids, the method and its hyper-parameters,
+the update's factors ``U``, ``V`` per edit layer (``Delta = U @ V``, rank <= rows of the batch)
+and the keys of every edit layer after the update (AlphaEdit's ``K_p K_p^T`` is the sum of their
+``K K^T``). Plus the stream position (``len(records)``) and the evaluation history.
+
+From the base model and the ledger everything else is rebuilt exactly, in the order it was built
+live: the edited weights (:meth:`EditLedger.replay`, with the float32 master of a bf16 / fp16
+model), ``K_p K_p^T`` (:meth:`EditLedger.prev_kkt`). So
+
+* a checkpoint appends one small file per batch (``O(rows x (d_model + 2 d_k))`` per layer)
+  instead of rewriting the edited weights and the ``d_k x d_k`` matrices;
+* undo (:meth:`EditLedger.truncate` and a replay) is bit-identical to a run that never applied
+  the undone batches;
+* a resumed run carries the full history (mid-stream evaluations after a resume cover every edit).
+
+Batch files: ``<directory>/batch_<index>.safetensors``, each with a SHA-256 per tensor; the
+checkpoint lists every file's digest, so a stale or damaged file is refused by path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpointing import CorruptFileError, atomic_save_file, read_verified, tensor_digest
+
+LEDGER_FORMAT = 1
+
+
+@dataclass
+class BatchRecord:
+    """One applied edit batch.
+
+    Attributes:
+        index: position of the batch in the stream (0-based).
+        request_ids: ``case_id`` of every request of the batch, in order.
+        method: ``alphaedit`` / ``memit``.
+        hparams: the method's hyper-parameters for this batch.
+        info: logged numbers (relative update norm per layer, ...).
+        tensors: ``u.{layer}`` ``(d_model, n)``, ``v.{layer}`` ``(n, d_k)``, ``keys.{layer}``
+            ``(n, d_k)`` (float32, CPU); None while only on disk.
+        file: the batch file (None: kept in memory only).
+        digest: hash of the tensors (over their per-tensor SHA-256), checked when read back.
+    """
+
+    index: int
+    request_ids: list[str]
+    method: str
+    hparams: dict
+    info: dict = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] | None = None
+    file: str | None = None
+    digest: str | None = None
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.request_ids)
+
+    def meta(self) -> dict:
+        return {"index": self.index, "request_ids": list(self.request_ids), "method": self.method, "hparams": self.hparams,
+                "info": self.info, "file": self.file, "digest": self.digest}
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(f"{k}={tensor_digest(tensors[k])};".encode())
+    return h.hexdigest()
+
+
+class EditLedger:
+    """The state of an edit stream (see the module docstring).
+
+    Args:
+        directory: where batch files are appended (None: keep every batch in memory; the API's
+            default, and what a checkpoint of a run without a checkpoint directory embeds).
+        meta: what the stream edits: ``model`` (name or path), ``dtype``, ``layers``, ``method``,
+            templates; written into checkpoints and exports.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None, meta: dict | None = None):
+        self.directory = Path(directory) if directory is not None else None
+        self.meta: dict = dict(meta or {})
+        self.records: list[BatchRecord] = []
+        self.evals: list[dict] = []  # {"num_edits", "edit/efficacy", ...}, in stream order
+
+    # ---- reading ------------------------------------------------------------------------
+    @property
+    def position(self) -> int:
+        """Batches applied (the stream position)."""
+        return len(self.records)
+
+    @property
+    def num_edits(self) -> int:
+        return sum(r.num_requests for r in self.records)
+
+    def request_ids(self) -> list[str]:
+        return [i for r in self.records for i in r.request_ids]
+
+    def tensors(self, record: BatchRecord) -> dict[str, torch.Tensor]:
+        """A batch's tensors, read (and verified) from its file when not in memory."""
+        if record.tensors is not None:
+            return record.tensors
+        path = self._resolve(record.file)
+        tensors, _ = read_verified(path, require_digest=True)
+        if record.digest is not None and _digest(tensors) != record.digest:
+            raise CorruptFileError(f"{path}: ledger batch {record.index} does not match the digest its checkpoint recorded "
+                                   "(a stale or overwritten batch file)")
+        return tensors
+
+    def _resolve(self, file: str | None) -> Path:
+        if file is None:
+            raise CorruptFileError("ledger batch has neither tensors in memory nor a file")
+        p = Path(file)
+        if not p.exists() and self.directory is not None and (self.directory / p.name).exists():
+            return self.directory / p.name  # the run directory was moved
+        return p
+
+    def history(self) -> list[dict]:
+        """One row per applied batch: index, requests (count and ids), method, hyper-parameters,
+        edits applied after it, and its logged numbers."""
+        rows, total = [], 0
+        for r in self.records:
+            total += r.num_requests
+            rows.append({"batch": r.index, "num_requests": r.num_requests, "num_edits": total, "request_ids": list(r.request_ids),
+                         "method": r.method, "hparams": dict(r.hparams), **{k: v for k, v in r.info.items()}})
+        return rows
+
+    def batch_bytes(self, record: BatchRecord) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors(record).values())
+
+    # ---- writing ------------------------------------------------------------------------
+    def append(self, record: BatchRecord, write: bool = True) -> BatchRecord:
+        """Add the next batch; with a directory (and ``write``, i.e. on the writing process) its
+        tensors go to ``batch_<index>.safetensors`` and leave memory."""
+        if record.index != self.position:
+            raise ValueError(f"ledger holds {self.position} batches; batch {record.index} cannot be appended")
+        record.tensors = {k: v.detach().float().cpu().contiguous() for k, v in (record.tensors or {}).items()}
+        record.digest = _digest(record.tensors)
+        if self.directory is not None:
+            path = self.directory / f"batch_{record.index:06d}.safetensors"
+            if write:
+                atomic_save_file(record.tensors, path, metadata={"lightning_edit.ledger_batch": str(record.index),
+                                                                 "request_ids": json.dumps(record.request_ids)})
+            record.file = str(path.resolve())
+            record.tensors = None  # other processes read rank 0's file when they need it (shared storage, like checkpoints)
+        self.records.append(record)
+        return record
+
+    def truncate(self, position: int) -> list[BatchRecord]:
+        """Take back every batch from ``position`` on (and the evaluations made after it);
+        returns the removed records."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot rewind the ledger to batch {position}: it holds {self.position} batches")
+        removed, self.records = self.records[position:], self.records[:position]
+        n = self.num_edits
+        self.evals = [e for e in self.evals if int(e.get("num_edits", 0)) <= n]
+        return removed
+
+    # ---- rebuilding ---------------------------------------------------------------------
+    def prev_kkt(self, layers: Sequence[int], device=None) -> dict[int, torch.Tensor]:
+        """``K_p K_p^T`` per layer, summed over the batches in stream order (bit-identical to the
+        live accumulation, :func:`lightning_edit.update.accumulate_kkt`)."""
+        from .update import accumulate_kkt
+
+        out: dict[int, torch.Tensor] = {}
+        for r in self.records:
+            t = self.tensors(r)
+            out = accumulate_kkt(out, {l: t[f"keys.{l}"].to(device) for l in layers})
+        return out
+
+    @torch.no_grad()
+    def replay(self, adapter, layers: Sequence[int], base: dict[int, torch.Tensor], master: dict[int, torch.Tensor]) -> None:
+        """Write ``base`` (the unedited weights as ``(d_model, d_k)``) plus every batch's
+        ``U @ V`` into the model, in stream order, exactly as :func:`apply_update` added them:
+        into the float32 ``master`` where one exists (then the model holds its rounding), in
+        place in the weight otherwise."""
+        from .update import write_master
+
+        for l in layers:
+            if l in master:
+                master[l].copy_(base[l].float())
+            else:
+                adapter.weight_as_linear(l).copy_(base[l])
+        for r in self.records:
+            t = self.tensors(r)
+            for l in layers:
+                w = adapter.weight_as_linear(l)
+                delta = t[f"u.{l}"].to(w.device) @ t[f"v.{l}"].to(w.device)
+                if l in master:
+                    master[l].add_(delta.to(device=master[l].device, dtype=torch.float32))
+                else:
+                    adapter.add_to_weight(l, delta)
+        for l in layers:
+            if l in master:
+                write_master(adapter, l, master[l])
+
+    # ---- persistence --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Checkpoint form: metadata of every batch (file + digest); a batch without a file
+        embeds its tensors."""
+        return {"format": LEDGER_FORMAT, "meta": json.dumps(self.meta), "evals": json.dumps(self.evals),
+                "directory": str(self.directory) if self.directory is not None else None,
+                "records": [{"meta": json.dumps(r.meta()), **({"tensors": r.tensors} if r.file is None else {})} for r in self.records]}
+
+    def load_state_dict(self, state: dict, check_files: bool = True) -> None:
+        if int(state.get("format", 0)) != LEDGER_FORMAT:
+            raise ValueError(f"edit ledger format {state.get('format')!r} is not supported (expected {LEDGER_FORMAT})")
+        self.meta = json.loads(state.get("meta", "{}"))
+        self.evals = json.loads(state.get("evals", "[]"))
+        if state.get("directory") and self.directory is None:
+            self.directory = Path(state["directory"])
+        self.records = []
+        for i, r in enumerate(state.get("records", [])):
+            m = json.loads(r["meta"])
+            rec = BatchRecord(index=int(m["index"]), request_ids=list(m["request_ids"]), method=m["method"], hparams=m["hparams"],
+                              info=m.get("info", {}), tensors=r.get("tensors"), file=m.get("file"), digest=m.get("digest"))
+            if rec.index != i:
+                raise ValueError(f"edit ledger is out of order: record {i} is batch {rec.index}")
+            if check_files and rec.tensors is None:
+                self.tensors(rec)  # fail now, by path, rather than mid-stream
+            self.records.append(rec)
+
+    def summary(self) -> dict:
+        """JSON summary (written beside exports): what the model carries."""
+        return {"format": LEDGER_FORMAT, **self.meta, "batches": self.position, "num_edits": self.num_edits,
+                "history": [{k: v for k, v in h.items()} for h in self.history()]}
