@@ -4,6 +4,9 @@
     lightning-edit validate -c configs/quickstart.yaml      # evaluate the unedited model
     lightning-edit validate -c ... --ckpt_path checkpoints/quickstart/last.safetensors
     lightning-edit fit -c ... --ckpt_path last              # resume an interrupted stream
+    lightning-edit ledger --ckpt_path PATH                  # what the checkpoint's model carries
+    lightning-edit undo --ckpt_path PATH --batches N        # take the last N batches back
+    lightning-edit export --ckpt_path PATH --out DIR        # save_pretrained directory of the edited model
     lightning-edit trace --model PATH --dataset FILE        # causal tracing: where are facts stored?
     lightning-edit factworld --root checkpoints/factworld   # build the offline fact-world model
 """
@@ -95,7 +98,25 @@ def _tool_commands() -> dict[str, tuple[Callable[[list[str]], object], str]]:
 
         return fw_main(argv)
 
+    def ledger(argv):
+        from .ledger import ledger_main
+
+        return ledger_main(argv)
+
+    def undo(argv):
+        from .ledger import undo_main
+
+        return undo_main(argv)
+
+    def export(argv):
+        from .ledger import export_main
+
+        return export_main(argv)
+
     return {
+        "ledger": (ledger, "list the edit batches a checkpoint carries (--ckpt_path)"),
+        "undo": (undo, "take the last N batches back from a checkpoint (--ckpt_path, --batches N [--out])"),
+        "export": (export, "write a checkpoint's edited model as a save_pretrained directory (--ckpt_path, --out)"),
         "trace": (trace, "causal tracing of where a model stores facts (table + heat-map)"),
         "factworld": (factworld, "build (or reuse) the offline fact-world model and datasets"),
     }

@@ -233,3 +233,129 @@ class EditLedger:
         """JSON summary (written beside exports): what the model carries."""
         return {"format": LEDGER_FORMAT, **self.meta, "batches": self.position, "num_edits": self.num_edits,
                 "history": [{k: v for k, v in h.items()} for h in self.history()]}
+
+
+# ---- command-line tools: lightning-edit ledger / undo / export -----------------------------------
+
+
+def _read_checkpoint(path: str) -> tuple[dict, "EditLedger"]:
+    from .checkpointing import load_nested
+
+    ckpt = load_nested(path)
+    state = ckpt.get("edit_module", {})
+    if "ledger" not in state:
+        raise SystemExit(f"{path}: no edit ledger in this checkpoint (not written by lightning-edit fit, or by an older version)")
+    ledger = EditLedger()
+    ledger.load_state_dict(state["ledger"])  # verifies every batch file, naming it
+    return ckpt, ledger
+
+
+def rewind_checkpoint(ckpt: dict, ledger: "EditLedger", position: int) -> dict:
+    """A checkpoint dict rewound to ``position`` batches: ledger, edit state, report history,
+    the stream loader's position and Lightning's loop counters (as a checkpoint written after
+    batch ``position`` holds them), so ``fit --ckpt_path`` continues from there."""
+    n = ledger.position - position
+    ledger.truncate(position)
+    num_edits = ledger.num_edits
+    ckpt["edit_module"]["ledger"] = ledger.state_dict()
+    ckpt["edit_module"]["num_edits"] = num_edits
+    for cb in ckpt.get("callbacks", {}).values():
+        if not isinstance(cb, dict):
+            continue
+        if "batches_applied" in cb:
+            cb["batches_applied"], cb["num_edits"] = position, num_edits
+        for key in ("history", "stream"):  # the report's curves
+            if isinstance(cb.get(key), str):
+                cb[key] = json.dumps([h for h in json.loads(cb[key]) if int(h.get("num_edits", 0)) <= num_edits])
+    ckpt["global_step"] = max(0, int(ckpt.get("global_step", 0)) - n)
+    fit = ckpt.get("loops", {}).get("fit_loop", {})
+    for st in fit.get("state_dict", {}).get("combined_loader", []) or []:
+        if isinstance(st, dict) and "applied" in st:
+            st["applied"] = position
+    # Lightning's loop state: flat keys with dotted names ("epoch_loop.batch_progress", ...)
+    stepped = fit.get("epoch_loop.state_dict", {})
+    if "_batches_that_stepped" in stepped:
+        stepped["_batches_that_stepped"] = max(0, int(stepped["_batches_that_stepped"]) - n)
+    for key in ("epoch_loop.batch_progress", "epoch_loop.manual_optimization.optim_step_progress"):
+        prog = fit.get(key, {})
+        for which in ("total", "current"):
+            for k, v in list(prog.get(which, {}).items()):
+                prog[which][k] = max(0, int(v) - n)
+        if "is_last_batch" in prog:
+            prog["is_last_batch"] = False
+    return ckpt
+
+
+def undo_main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from .checkpointing import save_nested
+
+    ap = argparse.ArgumentParser(prog="lightning-edit undo", description="take the last N edit batches back from a checkpoint "
+                                 "(weights, K_p K_p^T, ledger and stream position; `fit --ckpt_path` continues from there)")
+    ap.add_argument("--ckpt_path", required=True)
+    ap.add_argument("--batches", type=int, required=True, help="how many of the last batches to take back")
+    ap.add_argument("--out", default=None, help="write the rewound checkpoint here (default: rewrite --ckpt_path atomically)")
+    a = ap.parse_args(argv)
+    ckpt, ledger = _read_checkpoint(a.ckpt_path)
+    if not 0 <= a.batches <= ledger.position:
+        raise SystemExit(f"cannot undo {a.batches} batches: the checkpoint holds {ledger.position}")
+    removed = ledger.history()[ledger.position - a.batches:]
+    rewind_checkpoint(ckpt, ledger, ledger.position - a.batches)
+    out = a.out or a.ckpt_path
+    save_nested(ckpt, out)
+    ids = [i for r in removed for i in r["request_ids"]]
+    print(f"took back {a.batches} batches ({len(ids)} edits: {', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''}); "
+          f"{out} now holds {ledger.num_edits} edits in {ledger.position} batches")
+    return 0
+
+
+def ledger_main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="lightning-edit ledger", description="list the edit batches a checkpoint carries")
+    ap.add_argument("--ckpt_path", required=True)
+    ap.add_argument("--json", action="store_true", help="print the ledger summary as JSON")
+    a = ap.parse_args(argv)
+    _, ledger = _read_checkpoint(a.ckpt_path)
+    if a.json:
+        print(json.dumps(ledger.summary(), indent=1))
+        return 0
+    print("| batch | requests | edits after | method | request ids | update norms | bytes |")
+    print("|---:|---:|---:|---|---|---|---:|")
+    for r, h in zip(ledger.records, ledger.history()):
+        ids = ", ".join(h["request_ids"][:4]) + (" ..." if len(h["request_ids"]) > 4 else "")
+        norms = ", ".join(f"{k.rsplit('_', 1)[-1]}: {v:.3g}" for k, v in h.items() if k.startswith("update_norm/"))
+        print(f"| {h['batch']} | {h['num_requests']} | {h['num_edits']} | {h['method']} | {ids} | {norms} | {ledger.batch_bytes(r)} |")
+    m = ledger.meta
+    print(f"\n{ledger.num_edits} edits in {ledger.position} batches ({m.get('model')}, layers {m.get('layers')}, {m.get('dtype')})")
+    return 0
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from .arch import ModelAdapter
+    from .checkpointing import export_pretrained, full_model_fingerprint
+    from .module import load_pretrained
+    from .update import master_copies
+
+    ap = argparse.ArgumentParser(prog="lightning-edit export", description="write the edited model of a checkpoint as a "
+                                 "save_pretrained directory (safetensors, config, tokenizer, edit_ledger.json)")
+    ap.add_argument("--ckpt_path", required=True)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    ckpt, ledger = _read_checkpoint(a.ckpt_path)
+    m = ledger.meta
+    model, tok = load_pretrained(m["model"], m.get("dtype", "float32"), bool(m.get("trust_remote_code")), m.get("tokenizer"))
+    adapter = ModelAdapter(model, m.get("layer_template"), m.get("mlp_down_template"))
+    layers = [int(l) for l in m["layers"]]
+    saved = next((cb.get("base_fingerprint") for cb in ckpt.get("callbacks", {}).values()
+                  if isinstance(cb, dict) and "batches_applied" in cb), None)
+    if saved is not None and saved != full_model_fingerprint(model):
+        raise SystemExit(f"{a.ckpt_path} was made on another base model than {m['model']!r} (model fingerprint differs)")
+    base = {l: adapter.weight_as_linear(l).detach().clone() for l in layers}
+    ledger.replay(adapter, layers, base, master_copies(adapter, layers))
+    out = export_pretrained(model, tok, ledger, a.out)
+    print(f"exported {ledger.num_edits} edits ({ledger.position} batches) of {m['model']} to {out}")
+    return 0
