@@ -138,6 +138,17 @@ class EditLedger:
         return sum(t.numel() * t.element_size() for t in self.tensors(record).values())
 
     # ---- writing ------------------------------------------------------------------------
+    def add_eval(self, num_edits: int, metrics: dict) -> dict:
+        """Record evaluation results at stream position ``num_edits`` (merged into that
+        position's row when there is one)."""
+        for row in reversed(self.evals):
+            if int(row.get("num_edits", -1)) == int(num_edits):
+                row.update(metrics)
+                return row
+        row = {"num_edits": int(num_edits), **metrics}
+        self.evals.append(row)
+        return row
+
     def append(self, record: BatchRecord, write: bool = True) -> BatchRecord:
         """Add the next batch; with a directory (and ``write``, i.e. on the writing process) its
         tensors go to ``batch_<index>.safetensors`` and leave memory."""

@@ -316,7 +316,7 @@ class EditModule(L.LightningModule):
         self.edit_history.extend(batch.requests)
         if self.eval_every and (batch.index + 1) % self.eval_every == 0:
             results = self.evaluate(self.edit_history)
-            self.stream_history.append({"num_edits": self.num_edits, **results})
+            self.ledger.add_eval(self.num_edits, results)
             self.log_edit_metrics(results, prefix="")
 
     # ---- evaluation ------------------------------------------------------------------------
