@@ -68,6 +68,8 @@ class Editor:
         stats: key-statistics settings (:class:`StatsConfig` or a dict); ignored when ``method``
             is an instance.
         method_kwargs: e.g. ``l2=10, nullspace_threshold=0.02`` or ``lam=15000``.
+        ledger_dir: where the edit ledger appends one file per applied batch (default: kept in
+            memory, ``O(rows x (d_model + 2 d_k))`` floats per layer and batch).
         module_kwargs: other :class:`EditModule` arguments (``context_prefixes``, templates, ...).
     """
 
@@ -80,6 +82,7 @@ class Editor:
         residual: ResidualConfig | Mapping | None = None,
         stats: StatsConfig | Mapping | None = None,
         method_kwargs: Mapping | None = None,
+        ledger_dir: str | Path | None = None,
         **module_kwargs,
     ):
         residual = residual if isinstance(residual, ResidualConfig) else ResidualConfig(**(residual or {}))
@@ -92,6 +95,8 @@ class Editor:
             st = stats if isinstance(stats, StatsConfig) else StatsConfig(**(stats or {}))
             self.callback = METHODS[method](stats=st, **dict(method_kwargs or {}))
         self.callback._module = self.module
+        if ledger_dir is not None:
+            self.module.ledger.directory = Path(ledger_dir)
         self._base: dict[int, Any] | None = None  # unedited edit-layer weights (CPU), for exact undo
 
     @classmethod

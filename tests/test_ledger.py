@@ -12,9 +12,9 @@ from lightning_edit.checkpointing import load_nested
 from lightning_edit.cli import main
 
 
-def _editor(model, tokenizer, corpus_file, tmp_path, method="alphaedit"):
+def _editor(model, tokenizer, corpus_file, tmp_path, method="alphaedit", **kw2):
     kw = {"l2": 1.0, "nullspace_threshold": 0.05, "threshold_mode": "energy"} if method == "alphaedit" else {"lam": 1.0}
-    return Editor(model, tokenizer, layers=[1, 2], method=method, method_kwargs=kw, residual={**FAST_RESIDUAL, "steps": 8},
+    return Editor(model, tokenizer, layers=[1, 2], method=method, method_kwargs=kw, residual={**FAST_RESIDUAL, "steps": 8}, **kw2,
                   context_prefixes=0, stats={"corpus": str(corpus_file), "corpus_name": None, "n_samples": 300,
                                              "max_length": 64, "cache_dir": str(tmp_path / "stats")})
 
@@ -27,7 +27,8 @@ def _weights(ed):
 def test_undo_equals_a_run_that_stopped_earlier(trained_gpt2, tokenizer, corpus_file, tmp_path, dtype):
     reqs = counterfactual_requests(10)
     batches = [reqs[0:2], reqs[2:4], reqs[4:6], reqs[6:8]]
-    a = _editor(copy.deepcopy(trained_gpt2).to(dtype), tokenizer, corpus_file, tmp_path)
+    # a: batches in files (ledger_dir), b: in memory
+    a = _editor(copy.deepcopy(trained_gpt2).to(dtype), tokenizer, corpus_file, tmp_path, ledger_dir=tmp_path / "ledger")
     b = _editor(copy.deepcopy(trained_gpt2).to(dtype), tokenizer, corpus_file, tmp_path)
     for batch in batches:
         a.apply(batch)
@@ -35,6 +36,7 @@ def test_undo_equals_a_run_that_stopped_earlier(trained_gpt2, tokenizer, corpus_
         b.apply(batch)
     assert a.ledger.position == 4 and a.num_edits == 8
     removed = a.undo(2)
+    assert len(list((tmp_path / "ledger").iterdir())) == 4 and all(r.tensors is None for r in a.ledger.records)
     assert [r["batch"] for r in removed] == [2, 3] and removed[0]["request_ids"] == [r.case_id for r in batches[2]]
     assert a.ledger.position == 2 and a.num_edits == 4 and [h["request_ids"] for h in a.history()] == [h["request_ids"] for h in b.history()]
     wa, wb = _weights(a), _weights(b)
