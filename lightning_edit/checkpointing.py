@@ -228,10 +228,12 @@ def full_model_fingerprint(model: torch.nn.Module) -> str:
 def export_pretrained(model: torch.nn.Module, tokenizer, ledger, directory: str | os.PathLike) -> Path:
     """The edited model as a full ``save_pretrained`` directory (safetensors weights, config,
     generation config, tokenizer) with ``edit_ledger.json`` beside it; written into a temporary
-    sibling and renamed, so a kill never leaves a half-written export."""
+    sibling and renamed, so a kill never leaves a half-written export. Under DDP only rank 0 writes."""
     import shutil
 
     out = Path(directory)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return out  # one writer under DDP: every process holds the same weights
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

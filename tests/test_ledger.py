@@ -112,6 +112,10 @@ def test_cli_undo_ledger_and_export(tiny_model_dir, corpus_file, tmp_path, capsy
     assert main(["ledger", "--ckpt_path", str(ckpt)]) == 0
     out = capsys.readouterr().out
     assert "alphaedit" in out and "12 edits in 3 batches" in out
+    assert main(["ledger", "--ckpt_path", str(ckpt), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["num_edits"] == 12 and [h["num_requests"] for h in summary["history"]] == [4, 4, 4]
+    assert summary["history"][0]["request_ids"] == [str(r["case_id"]) for r in counterfact_records(12)[:4]]
 
     undone = tmp_path / "undone.safetensors"
     assert main(["undo", "--ckpt_path", str(ckpt), "--batches", "1", "--out", str(undone)]) == 0
