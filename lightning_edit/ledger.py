@@ -238,6 +238,12 @@ class EditLedger:
                 raise ValueError(f"edit ledger is out of order: record {i} is batch {rec.index}")
             if check_files and rec.tensors is None:
                 self.tensors(rec)  # fail now, by path, rather than mid-stream
+            if rec.tensors is not None:
+                from .checkpointing import check_finite
+
+                check_finite(rec.tensors, f"edit ledger batch {i} (embedded in the checkpoint)")
+                if rec.digest is not None and _digest(rec.tensors) != rec.digest:
+                    raise CorruptFileError(f"edit ledger batch {i} (embedded in the checkpoint) does not match its digest")
             self.records.append(rec)
 
     def summary(self) -> dict:
