@@ -20,7 +20,7 @@ from torch import nn
 
 from .callbacks import MEMIT, AlphaEdit, ClosedFormUpdate
 from .data.formats import records_to_requests
-from .data.requests import EditRequest
+from .data.requests import EditRequest, RequestError
 from .module import EditModule, load_pretrained
 from .residuals import ResidualConfig
 from .stats import StatsConfig
@@ -29,33 +29,31 @@ from .update import apply_update
 METHODS = {"alphaedit": AlphaEdit, "memit": MEMIT}
 
 
-def _as_requests(requests: Sequence[EditRequest | Mapping[str, Any]]) -> list[EditRequest]:
-    """Accept EditRequests, records of any supported file format, or simple dicts
-    ``{prompt, subject, target_new[, target_true, paraphrase_prompts, locality]}`` whose prompt
-    has ``{}`` for the subject or contains the subject written out. All are validated first."""
+def _as_requests(requests: Sequence[EditRequest | Mapping[str, Any]], seen: Mapping[str, Any] = (), start: int = 0) -> list[EditRequest]:
+    """Validate a batch through the file loader (:func:`records_to_requests`): records of any
+    supported format (CounterFact nested / flat, ZsRE), including the flat shape
+    ``{prompt, subject, target_new, target_true | ground_truth[, paraphrase_prompts | rephrase_prompt,
+    locality | locality_prompt + locality_ground_truth]}`` whose prompt has ``{}`` for the subject
+    or the subject written out, or :class:`EditRequest` objects. Duplicate ``case_id`` s (within the
+    batch or with ``seen``, the ids already applied) are refused, naming the record. Records are
+    numbered from ``start`` (the editor's stream position), which also names records without a
+    ``case_id``, as the CLI names them by their position in the stream."""
+    if isinstance(requests, (Mapping, EditRequest, str)):
+        raise TypeError("pass a list of requests (records or EditRequest objects), not a single one")
     out: list[EditRequest] = []
-    raw: list[Mapping] = []
-    for r in requests:
+    for i, r in enumerate(requests):
         if isinstance(r, EditRequest):
             out.append(r.validate())
         else:
-            raw.append(r)
-    if raw:
-        simple = all(isinstance(r.get("prompt"), str) and isinstance(r.get("target_new"), str) for r in raw)
-        if simple:
-            for i, r in enumerate(raw):
-                prompt, subject = r["prompt"], r.get("subject", "")
-                if "{}" not in prompt and subject and subject in prompt:
-                    prompt = prompt.replace(subject, "{}", 1)  # subject written out: make the template
-                out.append(EditRequest(
-                    case_id=str(r.get("case_id", i)), prompt=prompt, subject=subject,
-                    target_new=r["target_new"], target_true=r.get("target_true"),
-                    paraphrase_prompts=tuple(r.get("paraphrase_prompts", ())),
-                    locality=tuple(tuple(p) for p in r.get("locality", ())),
-                    family=r.get("family", "counterfact"), record_index=i,
-                ).validate())
-        else:
-            out.extend(records_to_requests(raw))
+            out.extend(records_to_requests([r], start_index=start + i))
+    first: dict[str, int] = {}
+    for i, r in enumerate(out):
+        rec = r.record_index if r.record_index >= 0 else start + i
+        if r.case_id in first:
+            raise RequestError(rec, "case_id", f"duplicate case_id {r.case_id!r} (already used by record {first[r.case_id]})")
+        if r.case_id in seen:
+            raise RequestError(rec, "case_id", f"case_id {r.case_id!r} was already applied by this editor")
+        first[r.case_id] = rec
     return out
 
 
@@ -70,6 +68,8 @@ class Editor:
         stats: key-statistics settings (:class:`StatsConfig` or a dict); ignored when ``method``
             is an instance.
         method_kwargs: e.g. ``l2=10, nullspace_threshold=0.02`` or ``lam=15000``.
+        ledger_dir: where the edit ledger appends one file per applied batch (default: kept in
+            memory, ``O(rows x (d_model + 2 d_k))`` floats per layer and batch).
         module_kwargs: other :class:`EditModule` arguments (``context_prefixes``, templates, ...).
     """
 
@@ -82,6 +82,7 @@ class Editor:
         residual: ResidualConfig | Mapping | None = None,
         stats: StatsConfig | Mapping | None = None,
         method_kwargs: Mapping | None = None,
+        ledger_dir: str | Path | None = None,
         **module_kwargs,
     ):
         residual = residual if isinstance(residual, ResidualConfig) else ResidualConfig(**(residual or {}))
@@ -94,7 +95,9 @@ class Editor:
             st = stats if isinstance(stats, StatsConfig) else StatsConfig(**(stats or {}))
             self.callback = METHODS[method](stats=st, **dict(method_kwargs or {}))
         self.callback._module = self.module
-        self.history: list[EditRequest] = []
+        if ledger_dir is not None:
+            self.module.ledger.directory = Path(ledger_dir)
+        self._base: dict[int, Any] | None = None  # unedited edit-layer weights (CPU), for exact undo
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, layers: Sequence[int], dtype: str = "float32", device: str | None = None,
@@ -104,6 +107,7 @@ class Editor:
             model.to(device)
         ed = cls(model, tok, layers, **kwargs)
         ed.module.model_name = name_or_path
+        ed.module.ledger.meta["model"] = name_or_path
         return ed
 
     @property
@@ -118,34 +122,74 @@ class Editor:
     def num_edits(self) -> int:
         return self.module.num_edits
 
+    @property
+    def ledger(self):
+        """The :class:`~lightning_edit.ledger.EditLedger`: every batch applied, in order."""
+        return self.module.ledger
+
     def prepare(self) -> None:
         """Compute (or load from cache) statistics and projectors; done on first :meth:`apply`."""
+        if self._base is None:
+            ad = self.module.adapter
+            self._base = {l: ad.weight_as_linear(l).detach().cpu().clone() for l in self.module.layers}
         self.callback.prepare(self.module)
 
     def apply(self, requests: Sequence[EditRequest | Mapping[str, Any]]) -> dict[str, float]:
         """Apply one batch of edits (all requests are validated before any weight changes).
         Returns the residual-optimization losses and per-layer relative update norms."""
-        reqs = _as_requests(requests)
+        applied = self.module.edit_history
+        reqs = _as_requests(requests, seen={r.case_id for r in applied}, start=len(applied))
         if not reqs:
             return {}
+        self.module.check_lengths(reqs, prefixes=True)
         self.prepare()
         rb, res = self.module.compute_residuals(reqs)
-        info = apply_update(self.module.adapter, rb, res.z_target, self.module.layers, self.callback.method,
-                            max_rows=self.module.max_rows)
-        self.module.num_edits += len(reqs)
-        self.callback.batches_applied += 1
-        self.history.extend(reqs)
+        ledger, cb = self.module.ledger, self.callback
+        info = apply_update(self.module.adapter, rb, res.z_target, self.module.layers, cb.method,
+                            max_rows=self.module.max_rows, master=cb.master, record={},
+                            on_record=lambda t, inf: ledger.append(cb.batch_record(ledger.position, [r.case_id for r in reqs], inf, t)))
+        applied.extend(reqs)
         info.update({"z/loss": float(res.loss.mean()), "z/nll": float(res.nll.mean())})
         return info
 
+    def undo(self, n: int = 1) -> list[dict]:
+        """Take the last ``n`` batches back: weights rebuilt from the unedited ones plus the kept
+        batches (bit-identical to never having applied the others, also in bf16), ``K_p K_p^T``
+        without their keys, ledger and history rewound. Returns the removed batches' rows."""
+        ledger = self.module.ledger
+        if not 0 <= n <= ledger.position:
+            raise ValueError(f"cannot undo {n} batches: {ledger.position} are applied")
+        if n == 0:
+            return []
+        rows = ledger.history()[ledger.position - n:]
+        ledger.truncate(ledger.position - n)
+        ad = self.module.adapter
+        base = {l: t.to(ad.weight_as_linear(l).device) for l, t in self._base.items()}
+        self.callback.rebuild(self.module, base)
+        del self.module.edit_history[ledger.num_edits:]
+        return rows
+
+    def history(self) -> list[dict]:
+        """What the model carries: one row per applied batch (request ids, method, hyper-parameters,
+        edits after it, update norms)."""
+        return self.module.ledger.history()
+
     def evaluate(self, requests: Sequence[EditRequest | Mapping[str, Any]] | None = None) -> dict[str, float]:
         """Edit metrics on ``requests`` (default: everything applied so far)."""
-        reqs = self.history if requests is None else _as_requests(requests)
+        reqs = self.module.edit_history if requests is None else _as_requests(requests)
         return self.module.evaluate(reqs)
 
     def save(self, path: str | Path) -> Path:
         """Export the edited weights (safetensors, only the edited tensors + metadata)."""
         return self.callback.export(self.module, path)
+
+    def export(self, directory: str | Path) -> Path:
+        """Write the edited model as a full ``save_pretrained`` directory (safetensors, config,
+        tokenizer) plus ``edit_ledger.json`` (what it carries), loadable by
+        ``AutoModelForCausalLM.from_pretrained`` and serving engines."""
+        from .checkpointing import export_pretrained
+
+        return export_pretrained(self.module.lm, self.module.tokenizer, self.module.ledger, directory)
 
     def config(self) -> dict:
         return {"layers": self.module.layers, "residual": asdict(self.module.residual_cfg),

@@ -15,10 +15,10 @@ from typing import Literal
 import lightning as L
 import torch
 
-from .checkpointing import config_fingerprint, save_edits
+from .checkpointing import config_fingerprint, full_model_fingerprint, save_edits
 from .module import EditModule
 from .stats import StatsConfig, model_fingerprint, projectors, second_moments
-from .update import AlphaEditMethod, MemitMethod, apply_update
+from .update import AlphaEditMethod, MemitMethod, apply_update, master_copies
 
 SolveDType = Literal["float32", "float64"]
 _SOLVE = {"float32": torch.float32, "float64": torch.float64}
@@ -43,7 +43,7 @@ class ClosedFormUpdate(L.Callback):
         self.solve_dtype = _SOLVE[solve_dtype]
         self.export_path = export_path
         self.method = None
-        self.batches_applied = 0
+        self.master: dict[int, torch.Tensor] = {}
         self.base_fingerprint: str | None = None
         self._stash: dict | None = None
         self.last_info: dict[str, float] = {}
@@ -51,12 +51,6 @@ class ClosedFormUpdate(L.Callback):
     # ---- method-specific -------------------------------------------------------------------
     def build_method(self, module: EditModule, moments: dict[int, torch.Tensor], trainer=None):
         raise NotImplementedError
-
-    def method_state(self) -> dict:
-        return {}
-
-    def load_method_state(self, state: dict) -> None:
-        pass
 
     # ---- setup -------------------------------------------------------------------------------
     def prepare(self, module: EditModule, trainer: L.Trainer | None = None) -> None:
@@ -66,38 +60,74 @@ class ClosedFormUpdate(L.Callback):
         world = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
         reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else None
-        self.base_fingerprint = model_fingerprint(module.adapter, module.layers[-1])
-        if self._stash is not None and self._stash.get("base_fingerprint") not in (None, self.base_fingerprint):
-            raise ValueError("the checkpoint was made on a different base model (fingerprint mismatch); refusing to resume")
+        self._check_stash(module)  # before the statistics: a wrong checkpoint fails fast
         moments = second_moments(module.adapter, module.tokenizer, module.layers, self.stats, reduce=reduce,
                                  shard=rank, num_shards=world, is_writer=rank == 0)
         if trainer is not None and world > 1:
             trainer.strategy.barrier("lightning_edit_stats")
         module.ensure_prefixes()  # from the unedited model, unless restored from the checkpoint
+        self.master = master_copies(module.adapter, module.layers)  # float32 masters of bf16/fp16 edit layers
         self.method = self.build_method(module, moments, trainer)
         self._restore_edits(module)
 
+    def _check_stash(self, module: EditModule) -> None:
+        """Refuse a checkpoint made with another method, other edit layers or another base model
+        (fingerprint of its config and all its weights, taken before any edit is restored)."""
+        if self.base_fingerprint is None:
+            self.base_fingerprint = full_model_fingerprint(module.lm)
+        st = self._stash
+        if st is None:
+            return
+        where = f"checkpoint {self._stash_path}" if self._stash_path else "the checkpoint"
+        if st.get("method_name") != self.method_name:
+            raise ValueError(f"{where} was written by method {st.get('method_name')!r}, this run uses {self.method_name!r}")
+        saved_layers = [int(l) for l in st.get("layers", [])]
+        if saved_layers != list(module.layers):
+            raise ValueError(f"{where} edits layers {saved_layers}, this run edits {list(module.layers)}: "
+                             f"resume with --model.layers={saved_layers}")
+        if st.get("base_fingerprint") != self.base_fingerprint:
+            raise ValueError(f"{where} was made on another base model (model fingerprint {st.get('base_fingerprint')} of "
+                             f"{st.get('model_name', '?')!r}; this model {str(module.model_name)!r} has {self.base_fingerprint}): "
+                             "its config or some weight differs; refusing to apply its edits")
+
     def _restore_edits(self, module: EditModule) -> None:
+        """Rebuild the edited weights (and AlphaEdit's ``K_p K_p^T``) from the restored ledger on
+        the unedited model: the same additions in the same order as the live run."""
         if self._stash is None:
             return
+        self._check_stash(module)
         st = self._stash
-        with torch.no_grad():
-            for l in module.layers:
-                name = module.adapter.weight_name(l)
-                if name not in st["weights"]:
-                    raise KeyError(f"checkpoint has no edited weight {name!r}; was it made with other edit layers?")
-                w = module.adapter.down_proj(l).weight
-                w.copy_(st["weights"][name].to(w.dtype))
-        self.batches_applied = int(st["batches_applied"])
-        module.num_edits = int(st["num_edits"])
-        if self.method is not None:
-            self.load_method_state(st.get("method", {}))
+        ledger = module.ledger
+        if int(st.get("batches_applied", ledger.position)) != ledger.position:
+            raise ValueError(f"checkpoint {self._stash_path or ''}: its edit state says {st.get('batches_applied')} batches, "
+                             f"its ledger holds {ledger.position}")
+        self.rebuild(module)
         self._stash = None
+
+    def rebuild(self, module: EditModule, base: dict[int, torch.Tensor] | None = None) -> None:
+        """Weights := ``base`` (default: the model's current, unedited weights) + the ledger's
+        batches; ``K_p K_p^T`` from the ledger's keys."""
+        ad = module.adapter
+        if base is None:
+            base = {l: ad.weight_as_linear(l).detach().clone() for l in module.layers}
+        if not self.master:
+            self.master = master_copies(ad, module.layers)
+        module.ledger.replay(ad, module.layers, base, self.master)
+        if self.method is not None and hasattr(self.method, "prev_kkt"):
+            self.method.prev_kkt = module.ledger.prev_kkt(module.layers, device=module.device_)
+
+    @property
+    def batches_applied(self) -> int:
+        """Batches applied (the ledger's position)."""
+        return self._module.ledger.position if self._module is not None else 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not isinstance(pl_module, EditModule):
             raise TypeError(f"{type(self).__name__} needs an EditModule, got {type(pl_module).__name__}")
         self._module = pl_module
+        ckpt = trainer.checkpoint_callback
+        if stage == "fit" and pl_module.ledger.directory is None and ckpt is not None and getattr(ckpt, "dirpath", None):
+            pl_module.ledger.directory = Path(ckpt.dirpath) / "ledger"  # batch files appended beside the checkpoints
         bs = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
         if stage == "fit" and bs is not None and bs < trainer.world_size:
             raise ValueError(f"batch_size {bs} is smaller than the number of processes {trainer.world_size}")
@@ -124,42 +154,62 @@ class ClosedFormUpdate(L.Callback):
         edit_batch, rb, res = pl_module._pending
         if edit_batch.index != self.batches_applied:
             raise RuntimeError(f"batch {edit_batch.index} arrived but {self.batches_applied} batches are applied: the stream is out of order")
+        tensors: dict = {}
+        world = trainer.world_size
         info = apply_update(
             # rb / res are None on a process with no request of this batch (it still joins the gathers)
             pl_module.adapter, rb, None if res is None else res.z_target, pl_module.layers, self.method,
             gather=lambda t: pl_module.gather_rows(t, len(edit_batch.requests)), max_rows=pl_module.max_rows,
+            master=self.master, record=tensors,
+            # every process applies rank 0's update: processes can never drift apart
+            broadcast=(lambda obj: trainer.strategy.broadcast(obj, src=0)) if world > 1 else None,
+            on_record=lambda t, inf: pl_module.ledger.append(
+                self.batch_record(edit_batch.index, [r.case_id for r in edit_batch.requests], inf, t), write=trainer.is_global_zero),
         )
         pl_module._pending = None
-        pl_module.num_edits += len(edit_batch.requests)
-        self.batches_applied = edit_batch.index + 1
         loader = trainer.train_dataloader
         if hasattr(loader, "applied"):
             loader.applied = self.batches_applied
         self.last_info = info
         pl_module.log_dict(info, on_step=True, batch_size=len(edit_batch.requests))
         pl_module.log("edits_applied", float(pl_module.num_edits), on_step=True, prog_bar=True, batch_size=1)
+        pl_module.record_applied(edit_batch)  # history + mid-stream evaluation, before this batch's checkpoint
+
+    def batch_record(self, index: int, request_ids: list[str], info: dict, tensors: dict):
+        from .ledger import BatchRecord
+
+        hp = self.method.hparams() if self.method is not None and hasattr(self.method, "hparams") else {}
+        return BatchRecord(index=index, request_ids=list(request_ids), method=self.method_name, hparams=hp,
+                           info={k: float(v) for k, v in info.items()}, tensors=tensors)
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        # small: the edits themselves are in the module's ledger (one file per batch), the
+        # weights and K_p K_p^T are rebuilt from it on load
         if self._module is None:
             return {}
         m = self._module
         return {
             "method_name": self.method_name,
             "base_fingerprint": self.base_fingerprint,
+            "model_name": str(m.model_name),
             "layers": list(m.layers),
             "batches_applied": self.batches_applied,
             "num_edits": m.num_edits,
-            "weights": {m.adapter.weight_name(l): m.adapter.down_proj(l).weight.detach() for l in m.layers},
-            "method": self.method_state(),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not state_dict:
             return
         if state_dict.get("method_name") != self.method_name:
-            raise ValueError(f"checkpoint was written by {state_dict.get('method_name')}, not {self.method_name}")
+            raise ValueError(f"checkpoint {self._stash_path or ''} was written by method {state_dict.get('method_name')!r}, "
+                             f"this run uses {self.method_name!r}")
         self._stash = state_dict
+
+    _stash_path: str | None = None
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._stash_path = str(trainer.ckpt_path) if trainer.ckpt_path else None
 
     _module: EditModule | None = None
 
@@ -246,10 +296,4 @@ class AlphaEdit(ClosedFormUpdate):
         device = module.device_
         return AlphaEditMethod(l2=self.l2, projectors={l: p.to(device) for l, p in projs.items()}, solve_dtype=self.solve_dtype)
 
-    def method_state(self) -> dict:
-        return {"prev_kkt": {str(l): t for l, t in self.method.prev_kkt.items()}} if self.method else {}
 
-    def load_method_state(self, state: dict) -> None:
-        prev = state.get("prev_kkt", {})
-        device = next(iter(self.method.projectors.values())).device
-        self.method.prev_kkt = {int(l): t.to(device) for l, t in prev.items()}

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,6 +22,68 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 SKELETON_KEY = "lightning_edit.skeleton"
+DIGEST_KEY = "lightning_edit.sha256"  # JSON {tensor name: sha256 of its bytes}, in every file we write
+
+
+class CorruptFileError(ValueError):
+    """A saved tensor file (checkpoint, export, statistics cache) that is unreadable, does not
+    match its stored content hash, or holds non-finite values. The message names the file."""
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's raw bytes (any dtype), with its dtype and shape."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def verify_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None, path, require_digest: bool = False,
+                   finite: bool = True) -> None:
+    """Check every tensor against the digests in ``metadata`` and (``finite``) for finiteness;
+    raise :class:`CorruptFileError` naming ``path`` and the tensor."""
+    raw = (metadata or {}).get(DIGEST_KEY)
+    if raw is None and require_digest:
+        raise CorruptFileError(f"{path}: no content hash stored ({DIGEST_KEY}); written by another tool or an older version")
+    digests = json.loads(raw) if raw is not None else {}
+    if raw is not None and set(digests) != set(tensors):
+        raise CorruptFileError(f"{path}: holds tensors {sorted(set(tensors) ^ set(digests))} not matching its stored content hashes")
+    for name, t in tensors.items():
+        if raw is not None and tensor_digest(t) != digests[name]:
+            raise CorruptFileError(f"{path}: tensor {name!r} does not match its stored content hash (the file is corrupted)")
+        if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CorruptFileError(f"{path}: tensor {name!r} holds non-finite values (inf/nan)")
+
+
+def check_finite(tree, where: str, path: str = "") -> None:
+    """Raise :class:`CorruptFileError` at the first non-finite float tensor in a nested state
+    (``where`` names the file, ``path`` the entry)."""
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() and not bool(torch.isfinite(tree).all()):
+            raise CorruptFileError(f"{where}: {path or 'tensor'} holds non-finite values (inf/nan)")
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            check_finite(v, where, f"{path}.{k}" if path else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            check_finite(v, where, f"{path}[{i}]")
+
+
+def read_verified(path: str | os.PathLike, device: str = "cpu", require_digest: bool = False,
+                  finite: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a safetensors file and verify it (:func:`verify_tensors`); an unreadable or
+    truncated file raises :class:`CorruptFileError` naming it."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path), device=device)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # safetensors raises its own error types on truncated / garbled headers
+        raise CorruptFileError(f"{path}: unreadable safetensors file ({type(err).__name__}: {err})") from None
+    verify_tensors(tensors, meta, path, require_digest, finite)
+    return tensors, meta
 
 
 def _flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
@@ -64,6 +127,8 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = {**(metadata or {}), DIGEST_KEY: json.dumps({k: tensor_digest(v) for k, v in tensors.items()})}
     save_file(tensors, str(tmp), metadata=metadata)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -77,12 +142,15 @@ def save_nested(obj: dict, path: str | os.PathLike) -> None:
 
 
 def load_nested(path: str | os.PathLike, map_location=None) -> dict:
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    """Read a checkpoint written by :func:`save_nested`, refusing (by path) a corrupted one
+    (content hashes; finiteness is checked by the owner of each entry: Lightning's own state
+    legitimately holds ``inf``, e.g. ``ModelCheckpoint``'s ``kth_value``)."""
+    tensors, meta = read_verified(path, "cpu", finite=False)
     if SKELETON_KEY not in meta:
         raise ValueError(f"{path} is not a lightning-edit checkpoint (no {SKELETON_KEY} metadata)")
     device = "cpu" if map_location is None or callable(map_location) or isinstance(map_location, dict) else str(map_location)
-    tensors = load_file(str(path), device=device)
+    if device != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
     return _unflatten(json.loads(meta[SKELETON_KEY]), tensors)
 
 
@@ -109,9 +177,8 @@ def save_edits(path: str | os.PathLike, weights: dict[str, torch.Tensor], metada
 
 
 def read_edits(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return load_file(str(path)), meta
+    tensors, meta = read_verified(path)
+    return tensors, {k: v for k, v in meta.items() if k != DIGEST_KEY}
 
 
 @torch.no_grad()
@@ -143,3 +210,38 @@ def config_fingerprint(model: torch.nn.Module) -> str:
     for k in ("dtype", "torch_dtype", "transformers_version", "_name_or_path"):
         cfg.pop(k, None)
     return _hash(json.dumps(cfg, sort_keys=True))
+
+
+@torch.no_grad()
+def full_model_fingerprint(model: torch.nn.Module) -> str:
+    """Identity of a whole model: its config and every parameter and buffer (a strided sample of
+    each, :func:`lightning_edit.stats.tensor_fingerprint`), so a model that differs anywhere,
+    also above the edit layers, gets another fingerprint. Take it on the *unedited* model."""
+    from .stats import _hash, tensor_fingerprint
+
+    parts: list = [config_fingerprint(model) if hasattr(model, "config") else type(model).__name__]
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        parts += [name, tensor_fingerprint(t)]
+    return _hash(*parts)
+
+
+def export_pretrained(model: torch.nn.Module, tokenizer, ledger, directory: str | os.PathLike) -> Path:
+    """The edited model as a full ``save_pretrained`` directory (safetensors weights, config,
+    generation config, tokenizer) with ``edit_ledger.json`` beside it; written into a temporary
+    sibling and renamed, so a kill never leaves a half-written export. Under DDP only rank 0 writes."""
+    import shutil
+
+    out = Path(directory)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return out  # one writer under DDP: every process holds the same weights
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    (tmp / "edit_ledger.json").write_text(json.dumps(ledger.summary(), indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

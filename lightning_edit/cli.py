@@ -4,6 +4,9 @@
     lightning-edit validate -c configs/quickstart.yaml      # evaluate the unedited model
     lightning-edit validate -c ... --ckpt_path checkpoints/quickstart/last.safetensors
     lightning-edit fit -c ... --ckpt_path last              # resume an interrupted stream
+    lightning-edit ledger --ckpt_path PATH                  # what the checkpoint's model carries
+    lightning-edit undo --ckpt_path PATH --batches N        # take the last N batches back
+    lightning-edit export --ckpt_path PATH --out DIR        # save_pretrained directory of the edited model
     lightning-edit trace --model PATH --dataset FILE        # causal tracing: where are facts stored?
     lightning-edit factworld --root checkpoints/factworld   # build the offline fact-world model
 """
@@ -95,15 +98,44 @@ def _tool_commands() -> dict[str, tuple[Callable[[list[str]], object], str]]:
 
         return fw_main(argv)
 
+    def ledger(argv):
+        from .ledger import ledger_main
+
+        return ledger_main(argv)
+
+    def undo(argv):
+        from .ledger import undo_main
+
+        return undo_main(argv)
+
+    def export(argv):
+        from .ledger import export_main
+
+        return export_main(argv)
+
     return {
+        "ledger": (ledger, "list the edit batches a checkpoint carries (--ckpt_path)"),
+        "undo": (undo, "take the last N batches back from a checkpoint (--ckpt_path, --batches N [--out])"),
+        "export": (export, "write a checkpoint's edited model as a save_pretrained directory (--ckpt_path, --out)"),
         "trace": (trace, "causal tracing of where a model stores facts (table + heat-map)"),
         "factworld": (factworld, "build (or reuse) the offline fact-world model and datasets"),
     }
 
 
 def main(args: list[str] | None = None) -> EditCLI | object:
-    """Entry point of the ``lightning-edit`` console script (``args`` for tests)."""
-    argv = list(sys.argv[1:] if args is None else args)
+    """Entry point of the ``lightning-edit`` console script.
+
+    Called with ``args`` (tests, notebooks) it returns the CLI object (or the tool's result).
+    Called as the console script (``args=None``) it returns an exit status for ``sys.exit``:
+    0 on success (a returned object would make ``sys.exit`` report failure).
+    """
+    if args is None:
+        result = _run(list(sys.argv[1:]), from_argv=True)
+        return result if isinstance(result, int) and not isinstance(result, bool) else 0
+    return _run(list(args), from_argv=False)
+
+
+def _run(argv: list[str], from_argv: bool) -> EditCLI | object:
     tools = _tool_commands()
     if argv and argv[0] in tools:
         return tools[argv[0]][0](argv[1:])
@@ -123,9 +155,9 @@ def main(args: list[str] | None = None) -> EditCLI | object:
         trainer_defaults=TRAINER_DEFAULTS,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        args=None if args is None else argv,  # None: LightningCLI reads sys.argv itself
+        args=None if from_argv else argv,  # None: LightningCLI reads sys.argv itself
     )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -139,3 +139,36 @@ def alphaedit_update(
     eye = torch.eye(p.shape[0], dtype=solve_dtype, device=p.device)
     x = torch.linalg.solve(p @ kkt + l2 * eye, p @ (k.T @ r))  # (d_k, d_model)
     return _check_finite((p @ x).T, "AlphaEdit update")
+
+
+# ---- factored forms: Delta = U @ V with U = R (d_model, n), V (n, d_k) -----------------------
+# Both updates have rank <= n (the batch's rows): storing (U, V) costs n (d_model + d_k) numbers
+# instead of d_model x d_k, and Delta = U @ V recomputed from them is bit-identical, which is what
+# lets the edit ledger replay, undo and resume exactly.
+
+
+def memit_factors(keys: torch.Tensor, resid: torch.Tensor, moment: torch.Tensor, lam: float,
+                  solve_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT's update as float32 factors: ``Delta = R^T (K A^-1)`` with ``A = lam C_0 + K^T K``
+    (rows-are-samples ``K``), i.e. ``U = resid^T``, ``V = (A^-1 K^T)^T``."""
+    k, r = keys.to(solve_dtype), resid.to(solve_dtype)
+    a = lam * moment.to(solve_dtype) + k.T @ k
+    g = torch.linalg.solve(a, k.T)  # (d_k, n)
+    u, v = r.T.float().contiguous(), g.T.float().contiguous()
+    return _check_finite(u, "MEMIT update"), _check_finite(v, "MEMIT update")
+
+
+def alphaedit_factors(keys: torch.Tensor, resid: torch.Tensor, projector: torch.Tensor, prev_kkt: torch.Tensor | None,
+                      l2: float, solve_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """AlphaEdit's update as float32 factors: ``Delta = (P X)^T`` with
+    ``X = (P (K K^T + K_p K_p^T) + l2 I)^-1 P K R^T`` is ``R^T G^T``, ``G = P (.)^-1 P K`` ``(d_k, n)``:
+    ``U = resid^T``, ``V = G^T`` (whose rows lie in the range of ``P``)."""
+    k, r = keys.to(solve_dtype), resid.to(solve_dtype)
+    p = projector.to(solve_dtype)
+    kkt = k.T @ k
+    if prev_kkt is not None:
+        kkt = kkt + prev_kkt.to(solve_dtype)
+    eye = torch.eye(p.shape[0], dtype=solve_dtype, device=p.device)
+    g = p @ torch.linalg.solve(p @ kkt + l2 * eye, p @ k.T)  # (d_k, n)
+    u, v = r.T.float().contiguous(), g.T.float().contiguous()
+    return _check_finite(u, "AlphaEdit update"), _check_finite(v, "AlphaEdit update")

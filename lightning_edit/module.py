@@ -19,6 +19,7 @@ from torch import nn
 from .arch import ModelAdapter
 from .data.datamodule import EditBatch
 from .data.requests import EditRequest
+from .ledger import EditLedger
 from .residuals import ResidualConfig, build_residual_batch, optimize_residuals
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -27,7 +28,8 @@ PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
 
 # Expected with a frozen model and manual optimization; not actionable for users.
 for _msg in (r".*configure_optimizers.*returned.*None.*", r".*module\(s\) in eval mode.*", r".*no pre-optimization state was saved.*",
-             r".*compute.*method of metric.*was called before.*", r".*isinstance\(treespec, LeafSpec\).*", r".*smaller than the logging interval.*"):
+             r".*compute.*method of metric.*was called before.*", r".*isinstance\(treespec, LeafSpec\).*", r".*smaller than the logging interval.*",
+             r".*logger=True.*but have no logger configured.*"):  # validate's table needs logger=True, with or without a logger
     warnings.filterwarnings("ignore", message=_msg)
 
 
@@ -124,7 +126,10 @@ class EditModule(L.LightningModule):
         self.n_prefixes, self.prefix_length, self.seed = context_prefixes, context_length, seed
         self.eval_every, self.eval_batch_size, self.max_rows = eval_every, eval_batch_size, max_rows_per_forward
         self._templates = (layer_template, mlp_down_template)
+        self._tokenizer_name, self._trust_remote_code = tokenizer, trust_remote_code
         self.lm, self.tokenizer = load_pretrained(model, dtype, trust_remote_code, tokenizer) if isinstance(model, str) else model
+        if not isinstance(model, str):  # a loaded model: name it by its config's path
+            self.model_name = str(getattr(getattr(self.lm, "config", None), "_name_or_path", "") or type(self.lm).__name__)
         self._finish_init()
 
     @classmethod
@@ -142,11 +147,32 @@ class EditModule(L.LightningModule):
         self.adapter = ModelAdapter(self.lm, *self._templates)
         self.adapter.check_layers(self.layers)
         self.prefixes: list[str] | None = None
-        self.num_edits = 0
         self._pending = None
+        # the requests applied so far, in stream order (their ids are the ledger's)
         self.edit_history: list[EditRequest] = []
-        # mid-stream evaluations: {"num_edits", "edit/efficacy", ...} (for the report's plot)
-        self.stream_history: list[dict] = []
+        # the stream's state: every applied batch, the position, the evaluation history
+        self.ledger = EditLedger(meta=self.ledger_meta())
+
+    def ledger_meta(self) -> dict:
+        """What the edit stream edits (written into checkpoints and exports)."""
+        p = next(self.lm.parameters())
+        return {"model": str(self.model_name), "dtype": str(p.dtype).removeprefix("torch."), "layers": list(self.layers),
+                "layer_template": self._templates[0], "mlp_down_template": self._templates[1],
+                "tokenizer": self._tokenizer_name, "trust_remote_code": self._trust_remote_code}
+
+    @property
+    def num_edits(self) -> int:
+        """Requests applied so far (from the ledger)."""
+        return self.ledger.num_edits
+
+    @property
+    def stream_history(self) -> list[dict]:
+        """Mid-stream evaluations ``{"num_edits", "edit/efficacy", ...}`` (the ledger's)."""
+        return self.ledger.evals
+
+    @stream_history.setter
+    def stream_history(self, rows: list[dict]) -> None:
+        self.ledger.evals = list(rows)
 
     # ---- Lightning plumbing ----------------------------------------------------------------
     def configure_optimizers(self):
@@ -156,6 +182,14 @@ class EditModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.lm.eval()  # Lightning switched the module to train mode: keep HF dropout off
+        # a resumed run carries the edits applied before it: mid-stream evaluations cover them too
+        dm = self.trainer.datamodule
+        requests = getattr(dm, "requests", None)
+        if requests and len(self.edit_history) < self.num_edits:
+            self.edit_history = list(requests[: self.num_edits])
+            if [r.case_id for r in self.edit_history] != self.ledger.request_ids():
+                raise ValueError("the checkpoint's edit ledger holds other requests than the first "
+                                 f"{self.num_edits} of this stream (check dataset, limit, offset, batch_size)")
 
     def on_validation_model_train(self) -> None:
         self.lm.eval()
@@ -165,12 +199,14 @@ class EditModule(L.LightningModule):
         return {}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["edit_module"] = {"prefixes": self.prefixes, "num_edits": self.num_edits}
+        checkpoint["edit_module"] = {"prefixes": self.prefixes, "num_edits": self.num_edits, "ledger": self.ledger.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("edit_module", {})
         self.prefixes = state.get("prefixes")
-        self.num_edits = int(state.get("num_edits", 0))
+        if "ledger" not in state:
+            raise ValueError("the checkpoint holds no edit ledger (written by an older lightning-edit); it cannot be resumed")
+        self.ledger.load_state_dict(state["ledger"])
 
     @property
     def device_(self) -> torch.device:
@@ -180,6 +216,55 @@ class EditModule(L.LightningModule):
         if self.prefixes is None:
             self.prefixes = generate_prefixes(self.lm, self.tokenizer, self.n_prefixes, self.prefix_length, self.seed)
         return self.prefixes
+
+    # ---- input lengths ----------------------------------------------------------------------
+    def max_positions(self) -> int | None:
+        """The model's maximum number of positions (``n_positions`` / ``max_position_embeddings``)."""
+        cfg = getattr(self.lm, "config", None)
+        for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):
+            v = getattr(cfg, name, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return None
+
+    def check_lengths(self, requests: Sequence[EditRequest], prefixes: bool = True) -> None:
+        """Refuse, before anything is applied, any request whose texts (prompt + target, with the
+        longest context prefix when ``prefixes``; paraphrases, locality and generation prompts
+        with their answers) do not fit the model's positions. Raises :class:`RequestError`
+        naming the record and the field."""
+        from .data.requests import RequestError, target_text
+
+        limit = self.max_positions()
+        if limit is None or not requests:
+            return
+        # a generated prefix is a start word + context_length sampled tokens + ". " (re-tokenized:
+        # bounded by its length in tokens plus a margin for the start word and the period)
+        pre = (self.prefix_length + max(len(self.tokenizer(w, add_special_tokens=False)["input_ids"]) for w in PREFIX_STARTS) + 3
+               if prefixes and self.n_prefixes > 0 else 0)
+        texts, where = [], []
+        for i, r in enumerate(requests):
+            rec = r.record_index if r.record_index >= 0 else r.case_id
+            prompt = r.rendered_prompt
+            for field_name, t, extra in [("prompt", prompt + target_text(prompt, r.target_new), pre)] + \
+                    ([("target_true", prompt + target_text(prompt, r.target_true), 0)] if r.target_true else []) + \
+                    [(f"paraphrase_prompts[{j}]", p + target_text(p, r.target_new), 0) for j, p in enumerate(r.paraphrase_prompts)] + \
+                    [(f"locality[{j}]", p + target_text(p, a), 0) for j, (p, a) in enumerate(r.locality)] + \
+                    [(f"generation_prompts[{j}]", g, 0) for j, g in enumerate(r.generation_prompts)]:
+                texts.append(t)
+                where.append((rec, r.case_id, field_name, extra))
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        for n, (rec, cid, field_name, extra) in zip(lengths, where):
+            if n + extra > limit:
+                ctx = f" plus up to {extra} context-prefix tokens" if extra else ""
+                raise RequestError(rec, field_name, f"{n} tokens with its target{ctx} (case_id {cid!r}) exceed the model's "
+                                                    f"{limit} positions; shorten or drop the record")
+
+    def setup(self, stage: str) -> None:
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        requests = getattr(dm, "requests", None)
+        if requests:
+            # the whole stream, before the first batch is applied
+            self.check_lengths(requests, prefixes=stage == "fit")
 
     # ---- sharding a batch across processes ---------------------------------------------------
     def shard(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
@@ -225,12 +310,13 @@ class EditModule(L.LightningModule):
         opt.step()  # advances global_step (mock optimizer)
         return None
 
-    def on_train_batch_end(self, outputs, batch: EditBatch, batch_idx: int) -> None:
-        # runs after the update callback: the batch is applied
+    def record_applied(self, batch: EditBatch) -> None:
+        """Called by the update callback once ``batch`` is applied (before the checkpoint of the
+        same batch is written, so the checkpoint holds this batch's evaluation too)."""
         self.edit_history.extend(batch.requests)
         if self.eval_every and (batch.index + 1) % self.eval_every == 0:
             results = self.evaluate(self.edit_history)
-            self.stream_history.append({"num_edits": self.num_edits, **results})
+            self.ledger.add_eval(self.num_edits, results)
             self.log_edit_metrics(results, prefix="")
 
     # ---- evaluation ------------------------------------------------------------------------
@@ -277,6 +363,11 @@ class EditModule(L.LightningModule):
         results = {k: float(m.compute()) for k, m in metrics.items()}
         results = {k: v for k, v in results.items() if not math.isnan(v)}  # families without data
         self.last_eval = results
+        in_fit = self._trainer is not None and self.trainer.state.fn == "fit"
+        # In fit the curve is logged against the number of edits applied (log_edit_metrics); in
+        # validate / test the metrics go through Lightning's own logging, so `lightning-edit
+        # validate` prints its table and trainer.validate() returns the numbers.
         for k, v in results.items():
-            self.log(k, v, rank_zero_only=True, logger=False)  # progress bar / callback_metrics
-        self.log_edit_metrics(results)  # TensorBoard, against the number of edits applied
+            self.log(k, v, rank_zero_only=True, logger=not in_fit)
+        if in_fit:
+            self.log_edit_metrics(results)  # TensorBoard, against the number of edits applied

@@ -58,11 +58,14 @@ class EditReport(L.Callback):
         self.refs_spec, self.n_generation, self.max_new_tokens, self.seed = references, n_generation, max_new_tokens, seed
         self.baseline: torch.Tensor | None = None
         self.ppl_before: float | None = None
-        self.history: list[dict] = []
-        self._stream: list[dict] = []
         self._module: EditModule | None = None
         self.summary: dict = {}
         self._t0 = time.time()
+        self._elapsed_before = 0.0  # stream time of the run(s) this one resumes
+
+    def elapsed(self) -> float:
+        """Seconds spent on the edit stream, over every resumed part of the run."""
+        return self._elapsed_before + (time.time() - self._t0)
 
     # ---- inputs --------------------------------------------------------------------------
     def _probe_pairs(self) -> tuple[list[str], list[str]]:
@@ -111,8 +114,6 @@ class EditReport(L.Callback):
     def on_fit_start(self, trainer, pl_module: EditModule) -> None:
         # restored from a checkpoint on resume: never re-measured on an edited model
         self._module = pl_module
-        if self._stream and not pl_module.stream_history:
-            pl_module.stream_history = list(self._stream)
         if self.baseline is None:
             self.baseline = self.fingerprint(pl_module)
             self.ppl_before = self.perplexity(pl_module)
@@ -122,20 +123,25 @@ class EditReport(L.Callback):
         every = pl_module.eval_every
         if every and (batch.index + 1) % every == 0 and self.baseline is not None:
             r = self.retention(pl_module)
-            self.history.append({"num_edits": pl_module.num_edits, "retention": r})
+            # into the edit ledger's evaluation history (the row of this stream position)
+            pl_module.ledger.add_eval(pl_module.num_edits, {"edit/retention": r})
             pl_module.log_edit_metrics({"edit/retention": r})
 
+    @property
+    def history(self) -> list[dict]:
+        """Retention over the stream ``[{"num_edits", "retention"}]`` (from the ledger)."""
+        evals = self._module.stream_history if self._module is not None else []
+        return [{"num_edits": e["num_edits"], "retention": e["edit/retention"]} for e in evals if "edit/retention" in e]
+
     def state_dict(self) -> dict:
-        # the module is never checkpointed: its mid-stream evaluations travel with the report
-        stream = getattr(self._module, "stream_history", []) if self._module is not None else self._stream
-        return {"baseline": self.baseline, "ppl_before": self.ppl_before, "history": json.dumps(self.history),
-                "stream": json.dumps(stream)}
+        # the curves live in the module's edit ledger (checkpointed with it); here only what the
+        # report measured on the unedited model, and the stream time so far
+        return {"baseline": self.baseline, "ppl_before": self.ppl_before, "elapsed_s": self.elapsed()}
 
     def load_state_dict(self, state: dict) -> None:
         self.baseline = state.get("baseline")
         self.ppl_before = state.get("ppl_before")
-        self.history = json.loads(state.get("history", "[]"))
-        self._stream = json.loads(state.get("stream", "[]"))
+        self._elapsed_before = float(state.get("elapsed_s", 0.0))
 
     def on_fit_end(self, trainer, pl_module: EditModule) -> None:
         from .evaluate import evaluate_generation
@@ -165,13 +171,13 @@ class EditReport(L.Callback):
                                       max_new_tokens=self.max_new_tokens)
             s["fluency"] = gen.get("edit/fluency")
             s["consistency"] = gen.get("edit/consistency")
-        s["wall_time_s"] = round(time.time() - self._t0, 1)
+        s["wall_time_s"] = round(self.elapsed(), 1)
         s = {k: v for k, v in s.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
         self.summary = s
         out = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank: log_dir is a broadcast under DDP
         if trainer.is_global_zero:
             pl_module.log_edit_metrics({f"edit/{k}": v for k, v in s.items() if k in ("retention", "first_batch_efficacy", "fluency", "consistency")})
-            write_summary(out, s, _merge_history(self.history, pl_module.stream_history, s))
+            write_summary(out, s, _merge_history([], pl_module.stream_history, s))
             print("\n" + summary_markdown(s))
             print(f"summary written to {out}/summary.md, summary.json, summary.png")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .arch import ModelAdapter
 
-STATS_FORMAT_VERSION = 1
+STATS_FORMAT_VERSION = 2  # 2: entries carry a content hash per tensor
 
 
 @dataclass
@@ -41,7 +42,12 @@ class StatsConfig:
         n_samples: number of texts to read (the reference uses 100,000 Wikipedia articles).
         max_length: tokens per packed block.
         batch_size: blocks per forward pass.
-        dtype: dtype the model runs in for the pass (``float32``, ``bfloat16``, ``float16``).
+        dtype: dtype the keys' outer products ``k k^T`` are computed in (``float32`` or
+            ``float64``; the sums are float64 either way, and the model runs in its own dtype).
+        encoding: how corpus texts become model inputs: ``packed`` (the first ``n_samples`` texts
+            tokenized and packed, EOS-separated, into full ``max_length`` blocks: no padding, texts
+            cross block boundaries) or ``per_text`` (as the reference code: one text per row, from
+            its BOS, truncated to ``max_length``, padding not counted).
         cache_dir: where sums, counts and projectors are cached.
         save_every: write a resumable partial sum every this many batches (0 = never).
     """
@@ -54,6 +60,7 @@ class StatsConfig:
     max_length: int = 256
     batch_size: int = 16
     dtype: str = "float32"
+    encoding: str = "packed"
     cache_dir: str = "checkpoints/stats"
     save_every: int = 50
 
@@ -97,13 +104,33 @@ def _corpus_path(cfg: StatsConfig) -> str:
     return resolve(cfg.corpus)
 
 
-def corpus_fingerprint(cfg: StatsConfig) -> str:
-    """Identity of the corpus: for local files their names, sizes and content hash (the first
-    and last 8 MiB for big files); for hub datasets the id, config name and split."""
-    path = Path(_corpus_path(cfg))
-    parts: list = [cfg.split, cfg.text_field, cfg.corpus_name]
+_CORPUS_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet", ".csv")
+
+
+def corpus_files(cfg: StatsConfig) -> list[Path] | None:
+    """The local files of the corpus, sorted: a file, a directory's files, or the files a glob
+    pattern (``data/*.jsonl``, ``shards/**/*.parquet``) matches; None for a hub dataset id."""
+    import glob
+
+    raw = _corpus_path(cfg)
+    path = Path(raw)
     if path.exists():
-        files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+        return sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+    if glob.has_magic(raw):
+        files = sorted(Path(p) for p in glob.glob(raw, recursive=True) if Path(p).is_file())
+        if not files:
+            raise FileNotFoundError(f"statistics corpus {cfg.corpus!r}: the pattern matches no file")
+        return files
+    return None
+
+
+def corpus_fingerprint(cfg: StatsConfig) -> str:
+    """Identity of the corpus: for local files (a file, a directory, or every file a glob
+    matches) their names, sizes and content hash (the first and last 8 MiB for big files); for
+    hub datasets the id, config name and split."""
+    files = corpus_files(cfg)
+    parts: list = [cfg.split, cfg.text_field, cfg.corpus_name]
+    if files is not None:
         for f in files:
             size = f.stat().st_size
             parts += [f.name, size]
@@ -125,7 +152,16 @@ def iter_corpus_texts(cfg: StatsConfig, shard: int = 0, num_shards: int = 1) -> 
     import datasets
 
     path = Path(_corpus_path(cfg))
-    if path.exists():
+    files = corpus_files(cfg)
+    if files is not None and not path.exists():  # a glob: exactly the files the fingerprint hashed
+        exts = {f.suffix.lower() for f in files if f.suffix.lower() in _CORPUS_SUFFIXES}
+        if len(exts) != 1:
+            raise ValueError(f"statistics corpus {cfg.corpus!r}: the pattern must match files of one type "
+                             f"({', '.join(_CORPUS_SUFFIXES)}), got {sorted({f.suffix for f in files})}")
+        ext = exts.pop()
+        builder = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}[ext]
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files if f.suffix.lower() == ext], split=cfg.split, streaming=True)
+    elif path.exists():
         suffix = (path.suffix if path.is_file() else "").lower()
         builder = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
         if builder is None and path.is_dir():
@@ -180,17 +216,54 @@ def packed_blocks(tokenizer, texts: Iterator[str], max_length: int, batch_size: 
         yield torch.tensor([buf])
 
 
-def key_gram(k: torch.Tensor) -> torch.Tensor:
-    """``k^T k`` in float32 for keys ``(n, d_k)``. Half-precision keys on a GPU multiply on the
-    tensor cores with float32 accumulation and output (products of bf16/fp16 numbers are exact
-    in float32, so this is the float32 result at half-precision speed); otherwise float32."""
-    if k.is_cuda and k.dtype in (torch.bfloat16, torch.float16):
+def key_gram(k: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``k^T k`` in ``dtype`` for keys ``(n, d_k)``. In float32, half-precision keys on a GPU
+    multiply on the tensor cores with float32 accumulation and output (products of bf16/fp16
+    numbers are exact in float32, so this is the float32 result at half-precision speed)."""
+    if dtype == torch.float32 and k.is_cuda and k.dtype in (torch.bfloat16, torch.float16):
         try:
             return torch.mm(k.T, k, out_dtype=torch.float32)
         except (TypeError, RuntimeError, NotImplementedError):
             pass
-    k = k.float()
+    k = k.to(dtype)
     return k.T @ k
+def per_text_batches(tokenizer, texts: Iterator[str], max_length: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(ids, mask)`` batches of ``batch_size`` texts, one text per row from its BOS (the
+    tokenizer's special tokens), truncated to ``max_length`` and right-padded (the reference
+    code's encoding)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    rows: list[list[int]] = []
+
+    def emit():
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return ids, mask
+
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"][:max_length]
+        if ids:
+            rows.append(ids)
+        if len(rows) == batch_size:
+            yield emit()
+            rows = []
+    if rows:
+        yield emit()
+
+
+_STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+ENCODINGS = ("packed", "per_text")
+
+
+def _check_cfg(cfg: StatsConfig) -> None:
+    if cfg.dtype not in _STATS_DTYPES:
+        raise ValueError(f"stats.dtype must be one of {sorted(_STATS_DTYPES)} (the dtype k k^T is computed in; "
+                         f"the model runs in its own dtype), got {cfg.dtype!r}")
+    if cfg.encoding not in ENCODINGS:
+        raise ValueError(f"stats.encoding must be one of {list(ENCODINGS)}, got {cfg.encoding!r}")
 
 
 @torch.no_grad()
@@ -201,22 +274,27 @@ def accumulate_moments(
     init: dict[int, tuple[torch.Tensor, int]] | None = None,
     on_batch: Callable[[int, dict[int, tuple[torch.Tensor, int]]], None] | None = None,
     progress: tqdm | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[int, tuple[torch.Tensor, int]]:
-    """Sum of ``k k^T`` (float64, ``(d_k, d_k)``) and key count per layer over ``blocks``.
-    One forward per batch captures every layer and stops after the last one."""
+    """Sum of ``k k^T`` (float64, ``(d_k, d_k)``; each batch's product computed in ``dtype``)
+    and key count per layer over ``blocks`` (id tensors, or ``(ids, mask)`` pairs whose padding
+    is not counted). One forward per batch captures every layer and stops after the last one."""
     device = next(adapter.model.parameters()).device
     acc = {l: (init[l][0].to(device), int(init[l][1])) if init and l in init else (torch.zeros(adapter.dims(l)[1], adapter.dims(l)[1], dtype=torch.float64, device=device), 0) for l in layers}
     last = max(layers)
-    for bi, ids in enumerate(blocks):
+    for bi, item in enumerate(blocks):
+        ids, mask = item if isinstance(item, tuple) else (item, None)
         ids = ids.to(device)
+        mask = torch.ones_like(ids) if mask is None else mask.to(device)
         with adapter.trace(key_layers=layers, stop_after=last) as rec:
-            adapter.forward(ids, torch.ones_like(ids))
+            adapter.forward(ids, mask)
+        keep = mask.reshape(-1).bool()
         for l in layers:
-            k = rec["keys"][l].reshape(-1, rec["keys"][l].shape[-1])
+            k = rec["keys"][l].reshape(-1, rec["keys"][l].shape[-1])[keep]
             s, c = acc[l]
-            acc[l] = (s.add_(key_gram(k)), c + k.shape[0])  # float64 running sum
+            acc[l] = (s.add_(key_gram(k, dtype)), c + k.shape[0])  # float64 running sum
         if progress is not None:
-            progress.update(ids.numel())
+            progress.update(int(keep.sum()))
         if on_batch is not None:
             on_batch(bi, acc)
     return acc
@@ -238,29 +316,35 @@ class StatsCache:
             "n_samples": str(self.cfg.n_samples),
             "max_length": str(self.cfg.max_length),
             "dtype": self.cfg.dtype,
+            "encoding": self.cfg.encoding,
         }
 
     def path(self, key: dict[str, str], kind: str = "moment", extra: str = "") -> Path:
         return self.root / f"{key['layer']}.{kind}.{_hash(*sorted(key.items()), extra)}.safetensors"
 
     def load(self, key: dict[str, str], kind: str = "moment", extra: str = "") -> dict[str, torch.Tensor] | None:
+        """The cached tensors, or None (then they are recomputed). A truncated, garbled or
+        non-finite entry is reported by path (a warning) and treated as missing."""
+        from .checkpointing import CorruptFileError, read_verified
+
         p = self.path(key, kind, extra)
         if not p.exists():
             return None
-        from safetensors import safe_open
-
-        with safe_open(str(p), "pt") as f:
-            meta = f.metadata() or {}
+        try:
+            tensors, meta = read_verified(p, require_digest=True)
+        except CorruptFileError as err:
+            warnings.warn(f"statistics cache entry {err}; recomputing it", stacklevel=2)
+            return None
         if any(meta.get(k) != v for k, v in key.items()):
             return None  # a hash collision or a stale file: never reuse on mismatch
-        return load_file(str(p))
+        return tensors
 
     def save(self, key: dict[str, str], tensors: dict[str, torch.Tensor], kind: str = "moment", extra: str = "", meta: dict | None = None) -> Path:
+        from .checkpointing import atomic_save_file
+
         p = self.path(key, kind, extra)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".tmp")
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={**key, **{k: str(v) for k, v in (meta or {}).items()}})
-        os.replace(tmp, p)  # atomic: a kill never leaves a half-written cache entry
+        # atomic (a kill never leaves a half-written entry), with a content hash per tensor
+        atomic_save_file(tensors, p, metadata={**key, **{k: str(v) for k, v in (meta or {}).items()}})
         return p
 
 
@@ -281,6 +365,7 @@ def second_moments(
     Under DDP, pass this process's ``shard`` of ``num_shards`` and a ``reduce`` that sums a
     tensor across processes; only the writer saves the cache.
     """
+    _check_cfg(cfg)
     cache = StatsCache(cfg)
     keys = {l: cache.key(adapter, l) for l in layers}
     out: dict[int, torch.Tensor] = {}
@@ -307,14 +392,21 @@ def second_moments(
                 t = {f"sum.{l}": s for l, (s, _) in acc.items()}
                 t.update({f"count.{l}": torch.tensor(c) for l, (_, c) in acc.items()})
                 t["batches"] = torch.tensor(skip + bi + 1)
-                cache.save(partial_key, t, kind="partial")
+                try:
+                    cache.save(partial_key, t, kind="partial")
+                except OSError as err:  # optional (resume only): a full disk must not kill the pass
+                    warnings.warn(f"could not save the partial statistics to {cache.path(partial_key, kind='partial')} "
+                                  f"({err}); continuing without it", stacklevel=2)
 
         # every process reads and packs all texts and keeps its share of the *blocks*
-        blocks = packed_blocks(tokenizer, iter_corpus_texts(cfg), cfg.max_length, cfg.batch_size, shard, num_shards)
+        if cfg.encoding == "per_text":  # rows are independent: each process keeps its share of the texts
+            blocks = per_text_batches(tokenizer, iter_corpus_texts(cfg, shard, num_shards), cfg.max_length, cfg.batch_size)
+        else:
+            blocks = packed_blocks(tokenizer, iter_corpus_texts(cfg), cfg.max_length, cfg.batch_size, shard, num_shards)
         for _ in range(skip):
             next(blocks, None)
         bar = tqdm(desc=f"key statistics (layers {missing})", unit="tok", unit_scale=True, disable=not (show_progress and is_writer))
-        acc = accumulate_moments(adapter, blocks, missing, init=init, on_batch=checkpoint, progress=bar)
+        acc = accumulate_moments(adapter, blocks, missing, init=init, on_batch=checkpoint, progress=bar, dtype=_STATS_DTYPES[cfg.dtype])
         bar.close()
         for l in missing:
             s, c = acc[l]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .arch import ModelAdapter
-from .closed_form import alphaedit_update, memit_update, spread_residual
+from .closed_form import alphaedit_factors, alphaedit_update, memit_factors, memit_update, spread_residual
 from .profiling import PhaseTimer, phase
 from .residuals import ResidualBatch
 
@@ -112,8 +112,14 @@ class MemitMethod:
     def delta(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         return memit_update(keys, resid, self.moments[layer].to(keys.device), self.lam, self.solve_dtype)
 
+    def factors(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return memit_factors(keys, resid, self.moments[layer].to(keys.device), self.lam, self.solve_dtype)
+
     def commit(self, new_keys: dict[int, torch.Tensor]) -> None:
         pass
+
+    def hparams(self) -> dict:
+        return {"lam": self.lam, "solve_dtype": str(self.solve_dtype).removeprefix("torch.")}
 
     needs_keys_after = False
 
@@ -133,10 +139,25 @@ class AlphaEditMethod:
         prev = self.prev_kkt.get(layer)
         return alphaedit_update(keys, resid, self.projectors[layer].to(keys.device), None if prev is None else prev.to(keys.device), self.l2, self.solve_dtype)
 
+    def factors(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        prev = self.prev_kkt.get(layer)
+        return alphaedit_factors(keys, resid, self.projectors[layer].to(keys.device), None if prev is None else prev.to(keys.device), self.l2, self.solve_dtype)
+
     def commit(self, new_keys: dict[int, torch.Tensor]) -> None:
-        for l, k in new_keys.items():
-            kkt = (k.T.double() @ k.double()).float()
-            self.prev_kkt[l] = self.prev_kkt[l].to(kkt.device) + kkt if l in self.prev_kkt else kkt
+        self.prev_kkt = accumulate_kkt(self.prev_kkt, new_keys)
+
+    def hparams(self) -> dict:
+        return {"l2": self.l2, "solve_dtype": str(self.solve_dtype).removeprefix("torch.")}
+
+
+def accumulate_kkt(prev: dict[int, torch.Tensor], new_keys: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """``K_p K_p^T += K K^T`` per layer (products in float64, sums in float32). The one
+    definition used live and when the ledger rebuilds ``K_p K_p^T``, so both are bit-identical."""
+    out = dict(prev)
+    for l, k in new_keys.items():
+        kkt = (k.T.double() @ k.double()).float()
+        out[l] = out[l].to(kkt.device) + kkt if l in out else kkt
+    return out
 
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -149,6 +170,26 @@ def _no_rows(adapter: ModelAdapter, layers: Sequence[int], keys: bool = True) ->
     return {l: torch.zeros(0, adapter.dims(l)[1 if keys else 0], device=device) for l in layers}
 
 
+def master_copies(adapter: ModelAdapter, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Float32 master copies ``(d_model, d_k)`` of the edit layers' weights when the model keeps
+    them in a lower precision (bf16 / fp16); empty for a float32 model. Updates accumulate in the
+    master and the model holds its rounding, so small updates are not lost to bf16 rounding and
+    the leakage onto preserved keys does not grow with the number of batches."""
+    out = {}
+    for l in layers:
+        w = adapter.weight_as_linear(l)
+        if w.dtype in (torch.bfloat16, torch.float16):
+            out[l] = w.detach().float().clone()
+    return out
+
+
+@torch.no_grad()
+def write_master(adapter: ModelAdapter, layer: int, master: torch.Tensor) -> None:
+    """The model's weight of ``layer`` := the master copy rounded to the weight's dtype."""
+    w = adapter.weight_as_linear(layer)
+    w.copy_(master.to(device=w.device, dtype=w.dtype))
+
+
 def apply_update(
     adapter: ModelAdapter,
     batch: ResidualBatch | None,
@@ -157,6 +198,10 @@ def apply_update(
     method,
     gather: Gather | None = None,
     max_rows: int = 0,
+    master: dict[int, torch.Tensor] | None = None,
+    broadcast: Callable | None = None,
+    record: dict | None = None,
+    on_record: Callable[[dict, dict], None] | None = None,
     timer: PhaseTimer | None = None,
     context: bool = False,
 ) -> dict[str, float]:
@@ -169,17 +214,26 @@ def apply_update(
     ``batch=None`` (and ``z_target=None``): it contributes no rows but joins every gather.
     If anything fails (a non-finite solve, a bad shape), every edit layer is restored and the
     error re-raised: a batch is applied whole or not at all.
+    With ``master`` (float32 copies of low-precision edit layers, :func:`master_copies`) the
+    update is added to the master and the model's weight is written as its rounding.
+    Methods with ``factors`` (MEMIT, AlphaEdit) give ``Delta = U @ V`` (float32, rank <= rows);
+    ``broadcast`` (DDP) replaces every process's factors by rank 0's, so processes can never drift
+    apart; ``record`` (a dict) receives ``u.{l}``, ``v.{l}`` and the keys after the update
+    ``keys.{l}``: what the edit ledger stores to replay, undo and rebuild ``K_p K_p^T`` exactly;
+    ``on_record(record, info)`` runs before the method commits, inside the all-or-nothing block.
     ``context``: also ask the update to leave the keys at every other position of the edited
     texts unchanged (zero-residual rows, AnyEdit's option; only the solve uses them, AlphaEdit's
     ``K_p K_p^T`` accumulates the edit keys as for facts).
     ``timer`` (optional) accumulates seconds per phase: ``keys``, ``solve``, ``apply`` and
-    ``state`` (AlphaEdit's keys after the update and its ``K_p K_p^T``).
+    ``state`` (AlphaEdit's keys after the update, ``K_p K_p^T`` and the record).
     Returns summary numbers for logging.
     """
     gather = gather or (lambda t: t)
     layers = sorted(layers)
     z_layer = layers[-1]
+    master = master if master is not None else {}
     snapshot = {l: adapter.weight_as_linear(l).detach().clone() for l in layers}
+    master_snapshot = {l: m.clone() for l, m in master.items()}
     info: dict[str, float] = {}
     try:
         for i, l in enumerate(layers):
@@ -195,21 +249,46 @@ def apply_update(
                     k_all = torch.cat([k_all, kc])
                     r_all = torch.cat([r_all, r_all.new_zeros(kc.shape[0], r_all.shape[1])])
             with phase(timer, "solve"):
-                delta = method.delta(l, k_all, r_all)
+                if hasattr(method, "factors"):
+                    u, v = method.factors(l, k_all, r_all)
+                    if broadcast is not None:  # via CPU: pickled device tensors would land on rank 0's device
+                        u, v = (t.to(k_all.device) for t in broadcast((u.cpu(), v.cpu())))
+                    if record is not None:
+                        record[f"u.{l}"], record[f"v.{l}"] = u.detach(), v.detach()
+                else:
+                    u, v = None, None
+                    delta = method.delta(l, k_all, r_all)
             with phase(timer, "apply"):
-                adapter.add_to_weight(l, delta)
+                if u is not None:
+                    delta = u @ v
+                if l in master:
+                    master[l].add_(delta.to(device=master[l].device, dtype=torch.float32))
+                    write_master(adapter, l, master[l])
+                else:
+                    adapter.add_to_weight(l, delta)
             w = snapshot[l]
             info[f"update_norm/layer_{l}"] = float(delta.norm() / w.float().norm())
-        if getattr(method, "needs_keys_after", False):
-            with phase(timer, "state"):
+        with phase(timer, "state"):
+            if getattr(method, "needs_keys_after", False) or record is not None:
                 if batch is None:
                     keys_after = _no_rows(adapter, layers)
                 else:
                     keys_after, _ = anchor_keys_and_outputs(adapter, batch, layers, None, max_rows)
-                method.commit({l: gather(k) for l, k in keys_after.items()})
+                keys_after = {l: gather(k) for l, k in keys_after.items()}
+                if broadcast is not None:
+                    dev = {l: k.device for l, k in keys_after.items()}
+                    keys_after = {l: k.to(dev[l]) for l, k in broadcast({l: k.cpu() for l, k in keys_after.items()}).items()}
+                if record is not None:
+                    record.update({f"keys.{l}": k.detach() for l, k in keys_after.items()})
+            if on_record is not None:
+                on_record(record, info)  # e.g. the ledger's append: if it fails, the batch is rolled back
+            if getattr(method, "needs_keys_after", False):
+                method.commit(keys_after)
     except BaseException:
         with torch.no_grad():
             for l, w in snapshot.items():
                 adapter.weight_as_linear(l).copy_(w)
+            for l, m in master_snapshot.items():
+                master[l].copy_(m)
         raise
     return info

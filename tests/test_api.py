@@ -39,11 +39,13 @@ def test_bad_request_is_refused_before_any_change(trained_gpt2, tokenizer, corpu
     ed = Editor(model, tokenizer, layers=[1, 2], method="memit", method_kwargs={"lam": 1.0},
                 stats={"corpus": str(corpus_file), "corpus_name": None, "cache_dir": str(tmp_path / "s")})
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    good = {"prompt": "{} speaks", "subject": "Toko Yasuda", "target_new": "German"}
+    good = {"prompt": "{} speaks", "subject": "Toko Yasuda", "target_new": "German", "target_true": "French"}
     with pytest.raises(RequestError, match="record 1.*target_new"):
-        ed.apply([good, {"prompt": "{} speaks", "subject": "Oma Greti", "target_new": " "}])
-    with pytest.raises(RequestError, match="record 0.*prompt"):
-        ed.apply([{"prompt": "She speaks", "subject": "Oma Greti", "target_new": "German"}])
+        ed.apply([good, {"prompt": "{} speaks", "subject": "Oma Greti", "target_new": " ", "target_true": "French"}])
+    with pytest.raises(RequestError, match="record 0.*subject.*does not occur"):
+        ed.apply([{"prompt": "She speaks", "subject": "Oma Greti", "target_new": "German", "target_true": "French"}])
+    with pytest.raises(RequestError, match="record 0.*ground_truth.*missing"):  # CounterFact metrics need the truth
+        ed.apply([{"prompt": "{} speaks", "subject": "Oma Greti", "target_new": "German"}])
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
     with pytest.raises(ValueError, match="unknown method"):

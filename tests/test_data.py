@@ -314,18 +314,25 @@ def test_datamodule_limit_offset_and_batch_order():
     assert [r for b in dm.test_dataloader() for r in b.requests] == dm.requests
 
 
-def test_datamodule_offset_counts_edits_not_records():
+def test_datamodule_offset_and_limit_count_records_not_rewrites():
+    # a multi-rewrite record (MQuAKE / AKEW chain) is kept whole, never cut in half
+    recs = raw(AKEW)
+    assert len(recs[1]["requested_rewrite"]) == 2
     dm = EditDataModule(dataset=str(AKEW), offset=1, limit=2)
     dm.setup()
-    second = raw(AKEW)[1]
-    assert [r.case_id for r in dm.requests] == [f"{second['case_id']}:0", f"{second['case_id']}:1"]
+    want = [f"{recs[i]['case_id']}:{j}" for i in (1, 2) for j in range(len(recs[i]["requested_rewrite"]))]
+    assert [r.case_id for r in dm.requests] == want
+    assert [r.record_index for r in dm.requests] == [1, 1, 2]
+    dm = EditDataModule(dataset=str(AKEW), limit=2)
+    dm.setup()
+    assert len(dm.requests) == 3  # records 0 (one rewrite) and 1 (two)
 
 
 def test_datamodule_errors():
     with pytest.raises(ValueError, match="batch_size"):
         EditDataModule(dataset=str(FLAT), batch_size=0)
     dm = EditDataModule(dataset=str(FLAT), offset=100)
-    with pytest.raises(ValueError, match="no edit requests.*holds 12"):
+    with pytest.raises(ValueError, match="no edit requests.*holds 12 records"):
         dm.setup()
 
 

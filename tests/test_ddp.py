@@ -96,7 +96,7 @@ def _fit_in_process(work: Path, *args) -> Path:
     return run
 
 
-def _fit_two_processes(work: Path, *args, timeout: int = 300) -> Path:
+def _fit_two_processes(work: Path, *args, timeout: int = 300, extra: tuple = ()) -> Path:
     """``python -m lightning_edit.cli fit ... --trainer.strategy=ddp_frozen --trainer.devices=2``:
     the popen launcher starts rank 1 by re-running this command line."""
     run = work / "world2"
@@ -105,10 +105,38 @@ def _fit_two_processes(work: Path, *args, timeout: int = 300) -> Path:
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONWARNINGS="ignore")
     for k in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "lightning_edit.cli", *_cli_args(run, *args, 2)]
+    cmd = [sys.executable, "-m", "lightning_edit.cli", *_cli_args(run, *args, 2), *extra]
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"2-process fit failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return run
+
+
+class SkewNonZeroRankSolve(L.Callback):
+    """Makes every process but rank 0 solve a different update (its U scaled by 1.5): stands for
+    any numerical difference between processes (another GPU, another BLAS)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 0:
+            return
+        cb = next(c for c in trainer.callbacks if hasattr(c, "method_name") and getattr(c, "method", None) is not None)
+        if getattr(cb.method, "_skewed", False):
+            return
+        real = cb.method.factors
+        cb.method.factors = lambda *a: (lambda u, v: (u * 1.5, v))(*real(*a))
+        cb.method._skewed = True
+
+
+def test_processes_apply_rank0s_update_and_never_drift(tmp_path, tiny_model_dir, corpus_file):
+    torch.set_num_threads(1)
+    dataset = tmp_path / "counterfact.json"
+    _dataset(dataset, N_REQUESTS)
+    editor = ["--editor=lightning_edit.callbacks.AlphaEdit", "--editor.threshold_mode=relative",
+              "--editor.nullspace_threshold=0.02", "--editor.l2=1"]
+    two = _fit_two_processes(tmp_path, tiny_model_dir, dataset, corpus_file, editor,
+                             extra=("--trainer.callbacks+=test_ddp.SkewNonZeroRankSolve",))
+    w0, w1 = _load(two / "ranks" / "rank0.safetensors"), _load(two / "ranks" / "rank1.safetensors")
+    for name in w0:
+        assert torch.equal(w0[name], w1[name]), name  # rank 1's own (skewed) solve was never applied
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
@@ -190,7 +218,8 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, corpus_file, editor, 
 
     # only rank 0 wrote: one log version, one checkpoint, the stats cache once
     assert len(list((two / "logs" / "edit").iterdir())) == 1
-    assert sorted(p.name for p in (two / "ckpt").iterdir()) == ["edited.safetensors", "last.safetensors"]
+    assert sorted(p.name for p in (two / "ckpt").iterdir()) == ["edited.safetensors", "last.safetensors", "ledger"]
+    assert sorted(p.name for p in (two / "ckpt" / "ledger").iterdir()) == sorted(p.name for p in (one / "ckpt" / "ledger").iterdir())
     assert sorted(p.name for p in (two / "stats").iterdir()) == sorted(p.name for p in (one / "stats").iterdir())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -328,6 +329,7 @@ def test_tiny_build_reaches_recall_and_is_cached(tiny_build):
 
     model = AutoModelForCausalLM.from_pretrained(str(paths.model_dir))
     tok = AutoTokenizer.from_pretrained(str(paths.model_dir))
+    assert tok.model_max_length == model.config.n_positions  # the model's context, not 1024
     facts = [f for f in read_jsonl(paths.facts) if f["split"] == "train"]
     assert recall(model, tok, facts) == pytest.approx(manifest["recall"]["train"])
 
@@ -353,6 +355,18 @@ def test_shipped_model_is_installed_without_training(tiny_build, tmp_path, monke
     from safetensors.torch import load_file
 
     assert all(t.dtype == torch.float32 for t in load_file(str(installed.model_dir / "model.safetensors")).values())
+    tok_cfg = json.loads((installed.model_dir / "tokenizer_config.json").read_text())
+    assert tok_cfg["model_max_length"] == json.loads((installed.model_dir / "config.json").read_text())["n_positions"]
+
+
+def test_shipped_tokenizer_declares_the_models_context():
+    import lightning_edit.factworld.build as build
+
+    for model_dir in sorted(Path(build.SHIPPED_ROOT).glob("*/model")):
+        tok_cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+        cfg = json.loads((model_dir / "config.json").read_text())
+        n_pos = cfg.get("n_positions") or cfg["max_position_embeddings"]
+        assert tok_cfg["model_max_length"] == n_pos, model_dir
 
 
 def test_the_shipped_default_model_matches_the_world_code(tmp_path, monkeypatch):

@@ -65,24 +65,25 @@ def test_full_quickstart(cfg, method, tmp_path):
     assert time.time() - t < 600 * 1.5
 
 
-def test_report_state_carries_the_mid_stream_curve():
-    """The module is never checkpointed, so the report's state carries its mid-stream
-    evaluations: a resumed run's summary.png still starts at the first evaluation."""
-    from types import SimpleNamespace
+def test_checkpoint_carries_the_mid_stream_curve(trained_gpt2, tokenizer):
+    """The mid-stream evaluations (the module's and the report's retention) live in the edit
+    ledger, which the module's checkpoint carries: a resumed run's summary.png still starts at
+    the first evaluation."""
+    import copy
 
-    from lightning_edit.report import EditReport, _merge_history
+    from lightning_edit.module import EditModule
+    from lightning_edit.report import _merge_history
 
-    before = EditReport()
-    module = SimpleNamespace(stream_history=[{"num_edits": 2, "edit/efficacy": 1.0, "edit/specificity": 0.5}])
-    before.on_fit_start(None, module)
-    state = before.state_dict()
+    before = EditModule.from_model(copy.deepcopy(trained_gpt2), tokenizer, layers=[1])
+    before.ledger.add_eval(2, {"edit/efficacy": 1.0, "edit/specificity": 0.5})
+    before.ledger.add_eval(2, {"edit/retention": 0.9})  # the report's number joins the same row
+    ckpt: dict = {}
+    before.on_save_checkpoint(ckpt)
 
-    after = EditReport()
-    after.load_state_dict(state)
-    resumed = SimpleNamespace(stream_history=[])
-    after.on_fit_start(None, resumed)
-    assert resumed.stream_history == module.stream_history
-    rows = _merge_history([{"num_edits": 2, "retention": 0.9}], resumed.stream_history,
-                          {"num_edits": 4, "efficacy": 0.8, "retention": 0.7})
+    after = EditModule.from_model(copy.deepcopy(trained_gpt2), tokenizer, layers=[1])
+    after.on_load_checkpoint(ckpt)
+    assert after.stream_history == before.stream_history == [
+        {"num_edits": 2, "edit/efficacy": 1.0, "edit/specificity": 0.5, "edit/retention": 0.9}]
+    rows = _merge_history([], after.stream_history, {"num_edits": 4, "efficacy": 0.8, "retention": 0.7})
     assert rows == [{"num_edits": 2, "retention": 0.9, "efficacy": 1.0, "specificity": 0.5},
                     {"num_edits": 4, "efficacy": 0.8, "retention": 0.7}]

@@ -89,13 +89,13 @@ def test_interrupted_pass_resumes_from_partial_sum(tokenizer, corpus_file, tmp_p
 
     real = st.accumulate_moments
 
-    def crash_after_5(adapter, blocks, layers, init=None, on_batch=None, progress=None):
+    def crash_after_5(adapter, blocks, layers, init=None, on_batch=None, progress=None, **kw):
         def limited():
             for i, b in enumerate(blocks):
                 if i == 5:
                     raise RuntimeError("killed")
                 yield b
-        return real(adapter, limited(), layers, init=init, on_batch=on_batch, progress=progress)
+        return real(adapter, limited(), layers, init=init, on_batch=on_batch, progress=progress, **kw)
 
     monkeypatch.setattr(st, "accumulate_moments", crash_after_5)
     with pytest.raises(RuntimeError, match="killed"):

@@ -203,8 +203,9 @@ class EditDataModule(L.LightningDataModule):
         split: split to read from a directory or a hub dataset.
         data_files: files to read, relative to a directory ``dataset``.
         batch_size: edits per sequential batch (one weight update each).
-        limit: number of edits to use (after ``offset``); None uses all.
-        offset: number of edits to skip at the start of the dataset.
+        limit: number of records to use (after ``offset``; a record with several rewrites, as in
+            MQuAKE / AKEW, counts once and gives all its requests); None uses all.
+        offset: number of records to skip at the start of the dataset.
         eval_batch_size: requests per evaluation batch.
         config_name: hub dataset configuration name (``load_dataset(dataset, config_name)``).
         field: for a JSON file holding one object, the key of the records array.
@@ -264,13 +265,15 @@ class EditDataModule(L.LightningDataModule):
         records = load_records(
             resolve(self.dataset), split=self.split, data_files=self.data_files, name=self.config_name, field=self.field
         )
+        # offset / limit count *records*: a record with several rewrites (MQuAKE / AKEW chains)
+        # is kept or dropped whole
         stop = None if self.limit is None else self.offset + self.limit
-        self.requests = list(itertools.islice(iter_requests(records, self.format), self.offset, stop))
+        window = list(itertools.islice(records, self.offset, stop))
+        self.requests = list(iter_requests(window, self.format, start_index=self.offset))
         if not self.requests:
-            total = sum(1 for _ in iter_requests(records, self.format))
             raise ValueError(
                 f"no edit requests in {self.dataset!r} (split {self.split!r}) after offset={self.offset}, "
-                f"limit={self.limit}: it holds {total} requests"
+                f"limit={self.limit}: it holds {len(records)} records"
             )
         self._loaded = True
 

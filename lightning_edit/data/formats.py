@@ -388,6 +388,18 @@ def _locality_pairs(
     )
 
 
+def _pairs(value: Any, index: int, field_name: str) -> tuple[tuple[str, str], ...]:
+    """``[[prompt, answer], ...]`` (the Python API's ``locality``)."""
+    if not isinstance(value, (list, tuple)):
+        raise RequestError(index, field_name, f"expected a list of [prompt, answer] pairs, got {_describe(value)}")
+    out = []
+    for i, pair in enumerate(value):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise RequestError(index, f"{field_name}[{i}]", f"expected a [prompt, answer] pair, got {_describe(pair)}")
+        out.append((_text(pair[0], index, f"{field_name}[{i}]"), _text(pair[1], index, f"{field_name}[{i}]")))
+    return tuple(out)
+
+
 def _from_counterfact_flat(record: Mapping, index: int) -> list[EditRequest]:
     """EasyEdit's flat CounterFact record."""
     case_id = _case_id(record, index)
@@ -395,12 +407,17 @@ def _from_counterfact_flat(record: Mapping, index: int) -> list[EditRequest]:
     prompt = _text(_require(record, "prompt", index), index, "prompt")
     template = _template_from_text(prompt, subject, index, "prompt", "subject")
     target_new = _first_text(_require(record, "target_new", index), index, "target_new")
-    target_true = _first_text(_require(record, "ground_truth", index), index, "ground_truth")
-    paraphrases = _texts(record.get("rephrase_prompt"), index, "rephrase_prompt")
+    # the Python API's spelling (target_true, paraphrase_prompts, locality pairs) is read too
+    truth_field = "ground_truth" if "ground_truth" in record or "target_true" not in record else "target_true"
+    target_true = _first_text(_require(record, truth_field, index), index, truth_field)
+    para_field = "rephrase_prompt" if "rephrase_prompt" in record or "paraphrase_prompts" not in record else "paraphrase_prompts"
+    paraphrases = _texts(record.get(para_field), index, para_field)
     loc_prompt, loc_answer = record.get("locality_prompt"), record.get("locality_ground_truth")
     locality = _locality_pairs(loc_prompt, loc_answer, index, "locality_prompt", "locality_ground_truth")
+    if loc_prompt is None and record.get("locality") is not None:
+        locality = _pairs(record["locality"], index, "locality")
     consumed = {"case_id", "prompt", "subject", "target_new", "ground_truth", "rephrase_prompt",
-                "locality_prompt", "locality_ground_truth"}
+                "locality_prompt", "locality_ground_truth", "target_true", "paraphrase_prompts", "locality"}
     request = EditRequest(
         case_id=case_id,
         prompt=template,
@@ -413,8 +430,8 @@ def _from_counterfact_flat(record: Mapping, index: int) -> list[EditRequest]:
         record_index=index,
         extra={k: v for k, v in record.items() if k not in consumed},
     )
-    names = {"prompt": "prompt", "subject": "subject", "target_new": "target_new", "target_true": "ground_truth",
-             "paraphrase_prompts": "rephrase_prompt", "locality": "locality_prompt"}
+    names = {"prompt": "prompt", "subject": "subject", "target_new": "target_new", "target_true": truth_field,
+             "paraphrase_prompts": para_field, "locality": "locality_prompt" if loc_prompt is not None else "locality"}
     return [_validated(request, names)]
 
 

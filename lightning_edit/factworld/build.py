@@ -315,6 +315,17 @@ def _copy_model(src: Path, dest: Path, dtype: torch.dtype) -> None:
     for f in src.iterdir():
         if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
             shutil.copy2(f, dest / f.name)
+    _set_tokenizer_max_length(dest, getattr(lm.config, "n_positions", None) or lm.config.max_position_embeddings)
+
+
+def _set_tokenizer_max_length(model_dir: Path, n_positions: int) -> None:
+    """The tokenizer's ``model_max_length`` is the model's context (older builds declared 1024)."""
+    cfg_path = model_dir / "tokenizer_config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.get("model_max_length") != n_positions:
+            cfg["model_max_length"] = n_positions
+            cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 def _sha256(path: Path) -> str:

@@ -451,6 +451,7 @@ def pretrain_model(corpus: Sequence[str | dict], tokenizer, model_spec: ModelSpe
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.model_max_length = model_spec.max_positions  # the model's context, not the wrapper's default
     tokenizer.save_pretrained(str(out_dir))
     loss = trainer.callback_metrics.get("train/loss")
     return {

@@ -1,0 +1,378 @@
+"""The edit ledger: the one record of everything an edit stream has done to a model.
+
+Per applied batch (:class:`BatchRecord`): the request ids, the method and its hyper-parameters,
+the update's factors ``U``, ``V`` per edit layer (``Delta = U @ V``, rank <= rows of the batch)
+and the keys of every edit layer after the update (AlphaEdit's ``K_p K_p^T`` is the sum of their
+``K K^T``). Plus the stream position (``len(records)``) and the evaluation history.
+
+From the base model and the ledger everything else is rebuilt exactly, in the order it was built
+live: the edited weights (:meth:`EditLedger.replay`, with the float32 master of a bf16 / fp16
+model), ``K_p K_p^T`` (:meth:`EditLedger.prev_kkt`). So
+
+* a checkpoint appends one small file per batch (``O(rows x (d_model + 2 d_k))`` per layer)
+  instead of rewriting the edited weights and the ``d_k x d_k`` matrices;
+* undo (:meth:`EditLedger.truncate` and a replay) is bit-identical to a run that never applied
+  the undone batches;
+* a resumed run carries the full history (mid-stream evaluations after a resume cover every edit).
+
+Batch files: ``<directory>/batch_<index>.safetensors``, each with a SHA-256 per tensor; the
+checkpoint lists every file's digest, so a stale or damaged file is refused by path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpointing import CorruptFileError, atomic_save_file, read_verified, tensor_digest
+
+LEDGER_FORMAT = 1
+
+
+@dataclass
+class BatchRecord:
+    """One applied edit batch.
+
+    Attributes:
+        index: position of the batch in the stream (0-based).
+        request_ids: ``case_id`` of every request of the batch, in order.
+        method: ``alphaedit`` / ``memit``.
+        hparams: the method's hyper-parameters for this batch.
+        info: logged numbers (relative update norm per layer, ...).
+        tensors: ``u.{layer}`` ``(d_model, n)``, ``v.{layer}`` ``(n, d_k)``, ``keys.{layer}``
+            ``(n, d_k)`` (float32, CPU); None while only on disk.
+        file: the batch file (None: kept in memory only).
+        digest: hash of the tensors (over their per-tensor SHA-256), checked when read back.
+    """
+
+    index: int
+    request_ids: list[str]
+    method: str
+    hparams: dict
+    info: dict = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] | None = None
+    file: str | None = None
+    digest: str | None = None
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.request_ids)
+
+    def meta(self) -> dict:
+        return {"index": self.index, "request_ids": list(self.request_ids), "method": self.method, "hparams": self.hparams,
+                "info": self.info, "file": self.file, "digest": self.digest}
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(f"{k}={tensor_digest(tensors[k])};".encode())
+    return h.hexdigest()
+
+
+class EditLedger:
+    """The state of an edit stream (see the module docstring).
+
+    Args:
+        directory: where batch files are appended (None: keep every batch in memory; the API's
+            default, and what a checkpoint of a run without a checkpoint directory embeds).
+        meta: what the stream edits: ``model`` (name or path), ``dtype``, ``layers``, ``method``,
+            templates; written into checkpoints and exports.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None, meta: dict | None = None):
+        self.directory = Path(directory) if directory is not None else None
+        self.meta: dict = dict(meta or {})
+        self.records: list[BatchRecord] = []
+        self.evals: list[dict] = []  # {"num_edits", "edit/efficacy", ...}, in stream order
+
+    # ---- reading ------------------------------------------------------------------------
+    @property
+    def position(self) -> int:
+        """Batches applied (the stream position)."""
+        return len(self.records)
+
+    @property
+    def num_edits(self) -> int:
+        return sum(r.num_requests for r in self.records)
+
+    def request_ids(self) -> list[str]:
+        return [i for r in self.records for i in r.request_ids]
+
+    def tensors(self, record: BatchRecord) -> dict[str, torch.Tensor]:
+        """A batch's tensors, read (and verified) from its file when not in memory."""
+        if record.tensors is not None:
+            return record.tensors
+        path = self._resolve(record.file)
+        tensors, _ = read_verified(path, require_digest=True)
+        if record.digest is not None and _digest(tensors) != record.digest:
+            raise CorruptFileError(f"{path}: ledger batch {record.index} does not match the digest its checkpoint recorded "
+                                   "(a stale or overwritten batch file)")
+        return tensors
+
+    def _resolve(self, file: str | None) -> Path:
+        if file is None:
+            raise CorruptFileError("ledger batch has neither tensors in memory nor a file")
+        p = Path(file)
+        if not p.exists() and self.directory is not None and (self.directory / p.name).exists():
+            return self.directory / p.name  # the run directory was moved
+        return p
+
+    def history(self) -> list[dict]:
+        """One row per applied batch: index, requests (count and ids), method, hyper-parameters,
+        edits applied after it, and its logged numbers."""
+        rows, total = [], 0
+        for r in self.records:
+            total += r.num_requests
+            rows.append({"batch": r.index, "num_requests": r.num_requests, "num_edits": total, "request_ids": list(r.request_ids),
+                         "method": r.method, "hparams": dict(r.hparams), **{k: v for k, v in r.info.items()}})
+        return rows
+
+    def batch_bytes(self, record: BatchRecord) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors(record).values())
+
+    # ---- writing ------------------------------------------------------------------------
+    def add_eval(self, num_edits: int, metrics: dict) -> dict:
+        """Record evaluation results at stream position ``num_edits`` (merged into that
+        position's row when there is one)."""
+        for row in reversed(self.evals):
+            if int(row.get("num_edits", -1)) == int(num_edits):
+                row.update(metrics)
+                return row
+        row = {"num_edits": int(num_edits), **metrics}
+        self.evals.append(row)
+        return row
+
+    def append(self, record: BatchRecord, write: bool = True) -> BatchRecord:
+        """Add the next batch; with a directory (and ``write``, i.e. on the writing process) its
+        tensors go to ``batch_<index>.safetensors`` and leave memory."""
+        if record.index != self.position:
+            raise ValueError(f"ledger holds {self.position} batches; batch {record.index} cannot be appended")
+        record.tensors = {k: v.detach().float().cpu().contiguous() for k, v in (record.tensors or {}).items()}
+        record.digest = _digest(record.tensors)
+        if self.directory is not None:
+            path = self.directory / f"batch_{record.index:06d}.safetensors"
+            if write:
+                atomic_save_file(record.tensors, path, metadata={"lightning_edit.ledger_batch": str(record.index),
+                                                                 "request_ids": json.dumps(record.request_ids)})
+            record.file = str(path.resolve())
+            record.tensors = None  # other processes read rank 0's file when they need it (shared storage, like checkpoints)
+        self.records.append(record)
+        return record
+
+    def truncate(self, position: int) -> list[BatchRecord]:
+        """Take back every batch from ``position`` on (and the evaluations made after it);
+        returns the removed records."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot rewind the ledger to batch {position}: it holds {self.position} batches")
+        removed, self.records = self.records[position:], self.records[:position]
+        n = self.num_edits
+        self.evals = [e for e in self.evals if int(e.get("num_edits", 0)) <= n]
+        return removed
+
+    # ---- rebuilding ---------------------------------------------------------------------
+    def prev_kkt(self, layers: Sequence[int], device=None) -> dict[int, torch.Tensor]:
+        """``K_p K_p^T`` per layer, summed over the batches in stream order (bit-identical to the
+        live accumulation, :func:`lightning_edit.update.accumulate_kkt`)."""
+        from .update import accumulate_kkt
+
+        out: dict[int, torch.Tensor] = {}
+        for r in self.records:
+            t = self.tensors(r)
+            out = accumulate_kkt(out, {l: t[f"keys.{l}"].to(device) for l in layers})
+        return out
+
+    @torch.no_grad()
+    def replay(self, adapter, layers: Sequence[int], base: dict[int, torch.Tensor], master: dict[int, torch.Tensor]) -> None:
+        """Write ``base`` (the unedited weights as ``(d_model, d_k)``) plus every batch's
+        ``U @ V`` into the model, in stream order, exactly as :func:`apply_update` added them:
+        into the float32 ``master`` where one exists (then the model holds its rounding), in
+        place in the weight otherwise."""
+        from .update import write_master
+
+        for l in layers:
+            if l in master:
+                master[l].copy_(base[l].float())
+            else:
+                adapter.weight_as_linear(l).copy_(base[l])
+        for r in self.records:
+            t = self.tensors(r)
+            for l in layers:
+                w = adapter.weight_as_linear(l)
+                delta = t[f"u.{l}"].to(w.device) @ t[f"v.{l}"].to(w.device)
+                if l in master:
+                    master[l].add_(delta.to(device=master[l].device, dtype=torch.float32))
+                else:
+                    adapter.add_to_weight(l, delta)
+        for l in layers:
+            if l in master:
+                write_master(adapter, l, master[l])
+
+    # ---- persistence --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Checkpoint form: metadata of every batch (file + digest); a batch without a file
+        embeds its tensors."""
+        return {"format": LEDGER_FORMAT, "meta": json.dumps(self.meta), "evals": json.dumps(self.evals),
+                "directory": str(self.directory) if self.directory is not None else None,
+                "records": [{"meta": json.dumps(r.meta()), **({"tensors": r.tensors} if r.file is None else {})} for r in self.records]}
+
+    def load_state_dict(self, state: dict, check_files: bool = True) -> None:
+        if int(state.get("format", 0)) != LEDGER_FORMAT:
+            raise ValueError(f"edit ledger format {state.get('format')!r} is not supported (expected {LEDGER_FORMAT})")
+        self.meta = json.loads(state.get("meta", "{}"))
+        self.evals = json.loads(state.get("evals", "[]"))
+        if state.get("directory") and self.directory is None:
+            self.directory = Path(state["directory"])
+        self.records = []
+        for i, r in enumerate(state.get("records", [])):
+            m = json.loads(r["meta"])
+            rec = BatchRecord(index=int(m["index"]), request_ids=list(m["request_ids"]), method=m["method"], hparams=m["hparams"],
+                              info=m.get("info", {}), tensors=r.get("tensors"), file=m.get("file"), digest=m.get("digest"))
+            if rec.index != i:
+                raise ValueError(f"edit ledger is out of order: record {i} is batch {rec.index}")
+            if check_files and rec.tensors is None:
+                self.tensors(rec)  # fail now, by path, rather than mid-stream
+            if rec.tensors is not None:
+                from .checkpointing import check_finite
+
+                check_finite(rec.tensors, f"edit ledger batch {i} (embedded in the checkpoint)")
+                if rec.digest is not None and _digest(rec.tensors) != rec.digest:
+                    raise CorruptFileError(f"edit ledger batch {i} (embedded in the checkpoint) does not match its digest")
+            self.records.append(rec)
+
+    def summary(self) -> dict:
+        """JSON summary (written beside exports): what the model carries."""
+        return {"format": LEDGER_FORMAT, **self.meta, "batches": self.position, "num_edits": self.num_edits,
+                "history": [{k: v for k, v in h.items()} for h in self.history()]}
+
+
+# ---- command-line tools: lightning-edit ledger / undo / export -----------------------------------
+
+
+def _read_checkpoint(path: str) -> tuple[dict, "EditLedger"]:
+    from .checkpointing import load_nested
+
+    ckpt = load_nested(path)
+    state = ckpt.get("edit_module", {})
+    if "ledger" not in state:
+        raise SystemExit(f"{path}: no edit ledger in this checkpoint (not written by lightning-edit fit, or by an older version)")
+    ledger = EditLedger()
+    ledger.load_state_dict(state["ledger"])  # verifies every batch file, naming it
+    return ckpt, ledger
+
+
+def rewind_checkpoint(ckpt: dict, ledger: "EditLedger", position: int) -> dict:
+    """A checkpoint dict rewound to ``position`` batches: ledger, edit state, report history,
+    the stream loader's position and Lightning's loop counters (as a checkpoint written after
+    batch ``position`` holds them), so ``fit --ckpt_path`` continues from there."""
+    n = ledger.position - position
+    ledger.truncate(position)
+    num_edits = ledger.num_edits
+    ckpt["edit_module"]["ledger"] = ledger.state_dict()
+    ckpt["edit_module"]["num_edits"] = num_edits
+    for cb in ckpt.get("callbacks", {}).values():
+        if not isinstance(cb, dict):
+            continue
+        if "batches_applied" in cb:
+            cb["batches_applied"], cb["num_edits"] = position, num_edits
+        for key in ("history", "stream"):  # the report's curves
+            if isinstance(cb.get(key), str):
+                cb[key] = json.dumps([h for h in json.loads(cb[key]) if int(h.get("num_edits", 0)) <= num_edits])
+    ckpt["global_step"] = max(0, int(ckpt.get("global_step", 0)) - n)
+    fit = ckpt.get("loops", {}).get("fit_loop", {})
+    for st in fit.get("state_dict", {}).get("combined_loader", []) or []:
+        if isinstance(st, dict) and "applied" in st:
+            st["applied"] = position
+    # Lightning's loop state: flat keys with dotted names ("epoch_loop.batch_progress", ...)
+    stepped = fit.get("epoch_loop.state_dict", {})
+    if "_batches_that_stepped" in stepped:
+        stepped["_batches_that_stepped"] = max(0, int(stepped["_batches_that_stepped"]) - n)
+    for key in ("epoch_loop.batch_progress", "epoch_loop.manual_optimization.optim_step_progress"):
+        prog = fit.get(key, {})
+        for which in ("total", "current"):
+            for k, v in list(prog.get(which, {}).items()):
+                prog[which][k] = max(0, int(v) - n)
+        if "is_last_batch" in prog:
+            prog["is_last_batch"] = False
+    return ckpt
+
+
+def undo_main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from .checkpointing import save_nested
+
+    ap = argparse.ArgumentParser(prog="lightning-edit undo", description="take the last N edit batches back from a checkpoint "
+                                 "(weights, K_p K_p^T, ledger and stream position; `fit --ckpt_path` continues from there)")
+    ap.add_argument("--ckpt_path", required=True)
+    ap.add_argument("--batches", type=int, required=True, help="how many of the last batches to take back")
+    ap.add_argument("--out", default=None, help="write the rewound checkpoint here (default: rewrite --ckpt_path atomically)")
+    a = ap.parse_args(argv)
+    ckpt, ledger = _read_checkpoint(a.ckpt_path)
+    if not 0 <= a.batches <= ledger.position:
+        raise SystemExit(f"cannot undo {a.batches} batches: the checkpoint holds {ledger.position}")
+    removed = ledger.history()[ledger.position - a.batches:]
+    rewind_checkpoint(ckpt, ledger, ledger.position - a.batches)
+    out = a.out or a.ckpt_path
+    save_nested(ckpt, out)
+    ids = [i for r in removed for i in r["request_ids"]]
+    print(f"took back {a.batches} batches ({len(ids)} edits: {', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''}); "
+          f"{out} now holds {ledger.num_edits} edits in {ledger.position} batches")
+    return 0
+
+
+def ledger_main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="lightning-edit ledger", description="list the edit batches a checkpoint carries")
+    ap.add_argument("--ckpt_path", required=True)
+    ap.add_argument("--json", action="store_true", help="print the ledger summary as JSON")
+    a = ap.parse_args(argv)
+    _, ledger = _read_checkpoint(a.ckpt_path)
+    if a.json:
+        print(json.dumps(ledger.summary(), indent=1))
+        return 0
+    print("| batch | requests | edits after | method | request ids | update norms | bytes |")
+    print("|---:|---:|---:|---|---|---|---:|")
+    for r, h in zip(ledger.records, ledger.history()):
+        ids = ", ".join(h["request_ids"][:4]) + (" ..." if len(h["request_ids"]) > 4 else "")
+        norms = ", ".join(f"{k.rsplit('_', 1)[-1]}: {v:.3g}" for k, v in h.items() if k.startswith("update_norm/"))
+        print(f"| {h['batch']} | {h['num_requests']} | {h['num_edits']} | {h['method']} | {ids} | {norms} | {ledger.batch_bytes(r)} |")
+    m = ledger.meta
+    print(f"\n{ledger.num_edits} edits in {ledger.position} batches ({m.get('model')}, layers {m.get('layers')}, {m.get('dtype')})")
+    return 0
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from .arch import ModelAdapter
+    from .checkpointing import export_pretrained, full_model_fingerprint
+    from .module import load_pretrained
+    from .update import master_copies
+
+    ap = argparse.ArgumentParser(prog="lightning-edit export", description="write the edited model of a checkpoint as a "
+                                 "save_pretrained directory (safetensors, config, tokenizer, edit_ledger.json)")
+    ap.add_argument("--ckpt_path", required=True)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    ckpt, ledger = _read_checkpoint(a.ckpt_path)
+    m = ledger.meta
+    model, tok = load_pretrained(m["model"], m.get("dtype", "float32"), bool(m.get("trust_remote_code")), m.get("tokenizer"))
+    adapter = ModelAdapter(model, m.get("layer_template"), m.get("mlp_down_template"))
+    layers = [int(l) for l in m["layers"]]
+    saved = next((cb.get("base_fingerprint") for cb in ckpt.get("callbacks", {}).values()
+                  if isinstance(cb, dict) and "batches_applied" in cb), None)
+    if saved is not None and saved != full_model_fingerprint(model):
+        raise SystemExit(f"{a.ckpt_path} was made on another base model than {m['model']!r} (model fingerprint differs)")
+    base = {l: adapter.weight_as_linear(l).detach().clone() for l in layers}
+    ledger.replay(adapter, layers, base, master_copies(adapter, layers))
+    out = export_pretrained(model, tok, ledger, a.out)
+    print(f"exported {ledger.num_edits} edits ({ledger.position} batches) of {m['model']} to {out}")
+    return 0

@@ -1,0 +1,271 @@
+"""Defects found with real benchmark records and by killing, corrupting and sharing state
+(issue 9): each test here failed before its fix."""
+
+import copy
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import cli_args, counterfact_records, make_model
+from lightning_edit.arch import ModelAdapter
+from lightning_edit.checkpointing import CorruptFileError, load_nested, save_nested
+from lightning_edit.cli import main
+from lightning_edit.data.requests import RequestError
+from lightning_edit.stats import StatsCache, StatsConfig, corpus_fingerprint, projectors, second_moments
+
+FLAT = Path(__file__).parent / "fixtures" / "counterfact_flat_sample.json"
+
+
+class SleepAfterBatch(L.Callback):
+    """Spends ``seconds`` after edit batch ``batch`` (stands for slow work before a crash)."""
+
+    def __init__(self, batch: int = 0, seconds: float = 1.0):
+        self.batch, self.seconds = batch, seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx):
+        if b.index == self.batch:
+            time.sleep(self.seconds)
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    p = tmp_path / "cf.json"
+    p.write_text(json.dumps(counterfact_records(12)))
+    return p
+
+
+# ---- real benchmark records ---------------------------------------------------------------
+
+
+def test_console_script_exits_zero_and_validate_prints_its_table(tiny_model_dir, dataset, corpus_file, tmp_path, monkeypatch, capsys):
+    import tomllib
+
+    entry = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["scripts"]["lightning-edit"]
+    mod, fn = entry.split(":")
+    console = getattr(__import__(mod, fromlist=[fn]), fn)
+    args = cli_args(tiny_model_dir, dataset, corpus_file, tmp_path, extra=["--trainer.logger=false"])
+    monkeypatch.setattr(sys, "argv", ["lightning-edit", "validate", *args])
+    monkeypatch.chdir(tmp_path)
+    status = console()
+    assert status == 0  # what sys.exit(console()) turns into the process's exit status
+    out = capsys.readouterr().out
+    assert "edit/efficacy" in out and "edit/specificity" in out, out  # the metrics table, without any logger
+    # and in Python, trainer.validate returns the numbers
+    cli = main(["validate", *args])
+    res = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+    assert set(res[0]) >= {"edit/efficacy", "edit/specificity"}
+
+
+def _editor(trained_gpt2, tokenizer, tmp_path, **kw):
+    from lightning_edit import Editor
+
+    return Editor(copy.deepcopy(trained_gpt2), tokenizer, layers=[1, 2], method="memit", method_kwargs={"lam": 1.0},
+                  stats={"corpus": "unused", "corpus_name": None, "cache_dir": str(tmp_path / "s")}, context_prefixes=0, **kw)
+
+
+def test_api_reads_easyedit_flat_records_whole(trained_gpt2, tokenizer, tmp_path):
+    from lightning_edit.api import _as_requests
+    from lightning_edit.data.formats import records_to_requests
+
+    recs = json.loads(FLAT.read_text())[:3]
+    assert _as_requests(recs) == records_to_requests(recs)  # the same loader as the CLI
+    reqs = _as_requests(recs)
+    assert all(r.target_true and r.paraphrase_prompts and r.locality for r in reqs)
+    ed = _editor(trained_gpt2, tokenizer, tmp_path)
+    m = ed.evaluate(recs)
+    assert {"edit/efficacy", "edit/generalization", "edit/specificity"} <= set(m), m
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda rs: rs.append(dict(rs[0])), "case_id"),                                 # duplicate id
+    (lambda rs: rs[1].update(subject=42), "subject"),                              # not a string
+    (lambda rs: rs[1].update(target_new=rs[1]["ground_truth"]), "target_new"),     # nothing to edit
+    (lambda rs: rs[1].update(locality_ground_truth=None), "locality_ground_truth"),  # null answer
+])
+def test_api_validates_like_the_loader(trained_gpt2, tokenizer, tmp_path, mutate, field):
+    recs = copy.deepcopy(json.loads(FLAT.read_text())[:3])
+    mutate(recs)
+    ed = _editor(trained_gpt2, tokenizer, tmp_path)
+    before = {k: v.clone() for k, v in ed.model.state_dict().items()}
+    with pytest.raises(RequestError) as err:
+        ed.apply(recs)
+    assert err.value.field == field, str(err.value)
+    with pytest.raises(RequestError):
+        ed.evaluate(recs)
+    assert all(torch.equal(v, before[k]) for k, v in ed.model.state_dict().items())
+
+
+def test_too_long_text_is_refused_for_the_whole_stream_before_the_first_batch(tiny_model_dir, corpus_file, tmp_path):
+    recs = counterfact_records(12)
+    recs[10]["paraphrase_prompts"] = ["word " * 400 + recs[10]["requested_rewrite"]["subject"] + " is"]  # > 128 positions
+    p = tmp_path / "long.json"
+    p.write_text(json.dumps(recs))
+    with pytest.raises(RequestError, match=r"record 10.*paraphrase_prompts\[0\].*128 positions"):
+        main(["fit", *cli_args(tiny_model_dir, p, corpus_file, tmp_path)])
+    assert not (tmp_path / "ckpt").exists()  # nothing was applied or checkpointed
+
+
+def test_too_long_text_is_refused_by_the_api(trained_gpt2, tokenizer, tmp_path):
+    ed = _editor(trained_gpt2, tokenizer, tmp_path)
+    rec = {"prompt": "{} speaks " + "very " * 300, "subject": "Toko Yasuda", "target_new": "German", "target_true": "French"}
+    with pytest.raises(RequestError, match="record 0.*prompt.*positions"):
+        ed.apply([rec])
+
+
+# ---- corrupted and shared state -------------------------------------------------------------
+
+
+def _garble(path: Path, n: int = 64, at: float = 0.5) -> None:
+    """Overwrite ``n`` bytes inside the tensor data of a safetensors file."""
+    raw = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(raw[:8], "little")
+    pos = header + int((len(raw) - header - n) * at)
+    raw[pos:pos + n] = bytes((b + 97) % 256 for b in raw[pos:pos + n])
+    path.write_bytes(bytes(raw))
+
+
+def test_corrupted_checkpoint_is_refused_by_path(tmp_path):
+    ckpt = {"callbacks": {"AlphaEdit": {"weights": {"w": torch.randn(64, 64)}, "n": 3}}, "global_step": 3}
+    p = tmp_path / "last.safetensors"
+    save_nested(ckpt, p)
+    assert torch.equal(load_nested(p)["callbacks"]["AlphaEdit"]["weights"]["w"], ckpt["callbacks"]["AlphaEdit"]["weights"]["w"])
+    _garble(p)
+    with pytest.raises(CorruptFileError, match=f"{p}.*content hash"):
+        load_nested(p)
+    p.write_bytes(p.read_bytes()[:40])  # truncated
+    with pytest.raises(CorruptFileError, match=f"{p}.*unreadable"):
+        load_nested(p)
+
+
+def _stats_cfg(corpus, tmp_path, **kw):
+    return StatsConfig(**{**dict(corpus=str(corpus), corpus_name=None, n_samples=200, max_length=32, batch_size=4,
+                                 cache_dir=str(tmp_path / "stats"), save_every=0), **kw})
+
+
+@pytest.mark.parametrize("damage", ["garble", "truncate"])
+def test_bad_statistics_cache_is_reported_by_path_and_recomputed(tokenizer, corpus_file, tmp_path, damage):
+    ad = ModelAdapter(make_model("gpt2", len(tokenizer), n_layer=2, width=32))
+    cfg = _stats_cfg(corpus_file, tmp_path)
+    good = second_moments(ad, tokenizer, [0], cfg, show_progress=False)
+    projs, _ = projectors(ad, good, cfg, 0.02, "relative")
+    for kind in ("moment", "projector"):
+        (entry,) = (tmp_path / "stats").glob(f"*.{kind}.*.safetensors")
+        if damage == "garble":
+            _garble(entry)
+        else:
+            entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+        with pytest.warns(UserWarning, match=str(entry)):
+            if kind == "moment":
+                again = second_moments(ad, tokenizer, [0], cfg, show_progress=False)
+                assert torch.equal(again[0], good[0])
+            else:
+                again, _ = projectors(ad, good, cfg, 0.02, "relative")
+                assert torch.equal(again[0], projs[0])
+        # recomputed and rewritten: the next run reads it silently
+        assert StatsCache(cfg).load(StatsCache(cfg).key(ad, 0), kind=kind, extra="" if kind == "moment" else "relative:0.02") is not None
+
+
+def test_failed_partial_save_warns_and_continues(tokenizer, corpus_file, tmp_path, monkeypatch):
+    ad = ModelAdapter(make_model("gpt2", len(tokenizer), n_layer=2, width=32))
+    cfg = _stats_cfg(corpus_file, tmp_path, save_every=1)
+    real = StatsCache.save
+
+    def disk_full(self, key, tensors, kind="moment", extra="", meta=None):
+        if kind == "partial":
+            raise OSError(28, "No space left on device")
+        return real(self, key, tensors, kind, extra, meta)
+
+    monkeypatch.setattr(StatsCache, "save", disk_full)
+    with pytest.warns(UserWarning, match="partial statistics.*No space left"):
+        got = second_moments(ad, tokenizer, [0], cfg, show_progress=False)
+    monkeypatch.setattr(StatsCache, "save", real)
+    ref = second_moments(ad, tokenizer, [0], _stats_cfg(corpus_file, tmp_path / "ref"), show_progress=False)
+    assert torch.equal(got[0], ref[0])
+
+
+def test_glob_corpus_hashes_every_matched_file(tokenizer, tmp_path):
+    d = tmp_path / "shards"
+    d.mkdir()
+    for i in range(2):
+        (d / f"part{i}.jsonl").write_text("".join(json.dumps({"text": f"text {i} {j}"}) + "\n" for j in range(5)))
+    cfg = StatsConfig(corpus=str(d / "part*.jsonl"), corpus_name=None, n_samples=100, cache_dir=str(tmp_path / "s"))
+    fp = corpus_fingerprint(cfg)
+    (d / "part1.jsonl").write_text(json.dumps({"text": "changed"}) + "\n")
+    assert corpus_fingerprint(cfg) != fp  # a file behind the pattern changed
+    fp2 = corpus_fingerprint(cfg)
+    (d / "part2.jsonl").write_text(json.dumps({"text": "new shard"}) + "\n")
+    assert corpus_fingerprint(cfg) != fp2  # the pattern matches one more file
+    from lightning_edit.stats import iter_corpus_texts
+
+    assert sorted(iter_corpus_texts(cfg)) == sorted([f"text 0 {j}" for j in range(5)] + ["changed", "new shard"])
+
+
+def test_checkpoint_names_its_model_and_layers_and_refuses_a_mismatch(tiny_model_dir, dataset, corpus_file, tmp_path):
+    run = tmp_path / "run"
+    args = cli_args(tiny_model_dir, dataset, corpus_file, run, extra=["--trainer.max_steps=1"])
+    main(["fit", *args])
+    ckpt = run / "ckpt" / "last.safetensors"
+    state = load_nested(ckpt)["callbacks"]["AlphaEdit"]
+    assert state["layers"] == [1, 2] and state["method_name"] == "alphaedit" and state["base_fingerprint"]
+    # other edit layers: refused, naming both
+    with pytest.raises(ValueError, match=r"edits layers \[1, 2\], this run edits \[2\]"):
+        main(["fit", *[a for a in args if not a.startswith("--model.layers")], "--model.layers=[2]", f"--ckpt_path={ckpt}"])
+    with pytest.raises(ValueError, match=r"edits layers \[1, 2\]"):
+        main(["validate", *[a for a in args if not a.startswith("--model.layers")], "--model.layers=[2]", f"--ckpt_path={ckpt}"])
+    # a model that differs only above the edit layers: refused, naming the fingerprint
+    from transformers import AutoModelForCausalLM
+
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_model_dir, other)
+    m = AutoModelForCausalLM.from_pretrained(other)
+    with torch.no_grad():
+        m.transformer.h[3].mlp.c_fc.weight.mul_(1.01)
+    m.save_pretrained(other)
+    other_args = [a if not a.startswith("--model.model=") else f"--model.model={other}" for a in args]
+    with pytest.raises(ValueError, match=r"another base model \(model fingerprint"):
+        main(["fit", *other_args, "--trainer.max_steps=2", f"--ckpt_path={ckpt}"])
+    with pytest.raises(ValueError, match="another base model"):
+        main(["validate", *other_args, f"--ckpt_path={ckpt}"])
+    # the checkpoint's edits (its ledger batch file) damaged: refused, naming the file
+    from lightning_edit.checkpointing import atomic_save_file, read_verified
+
+    batch = run / "ckpt" / "ledger" / "batch_000000.safetensors"
+    tensors, meta = read_verified(batch)
+    tensors["u.1"][0, 0] = float("inf")  # hashes intact, value not finite
+    atomic_save_file(tensors, batch, {k: v for k, v in meta.items() if k != "lightning_edit.sha256"})
+    with pytest.raises(CorruptFileError, match=f"{batch}.*non-finite"):
+        main(["fit", *args, "--trainer.max_steps=2", f"--ckpt_path={ckpt}"])
+    tensors["u.1"][0, 0] = 0.5
+    atomic_save_file(tensors, batch, {k: v for k, v in meta.items() if k != "lightning_edit.sha256"})
+    with pytest.raises(CorruptFileError, match=f"{batch}.*digest its checkpoint recorded"):  # another file than the checkpoint's
+        main(["validate", *args, f"--ckpt_path={ckpt}"])
+    _garble(batch)
+    with pytest.raises(CorruptFileError, match=f"{batch}.*content hash"):
+        main(["validate", *args, f"--ckpt_path={ckpt}"])
+
+
+def test_resume_keeps_curves_and_wall_time_of_the_whole_stream(tiny_model_dir, dataset, corpus_file, tmp_path):
+    full = tmp_path / "full"
+    main(["fit", *cli_args(tiny_model_dir, dataset, corpus_file, full, extra=["--model.eval_every=1"])])
+    run = tmp_path / "run"
+    args = cli_args(tiny_model_dir, dataset, corpus_file, run, extra=["--model.eval_every=1"])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["fit", *args, "--trainer.callbacks+=test_defects.SleepAfterBatch", "--trainer.callbacks.seconds=4",
+              "--trainer.callbacks+=conftest.CrashAfterBatch", "--trainer.callbacks.batch=1"])
+    resumed = main(["fit", *args, f"--ckpt_path={run}/ckpt/last.safetensors"])
+    s_full = json.loads(next((full / "logs").rglob("summary.json")).read_text())
+    s_res = json.loads(sorted((run / "logs").rglob("summary.json"))[-1].read_text())
+    # every point of the curve (after batches 1, 2, 3) measured on all edits so far
+    assert [r["num_edits"] for r in s_res["curve"]] == [r["num_edits"] for r in s_full["curve"]] == [4, 8, 12]
+    for a, b in zip(s_res["curve"], s_full["curve"]):
+        for k in ("efficacy", "margin"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (k, a, b)
+    # the 4 s spent before the crash count
+    assert s_res["wall_time_s"] >= 4.0
+    assert resumed.model.num_edits == 12
