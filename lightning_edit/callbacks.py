@@ -17,7 +17,7 @@ import torch
 
 from .checkpointing import config_fingerprint, full_model_fingerprint, save_edits
 from .module import EditModule
-from .stats import StatsConfig, model_fingerprint, projectors, second_moments
+from .stats import StatsConfig, projectors, second_moments
 from .update import AlphaEditMethod, MemitMethod, apply_update, master_copies
 
 SolveDType = Literal["float32", "float64"]
