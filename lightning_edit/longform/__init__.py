@@ -1,0 +1,5 @@
+"""Long-form (AnyEdit) editing: requests and loaders (:mod:`.records`), chunking of answers into
+target spans from one tokenization (:mod:`.chunking`), long-form metrics (:mod:`.metrics`)."""
+
+from .records import (LONGFORM_FORMATS, LongFormRequest, detect_longform_format, is_longform_record,  # noqa: F401
+                      iter_longform_requests, load_longform, longform_records_to_requests)
