@@ -5,3 +5,5 @@ from .records import (LONGFORM_FORMATS, LongFormRequest, detect_longform_format,
                       iter_longform_requests, load_longform, longform_records_to_requests)
 from .chunking import (ChatTemplateError, ChunkingConfig, Chunks, check_fits, chunk_answer, end_text_for,  # noqa: F401
                        model_max_positions, render_question, sentence_starts)
+from .metrics import (AnswerContained, CorpusBLEU, ExactReproduction, LongFormMetrics, RougeScores,  # noqa: F401
+                      SentenceBLEU, TeacherForcedAccuracy, normalize_text, token_correct)
