@@ -9,7 +9,8 @@ from transformers import AutoTokenizer
 
 from lightning_edit.data.requests import RequestError
 from lightning_edit.longform.chunking import (ChatTemplateError, ChunkingConfig, check_fits, chunk_answer,
-                                              end_text_for, model_max_positions, render_question, sentence_starts)
+                                              end_text_for, model_max_positions, prompt_and_answer, render_question,
+                                              sentence_starts)
 from lightning_edit.longform.records import LongFormRequest, load_longform
 from lightning_edit.tokens import encode_segments
 
@@ -251,7 +252,7 @@ def test_chat_template_missing_names_the_tokenizer(tok):
 def test_check_fits_names_record_and_field(tok, samples):
     r = load_longform(str(FIXTURES / "akew_mquake_cf.json"))[1]
     n = check_fits(tok, r, max_positions=10_000)
-    assert n == len(chunk_answer(tok, r.question, r.answer).input_ids)
+    assert n == len(chunk_answer(tok, *prompt_and_answer(tok, r.question, r.answer)).input_ids)
     with pytest.raises(RequestError) as err:
         check_fits(tok, r, max_positions=n - 1)
     assert err.value.record == r.record_index and err.value.field == f"requested_rewrite[{r.extra['rewrite_index']}].fact_new_uns"
@@ -279,3 +280,17 @@ def test_model_max_positions():
         pass
 
     assert model_max_positions(NoCfg()) is None
+
+
+def test_prompt_and_answer(tok, chat_tok):
+    assert prompt_and_answer(tok, "Tell me about Bob.", "Bob is a poet.") == ("Tell me about Bob.", " Bob is a poet.")
+    assert prompt_and_answer(tok, "Question:\n", "Bob is a poet.") == ("Question:\n", "Bob is a poet.")
+    prompt, answer = prompt_and_answer(chat_tok, "Who?", "Bob.", chat_template=True)
+    assert prompt == render_question(chat_tok, "Who?") and answer == "Bob."
+    with pytest.raises(ChatTemplateError):
+        prompt_and_answer(tok, "Who?", "Bob.", chat_template=True)
+    # with the chat template the length check counts the rendered prompt and the end-of-turn token
+    req = LongFormRequest(case_id="c", question="Who?", answer="Bob is a poet.")
+    n = check_fits(chat_tok, req, 10_000, chat_template=True)
+    ch = chunk_answer(chat_tok, prompt, "Bob is a poet.", chat_template=True)
+    assert n == len(ch.input_ids) and ch.input_ids[-1] == chat_tok.convert_tokens_to_ids("<|im_end|>")

@@ -13,7 +13,7 @@ from lightning_edit.factworld.build import PRESETS, FactworldPaths
 from lightning_edit.factworld.longform import (LONGFORM_FILE, LONGFORM_SPECS, LongformSpec, ensure_longform,
                                                longform_records, write_longform)
 from lightning_edit.factworld.world import RELATION_BY_ID, build_world
-from lightning_edit.longform.chunking import ChunkingConfig, check_fits, chunk_answer
+from lightning_edit.longform.chunking import ChunkingConfig, check_fits, chunk_answer, prompt_and_answer
 from lightning_edit.longform.records import load_longform
 
 SHIPPED = Path(__file__).parents[1] / "lightning_edit" / "factworld" / "pretrained" / "default-seed0" / "model"
@@ -89,8 +89,7 @@ def test_answer_lengths_in_factworld_tokens(records, tok):
         n = len(tok(" " + r["answer"], add_special_tokens=False)["input_ids"])
         assert 100 <= n <= 250, (n, r["id"])
     for req in load_longform_records(records):
-        prompt = req.question + " "
-        ch = chunk_answer(tok, prompt, req.answer, ChunkingConfig(window=40))
+        ch = chunk_answer(tok, *prompt_and_answer(tok, req.question, req.answer), ChunkingConfig(window=40))
         assert 100 <= len(ch.answer_tokens) - 1 <= 250
         assert ch.input_ids[-1] == tok.eos_token_id
         check_fits(tok, req, max_positions)

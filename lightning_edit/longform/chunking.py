@@ -39,6 +39,7 @@ __all__ = [
     "chunk_answer",
     "end_text_for",
     "model_max_positions",
+    "prompt_and_answer",
     "render_question",
     "sentence_starts",
 ]
@@ -234,6 +235,23 @@ def end_text_for(tokenizer, chat_template: bool = False) -> str:
     return eos
 
 
+def prompt_and_answer(tokenizer, question: str, answer: str, chat_template: bool = False,
+                      system: str | None = None) -> tuple[str, str]:
+    """The prompt and the answer text as the model sees them, ready for :func:`chunk_answer`.
+
+    With ``chat_template`` the prompt is :func:`render_question` (it ends with the assistant's
+    opening, the answer follows directly). Without, the prompt is the bare question and the answer
+    gets a leading space when neither side has whitespace at the join
+    (:func:`lightning_edit.data.requests.target_text`), as running text would have it
+    (``"Tell me about X." + " X is ..."``).
+    """
+    from lightning_edit.data.requests import target_text
+
+    if chat_template:
+        return render_question(tokenizer, question, system), answer
+    return question, target_text(question, answer)
+
+
 # --------------------------------------------------------------------------------------------
 # Sentences
 # --------------------------------------------------------------------------------------------
@@ -347,7 +365,9 @@ def chunk_answer(
         tokenizer: a fast (Rust) Hugging Face tokenizer (character offsets are needed).
         prompt: the text before the answer, exactly as the model sees it (a rendered chat prompt
             for instruct models, see :func:`render_question`).
-        answer: the target answer (may already end with ``end_text``; it is not doubled).
+        answer: the target answer (may already end with ``end_text``; it is not doubled). It
+            follows ``prompt`` exactly as given: :func:`prompt_and_answer` adds the space a base
+            model expects between a question and its answer.
         config: how to chunk (default: windows of 40 tokens, no overlap).
         end_text: the text appended to the answer; ``None``: :func:`end_text_for` (the EOS token,
             or the template's end-of-turn token when ``chat_template``); ``""``: nothing.
@@ -439,8 +459,9 @@ def check_fits(
 ) -> int:
     """Raise if ``request``'s question + answer (+ end text) does not fit ``max_positions``.
 
-    Checks, each as the model will see it (rendered with the chat template when asked):
-    the question alone, question + answer + end text, and the paraphrase question.
+    Checks, each as the model will see it (:func:`prompt_and_answer`: rendered with the chat
+    template when asked): the question alone, question + answer + end text, and the paraphrase
+    question.
 
     Args:
         request: a :class:`~lightning_edit.longform.records.LongFormRequest` (anything with
@@ -463,13 +484,13 @@ def check_fits(
             return request.error(name, problem)
         return RequestError(getattr(request, "case_id", "?"), name, problem)
 
-    prompt = render_question(tokenizer, request.question, system) if chat_template else request.question
+    prompt, answer = prompt_and_answer(tokenizer, request.question, request.answer, chat_template, system)
     n_q = n_tokens(prompt)
     if n_q >= max_positions:
         raise fail("question", f"the question is {n_q} tokens; the model has {max_positions} positions")
     if end_text is None:
         end_text = end_text_for(tokenizer, chat_template)
-    answer = request.answer if (not end_text or request.answer.endswith(end_text)) else request.answer + end_text
+    answer = answer if (not end_text or answer.endswith(end_text)) else answer + end_text
     n_all = n_tokens(prompt + answer)
     if n_all > max_positions:
         raise fail(
