@@ -73,7 +73,10 @@ def reference_windows(answer_tokens: list[int], size: int, overlap: int) -> list
 
 
 def chunk_token_lists(ch) -> list[list[int]]:
-    return [list(range(a, b)) for a, b in ch.token_spans]
+    lists = [list(c) for c in ch.chunk_tokens]
+    # no zero-width tokens with these tokenizers: the token spans are the same lists
+    assert lists == [list(range(a, b)) for a, b in ch.token_spans]
+    return lists
 
 
 def ascii_only(text: str) -> bool:
@@ -123,6 +126,11 @@ def test_spans_agree_with_encode_segments(tok, samples, mode):
         assert got == chunk_token_lists(ch)
         assert enc.anchor_pos[0, : len(ch)].tolist() == list(ch.anchors)
         assert enc.input_ids[0, : len(ch.input_ids)].tolist() == list(ch.input_ids)
+        # behind a context prefix the same characters are the targets
+        prefix = "The old man walked to the station in the rain. "
+        enc_p = encode_segments(tok, [ch.segment(prefix)])
+        texts = [tok.decode(enc_p.input_ids[0, x].tolist()) for x in enc_p.target_tokens[0]]
+        assert texts == [tok.decode([ch.input_ids[t] for t in c]) for c in ch.chunk_tokens]
 
 
 def test_multibyte_characters_are_never_split(tok, samples):

@@ -182,3 +182,21 @@ def test_validate_direct_construction():
     # raw field names carry through
     r = LongFormRequest(case_id="c", question="Q", answer="A", raw_fields={"answer": "requested_rewrite[0].fact_new_uns"})
     assert r.error("answer", "too long").field == "requested_rewrite[0].fact_new_uns"
+
+
+def test_csv_through_datasets_with_literal_list_columns(tmp_path):
+    """CSV cannot hold lists: UnKEBench's list columns come as Python literals and are parsed."""
+    import csv
+
+    records = raw(UNKE)[:4]
+    path = tmp_path / "unke.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(records[0]))
+        w.writeheader()
+        for r in records:
+            w.writerow({**r, "sub_question": str(r["sub_question"]), "sub_answer": str(r["sub_answer"])})
+    requests = load_longform(str(path), cache_dir=str(tmp_path / "cache"))
+    assert [r.source_format for r in requests] == ["unkebench"] * 4
+    for rec, req in zip(records, requests):
+        assert req.answer == rec["answer"] and req.sub_questions == tuple(rec["sub_question"])
+        assert req.sub_answers == tuple(rec["sub_answer"]) and req.case_id == str(rec["id"])

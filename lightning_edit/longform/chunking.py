@@ -106,6 +106,9 @@ class Chunks:
             tokens are those ending in ``(start, end]``; ``spans[0][0] == prompt_end``,
             ``spans[-1][1] == len(text)``. Without overlap consecutive spans touch.
         token_spans: per chunk, token indices ``[first, last + 1)`` in :attr:`input_ids`.
+        chunk_tokens: per chunk, its target token indices (those of ``token_spans`` less any
+            zero-width token a tokenizer may emit inside the answer), exactly what
+            :func:`lightning_edit.tokens.encode_segments` finds from :attr:`spans`.
         anchors: per chunk, the token whose output predicts the chunk's first token
             (``token_spans[k][0] - 1``).
         input_ids: the token ids of :attr:`text` (with the special tokens the tokenizer adds
@@ -120,6 +123,7 @@ class Chunks:
     end_text: str
     spans: tuple[tuple[int, int], ...]
     token_spans: tuple[tuple[int, int], ...]
+    chunk_tokens: tuple[tuple[int, ...], ...]
     anchors: tuple[int, ...]
     input_ids: tuple[int, ...]
     offsets: tuple[tuple[int, int], ...]
@@ -130,19 +134,23 @@ class Chunks:
 
     @property
     def answer_tokens(self) -> tuple[int, ...]:
-        """Token indices of the answer (and the end token), in order, without repeats."""
-        return tuple(range(self.token_spans[0][0], self.token_spans[-1][1]))
+        """Target token indices of the answer (and the end token), in order, without repeats."""
+        return tuple(sorted({t for c in self.chunk_tokens for t in c}))
 
     def chunk_texts(self) -> list[str]:
         """The text of each chunk (its span of :attr:`text`)."""
         return [self.text[s:e] for s, e in self.spans]
 
-    def segment(self):
-        """The :class:`lightning_edit.tokens.Segment` of this text: one target per chunk,
-        each anchored at the token before its first token."""
+    def segment(self, prefix: str = ""):
+        """The :class:`lightning_edit.tokens.Segment` of ``prefix + text``: one target per chunk
+        (spans shifted by ``len(prefix)``), each anchored at the token before its first token.
+        With a prefix (a context prefix) the text is tokenized anew by the encoder; the chunks keep
+        their characters."""
         from lightning_edit.tokens import Segment
 
-        return Segment(text=self.text, targets=list(self.spans), anchors=[None] * len(self.spans))
+        k = len(prefix)
+        return Segment(text=prefix + self.text, targets=[(a + k, b + k) for a, b in self.spans],
+                       anchors=[None] * len(self.spans))
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,9 +410,6 @@ def chunk_answer(
         raise ValueError(f"the answer has no tokens after the prompt in {text[-80:]!r}")
     if answer_toks[0] == 0:
         raise ValueError("the answer starts the sequence (empty prompt and no BOS): no token predicts its first token")
-    if answer_toks != list(range(answer_toks[0], answer_toks[-1] + 1)):
-        # a zero-width token inside the answer: it stays in the sequence but is never a target
-        pass
     if end_text:
         last_s, last_e = offsets[answer_toks[-1]]
         if text[last_s:last_e] != end_text and not text[last_s:last_e].endswith(end_text):
@@ -419,15 +424,16 @@ def chunk_answer(
         boundaries = [prompt_end + s for s in sentence_starts(text[prompt_end:answer_end], cfg.language)]
         ranges = _sentence_groups(ends, boundaries, cfg)
 
-    spans, token_spans, anchors = [], [], []
+    spans, token_spans, chunk_tokens, anchors = [], [], [], []
     for a, b in ranges:
         start = prompt_end if a == 0 else ends[a - 1]
         spans.append((start, ends[b - 1]))
         token_spans.append((answer_toks[a], answer_toks[b - 1] + 1))
+        chunk_tokens.append(tuple(answer_toks[a:b]))
         anchors.append(answer_toks[a] - 1)
     return Chunks(
         text=text, prompt_end=prompt_end, answer_end=answer_end, end_text=end_text or "",
-        spans=tuple(spans), token_spans=tuple(token_spans), anchors=tuple(anchors),
+        spans=tuple(spans), token_spans=tuple(token_spans), chunk_tokens=tuple(chunk_tokens), anchors=tuple(anchors),
         input_ids=tuple(ids), offsets=tuple(offsets), add_special_tokens=add_special_tokens,
     )
 
