@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from lightning_edit.data.requests import RequestError
-from lightning_edit.longform.chunking import (ChatTemplateError, ChunkingConfig, check_fits, chunk_answer,
+from lightning_edit.longform.chunking import (ChatTemplateError, ChunkingConfig, check_all_fit, check_fits, chunk_answer,
                                               end_text_for, model_max_positions, prompt_and_answer, render_question,
                                               sentence_starts)
 from lightning_edit.longform.records import LongFormRequest, load_longform
@@ -302,3 +302,14 @@ def test_prompt_and_answer(tok, chat_tok):
     n = check_fits(chat_tok, req, 10_000, chat_template=True)
     ch = chunk_answer(chat_tok, prompt, "Bob is a poet.", chat_template=True)
     assert n == len(ch.input_ids) and ch.input_ids[-1] == chat_tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_check_all_fit_stops_at_the_first_too_long(tok):
+    reqs = load_longform(str(FIXTURES / "editeverything.json"))[:6]
+    lengths = check_all_fit(tok, reqs, 100_000)
+    assert len(lengths) == 6
+    cut = sorted(lengths)[-2]  # the longest record no longer fits
+    longest = max(range(6), key=lambda i: lengths[i])
+    with pytest.raises(RequestError) as err:
+        check_all_fit(tok, reqs, cut)
+    assert err.value.record == reqs[longest].record_index and err.value.field == "answer"

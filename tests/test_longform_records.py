@@ -200,3 +200,12 @@ def test_csv_through_datasets_with_literal_list_columns(tmp_path):
     for rec, req in zip(records, requests):
         assert req.answer == rec["answer"] and req.sub_questions == tuple(rec["sub_question"])
         assert req.sub_answers == tuple(rec["sub_answer"]) and req.case_id == str(rec["id"])
+
+
+def test_requests_hash_and_pickle():
+    import pickle
+
+    reqs = load_longform(str(AKEW))[:5]
+    assert len({hash(r) for r in reqs}) == 5
+    back = pickle.loads(pickle.dumps(reqs))
+    assert back == reqs and back[0].extra == reqs[0].extra and back[0].raw_fields == reqs[0].raw_fields

@@ -35,6 +35,7 @@ __all__ = [
     "ChatTemplateError",
     "ChunkingConfig",
     "Chunks",
+    "check_all_fit",
     "check_fits",
     "chunk_answer",
     "end_text_for",
@@ -511,3 +512,11 @@ def check_fits(
         if n_p >= max_positions:
             raise fail("paraphrase_question", f"the paraphrase question is {n_p} tokens; the model has {max_positions} positions")
     return n_all
+
+
+def check_all_fit(tokenizer, requests, max_positions: int, chat_template: bool = False, system: str | None = None,
+                  end_text: str | None = None, add_special_tokens: bool = True) -> list[int]:
+    """:func:`check_fits` for every request, in order, before anything is edited; returns their
+    token counts. Raises on the first request that does not fit."""
+    return [check_fits(tokenizer, r, max_positions, chat_template, system, end_text, add_special_tokens) for r in requests]
+
