@@ -160,7 +160,7 @@ class ClosedFormUpdate(L.Callback):
             # rb / res are None on a process with no request of this batch (it still joins the gathers)
             pl_module.adapter, rb, None if res is None else res.z_target, pl_module.layers, self.method,
             gather=lambda t: pl_module.gather_rows(t, len(edit_batch.requests)), max_rows=pl_module.max_rows,
-            master=self.master, record=tensors,
+            master=self.master, record=tensors, context=pl_module.update_context,
             # every process applies rank 0's update: processes can never drift apart
             broadcast=(lambda obj: trainer.strategy.broadcast(obj, src=0)) if world > 1 else None,
             on_record=lambda t, inf: pl_module.ledger.append(

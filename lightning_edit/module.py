@@ -20,6 +20,7 @@ from .arch import ModelAdapter
 from .data.datamodule import EditBatch
 from .data.requests import EditRequest
 from .ledger import EditLedger
+from .longform.edit import LongFormConfig, build_longform_batch, is_longform
 from .residuals import ResidualConfig, build_residual_batch, optimize_residuals
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -95,6 +96,9 @@ class EditModule(L.LightningModule):
         eval_batch_size: (prompt, target) pairs per forward in evaluation.
         max_rows_per_forward: split forward passes into micro-batches of at most this many rows
             (bounds memory on large models; 0 = whole batch at once).
+        longform: long-form (AnyEdit) settings, used when the stream holds long-form requests:
+            chunking, single_anchor, context_keys, context_prefixes, max_new_tokens (see
+            :class:`lightning_edit.longform.edit.LongFormConfig`).
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class EditModule(L.LightningModule):
         eval_every: int = 0,
         eval_batch_size: int = 64,
         max_rows_per_forward: int = 0,
+        longform: LongFormConfig | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -123,6 +128,10 @@ class EditModule(L.LightningModule):
             raise ValueError(f"layers must be a non-empty list of distinct indices, got {layers}")
         self.residual_cfg = residual if isinstance(residual, ResidualConfig) else ResidualConfig(**residual)
         self.residual_cfg.max_rows_per_forward = self.residual_cfg.max_rows_per_forward or max_rows_per_forward
+        if longform is None or isinstance(longform, dict):
+            longform = LongFormConfig(**(longform or {}))
+        self.longform_cfg = longform
+        self._pending_longform = False
         self.n_prefixes, self.prefix_length, self.seed = context_prefixes, context_length, seed
         self.eval_every, self.eval_batch_size, self.max_rows = eval_every, eval_batch_size, max_rows_per_forward
         self._templates = (layer_template, mlp_down_template)
@@ -237,6 +246,11 @@ class EditModule(L.LightningModule):
         limit = self.max_positions()
         if limit is None or not requests:
             return
+        if is_longform(requests):
+            from .longform.chunking import check_all_fit
+
+            check_all_fit(self.tokenizer, requests, limit, getattr(self, "chat_template", False), getattr(self, "system_prompt", None))
+            return
         # a generated prefix is a start word + context_length sampled tokens + ". " (re-tokenized:
         # bounded by its length in tokens plus a margin for the start word and the period)
         pre = (self.prefix_length + max(len(self.tokenizer(w, add_special_tokens=False)["input_ids"]) for w in PREFIX_STARTS) + 3
@@ -290,9 +304,22 @@ class EditModule(L.LightningModule):
 
     # ---- editing ---------------------------------------------------------------------------
     def compute_residuals(self, requests: Sequence[EditRequest]):
-        """Encode and optimize the residual vectors of ``requests`` (one padded batch)."""
-        rb = build_residual_batch(self.tokenizer, requests, self.ensure_prefixes(), self.residual_cfg.anchor, kl=self.residual_cfg.kl_factor > 0)
+        """Encode and optimize the residual vectors of ``requests`` (one padded batch): one per
+        fact, or one per chunk of each long-form answer (``residual.mode`` joint or autoregressive)."""
+        self._pending_longform = is_longform(requests)
+        if self._pending_longform:
+            cfg = self.longform_cfg
+            rb, _ = build_longform_batch(self.tokenizer, requests, cfg, self.ensure_prefixes() if cfg.context_prefixes else (),
+                                         chat_template=getattr(self, "chat_template", False), system=getattr(self, "system_prompt", None))
+        else:
+            rb = build_residual_batch(self.tokenizer, requests, self.ensure_prefixes(), self.residual_cfg.anchor, kl=self.residual_cfg.kl_factor > 0)
         return rb, optimize_residuals(self.adapter, rb, self.layers[-1], self.residual_cfg)
+
+    @property
+    def update_context(self) -> bool:
+        """Whether the pending batch's update keeps the other positions of its texts in place
+        (AnyEdit's zero-residual rows; long-form batches with ``longform.context_keys``)."""
+        return self._pending_longform and self.longform_cfg.context_keys
 
     def training_step(self, batch: EditBatch, batch_idx: int):
         mine = self.shard(batch.requests)
@@ -326,9 +353,18 @@ class EditModule(L.LightningModule):
         was = self.lm.training
         self.lm.eval()
         with torch.no_grad():
-            out = evaluate_requests(self.lm, self.tokenizer, list(requests), batch_size=self.eval_batch_size)
+            if requests and is_longform(requests):
+                out = self.evaluate_longform(requests)
+            else:
+                out = evaluate_requests(self.lm, self.tokenizer, list(requests), batch_size=self.eval_batch_size)
         self.lm.train(was)
         return out
+
+    def evaluate_longform(self, requests, return_texts: bool = False):
+        from .longform.edit import evaluate_longform
+
+        return evaluate_longform(self.lm, self.tokenizer, list(requests), self.longform_cfg, getattr(self, "chat_template", False),
+                                 getattr(self, "system_prompt", None), batch_size=min(self.eval_batch_size, 32), return_texts=return_texts)
 
     def log_edit_metrics(self, metrics: dict[str, float], prefix: str = "") -> None:
         """Log metrics as curves against the number of edits applied."""
@@ -356,11 +392,14 @@ class EditModule(L.LightningModule):
     def _finish_eval(self) -> None:
         from .evaluate import make_edit_metrics, update_edit_metrics
 
-        # every process updates its shard; compute() sums the states across processes
-        metrics = make_edit_metrics("all").to(self.device_)
-        with torch.no_grad():
-            update_edit_metrics(metrics, self.lm, self.tokenizer, self._val_requests, batch_size=self.eval_batch_size)
-        results = {k: float(m.compute()) for k, m in metrics.items()}
+        if self._val_requests and is_longform(self._val_requests):
+            results = self.evaluate(self._val_requests)
+        else:
+            # every process updates its shard; compute() sums the states across processes
+            metrics = make_edit_metrics("all").to(self.device_)
+            with torch.no_grad():
+                update_edit_metrics(metrics, self.lm, self.tokenizer, self._val_requests, batch_size=self.eval_batch_size)
+            results = {k: float(m.compute()) for k, m in metrics.items()}
         results = {k: v for k, v in results.items() if not math.isnan(v)}  # families without data
         self.last_eval = results
         in_fit = self._trainer is not None and self.trainer.state.fn == "fit"

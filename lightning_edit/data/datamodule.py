@@ -88,13 +88,38 @@ class _StreamBatchSampler(Sampler[list[int]]):
         return self.num_batches - self.start
 
 
+LONGFORM_FORMATS_ALIASES = ("unkebench", "editeverything", "akew", "longform", "generic")
+
+
+def _requests(records: list, fmt: str, start_index: int) -> list:
+    """Fact requests, or long-form ones (AnyEdit) for ``format`` unkebench / editeverything /
+    akew (the long ``fact_new_uns`` answers) / longform (any of them, or generic
+    ``{prompt|question, answer}``); ``auto`` reads records with an ``answer`` and no fact fields
+    (UnKEBench, EditEverything, generic) as long-form, everything else (MQuAKE / AKEW included)
+    as facts."""
+    from lightning_edit.longform.records import detect_longform_format, iter_longform_requests
+
+    if fmt in LONGFORM_FORMATS_ALIASES:
+        return list(iter_longform_requests(records, "auto" if fmt == "longform" else fmt, start_index=start_index))
+    first = records[0] if records else None
+    if fmt == "auto" and isinstance(first, dict) and "answer" in first and not {"requested_rewrite", "target_new", "src", "answers"} & set(first):
+        try:
+            detect_longform_format(records[0], start_index)
+        except ValueError:
+            pass
+        else:
+            return list(iter_longform_requests(records, "auto", start_index=start_index))
+    return list(iter_requests(records, fmt, start_index=start_index))
+
+
 def stream_fingerprint(requests: Sequence[EditRequest]) -> str:
     """SHA-1 over each request's ``(case_id, prompt, subject, target_new)``, in order: two
     streams with the same size and batch size but other facts (another offset, an edited file)
     get different fingerprints."""
     digest = hashlib.sha1()
     for r in requests:
-        digest.update("\x1f".join((r.case_id, r.prompt, r.subject, r.target_new)).encode("utf-8"))
+        fields = (r.case_id, r.prompt, r.subject, r.target_new) if isinstance(r, EditRequest) else (r.case_id, r.question, r.answer)
+        digest.update("\x1f".join(fields).encode("utf-8"))
         digest.update(b"\x1e")
     return digest.hexdigest()
 
@@ -199,7 +224,9 @@ class EditDataModule(L.LightningDataModule):
     Args:
         dataset: a local .json / .jsonl / .parquet / .csv file or directory, ``factworld:<preset>/counterfact`` (or ``/zsre``), or a hub dataset id
             (see :func:`lightning_edit.data.sources.load_records`).
-        format: record format: auto (detect per record), counterfact, counterfact_flat or zsre.
+        format: record format: auto (detect per record), counterfact, counterfact_flat, zsre, or
+            long-form (AnyEdit): unkebench, editeverything, akew (the long ``fact_new_uns``
+            answers of AKEW records, which ``auto`` reads as MQuAKE facts), longform (any).
         split: split to read from a directory or a hub dataset.
         data_files: files to read, relative to a directory ``dataset``.
         batch_size: edits per sequential batch (one weight update each).
@@ -269,7 +296,7 @@ class EditDataModule(L.LightningDataModule):
         # is kept or dropped whole
         stop = None if self.limit is None else self.offset + self.limit
         window = list(itertools.islice(records, self.offset, stop))
-        self.requests = list(iter_requests(window, self.format, start_index=self.offset))
+        self.requests = list(_requests(window, self.format, self.offset))
         if not self.requests:
             raise ValueError(
                 f"no edit requests in {self.dataset!r} (split {self.split!r}) after offset={self.offset}, "

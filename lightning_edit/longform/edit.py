@@ -1,0 +1,144 @@
+"""Long-form (AnyEdit) editing on the shared engine: requests -> chunks -> one residual vector per
+chunk -> the same MEMIT / AlphaEdit update; and the long-form evaluation.
+
+Plain functions (no Lightning): the module, the report and the notebook API call them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..residuals import ResidualBatch, build_chunked_batch
+from .chunking import ChunkingConfig, Chunks, chunk_answer, prompt_and_answer
+from .records import LongFormRequest
+
+
+@dataclass
+class LongFormConfig:
+    """How long-form requests are edited and evaluated.
+
+    Args:
+        chunking: how answers are cut (``mode: window | sentence``, ``window``, ``overlap``,
+            ``min_tokens``, ``max_tokens``); see :class:`ChunkingConfig`.
+        single_anchor: edit each answer as ONE chunk with one residual vector at the prompt's last
+            token (the plain MEMIT / AlphaEdit way; the comparison AnyEdit is measured against).
+        context_keys: AnyEdit's zero-residual rows: the update also keeps the keys at the other
+            positions of the edited texts where they are (measured: a 4-chunk answer is reproduced
+            with them and not without, tests/test_longform_engine.py).
+        context_prefixes: prepend the module's generated context prefixes to long-form rows too
+            (the AnyEdit reference does not).
+        max_new_tokens: greedy generation length for evaluation; 0 = the target's token count + 8.
+        eval_paraphrase: also generate from the paraphrased question where a record has one.
+    """
+
+    chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
+    single_anchor: bool = False
+    context_keys: bool = True
+    context_prefixes: bool = False
+    max_new_tokens: int = 0
+    eval_paraphrase: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.chunking, dict):
+            self.chunking = ChunkingConfig(**self.chunking)
+        self.chunking.validate()
+        if self.max_new_tokens < 0:
+            raise ValueError(f"longform.max_new_tokens must be >= 0, got {self.max_new_tokens}")
+
+
+def is_longform(requests: Sequence) -> bool:
+    """True when the requests are long-form; a mix of long-form and fact requests is an error."""
+    kinds = {isinstance(r, LongFormRequest) for r in requests}
+    if len(kinds) > 1:
+        raise ValueError("a batch mixes long-form and single-fact requests; edit them in separate streams")
+    return kinds == {True}
+
+
+def chunk_requests(tokenizer, requests: Sequence[LongFormRequest], cfg: LongFormConfig, chat_template: bool = False,
+                   system: str | None = None) -> list[Chunks]:
+    """Each request's prompt + answer (+ end text) cut into chunks from one tokenization.
+    ``single_anchor``: one chunk = the whole answer."""
+    out = []
+    chunking = cfg.chunking
+    if cfg.single_anchor:
+        chunking = ChunkingConfig(mode="window", window=1_000_000)
+    for r in requests:
+        prompt, answer = prompt_and_answer(tokenizer, r.question, r.answer, chat_template, system)
+        out.append(chunk_answer(tokenizer, prompt, answer, chunking, chat_template=chat_template))
+    return out
+
+
+def build_longform_batch(tokenizer, requests: Sequence[LongFormRequest], cfg: LongFormConfig, prefixes: Sequence[str] = (),
+                         chat_template: bool = False, system: str | None = None) -> tuple[ResidualBatch, list[Chunks]]:
+    """The residual batch of long-form requests: one row per request (and context prefix when
+    ``cfg.context_prefixes``), one anchor and residual vector per chunk."""
+    chunks = chunk_requests(tokenizer, requests, cfg, chat_template, system)
+    batch = build_chunked_batch(tokenizer, [(c.text, c.spans) for c in chunks], prefixes if cfg.context_prefixes else ())
+    return batch, chunks
+
+
+@torch.no_grad()
+def evaluate_longform(model: nn.Module, tokenizer, requests: Sequence[LongFormRequest], cfg: LongFormConfig,
+                      chat_template: bool = False, system: str | None = None, batch_size: int = 16,
+                      return_texts: bool = False):
+    """Greedy generation from each question (and paraphrase) against the target answer:
+    ROUGE-1/2/L (F1 and recall), BLEU-4, exact reproduction; teacher-forced token accuracy on
+    the target; sub-question answers (UnKEBench) and multi-hop answers (AKEW) where present.
+    Keys are ``longform/...``. With ``return_texts`` also the generations."""
+    from ..scoring import greedy_generate
+    from .chunking import end_text_for
+    from .metrics import AnswerContained, LongFormMetrics, TeacherForcedAccuracy, token_correct
+
+    requests = list(requests)
+    if not requests:
+        return ({}, []) if return_texts else {}
+    end = end_text_for(tokenizer, chat_template)
+    pa = [prompt_and_answer(tokenizer, r.question, r.answer, chat_template, system) for r in requests]
+    lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for _, a in pa]
+    max_new = cfg.max_new_tokens or (max(lengths) + 8)
+    gens = greedy_generate(model, tokenizer, [p for p, _ in pa], max_new_tokens=max_new, batch_size=batch_size)
+    main = LongFormMetrics()
+    main.update([g.strip() for g in gens], [a.strip() for _, a in pa])
+    out = {f"longform/{k}": float(v) for k, v in main.compute().items()}
+    para = [(i, r) for i, r in enumerate(requests) if r.paraphrase_question] if cfg.eval_paraphrase else []
+    para_gens: list[str] = []
+    if para:
+        pp = [prompt_and_answer(tokenizer, r.paraphrase_question, r.answer, chat_template, system) for _, r in para]
+        para_gens = greedy_generate(model, tokenizer, [p for p, _ in pp], max_new_tokens=max_new, batch_size=batch_size)
+        pm = LongFormMetrics()
+        pm.update([g.strip() for g in para_gens], [a.strip() for _, a in pp])
+        out.update({f"longform/paraphrase_{k}": float(v) for k, v in pm.compute().items()})
+    # teacher-forced token accuracy of the answer (and end text) given the prompt
+    acc = TeacherForcedAccuracy()
+    device = next(model.parameters()).device
+    for (p, a), r in zip(pa, requests):
+        c = chunk_answer(tokenizer, p, a, ChunkingConfig(mode="window", window=1_000_000), end_text=end, chat_template=chat_template)
+        ids = torch.tensor([c.input_ids], device=device)
+        logits = model(input_ids=ids, use_cache=False).logits[0]
+        acc.update(token_correct(logits, ids[0], list(c.answer_tokens)).cpu())
+    out["longform/token_accuracy"] = float(acc.compute())
+    subs = [(q, a) for r in requests for q, a in zip(r.sub_questions, r.sub_answers)]
+    if subs:
+        sm = AnswerContained()
+        sg = greedy_generate(model, tokenizer, [prompt_and_answer(tokenizer, q, "", chat_template, system)[0] for q, _ in subs],
+                             max_new_tokens=32, batch_size=batch_size)
+        sm.update(sg, [a for _, a in subs])
+        out["longform/sub_question_accuracy"] = float(sm.compute())
+    hops = [(q, [r.multihop_answer, *r.multihop_answer_aliases]) for r in requests for q in r.multihop_questions if r.multihop_answer]
+    if hops:
+        hm = AnswerContained()
+        hg = greedy_generate(model, tokenizer, [prompt_and_answer(tokenizer, q, "", chat_template, system)[0] for q, _ in hops],
+                             max_new_tokens=32, batch_size=batch_size)
+        hm.update(hg, [a for _, a in hops])
+        out["longform/multihop_accuracy"] = float(hm.compute())
+    if not return_texts:
+        return out
+    texts = [{"case_id": r.case_id, "question": r.question, "target": a.strip(), "generation": g.strip()}
+             for r, (_, a), g in zip(requests, pa, gens)]
+    for (i, _), g in zip(para, para_gens):
+        texts[i]["paraphrase_generation"] = g.strip()
+    return out, texts
