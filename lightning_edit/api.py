@@ -31,7 +31,8 @@ METHODS = {"alphaedit": AlphaEdit, "memit": MEMIT}
 
 def _as_requests(requests: Sequence[EditRequest | Mapping[str, Any]], seen: Mapping[str, Any] = (), start: int = 0) -> list[EditRequest]:
     """Validate a batch through the file loader (:func:`records_to_requests`): records of any
-    supported format (CounterFact nested / flat, ZsRE), including the flat shape
+    supported format (CounterFact nested / flat, ZsRE; long-form ``{question, answer}``,
+    UnKEBench, EditEverything, or :class:`LongFormRequest` objects), including the flat shape
     ``{prompt, subject, target_new, target_true | ground_truth[, paraphrase_prompts | rephrase_prompt,
     locality | locality_prompt + locality_ground_truth]}`` whose prompt has ``{}`` for the subject
     or the subject written out, or :class:`EditRequest` objects. Duplicate ``case_id`` s (within the
@@ -40,12 +41,16 @@ def _as_requests(requests: Sequence[EditRequest | Mapping[str, Any]], seen: Mapp
     ``case_id``, as the CLI names them by their position in the stream."""
     if isinstance(requests, (Mapping, EditRequest, str)):
         raise TypeError("pass a list of requests (records or EditRequest objects), not a single one")
-    out: list[EditRequest] = []
+    from .data.datamodule import _requests
+    from .longform.records import LongFormRequest
+
+    out: list = []
     for i, r in enumerate(requests):
-        if isinstance(r, EditRequest):
+        if isinstance(r, (EditRequest, LongFormRequest)):
             out.append(r.validate())
         else:
-            out.extend(records_to_requests([r], start_index=start + i))
+            # long-form records ({question|prompt, answer}, UnKEBench, EditEverything) or facts
+            out.extend(_requests([r], "auto", start + i))
     first: dict[str, int] = {}
     for i, r in enumerate(out):
         rec = r.record_index if r.record_index >= 0 else start + i
@@ -146,7 +151,7 @@ class Editor:
         rb, res = self.module.compute_residuals(reqs)
         ledger, cb = self.module.ledger, self.callback
         info = apply_update(self.module.adapter, rb, res.z_target, self.module.layers, cb.method,
-                            max_rows=self.module.max_rows, master=cb.master, record={},
+                            max_rows=self.module.max_rows, master=cb.master, record={}, context=self.module.update_context,
                             on_record=lambda t, inf: ledger.append(cb.batch_record(ledger.position, [r.case_id for r in reqs], inf, t)))
         applied.extend(reqs)
         info.update({"z/loss": float(res.loss.mean()), "z/nll": float(res.nll.mean())})

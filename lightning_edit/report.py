@@ -48,14 +48,22 @@ class EditReport(L.Callback):
         n_generation: requests whose generation prompts are sampled for fluency/consistency (0 = off).
         max_new_tokens: generation length.
         seed: sampling seed for probes and generation requests.
+        single_anchor_baseline: long-form streams: also edit the same requests, batch for
+            batch, on a fresh copy of the base model with ONE residual vector per answer at the
+            prompt's last token (the plain MEMIT / AlphaEdit way) and report its
+            ``single_anchor_rouge_l`` beside AnyEdit's.
+        n_text_samples: long-form streams: requests whose question, target and generations
+            before / after go to TensorBoard and ``summary.md``.
     """
 
     def __init__(self, probes: str | None = None, n_probes: int = 1000, perplexity_corpus: str | None = None,
                  n_perplexity: int = 200, references: str | None = None, n_generation: int = 50,
-                 max_new_tokens: int = 30, seed: int = 0):
+                 max_new_tokens: int = 30, seed: int = 0, single_anchor_baseline: bool = True, n_text_samples: int = 3):
         self.probes_spec, self.n_probes = probes, n_probes
         self.ppl_spec, self.n_ppl = perplexity_corpus, n_perplexity
         self.refs_spec, self.n_generation, self.max_new_tokens, self.seed = references, n_generation, max_new_tokens, seed
+        self.single_anchor_baseline, self.n_text_samples = single_anchor_baseline, n_text_samples
+        self.text_before: list[dict] = []
         self.baseline: torch.Tensor | None = None
         self.ppl_before: float | None = None
         self._module: EditModule | None = None
@@ -117,6 +125,11 @@ class EditReport(L.Callback):
         if self.baseline is None:
             self.baseline = self.fingerprint(pl_module)
             self.ppl_before = self.perplexity(pl_module)
+            dm = getattr(trainer, "datamodule", None)
+            reqs = list(getattr(dm, "requests", []) or [])[: self.n_text_samples]
+            if reqs and _is_longform(reqs):
+                _, texts = pl_module.evaluate_longform(reqs, return_texts=True)
+                self.text_before = [{"question": t["question"], "target": t["target"], "before": t["generation"]} for t in texts]
         self._t0 = time.time()
 
     def on_train_batch_end(self, trainer, pl_module: EditModule, outputs, batch, batch_idx) -> None:
@@ -136,12 +149,14 @@ class EditReport(L.Callback):
     def state_dict(self) -> dict:
         # the curves live in the module's edit ledger (checkpointed with it); here only what the
         # report measured on the unedited model, and the stream time so far
-        return {"baseline": self.baseline, "ppl_before": self.ppl_before, "elapsed_s": self.elapsed()}
+        return {"baseline": self.baseline, "ppl_before": self.ppl_before, "elapsed_s": self.elapsed(),
+                "text_before": json.dumps(self.text_before)}
 
     def load_state_dict(self, state: dict) -> None:
         self.baseline = state.get("baseline")
         self.ppl_before = state.get("ppl_before")
         self._elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.text_before = json.loads(state.get("text_before", "[]"))
 
     def on_fit_end(self, trainer, pl_module: EditModule) -> None:
         from .evaluate import evaluate_generation
@@ -149,6 +164,8 @@ class EditReport(L.Callback):
         dm = trainer.datamodule
         edited = list(dm.requests[: pl_module.num_edits]) if dm is not None else list(pl_module.edit_history)
         first = edited[: getattr(dm, "batch_size", len(edited))]
+        if edited and _is_longform(edited):
+            return self._longform_end(trainer, pl_module, edited, first)
         final = dict(pl_module.last_eval) if getattr(pl_module, "last_eval", None) else pl_module.evaluate(edited)
         s: dict = {"method": getattr(trainer, "_edit_method", None) or _method_name(trainer), "num_edits": pl_module.num_edits}
         for key in ("efficacy", "generalization", "specificity", "margin"):
@@ -180,6 +197,102 @@ class EditReport(L.Callback):
             write_summary(out, s, _merge_history([], pl_module.stream_history, s))
             print("\n" + summary_markdown(s))
             print(f"summary written to {out}/summary.md, summary.json, summary.png")
+
+
+    # ---- long-form streams ------------------------------------------------------------------
+    def _longform_end(self, trainer, pl_module: EditModule, edited: list, first: list) -> None:
+        final, texts = pl_module.evaluate_longform(edited, return_texts=True)
+        cfg = pl_module.longform_cfg
+        s: dict = {"method": getattr(trainer, "_edit_method", None) or _method_name(trainer), "num_edits": pl_module.num_edits,
+                   "mode": "single_anchor" if cfg.single_anchor else pl_module.residual_cfg.mode}
+        for key in ("rouge_l", "rouge_l_recall", "rouge1", "rouge2", "bleu", "exact_match", "token_accuracy",
+                    "sub_question_accuracy", "multihop_accuracy"):
+            if f"longform/{key}" in final:
+                s[key] = final[f"longform/{key}"]
+        for key in ("rouge_l", "bleu", "exact_match"):
+            if f"longform/paraphrase_{key}" in final:
+                s[f"{key}_paraphrase"] = final[f"longform/paraphrase_{key}"]
+        s["first_batch_rouge_l"] = pl_module.evaluate_longform(first).get("longform/rouge_l")
+        s["retention"] = self.retention(pl_module)
+        s["perplexity_before"], s["perplexity_after"] = self.ppl_before, self.perplexity(pl_module)
+        s["wall_time_s"] = round(self.elapsed(), 1)
+        if self.single_anchor_baseline and not cfg.single_anchor:
+            t0 = time.time()
+            s["single_anchor_rouge_l"] = single_anchor_rouge_l(trainer, pl_module, edited, getattr(trainer.datamodule, "batch_size", len(edited)))
+            s["single_anchor_wall_time_s"] = round(time.time() - t0, 1)
+        s = {k: v for k, v in s.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        self.summary = s
+        before = {t["question"]: t["before"] for t in self.text_before}
+        samples = [dict(t, before=before.get(t["question"])) for t in texts[: self.n_text_samples]]
+        out = Path(trainer.log_dir or trainer.default_root_dir)
+        if trainer.is_global_zero:
+            pl_module.log_edit_metrics({f"longform/{k}": v for k, v in s.items() if isinstance(v, float)})
+            exp = getattr(pl_module.logger, "experiment", None) if pl_module.logger is not None else None
+            if exp is not None and hasattr(exp, "add_text"):
+                for i, t in enumerate(samples):
+                    exp.add_text(f"longform/sample_{i}", longform_samples_markdown([t]), global_step=pl_module.num_edits)
+            write_summary(out, s, _merge_history([], pl_module.stream_history, s))
+            with open(out / "summary.md", "a") as f:
+                f.write("\n" + longform_samples_markdown(samples))
+            data = json.loads((out / "summary.json").read_text())
+            data["samples"] = samples
+            (out / "summary.json").write_text(json.dumps(data, indent=1))
+            print("\n" + summary_markdown(s))
+            print(f"summary written to {out}/summary.md, summary.json")
+
+
+def _is_longform(requests) -> bool:
+    from .longform.edit import is_longform
+
+    return is_longform(requests)
+
+
+def longform_samples_markdown(samples: list[dict]) -> str:
+    """Question, target and generations before / after the edits, as Markdown."""
+    out = ["## Samples", ""]
+    for t in samples:
+        out += [f"**Question:** {t['question']}", "", f"**Target:** {t['target']}", ""]
+        if t.get("before") is not None:
+            out += [f"**Before:** {t['before']}", ""]
+        out += [f"**After:** {t['generation']}", ""]
+        if t.get("paraphrase_generation"):
+            out += [f"**After (paraphrased question):** {t['paraphrase_generation']}", ""]
+    return "\n".join(out)
+
+
+def single_anchor_rouge_l(trainer, pl_module: EditModule, requests: list, batch_size: int) -> float | None:
+    """The same long-form requests edited batch for batch on a fresh copy of the base model,
+    with one residual vector per answer at the prompt's last token and the same method
+    (statistics, projector, L2 / lam, a fresh ``K_p K_p^T``): the plain MEMIT / AlphaEdit way.
+    Returns its ROUGE-L F1 (``None`` when the base model cannot be reloaded by name)."""
+    import copy
+    import dataclasses
+
+    from .arch import ModelAdapter
+    from .longform.edit import LongFormConfig, build_longform_batch, evaluate_longform
+    from .module import load_pretrained
+    from .residuals import optimize_residuals
+    from .update import AlphaEditMethod, apply_update
+
+    cb = next((c for c in trainer.callbacks if getattr(c, "method", None) is not None), None)
+    if cb is None or not isinstance(pl_module.model_name, str):
+        return None
+    p = next(pl_module.lm.parameters())
+    model, _ = load_pretrained(pl_module.model_name, str(p.dtype).removeprefix("torch."))  # type: ignore[arg-type]
+    model.to(p.device).eval()
+    adapter = ModelAdapter(model, *pl_module._templates)
+    method = copy.copy(cb.method)
+    if isinstance(method, AlphaEditMethod):
+        method = dataclasses.replace(method, prev_kkt={})
+    cfg = dataclasses.replace(pl_module.longform_cfg, single_anchor=True, chunking=pl_module.longform_cfg.chunking)
+    chat, system = getattr(pl_module, "chat_template", False), getattr(pl_module, "system_prompt", None)
+    for i in range(0, len(requests), batch_size):
+        batch, _ = build_longform_batch(pl_module.tokenizer, requests[i : i + batch_size], cfg, chat_template=chat, system=system)
+        res = optimize_residuals(adapter, batch, pl_module.layers[-1], pl_module.residual_cfg)
+        apply_update(adapter, batch, res.z_target, pl_module.layers, method, max_rows=pl_module.max_rows)
+    out = evaluate_longform(model, pl_module.tokenizer, requests, cfg, chat, system, batch_size=min(pl_module.eval_batch_size, 32))
+    del model
+    return out.get("longform/rouge_l")
 
 
 def _method_name(trainer) -> str | None:
