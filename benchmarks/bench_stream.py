@@ -63,7 +63,6 @@ def rotated_requests(requests, passes: int):
 
 
 def main(argv=None) -> dict:
-    fw = "checkpoints/factworld/default-seed0"
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="factworld:default/model")
     p.add_argument("--requests", default="factworld:default/counterfact")

@@ -19,7 +19,6 @@ from typing import Any
 from torch import nn
 
 from .callbacks import MEMIT, AlphaEdit, ClosedFormUpdate
-from .data.formats import records_to_requests
 from .data.requests import EditRequest, RequestError
 from .module import EditModule, load_pretrained
 from .residuals import ResidualConfig

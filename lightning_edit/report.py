@@ -269,7 +269,7 @@ def single_anchor_rouge_l(trainer, pl_module: EditModule, requests: list, batch_
     import dataclasses
 
     from .arch import ModelAdapter
-    from .longform.edit import LongFormConfig, build_longform_batch, evaluate_longform
+    from .longform.edit import build_longform_batch, evaluate_longform
     from .module import load_pretrained
     from .residuals import optimize_residuals
     from .update import AlphaEditMethod, apply_update
