@@ -212,7 +212,10 @@ class EditReport(L.Callback):
         for key in ("rouge_l", "bleu", "exact_match"):
             if f"longform/paraphrase_{key}" in final:
                 s[f"{key}_paraphrase"] = final[f"longform/paraphrase_{key}"]
-        s["first_batch_rouge_l"] = pl_module.evaluate_longform(first).get("longform/rouge_l")
+        from .longform.edit import rouge_l_of
+
+        first_ids = {r.case_id for r in first}
+        s["first_batch_rouge_l"] = rouge_l_of([t for t in texts if t["case_id"] in first_ids])
         s["retention"] = self.retention(pl_module)
         s["perplexity_before"], s["perplexity_after"] = self.ppl_before, self.perplexity(pl_module)
         s["wall_time_s"] = round(self.elapsed(), 1)
@@ -290,7 +293,7 @@ def single_anchor_rouge_l(trainer, pl_module: EditModule, requests: list, batch_
         batch, _ = build_longform_batch(pl_module.tokenizer, requests[i : i + batch_size], cfg, chat_template=chat, system=system)
         res = optimize_residuals(adapter, batch, pl_module.layers[-1], pl_module.residual_cfg)
         apply_update(adapter, batch, res.z_target, pl_module.layers, method, max_rows=pl_module.max_rows)
-    out = evaluate_longform(model, pl_module.tokenizer, requests, cfg, chat, system, batch_size=min(pl_module.eval_batch_size, 32))
+    out = evaluate_longform(model, pl_module.tokenizer, requests, cfg, chat, system, batch_size=min(pl_module.eval_batch_size, 32), light=True)
     del model
     return out.get("longform/rouge_l")
 

@@ -84,11 +84,12 @@ def build_longform_batch(tokenizer, requests: Sequence[LongFormRequest], cfg: Lo
 @torch.no_grad()
 def evaluate_longform(model: nn.Module, tokenizer, requests: Sequence[LongFormRequest], cfg: LongFormConfig,
                       chat_template: bool = False, system: str | None = None, batch_size: int = 16,
-                      return_texts: bool = False):
+                      return_texts: bool = False, light: bool = False):
     """Greedy generation from each question (and paraphrase) against the target answer:
     ROUGE-1/2/L (F1 and recall), BLEU-4, exact reproduction; teacher-forced token accuracy on
     the target; sub-question answers (UnKEBench) and multi-hop answers (AKEW) where present.
-    Keys are ``longform/...``. With ``return_texts`` also the generations."""
+    Keys are ``longform/...``. With ``return_texts`` also the generations; ``light``: only the
+    generation from the question (no paraphrase, token accuracy, sub- or multi-hop questions)."""
     from ..scoring import greedy_generate
     from .chunking import end_text_for
     from .metrics import AnswerContained, LongFormMetrics, TeacherForcedAccuracy, token_correct
@@ -104,7 +105,7 @@ def evaluate_longform(model: nn.Module, tokenizer, requests: Sequence[LongFormRe
     main = LongFormMetrics()
     main.update([g.strip() for g in gens], [a.strip() for _, a in pa])
     out = {f"longform/{k}": float(v) for k, v in main.compute().items()}
-    para = [(i, r) for i, r in enumerate(requests) if r.paraphrase_question] if cfg.eval_paraphrase else []
+    para = [(i, r) for i, r in enumerate(requests) if r.paraphrase_question] if cfg.eval_paraphrase and not light else []
     para_gens: list[str] = []
     if para:
         pp = [prompt_and_answer(tokenizer, r.paraphrase_question, r.answer, chat_template, system) for _, r in para]
@@ -112,6 +113,8 @@ def evaluate_longform(model: nn.Module, tokenizer, requests: Sequence[LongFormRe
         pm = LongFormMetrics()
         pm.update([g.strip() for g in para_gens], [a.strip() for _, a in pp])
         out.update({f"longform/paraphrase_{k}": float(v) for k, v in pm.compute().items()})
+    if light:
+        return (out, _texts(requests, pa, gens, para, para_gens)) if return_texts else out
     # teacher-forced token accuracy of the answer (and end text) given the prompt
     acc = TeacherForcedAccuracy()
     device = next(model.parameters()).device
@@ -135,10 +138,23 @@ def evaluate_longform(model: nn.Module, tokenizer, requests: Sequence[LongFormRe
                              max_new_tokens=32, batch_size=batch_size)
         hm.update(hg, [a for _, a in hops])
         out["longform/multihop_accuracy"] = float(hm.compute())
-    if not return_texts:
-        return out
+    return (out, _texts(requests, pa, gens, para, para_gens)) if return_texts else out
+
+
+def _texts(requests, pa, gens, para, para_gens) -> list[dict]:
     texts = [{"case_id": r.case_id, "question": r.question, "target": a.strip(), "generation": g.strip()}
              for r, (_, a), g in zip(requests, pa, gens)]
     for (i, _), g in zip(para, para_gens):
         texts[i]["paraphrase_generation"] = g.strip()
-    return out, texts
+    return texts
+
+
+def rouge_l_of(texts: Sequence[dict]) -> float | None:
+    """ROUGE-L F1 of already generated ``texts`` (``{"generation", "target"}``), no new generation."""
+    from .metrics import LongFormMetrics
+
+    if not texts:
+        return None
+    m = LongFormMetrics()
+    m.update([t["generation"] for t in texts], [t["target"] for t in texts])
+    return float(m.compute()["rouge_l"])
