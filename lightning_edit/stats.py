@@ -72,7 +72,8 @@ def tensor_fingerprint(t: torch.Tensor, max_elems: int = 1 << 16) -> str:
     any fine-tune or edit changes the sampled values)."""
     flat = t.detach().reshape(-1)
     if flat.numel() > max_elems:
-        idx = torch.linspace(0, flat.numel() - 1, max_elems, device=flat.device).long()
+        # integer arithmetic: a float32 linspace rounds past the last index above 2^24 elements
+        idx = torch.arange(max_elems, dtype=torch.int64, device=flat.device) * (flat.numel() - 1) // (max_elems - 1)
         flat = flat[idx]
     data = flat.float().cpu().numpy().tobytes()
     return _hash(tuple(t.shape), t.dtype, data)

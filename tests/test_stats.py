@@ -118,3 +118,17 @@ def test_projector_cache(tokenizer, corpus_file, tmp_path):
     assert torch.equal(p1[1], p2[1]) and i1[1]["rank"] == i2[1]["rank"]
     p3, i3 = projectors(ad, m, cfg, 0.2, "relative")
     assert i3[1]["rank"] > i1[1]["rank"]
+
+
+def test_fingerprint_of_tensors_above_2_pow_24_elements():
+    """SmolLM2's embedding (49,152 x 576 = 28,311,552 entries): a float32 linspace index rounded
+    past the end (IndexError); the sample must also reach the first and the last entry."""
+    from lightning_edit.stats import tensor_fingerprint
+
+    t = torch.zeros(49152 * 576, dtype=torch.int8)
+    base = tensor_fingerprint(t)
+    for pos in (0, t.numel() - 1):
+        u = t.clone()
+        u[pos] = 1
+        assert tensor_fingerprint(u) != base, pos
+    assert tensor_fingerprint(t.clone()) == base
