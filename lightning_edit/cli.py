@@ -6,6 +6,7 @@
     lightning-edit fit -c ... --ckpt_path last              # resume an interrupted stream
     lightning-edit trace --model PATH --dataset FILE        # causal tracing: where are facts stored?
     lightning-edit factworld --root checkpoints/factworld   # build the offline fact-world model
+    lightning-edit realfacts --model smollm2:135m-instruct --out DIR   # real facts the model knows
 """
 
 from __future__ import annotations
@@ -95,8 +96,14 @@ def _tool_commands() -> dict[str, tuple[Callable[[list[str]], object], str]]:
 
         return fw_main(argv)
 
+    def realfacts(argv):
+        from .realfacts import main as rf_main
+
+        return rf_main(argv)
+
     return {
         "trace": (trace, "causal tracing of where a model stores facts (table + heat-map)"),
+        "realfacts": (realfacts, "CounterFact-format edits of real facts the model knows (offline knowledge packages)"),
         "factworld": (factworld, "build (or reuse) the offline fact-world model and datasets"),
     }
 

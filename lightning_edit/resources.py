@@ -5,7 +5,9 @@
 ``/facts``, ``/references``, ``/documents``, ``/heldout`` (held-out text for perplexity) return
 the matching files. ``smollm2:135m-instruct`` installs the real SmolLM2-135M-Instruct model
 on first use (:mod:`lightning_edit.hfmodels`) and returns its Hugging Face directory.
-Any other string is returned unchanged (a hub id or a local path).
+``realfacts:<model>/counterfact`` (``/probes``, ``/known``, ``/facts``) are real-world facts
+that model knows (:mod:`lightning_edit.realfacts`); ``corpus:<kind>...`` statistics corpora
+without Wikipedia (:mod:`lightning_edit.corpora`). Any other string is returned unchanged (a hub id or a local path).
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ ITEMS = ("model", "counterfact", "zsre", "corpus", "facts", "references", "docum
 
 
 def resolve(spec: str, root: str | None = None) -> str:
+    if isinstance(spec, str) and spec.startswith("corpus:"):
+        from .corpora import resolve as resolve_corpus
+
+        return resolve_corpus(spec, root)
+    if isinstance(spec, str) and spec.startswith("realfacts:"):
+        from .realfacts import resolve as resolve_facts
+
+        return resolve_facts(spec, root)
     if isinstance(spec, str) and spec.startswith("smollm2:"):
         from .hfmodels import resolve as resolve_model
 
