@@ -1,6 +1,7 @@
 """``lightning-edit``: LightningCLI for editing runs, plus a few tool subcommands.
 
-    lightning-edit fit -c configs/quickstart.yaml           # stream edits, log, checkpoint, export
+    lightning-edit fit -c configs/quickstart.yaml           # stream edits, log, checkpoint, export (SmolLM2, real facts)
+    lightning-edit fit -c configs/factworld.yaml            # the same on the offline fact-world toy
     lightning-edit validate -c configs/quickstart.yaml      # evaluate the unedited model
     lightning-edit validate -c ... --ckpt_path checkpoints/quickstart/last.safetensors
     lightning-edit fit -c ... --ckpt_path last              # resume an interrupted stream
