@@ -281,7 +281,8 @@ def build_records(facts: Sequence[tuple[str, str, str]], known: Sequence[bool] |
         others = [o for o in objects[rid] if o != true]
         new = rng.choice(sorted(others))
         # neighbours never mention the subject (an edit of "Taipei" may rightly move "New Taipei City")
-        apart = [(s, o) for s, o in by_rel[rid] if subj not in s and s not in subj]
+        # nor answer with the new target (the specificity test needs true != new for them too)
+        apart = [(s, o) for s, o in by_rel[rid] if subj not in s and s not in subj and o != new]
         same = [(s, o) for s, o in apart if o == true]
         diff = [(s, o) for s, o in apart if o != true]
         rng.shuffle(same)
@@ -320,7 +321,7 @@ def report_markdown(rep: dict, model: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-RECORDS_VERSION = 2  # the records built from the filter's results (neighbours, probes, targets)
+RECORDS_VERSION = 3  # the records built from the filter's results (neighbours, probes, targets)
 
 
 def generate(model_name: str, out: str | Path, seed: int = 0, batch_size: int = 64, min_city_population: int = 1_000_000,

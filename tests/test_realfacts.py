@@ -39,7 +39,7 @@ def test_records_pass_the_counterfact_loader_and_are_deterministic():
         assert (rw["relation_id"], rw["subject"], rw["target_true"]["str"]) in kept
         assert req.target_new != req.target_true and req.target_new in objects[rw["relation_id"]]
         assert len(req.paraphrase_prompts) == 2 and all(req.subject in p for p in req.paraphrase_prompts)
-        assert req.locality and all(req.subject not in p for p, _ in req.locality)
+        assert req.locality and all(req.subject not in p and a != req.target_new for p, a in req.locality)
     edited = {(r["requested_rewrite"]["relation_id"], r["requested_rewrite"]["subject"]) for r in recs}
     assert not edited & {(p["relation_id"], p["subject"]) for p in probes}  # probes are never edited
     other = build_records(cands, known, seed=1)[0]
