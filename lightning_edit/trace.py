@@ -399,7 +399,7 @@ class FactTrace:
             "prompt_last": self.prompt_last,
             "clean": self.clean,
             "corrupted": self.corrupted,
-            "effects": [[round(float(v), 6) for v in row] for row in self.effects],
+            "effects": [[None if math.isnan(float(v)) else round(float(v), 6) for v in row] for row in self.effects],
         }
 
 
@@ -504,7 +504,9 @@ def best_window(row: torch.Tensor, width: int) -> tuple[int, float]:
     """Start and mean of the contiguous ``width`` entries of ``row`` ``(n_layers,)`` with the
     highest mean (the earliest on ties)."""
     width = max(1, min(width, row.numel()))
-    means = row.double().unfold(0, width, 1).mean(1)
+    win = row.double().unfold(0, width, 1)
+    means = win.nanmean(1)  # untraced layers (NaN) do not count as zeros
+    means = torch.where(win.isnan().all(1), torch.full_like(means, float("-inf")), means)
     start = int(means.argmax())
     return start, float(means[start])
 
@@ -566,7 +568,7 @@ def recommend(
     reason says so.
     """
     rows = {role: effects[ROLES.index(role)] for role in ANCHOR_ROLES}
-    windows = {role: best_window(torch.nan_to_num(row), n_layers_window) for role, row in rows.items()}
+    windows = {role: best_window(row if not row.isnan().all() else torch.zeros_like(row), n_layers_window) for role, row in rows.items()}
     width = max(1, min(n_layers_window, effects.shape[1]))
     if total_effect <= 0:
         anchor = "subject_last"
@@ -579,7 +581,7 @@ def recommend(
             f"({windows[anchor][1]:.3g} vs {windows[other][1]:.3g} at the {ROLE_LABELS[other]})"
         )
     else:
-        peak = float(torch.nan_to_num(rows["subject_last"]).max())
+        peak = float(torch.nan_to_num(rows["subject_last"], nan=0.0).max())
         ratio = peak / total_effect
         anchor = "subject_last" if ratio >= subject_threshold else "prompt_last"
         reason = (
@@ -752,6 +754,29 @@ class TraceResult:
         paths["json"].write_text(self.to_json())
         self.save_heatmap(paths["heatmap"])
         return paths
+
+
+def load_trace(path: str | Path, noise_z: float | None = None, n_layers_window: int | None = None) -> "TraceResult":
+    """A saved ``trace.json`` (with its facts) as a :class:`TraceResult`, tables and
+    recommendation recomputed by this code (e.g. with another ``noise_z`` or window width)."""
+    d = json.loads(Path(path).read_text())
+    s = dict(d["settings"])
+    if noise_z is not None:
+        s["noise_z"] = noise_z
+    if n_layers_window is not None:
+        s["n_layers_window"] = n_layers_window
+    facts = [FactTrace(f["case_id"], f["prompt"], f["subject"], f["answer"], f["tokens"], f["subject_tokens"][0], f["subject_tokens"][1],
+                       f["prompt_last"], f["clean"], f["corrupted"],
+                       torch.tensor([[float("nan") if v is None else v for v in row] for row in f["effects"]]))
+             for f in d["facts"]]
+    n_layers = len(d["layers"])
+    effects, counts = aggregate_by_role(facts, n_layers)
+    mean_clean = sum(t.clean for t in facts) / len(facts)
+    mean_corrupted = sum(t.corrupted for t in facts) / len(facts)
+    rec = recommend(effects, mean_clean - mean_corrupted, s.get("kind", "hidden"), s.get("n_layers_window", 3),
+                    s.get("subject_threshold", 0.5), per_fact=per_fact_tables(facts, n_layers), noise_z=s.get("noise_z", 2.0))
+    return TraceResult(effects, counts, len(facts), mean_clean, mean_corrupted, rec, s, facts,
+                       [tuple(x) for x in d.get("skipped", [])])
 
 
 # ---- the whole run -------------------------------------------------------------------------

@@ -382,3 +382,19 @@ def test_cli_restricted_trace(model, tokenizer, tmp_path):
     assert report["effects"][ROLES.index("prompt_last")][0] is None
     md = (out / "trace.md").read_text()
     assert "Recommendation:**" in md
+
+
+def test_saved_trace_reloads_with_the_same_tables(model, tokenizer, tmp_path):
+    from lightning_edit.trace import load_trace
+
+    res = run_trace(model, tokenizer, FACTS, n_samples=2, kind="mlp", layers=[0, 2], roles=["subject_last", "prompt_last"])
+    paths = res.save(tmp_path / "t")
+    assert "NaN" not in paths["json"].read_text()  # untraced cells are null: standard JSON
+    again = load_trace(paths["json"])
+    torch.testing.assert_close(again.effects, res.effects, equal_nan=True, atol=1e-5, rtol=0)
+    assert again.recommendation.anchor == res.recommendation.anchor
+
+
+def test_best_window_skips_untraced_layers():
+    nan = float("nan")
+    assert best_window(torch.tensor([0.3, nan, nan, 0.1, nan, nan]), 3) == (0, pytest.approx(0.3))
