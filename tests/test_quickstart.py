@@ -65,7 +65,7 @@ def test_full_quickstart(cfg, method, tmp_path):
     main(["fit", "-c", str(ROOT / "configs" / cfg), f"--trainer.logger.init_args.save_dir={tmp_path}/logs",
           f"--checkpoint.dirpath={tmp_path}/ckpt"])
     s = _summary(tmp_path / "logs", Path(cfg).stem)
-    assert s["method"] == method and s["num_edits"] == 30
+    assert s["method"] == method and s["num_edits"] == 20
     assert SUMMARY_KEYS <= set(s)
     assert s["examples"] and all("after" in e for e in s["examples"])
     assert time.time() - t < 600 * 1.5
