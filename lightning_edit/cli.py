@@ -1,6 +1,7 @@
 """``lightning-edit``: LightningCLI for editing runs, plus a few tool subcommands.
 
-    lightning-edit fit -c configs/quickstart.yaml           # stream edits, log, checkpoint, export
+    lightning-edit fit -c configs/quickstart.yaml           # stream edits, log, checkpoint, export (SmolLM2, real facts)
+    lightning-edit fit -c configs/factworld.yaml            # the same on the offline fact-world toy
     lightning-edit validate -c configs/quickstart.yaml      # evaluate the unedited model
     lightning-edit validate -c ... --ckpt_path checkpoints/quickstart/last.safetensors
     lightning-edit fit -c ... --ckpt_path last              # resume an interrupted stream
@@ -9,6 +10,7 @@
     lightning-edit export --ckpt_path PATH --out DIR        # save_pretrained directory of the edited model
     lightning-edit trace --model PATH --dataset FILE        # causal tracing: where are facts stored?
     lightning-edit factworld --root checkpoints/factworld   # build the offline fact-world model
+    lightning-edit realfacts --model smollm2:135m-instruct --out DIR   # real facts the model knows
 """
 
 from __future__ import annotations
@@ -113,11 +115,17 @@ def _tool_commands() -> dict[str, tuple[Callable[[list[str]], object], str]]:
 
         return export_main(argv)
 
+    def realfacts(argv):
+        from .realfacts import main as rf_main
+
+        return rf_main(argv)
+
     return {
         "ledger": (ledger, "list the edit batches a checkpoint carries (--ckpt_path)"),
         "undo": (undo, "take the last N batches back from a checkpoint (--ckpt_path, --batches N [--out])"),
         "export": (export, "write a checkpoint's edited model as a save_pretrained directory (--ckpt_path, --out)"),
         "trace": (trace, "causal tracing of where a model stores facts (table + heat-map)"),
+        "realfacts": (realfacts, "CounterFact-format edits of real facts the model knows (offline knowledge packages)"),
         "factworld": (factworld, "build (or reuse) the offline fact-world model and datasets"),
     }
 

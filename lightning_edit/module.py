@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Literal
 
@@ -34,18 +35,54 @@ for _msg in (r".*configure_optimizers.*returned.*None.*", r".*module\(s\) in eva
     warnings.filterwarnings("ignore", message=_msg)
 
 
-def load_pretrained(name_or_path: str, dtype: DType = "float32", trust_remote_code: bool = False, tokenizer: str | None = None):
-    """Load a causal LM and its (fast) tokenizer from a hub id or a local directory."""
+GGUF_INSTALL = "pip install gguf accelerate   (or: pip install 'lightning-edit[gguf]')"
+
+
+def split_gguf(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """``(directory or hub id, GGUF file name or None)``: a path to a ``.gguf`` file is split into
+    its directory and name; ``gguf_file`` names the file inside ``name_or_path``."""
+    if gguf_file:
+        return name_or_path, gguf_file
+    if isinstance(name_or_path, str) and name_or_path.lower().endswith(".gguf"):
+        p = Path(name_or_path)
+        if not p.is_file():
+            raise FileNotFoundError(f"GGUF file {name_or_path!r} not found")
+        return str(p.parent), p.name
+    return name_or_path, None
+
+
+def require_gguf(what: str) -> None:
+    """Raise an ImportError naming the pip command when GGUF support is not installed."""
+    import importlib.util
+
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"loading {what} needs the optional package(s) {', '.join(missing)}: {GGUF_INSTALL}")
+
+
+def load_pretrained(name_or_path: str, dtype: DType = "float32", trust_remote_code: bool = False, tokenizer: str | None = None,
+                    gguf_file: str | None = None):
+    """Load a causal LM and its (fast) tokenizer from a hub id, a local directory, a built-in
+    resource name (``factworld:...``, ``smollm2:...``) or a GGUF file (a ``.gguf`` path, or a
+    directory plus ``gguf_file``; dequantized to ``dtype`` by transformers)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .resources import resolve
 
     if dtype not in DTYPES:
         raise ValueError(f"model dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    name_or_path = resolve(name_or_path)
+    name_or_path, gguf_file = split_gguf(resolve(name_or_path), gguf_file)
     tokenizer = resolve(tokenizer) if tokenizer else None
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path, trust_remote_code=trust_remote_code)
+    kw = {}
+    if gguf_file:
+        require_gguf(f"GGUF file {gguf_file!r}")
+        kw["gguf_file"] = gguf_file
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **kw)
+    if tokenizer:
+        tok_name, tok_kw = split_gguf(tokenizer)
+        tok = AutoTokenizer.from_pretrained(tok_name, trust_remote_code=trust_remote_code, **({"gguf_file": tok_kw} if tok_kw else {}))
+    else:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kw)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
@@ -99,6 +136,12 @@ class EditModule(L.LightningModule):
         longform: long-form (AnyEdit) settings, used when the stream holds long-form requests:
             chunking, single_anchor, context_keys, context_prefixes, max_new_tokens (see
             :class:`lightning_edit.longform.edit.LongFormConfig`).
+        gguf_file: name of a GGUF file inside the ``model`` directory (a ``model`` path ending in
+            ``.gguf`` works too); needs ``pip install gguf accelerate``.
+        chat_template: render every prompt of the edit requests as a user turn of the tokenizer's
+            chat template followed by the assistant's opening (instruct models; see
+            :mod:`lightning_edit.chat`); long-form questions are rendered the same way.
+        system_prompt: an optional system message for ``chat_template``.
     """
 
     def __init__(
@@ -118,6 +161,9 @@ class EditModule(L.LightningModule):
         eval_batch_size: int = 64,
         max_rows_per_forward: int = 0,
         longform: LongFormConfig | None = None,
+        gguf_file: str | None = None,
+        chat_template: bool = False,
+        system_prompt: str | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -136,7 +182,8 @@ class EditModule(L.LightningModule):
         self.eval_every, self.eval_batch_size, self.max_rows = eval_every, eval_batch_size, max_rows_per_forward
         self._templates = (layer_template, mlp_down_template)
         self._tokenizer_name, self._trust_remote_code = tokenizer, trust_remote_code
-        self.lm, self.tokenizer = load_pretrained(model, dtype, trust_remote_code, tokenizer) if isinstance(model, str) else model
+        self.chat_template, self.system_prompt = chat_template, system_prompt
+        self.lm, self.tokenizer = load_pretrained(model, dtype, trust_remote_code, tokenizer, gguf_file) if isinstance(model, str) else model
         if not isinstance(model, str):  # a loaded model: name it by its config's path
             self.model_name = str(getattr(getattr(self.lm, "config", None), "_name_or_path", "") or type(self.lm).__name__)
         self._finish_init()
@@ -188,6 +235,26 @@ class EditModule(L.LightningModule):
         # z is optimized with a fresh Adam per batch inside training_step; returning None gives
         # Lightning's mock optimizer, stepped once per batch so global_step counts batches.
         return None
+
+    def setup(self, stage: str) -> None:
+        # runs after the datamodule's setup: render its requests as chat turns once, so the
+        # stream, the evaluation and the report all see the same prompts; then check the whole
+        # stream's lengths, before the first batch is applied
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.chat_template and dm is not None and getattr(dm, "requests", None):
+            dm.requests = self.prepare_requests(dm.requests)
+        requests = getattr(dm, "requests", None)
+        if requests:
+            self.check_lengths(requests, prefixes=stage == "fit")
+
+    def prepare_requests(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
+        """The requests as this module edits them (chat turns when ``chat_template`` is on; a
+        long-form question is rendered with the template when it is chunked, not here)."""
+        if not self.chat_template or is_longform(requests):
+            return list(requests)
+        from .chat import wrap_request
+
+        return [wrap_request(self.tokenizer, r, self.system_prompt) for r in requests]
 
     def on_train_start(self) -> None:
         self.lm.eval()  # Lightning switched the module to train mode: keep HF dropout off
@@ -272,13 +339,6 @@ class EditModule(L.LightningModule):
                 ctx = f" plus up to {extra} context-prefix tokens" if extra else ""
                 raise RequestError(rec, field_name, f"{n} tokens with its target{ctx} (case_id {cid!r}) exceed the model's "
                                                     f"{limit} positions; shorten or drop the record")
-
-    def setup(self, stage: str) -> None:
-        dm = self._trainer.datamodule if self._trainer is not None else None
-        requests = getattr(dm, "requests", None)
-        if requests:
-            # the whole stream, before the first batch is applied
-            self.check_lengths(requests, prefixes=stage == "fit")
 
     # ---- sharding a batch across processes ---------------------------------------------------
     def shard(self, requests: Sequence[EditRequest]) -> list[EditRequest]:

@@ -48,6 +48,9 @@ class EditReport(L.Callback):
         n_generation: requests whose generation prompts are sampled for fluency/consistency (0 = off).
         max_new_tokens: generation length.
         seed: sampling seed for probes and generation requests.
+        n_examples: the first this many edits of the stream get a greedy continuation of their
+            prompt before and after editing, shown in ``summary.md`` (0 = off).
+        example_tokens: tokens per before/after continuation.
         single_anchor_baseline: long-form streams: also edit the same requests, batch for
             batch, on a fresh copy of the base model with ONE residual vector per answer at the
             prompt's last token (the plain MEMIT / AlphaEdit way) and report its
@@ -58,7 +61,8 @@ class EditReport(L.Callback):
 
     def __init__(self, probes: str | None = None, n_probes: int = 1000, perplexity_corpus: str | None = None,
                  n_perplexity: int = 200, references: str | None = None, n_generation: int = 50,
-                 max_new_tokens: int = 30, seed: int = 0, single_anchor_baseline: bool = True, n_text_samples: int = 3):
+                 max_new_tokens: int = 30, seed: int = 0, n_examples: int = 3, example_tokens: int = 12,
+                 single_anchor_baseline: bool = True, n_text_samples: int = 3):
         self.probes_spec, self.n_probes = probes, n_probes
         self.ppl_spec, self.n_ppl = perplexity_corpus, n_perplexity
         self.refs_spec, self.n_generation, self.max_new_tokens, self.seed = references, n_generation, max_new_tokens, seed
@@ -68,6 +72,8 @@ class EditReport(L.Callback):
         self.ppl_before: float | None = None
         self._module: EditModule | None = None
         self.summary: dict = {}
+        self.n_examples, self.example_tokens = n_examples, example_tokens
+        self.examples: list[dict] = []
         self._t0 = time.time()
         self._elapsed_before = 0.0  # stream time of the run(s) this one resumes
 
@@ -126,10 +132,15 @@ class EditReport(L.Callback):
             self.baseline = self.fingerprint(pl_module)
             self.ppl_before = self.perplexity(pl_module)
             dm = getattr(trainer, "datamodule", None)
-            reqs = list(getattr(dm, "requests", []) or [])[: self.n_text_samples]
+            reqs = list(getattr(dm, "requests", []) or [])
             if reqs and _is_longform(reqs):
-                _, texts = pl_module.evaluate_longform(reqs, return_texts=True)
+                _, texts = pl_module.evaluate_longform(reqs[: self.n_text_samples], return_texts=True)
                 self.text_before = [{"question": t["question"], "target": t["target"], "before": t["generation"]} for t in texts]
+            elif self.n_examples and reqs:
+                reqs = reqs[: self.n_examples]
+                before = self.continuations(pl_module, [r.rendered_prompt for r in reqs])
+                self.examples = [{"prompt": r.rendered_prompt, "target_true": r.target_true, "target_new": r.target_new, "before": b}
+                                 for r, b in zip(reqs, before)]
         self._t0 = time.time()
 
     def on_train_batch_end(self, trainer, pl_module: EditModule, outputs, batch, batch_idx) -> None:
@@ -148,15 +159,21 @@ class EditReport(L.Callback):
 
     def state_dict(self) -> dict:
         # the curves live in the module's edit ledger (checkpointed with it); here only what the
-        # report measured on the unedited model, and the stream time so far
+        # report measured on the unedited model, the stream time so far and the example texts
         return {"baseline": self.baseline, "ppl_before": self.ppl_before, "elapsed_s": self.elapsed(),
-                "text_before": json.dumps(self.text_before)}
+                "text_before": json.dumps(self.text_before), "examples": json.dumps(self.examples)}
 
     def load_state_dict(self, state: dict) -> None:
         self.baseline = state.get("baseline")
         self.ppl_before = state.get("ppl_before")
         self._elapsed_before = float(state.get("elapsed_s", 0.0))
         self.text_before = json.loads(state.get("text_before", "[]"))
+        self.examples = json.loads(state.get("examples", "[]"))
+
+    def continuations(self, module: EditModule, prompts: list[str]) -> list[str]:
+        from .scoring import greedy_generate
+
+        return greedy_generate(module.lm, module.tokenizer, prompts, max_new_tokens=self.example_tokens)
 
     def on_fit_end(self, trainer, pl_module: EditModule) -> None:
         from .evaluate import evaluate_generation
@@ -188,13 +205,16 @@ class EditReport(L.Callback):
                                       max_new_tokens=self.max_new_tokens)
             s["fluency"] = gen.get("edit/fluency")
             s["consistency"] = gen.get("edit/consistency")
+        examples = [dict(e) for e in self.examples if edited and e["prompt"] in {r.rendered_prompt for r in edited}]
+        for e, after in zip(examples, self.continuations(pl_module, [e["prompt"] for e in examples])):
+            e["after"] = after
         s["wall_time_s"] = round(self.elapsed(), 1)
         s = {k: v for k, v in s.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
         self.summary = s
         out = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank: log_dir is a broadcast under DDP
         if trainer.is_global_zero:
             pl_module.log_edit_metrics({f"edit/{k}": v for k, v in s.items() if k in ("retention", "first_batch_efficacy", "fluency", "consistency")})
-            write_summary(out, s, _merge_history([], pl_module.stream_history, s))
+            write_summary(out, s, _merge_history([], pl_module.stream_history, s), examples)
             print("\n" + summary_markdown(s))
             print(f"summary written to {out}/summary.md, summary.json, summary.png")
 
@@ -329,10 +349,23 @@ def summary_markdown(s: dict) -> str:
     return "\n".join(rows)
 
 
-def write_summary(out: Path, s: dict, history: list[dict]) -> None:
+def examples_markdown(examples: list[dict]) -> str:
+    """Before/after greedy continuations of edited prompts as a markdown table."""
+    if not examples:
+        return ""
+    esc = lambda t: str(t).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    rows = ["## Before / after (greedy continuations of edited prompts)", "",
+            "| prompt | true -> new | before | after |", "|---|---|---|---|"]
+    for e in examples:
+        rows.append(f"| {esc(e['prompt'])} | {esc(e.get('target_true'))} -> {esc(e['target_new'])} | {esc(e['before'])} | {esc(e.get('after', ''))} |")
+    return "\n".join(rows) + "\n"
+
+
+def write_summary(out: Path, s: dict, history: list[dict], examples: list[dict] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps({**s, "curve": history}, indent=1))
-    (out / "summary.md").write_text(f"# Edit run summary ({s.get('method')}, {s.get('num_edits')} edits)\n\n" + summary_markdown(s) + "\n")
+    (out / "summary.json").write_text(json.dumps({**s, "curve": history, "examples": examples or []}, indent=1))
+    (out / "summary.md").write_text(f"# Edit run summary ({s.get('method')}, {s.get('num_edits')} edits)\n\n" + summary_markdown(s) + "\n"
+                                    + ("\n" + examples_markdown(examples) if examples else ""))
     curves = {k: [(h["num_edits"], h[k]) for h in history if h.get(k) is not None] for k in _CURVES}
     if any(curves.values()):
         from matplotlib.figure import Figure

@@ -3,8 +3,11 @@
 ``factworld:default/model`` builds the offline fact-world model on first use (cached under
 ``checkpoints/factworld``) and returns its directory; ``/counterfact``, ``/zsre``, ``/corpus``,
 ``/facts``, ``/references``, ``/documents``, ``/heldout`` (held-out text for perplexity) return
-the matching files. Any other string is returned unchanged
-(a hub id or a local path).
+the matching files. ``smollm2:135m-instruct`` installs the real SmolLM2-135M-Instruct model
+on first use (:mod:`lightning_edit.hfmodels`) and returns its Hugging Face directory.
+``realfacts:<model>/counterfact`` (``/probes``, ``/known``, ``/facts``) are real-world facts
+that model knows (:mod:`lightning_edit.realfacts`); ``corpus:<kind>...`` statistics corpora
+without Wikipedia (:mod:`lightning_edit.corpora`). Any other string is returned unchanged (a hub id or a local path).
 """
 
 from __future__ import annotations
@@ -16,6 +19,18 @@ ITEMS = ("model", "counterfact", "zsre", "corpus", "facts", "references", "docum
 
 
 def resolve(spec: str, root: str | None = None) -> str:
+    if isinstance(spec, str) and spec.startswith("corpus:"):
+        from .corpora import resolve as resolve_corpus
+
+        return resolve_corpus(spec, root)
+    if isinstance(spec, str) and spec.startswith("realfacts:"):
+        from .realfacts import resolve as resolve_facts
+
+        return resolve_facts(spec, root)
+    if isinstance(spec, str) and spec.startswith("smollm2:"):
+        from .hfmodels import resolve as resolve_model
+
+        return resolve_model(spec, root)
     if not isinstance(spec, str) or not spec.startswith(PREFIX):
         return spec
     rest = spec[len(PREFIX):]

@@ -78,7 +78,8 @@ def tensor_fingerprint(t: torch.Tensor, max_elems: int = 1 << 16) -> str:
     any fine-tune or edit changes the sampled values)."""
     flat = t.detach().reshape(-1)
     if flat.numel() > max_elems:
-        idx = torch.linspace(0, flat.numel() - 1, max_elems, device=flat.device).long()
+        # integer arithmetic: a float32 linspace rounds past the last index above 2^24 elements
+        idx = torch.arange(max_elems, dtype=torch.int64, device=flat.device) * (flat.numel() - 1) // (max_elems - 1)
         flat = flat[idx]
     data = flat.float().cpu().numpy().tobytes()
     return _hash(tuple(t.shape), t.dtype, data)
@@ -186,21 +187,47 @@ def iter_corpus_texts(cfg: StatsConfig, shard: int = 0, num_shards: int = 1) -> 
         n += 1
 
 
+_DOCUMENT_SEPARATORS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
+
+
+def document_separator_ids(tokenizer) -> list[int]:
+    """The token(s) that end a document in pretraining, appended after every packed text.
+
+    The EOS of an instruct model is often its end-of-turn token (SmolLM2-Instruct's
+    ``<|im_end|>``, Llama-3-Instruct's ``<|eot_id|>``), which never separates documents: a token
+    that appears in the chat template is passed over for the first of EOS, the usual document
+    separators and BOS that the vocabulary has. A BOS the tokenizer already prepends to every
+    text is not added again."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):
+        template = " ".join(template.values())
+    vocab = tokenizer.get_vocab()
+    for token in (tokenizer.eos_token, *_DOCUMENT_SEPARATORS, tokenizer.bos_token):
+        if not token or token not in vocab or token in template:
+            continue
+        tid = vocab[token]
+        if token == tokenizer.bos_token and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [tid]:
+            return []
+        return [tid]
+    return []
+
+
 def packed_blocks(tokenizer, texts: Iterator[str], max_length: int, batch_size: int, shard: int = 0, num_shards: int = 1) -> Iterator[torch.Tensor]:
-    """Tokenize texts and pack them (separated by EOS) into ``(batch_size, max_length)`` blocks;
+    """Tokenize texts and pack them (each followed by the model's document separator,
+    :func:`document_separator_ids`) into ``(batch_size, max_length)`` blocks;
     the last batch may be shorter and its last block partial (returned with its true length).
 
     With ``num_shards > 1`` only blocks ``shard, shard + num_shards, ...`` are kept: the shards
     of all processes together are exactly the unsharded blocks (sharding the *texts* instead
     would pack other token contexts, so the summed statistics would differ from one process's).
     """
-    eos = tokenizer.eos_token_id
+    sep = document_separator_ids(tokenizer)
     buf: list[int] = []
     blocks: list[list[int]] = []
     n = 0  # blocks packed so far, over all shards
     for text in texts:
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-        buf.extend(ids + ([eos] if eos is not None else []))
+        buf.extend(ids + sep)
         while len(buf) >= max_length:
             if n % num_shards == shard:
                 blocks.append(buf[:max_length])

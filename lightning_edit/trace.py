@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -385,15 +386,7 @@ class FactTrace:
     def role_positions(self) -> dict[str, list[int]]:
         """Token positions of each role (a role may be empty, and roles may share a token:
         a one-token subject is both its first and its last token)."""
-        f, s, p = self.subject_first, self.subject_last, self.prompt_last
-        return {
-            "subject_first": [f],
-            "subject_middle": list(range(f + 1, s)),
-            "subject_last": [s],
-            "after_subject_first": [s + 1] if s + 1 <= p else [],
-            "further": list(range(s + 2, p)),
-            "prompt_last": [p],
-        }
+        return role_positions(self.subject_first, self.subject_last, self.prompt_last)
 
     def to_dict(self) -> dict:
         return {
@@ -406,8 +399,26 @@ class FactTrace:
             "prompt_last": self.prompt_last,
             "clean": self.clean,
             "corrupted": self.corrupted,
-            "effects": [[round(float(v), 6) for v in row] for row in self.effects],
+            "effects": [[None if math.isnan(float(v)) else round(float(v), 6) for v in row] for row in self.effects],
         }
+
+
+def role_positions(f: int, s: int, p: int) -> dict[str, list[int]]:
+    """Token positions of each role for a subject at tokens ``f..s`` and the last prompt token ``p``."""
+    return {
+        "subject_first": [f],
+        "subject_middle": list(range(f + 1, s)),
+        "subject_last": [s],
+        "after_subject_first": [s + 1] if s + 1 <= p else [],
+        "further": list(range(s + 2, p)),
+        "prompt_last": [p],
+    }
+
+
+def _check_roles(roles: Sequence[str] | None) -> None:
+    bad = [r for r in roles or () if r not in ROLES]
+    if bad:
+        raise ValueError(f"unknown token role(s) {bad}; choose from {list(ROLES)}")
 
 
 def restore_cells(layer: int, pos: int, n_layers: int, window: int = 1) -> list[tuple[int, int]]:
@@ -427,19 +438,35 @@ def trace_fact(
     score: Score = "prob",
     window: int = 1,
     batch_size: int = 128,
+    layers: Sequence[int] | None = None,
+    roles: Sequence[str] | None = None,
 ) -> FactTrace:
     """Trace one prepared fact: every (layer, position) from the subject's first token to the
     last prompt token, for every noise sample in ``noise`` ``(S, n_subject_tokens, d_model)``,
-    in ``ceil(S * (1 + n_layers * n_positions) / batch_size)`` forwards."""
+    in ``ceil(S * (1 + n_layers * n_positions) / batch_size)`` forwards.
+
+    ``layers`` and ``roles`` restrict the grid to those layers (the centre of each restored
+    window) and to the positions of those token roles; cells left out are NaN."""
     L = adapter.n_layers
+    _check_roles(roles)
+    layer_list = sorted(set(int(x) for x in layers)) if layers is not None else list(range(L))
+    if not layer_list or not all(0 <= x < L for x in layer_list):
+        raise ValueError(f"layers to trace must lie in 0..{L - 1}, got {layers}")
+    if roles is None:
+        positions = list(range(pf.subject_first, pf.prompt_last + 1))
+    else:
+        rp = role_positions(pf.subject_first, pf.subject_last, pf.prompt_last)
+        positions = sorted({t for r in roles for t in rp[r]})
     logits, states = clean_states(adapter, pf.input_ids, kind)
     clean = float(answer_scores(logits[pf.answer_pos][None], pf.answer_ids, score)[0])
-    positions = range(pf.subject_first, pf.prompt_last + 1)
-    restorations = [()] + [restore_cells(layer, t, L, window) for layer in range(L) for t in positions]
+    restorations = [()] + [restore_cells(layer, t, L, window) for layer in layer_list for t in positions]
     scores = restored_scores(adapter, pf, noise, states, restorations, kind, score, batch_size)
     corrupted = scores[:, 0].mean()
     effects = torch.zeros(L, pf.prompt_last + 1)
-    effects[:, pf.subject_first :] = scores[:, 1:].mean(0).view(L, len(positions)) - corrupted
+    effects[:, pf.subject_first :] = float("nan")
+    if positions:
+        grid = scores[:, 1:].mean(0).view(len(layer_list), len(positions)) - corrupted
+        effects[torch.tensor(layer_list)[:, None], torch.tensor(positions)[None, :]] = grid
     f = pf.fact
     return FactTrace(
         f.case_id, f.rendered_prompt, f.subject, pf.answer, pf.tokens,
@@ -448,20 +475,28 @@ def trace_fact(
 
 
 # ---- aggregation and recommendation ---------------------------------------------------------
+def fact_role_table(ft: FactTrace, n_layers: int) -> torch.Tensor:
+    """``(n_roles, n_layers)``: the fact's mean effect over its tokens of each role (NaN where
+    the fact has no token of the role or the cell was not traced)."""
+    out = torch.full((len(ROLES), n_layers), float("nan"), dtype=torch.float64)
+    for i, pos in enumerate(ft.role_positions().values()):
+        if pos:
+            out[i] = ft.effects[:, pos].double().nanmean(1)
+    return out
+
+
+def per_fact_tables(facts: Sequence[FactTrace], n_layers: int) -> torch.Tensor:
+    """``(n_facts, n_roles, n_layers)`` role tables of all facts (:func:`fact_role_table`)."""
+    return torch.stack([fact_role_table(ft, n_layers) for ft in facts])
+
+
 def aggregate_by_role(facts: Sequence[FactTrace], n_layers: int) -> tuple[torch.Tensor, list[int]]:
     """Mean effect per role and layer: each fact contributes the mean over its tokens of that
-    role, facts without the role are left out. Returns ``(effects (n_roles, n_layers)``
-    (NaN where no fact has the role), ``counts`` per role)."""
-    sums = torch.zeros(len(ROLES), n_layers, dtype=torch.float64)
-    counts = [0] * len(ROLES)
-    for ft in facts:
-        for i, (role, pos) in enumerate(ft.role_positions().items()):
-            if pos:
-                sums[i] += ft.effects[:, pos].double().mean(1)
-                counts[i] += 1
-    c = torch.tensor(counts, dtype=torch.float64).clamp(min=1)[:, None]
-    mean = (sums / c).float()
-    mean[torch.tensor(counts) == 0] = float("nan")
+    role, facts without the role (or cells not traced) are left out. Returns ``(effects
+    (n_roles, n_layers)`` (NaN where no fact has a value), ``counts`` per role)."""
+    tables = per_fact_tables(facts, n_layers)
+    mean = tables.nanmean(0).float()
+    counts = [int(c) for c in (~tables.isnan()).any(-1).sum(0).tolist()]
     return mean, counts
 
 
@@ -469,7 +504,9 @@ def best_window(row: torch.Tensor, width: int) -> tuple[int, float]:
     """Start and mean of the contiguous ``width`` entries of ``row`` ``(n_layers,)`` with the
     highest mean (the earliest on ties)."""
     width = max(1, min(width, row.numel()))
-    means = row.double().unfold(0, width, 1).mean(1)
+    win = row.double().unfold(0, width, 1)
+    means = win.nanmean(1)  # untraced layers (NaN) do not count as zeros
+    means = torch.where(win.isnan().all(1), torch.full_like(means, float("-inf")), means)
     start = int(means.argmax())
     return start, float(means[start])
 
@@ -477,19 +514,38 @@ def best_window(row: torch.Tensor, width: int) -> tuple[int, float]:
 @dataclass
 class Recommendation:
     """Where to edit: the anchor rule (``"subject_last"`` or ``"prompt_last"``), the layers,
-    the mean effect over them at the anchor's role, and why."""
+    the mean effect over them at the anchor's role, and why. ``anchor`` is ``None`` and
+    ``layers`` empty when the effects do not stand clear of the noise (``clear`` False);
+    ``candidate`` then holds the anchor and layers the means alone would have picked."""
 
-    anchor: str
+    anchor: str | None
     layers: list[int]
     window_effect: float
     reason: str
+    clear: bool = True
+    stderr: float | None = None
+    candidate: dict | None = None
 
     def to_dict(self) -> dict:
-        return {"anchor": self.anchor, "layers": self.layers, "window_effect": self.window_effect, "reason": self.reason}
+        return {"anchor": self.anchor, "layers": self.layers, "window_effect": self.window_effect, "reason": self.reason,
+                "clear": self.clear, "stderr": self.stderr, "candidate": self.candidate}
+
+
+def window_stats(per_fact: torch.Tensor, role: str, start: int, width: int) -> tuple[float, float, int]:
+    """Mean, standard error and number of facts of the per-fact mean effect over layers
+    ``start .. start + width - 1`` at ``role`` (``per_fact``: ``(n_facts, n_roles, n_layers)``)."""
+    vals = per_fact[:, ROLES.index(role), start : start + width].double().nanmean(1)
+    vals = vals[~vals.isnan()]
+    n = int(vals.numel())
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    se = float(vals.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("inf")
+    return float(vals.mean()), se, n
 
 
 def recommend(
-    effects: torch.Tensor, total_effect: float, kind: Kind = "hidden", n_layers_window: int = 3, subject_threshold: float = 0.5
+    effects: torch.Tensor, total_effect: float, kind: Kind = "hidden", n_layers_window: int = 3, subject_threshold: float = 0.5,
+    per_fact: torch.Tensor | None = None, noise_z: float = 2.0,
 ) -> Recommendation:
     """Pick the edit anchor and layers from a ``(n_roles, n_layers)`` role table.
 
@@ -504,9 +560,16 @@ def recommend(
       its peak effect reaches ``subject_threshold`` x the total effect (mean clean - mean
       corrupted score), otherwise ``prompt_last`` (the fact is looked up at the last token,
       as in small toy models).
+
+    With ``per_fact`` tables ``(n_facts, n_roles, n_layers)`` the pick is only recommended when
+    it stands clear of the noise: the chosen window's mean effect over facts must exceed
+    ``noise_z`` standard errors (of the per-fact window means), and for ``kind="mlp"`` so must
+    its margin over the other anchor's best window. Otherwise ``anchor`` is ``None`` and the
+    reason says so.
     """
     rows = {role: effects[ROLES.index(role)] for role in ANCHOR_ROLES}
-    windows = {role: best_window(torch.nan_to_num(row), n_layers_window) for role, row in rows.items()}
+    windows = {role: best_window(row if not row.isnan().all() else torch.zeros_like(row), n_layers_window) for role, row in rows.items()}
+    width = max(1, min(n_layers_window, effects.shape[1]))
     if total_effect <= 0:
         anchor = "subject_last"
         reason = "corrupting the subject did not lower the answer's score: inconclusive, kept the default subject_last"
@@ -518,7 +581,7 @@ def recommend(
             f"({windows[anchor][1]:.3g} vs {windows[other][1]:.3g} at the {ROLE_LABELS[other]})"
         )
     else:
-        peak = float(torch.nan_to_num(rows["subject_last"]).max())
+        peak = float(torch.nan_to_num(rows["subject_last"], nan=0.0).max())
         ratio = peak / total_effect
         anchor = "subject_last" if ratio >= subject_threshold else "prompt_last"
         reason = (
@@ -526,8 +589,31 @@ def recommend(
             f"({peak:.3g} of {total_effect:.3g}; threshold {subject_threshold:.0%})"
         )
     start, mean = windows[anchor]
-    width = max(1, min(n_layers_window, effects.shape[1]))
-    return Recommendation(anchor, list(range(start, start + width)), mean, reason)
+    layers = list(range(start, start + width))
+    if per_fact is None or total_effect <= 0:
+        return Recommendation(anchor, layers, mean, reason)
+    m, se, n = window_stats(per_fact, anchor, start, width)
+    problems = []
+    if not (n > 1 and m > noise_z * se):
+        problems.append(f"the effect over layers {layers} at the {ROLE_LABELS[anchor]} ({m:.3g} +- {se:.2g} s.e., {n} facts) "
+                        f"is within {noise_z:g} standard errors of zero")
+    if kind == "mlp" and not problems:
+        other = ANCHOR_ROLES[1 - ANCHOR_ROLES.index(anchor)]
+        o_start = windows[other][0]
+        a = per_fact[:, ROLES.index(anchor), start : start + width].double().nanmean(1)
+        b = per_fact[:, ROLES.index(other), o_start : o_start + width].double().nanmean(1)
+        d = (a - b)[~(a - b).isnan()]
+        if d.numel() > 1:
+            d_se = float(d.std(unbiased=True) / math.sqrt(d.numel()))
+            if not float(d.mean()) > noise_z * d_se:
+                problems.append(f"its margin over the {ROLE_LABELS[other]} ({float(d.mean()):.3g} +- {d_se:.2g} s.e.) is within "
+                                f"{noise_z:g} standard errors")
+    if problems:
+        candidate = {"anchor": anchor, "layers": layers, "window_effect": mean}
+        why = "no recommendation: the effects do not stand clear of the noise (" + "; ".join(problems) + \
+              "); trace more facts or noise samples, a wider --window, or other layers"
+        return Recommendation(None, [], mean, why + f". Means alone: {reason}", clear=False, stderr=se, candidate=candidate)
+    return Recommendation(anchor, layers, mean, reason + f"; {m:.3g} +- {se:.2g} s.e. over {n} facts", stderr=se)
 
 
 # ---- the result ----------------------------------------------------------------------------
@@ -610,11 +696,14 @@ class TraceResult:
             cells = " | ".join("–" if math.isnan(v) else f"{v:.3f}".replace("-0.000", "0.000") for v in row)
             lines.append(f"| {ROLE_LABELS[role]} | {count} | {cells} |")
         r = self.recommendation
-        lines += [
-            "",
-            f"**Recommendation:** anchor `{r.anchor}`, layers {r.layers} "
-            f"(mean effect {r.window_effect:.3f} there): {r.reason}.",
-        ]
+        if r.anchor is None:
+            lines += ["", f"**No recommendation:** {r.reason}."]
+        else:
+            lines += [
+                "",
+                f"**Recommendation:** anchor `{r.anchor}`, layers {r.layers} "
+                f"(mean effect {r.window_effect:.3f} there): {r.reason}.",
+            ]
         if s.get("kind", "hidden") == "hidden":
             lines += [
                 "",
@@ -667,6 +756,29 @@ class TraceResult:
         return paths
 
 
+def load_trace(path: str | Path, noise_z: float | None = None, n_layers_window: int | None = None) -> "TraceResult":
+    """A saved ``trace.json`` (with its facts) as a :class:`TraceResult`, tables and
+    recommendation recomputed by this code (e.g. with another ``noise_z`` or window width)."""
+    d = json.loads(Path(path).read_text())
+    s = dict(d["settings"])
+    if noise_z is not None:
+        s["noise_z"] = noise_z
+    if n_layers_window is not None:
+        s["n_layers_window"] = n_layers_window
+    facts = [FactTrace(f["case_id"], f["prompt"], f["subject"], f["answer"], f["tokens"], f["subject_tokens"][0], f["subject_tokens"][1],
+                       f["prompt_last"], f["clean"], f["corrupted"],
+                       torch.tensor([[float("nan") if v is None else v for v in row] for row in f["effects"]]))
+             for f in d["facts"]]
+    n_layers = len(d["layers"])
+    effects, counts = aggregate_by_role(facts, n_layers)
+    mean_clean = sum(t.clean for t in facts) / len(facts)
+    mean_corrupted = sum(t.corrupted for t in facts) / len(facts)
+    rec = recommend(effects, mean_clean - mean_corrupted, s.get("kind", "hidden"), s.get("n_layers_window", 3),
+                    s.get("subject_threshold", 0.5), per_fact=per_fact_tables(facts, n_layers), noise_z=s.get("noise_z", 2.0))
+    return TraceResult(effects, counts, len(facts), mean_clean, mean_corrupted, rec, s, facts,
+                       [tuple(x) for x in d.get("skipped", [])])
+
+
 # ---- the whole run -------------------------------------------------------------------------
 def sample_facts(items: Sequence, num_facts: int | None, seed: int = 0) -> list:
     """``num_facts`` items drawn without replacement with ``seed``, in their original order
@@ -697,6 +809,9 @@ def run_trace(
     greedy_tokens: int = 1,
     adapter: ModelAdapter | None = None,
     progress: bool = False,
+    layers: Sequence[int] | None = None,
+    roles: Sequence[str] | None = None,
+    noise_z: float = 2.0,
 ) -> TraceResult:
     """Causal tracing over a sample of facts.
 
@@ -719,6 +834,10 @@ def run_trace(
         greedy_tokens: answer length for ``answer="greedy"`` with ``score="logprob"``.
         adapter: a :class:`ModelAdapter` for models whose modules need naming.
         progress: show a progress bar over facts.
+        layers: trace only these layers (window centres; the others are NaN in the tables).
+        roles: trace only the tokens of these roles (e.g. ``["subject_last", "prompt_last"]``).
+        noise_z: recommend only when the chosen window's effect exceeds this many standard
+            errors over facts (see :func:`recommend`).
     """
     from tqdm.auto import tqdm
 
@@ -726,6 +845,7 @@ def run_trace(
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    _check_roles(roles)
     if n_samples < 1 or window < 1:
         raise ValueError(f"n_samples and window must be >= 1, got {n_samples} and {window}")
     adapter = adapter or ModelAdapter(model)
@@ -749,7 +869,7 @@ def run_trace(
                 continue
             n_subj = pf.subject_last - pf.subject_first + 1
             noise = sample_noise(n_samples, n_subj, d_model, std, generator)
-            traces.append(trace_fact(adapter, pf, noise, kind, score, window, batch_size))
+            traces.append(trace_fact(adapter, pf, noise, kind, score, window, batch_size, layers=layers, roles=roles))
     finally:
         model.train(was_training)
     if not traces:
@@ -757,11 +877,13 @@ def run_trace(
     effects, counts = aggregate_by_role(traces, adapter.n_layers)
     mean_clean = sum(t.clean for t in traces) / len(traces)
     mean_corrupted = sum(t.corrupted for t in traces) / len(traces)
-    rec = recommend(effects, mean_clean - mean_corrupted, kind, n_layers_window, subject_threshold)
+    rec = recommend(effects, mean_clean - mean_corrupted, kind, n_layers_window, subject_threshold,
+                    per_fact=per_fact_tables(traces, adapter.n_layers), noise_z=noise_z)
     settings = {
         "kind": kind, "score": score, "answer": answer, "noise_factor": noise_factor, "noise_std": std,
         "n_samples": n_samples, "seed": seed, "window": window, "n_layers_window": n_layers_window,
-        "subject_threshold": subject_threshold,
+        "subject_threshold": subject_threshold, "layers": sorted(set(layers)) if layers is not None else None,
+        "roles": list(roles) if roles is not None else None, "noise_z": noise_z,
     }
     return TraceResult(effects, counts, len(traces), mean_clean, mean_corrupted, rec, settings, traces, skipped)
 
@@ -788,12 +910,31 @@ def load_facts(path: str | Path) -> list[EditRequest | Fact]:
 _DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def parse_layers(spec: str) -> list[int]:
+    """``"0-15"``, ``"2,4,6"``, ``"0-29:3"`` (every 3rd) or combinations like ``"0-4,10"``."""
+    out: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        rng, _, step = part.partition(":")
+        try:
+            if "-" in rng:
+                a, b = (int(x) for x in rng.split("-", 1))
+                out.extend(range(a, b + 1, int(step) if step else 1))
+            else:
+                out.append(int(rng))
+        except ValueError:
+            raise ValueError(f"--layers {spec!r}: cannot read {part!r} (use e.g. '0-15', '2,4,6' or '0-29:3')") from None
+    return sorted(set(out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lightning-edit trace",
         description="Causal tracing (ROME): where does the model recall facts? Writes trace.md, trace.json, trace.png.",
     )
-    p.add_argument("--model", required=True, help="hub id or local path of a causal LM")
+    p.add_argument("--model", required=True, help="hub id, local path, .gguf file or built-in name (smollm2:135m-instruct) of a causal LM")
     p.add_argument(
         "--dataset", required=True,
         help="JSON / JSONL file (or directory, dataset id) of edit records: CounterFact, ZsRE, factworld or prompt/subject/target dicts",
@@ -806,11 +947,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--answer", choices=["greedy", "true"], default="greedy",
                    help="trace the model's own answer or the true object")
     p.add_argument("--kind", choices=["hidden", "mlp"], default="hidden", help="restore block outputs or MLP outputs")
-    p.add_argument("--window", type=int, default=1, help="layers restored together per cell")
+    p.add_argument("--window", type=int, default=1,
+                   help="layers restored together per cell, centred (ROME restores 10 MLP layers; single MLP layers of real models often show nothing)")
+    p.add_argument("--layers", default=None, help="trace only these layers (window centres): '0-15', '2,4,6' or '0-9:3' (start-stop:step)")
+    p.add_argument("--roles", default=None,
+                   help=f"trace only the tokens of these roles, comma-separated, from {','.join(ROLES)} (e.g. subject_last,prompt_last)")
+    p.add_argument("--noise_z", type=float, default=2.0, help="recommend only when the effect exceeds this many standard errors over facts")
+    p.add_argument("--gguf_file", default=None, help="GGUF file inside --model (a --model path ending in .gguf works too)")
+    p.add_argument("--chat_template", action="store_true", help="render prompts as chat turns (instruct models)")
     p.add_argument("--n_layers_window", type=int, default=3, help="width of the recommended layer window")
     p.add_argument("--batch_size", type=int, default=128, help="rows per batched forward")
     p.add_argument("--out", default="logs/trace", help="output directory")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="auto")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="auto", help="auto: float32")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     p.add_argument("--layer_template", default=None, help="module name of block {} for unknown architectures")
     p.add_argument("--mlp_down_template", default=None, help="module name of block {}'s MLP down projection")
@@ -819,18 +967,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``lightning-edit trace``: trace a sample of facts and write the report."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .module import load_pretrained
+    from .resources import resolve
 
     args = build_parser().parse_args(argv)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=_DTYPES[args.dtype]).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model, tokenizer = load_pretrained(args.model, "float32" if args.dtype == "auto" else args.dtype, gguf_file=args.gguf_file)
+    model = model.to(device)
     adapter = ModelAdapter(model, args.layer_template, args.mlp_down_template)
-    facts = load_facts(args.dataset)
+    facts = load_facts(resolve(args.dataset))
+    if args.chat_template:
+        from .chat import chat_prompt
+
+        facts = [dataclasses.replace(f, prompt=chat_prompt(tokenizer, f.prompt)) for f in (as_fact(x, i) for i, x in enumerate(facts))]
+    roles = [r.strip() for r in args.roles.split(",") if r.strip()] if args.roles else None
     result = run_trace(
         model, tokenizer, facts, n_samples=args.n_samples, noise_factor=args.noise_factor, seed=args.seed,
         num_facts=args.num_facts or None, score=args.score, answer=args.answer, kind=args.kind, window=args.window,
         n_layers_window=args.n_layers_window, batch_size=args.batch_size, adapter=adapter, progress=True,
+        layers=parse_layers(args.layers) if args.layers else None, roles=roles, noise_z=args.noise_z,
     )
     result.settings["model"] = args.model
     result.settings["dataset"] = str(args.dataset)

@@ -118,3 +118,39 @@ def test_projector_cache(tokenizer, corpus_file, tmp_path):
     assert torch.equal(p1[1], p2[1]) and i1[1]["rank"] == i2[1]["rank"]
     p3, i3 = projectors(ad, m, cfg, 0.2, "relative")
     assert i3[1]["rank"] > i1[1]["rank"]
+
+
+def test_fingerprint_of_tensors_above_2_pow_24_elements():
+    """SmolLM2's embedding (49,152 x 576 = 28,311,552 entries): a float32 linspace index rounded
+    past the end (IndexError); the sample must also reach the first and the last entry."""
+    from lightning_edit.stats import tensor_fingerprint
+
+    t = torch.zeros(49152 * 576, dtype=torch.int8)
+    base = tensor_fingerprint(t)
+    for pos in (0, t.numel() - 1):
+        u = t.clone()
+        u[pos] = 1
+        assert tensor_fingerprint(u) != base, pos
+    assert tensor_fingerprint(t.clone()) == base
+
+
+def test_packer_separates_documents_not_turns():
+    """An instruct tokenizer's EOS is its end-of-turn token: texts are packed with the document
+    separator (here ``<|endoftext|>``), never with a token of the chat template."""
+    from conftest import make_tokenizer
+    from lightning_edit.stats import document_separator_ids
+
+    tok = make_tokenizer()
+    doc = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert document_separator_ids(tok) == [doc]  # a base model: EOS is the separator
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    turn = tok.convert_tokens_to_ids("<|im_end|>")
+    texts = ["Paris is a city.", "Rome is a city too."]
+    blocks = list(packed_blocks(tok, iter(texts), max_length=1000, batch_size=1))
+    ids = torch.cat([b.reshape(-1) for b in blocks]).tolist()
+    assert turn not in ids
+    first = tok(texts[0])["input_ids"]
+    assert ids[: len(first) + 1] == first + [doc]
+    assert ids.count(doc) == 2

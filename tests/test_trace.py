@@ -313,3 +313,88 @@ def test_load_facts_reads_benchmark_files(tmp_path):
     bad.write_text(json.dumps([{"question": "?"}]))
     with pytest.raises(ValueError):
         load_facts(bad)
+
+
+def test_restricted_layers_and_roles_match_the_full_grid(model, tokenizer):
+    adapter = ModelAdapter(model)
+    pf = prepare_fact(adapter, tokenizer, FACTS[0], answer="true")
+    noise = sample_noise(3, pf.subject_last - pf.subject_first + 1, 32, embedding_noise_std(model, 3.0), torch.Generator().manual_seed(5))
+    full = trace_fact(adapter, pf, noise, kind="mlp", window=2)
+    part = trace_fact(adapter, pf, noise, kind="mlp", window=2, layers=[1, 2], roles=["subject_last", "prompt_last"])
+    cols = [pf.subject_last, pf.prompt_last]
+    torch.testing.assert_close(part.effects[1:3][:, cols], full.effects[1:3][:, cols], atol=1e-6, rtol=1e-5)
+    assert part.corrupted == pytest.approx(full.corrupted, abs=1e-7)
+    untraced = torch.ones_like(part.effects, dtype=torch.bool)
+    untraced[1:3, cols] = False
+    untraced[:, : pf.subject_first] = False  # before the subject: 0 by construction
+    assert part.effects[untraced].isnan().all()
+    with pytest.raises(ValueError, match="unknown token role"):
+        trace_fact(adapter, pf, noise, roles=["subject"])
+    with pytest.raises(ValueError, match="layers to trace"):
+        trace_fact(adapter, pf, noise, layers=[99])
+
+
+def test_run_trace_tables_leave_untraced_layers_empty(model, tokenizer):
+    res = run_trace(model, tokenizer, FACTS, n_samples=2, kind="mlp", layers=[0, 2], roles=["prompt_last"])
+    assert res.effects[:, 1].isnan().all()
+    assert not res.effects[ROLES.index("prompt_last"), [0, 2]].isnan().any()
+    assert res.effects[ROLES.index("subject_last")].isnan().all()
+    assert res.settings["layers"] == [0, 2] and res.settings["roles"] == ["prompt_last"]
+
+
+def test_recommend_only_when_clear_of_noise():
+    L, n = 6, 12
+    gen = torch.Generator().manual_seed(0)
+    eff_rows = torch.zeros(n, len(ROLES), L)
+    # pure noise: per-fact effects scatter around zero
+    eff_rows[:, ROLES.index("subject_last")] = torch.randn(n, L, generator=gen) * 0.05
+    eff_rows[:, ROLES.index("prompt_last")] = torch.randn(n, L, generator=gen) * 0.05
+    rec = recommend(eff_rows.nanmean(0), 0.3, kind="mlp", n_layers_window=2, per_fact=eff_rows.double())
+    assert rec.anchor is None and rec.layers == [] and not rec.clear
+    assert "noise" in rec.reason and rec.candidate["anchor"] in ("subject_last", "prompt_last")
+    # a consistent effect at the subject's last token in layers 2-3
+    eff_rows[:, ROLES.index("subject_last"), 2:4] += 0.3
+    rec = recommend(eff_rows.nanmean(0), 0.3, kind="mlp", n_layers_window=2, per_fact=eff_rows.double())
+    assert rec.clear and rec.anchor == "subject_last" and rec.layers == [2, 3]
+
+
+def test_parse_layers():
+    from lightning_edit.trace import parse_layers
+
+    assert parse_layers("0-3") == [0, 1, 2, 3]
+    assert parse_layers("2,4,6") == [2, 4, 6]
+    assert parse_layers("0-9:3,20") == [0, 3, 6, 9, 20]
+    with pytest.raises(ValueError, match="--layers"):
+        parse_layers("a-b")
+
+
+def test_cli_restricted_trace(model, tokenizer, tmp_path):
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "facts.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f.prompt, "subject": f.subject, "target": f.answer}) for f in FACTS))
+    out = tmp_path / "trace"
+    assert main(["--model", str(model_dir), "--dataset", str(data), "--n_samples", "2", "--out", str(out), "--kind", "mlp",
+                 "--window", "2", "--layers", "1-2", "--roles", "subject_last,prompt_last", "--answer", "true"]) == 0
+    report = json.loads((out / "trace.json").read_text())
+    assert report["settings"]["layers"] == [1, 2] and report["settings"]["window"] == 2
+    assert report["effects"][ROLES.index("prompt_last")][0] is None
+    md = (out / "trace.md").read_text()
+    assert "Recommendation:**" in md
+
+
+def test_saved_trace_reloads_with_the_same_tables(model, tokenizer, tmp_path):
+    from lightning_edit.trace import load_trace
+
+    res = run_trace(model, tokenizer, FACTS, n_samples=2, kind="mlp", layers=[0, 2], roles=["subject_last", "prompt_last"])
+    paths = res.save(tmp_path / "t")
+    assert "NaN" not in paths["json"].read_text()  # untraced cells are null: standard JSON
+    again = load_trace(paths["json"])
+    torch.testing.assert_close(again.effects, res.effects, equal_nan=True, atol=1e-5, rtol=0)
+    assert again.recommendation.anchor == res.recommendation.anchor
+
+
+def test_best_window_skips_untraced_layers():
+    nan = float("nan")
+    assert best_window(torch.tensor([0.3, nan, nan, 0.1, nan, nan]), 3) == (0, pytest.approx(0.3))

