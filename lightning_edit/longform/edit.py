@@ -124,20 +124,15 @@ def evaluate_longform(model: nn.Module, tokenizer, requests: Sequence[LongFormRe
         logits = model(input_ids=ids, use_cache=False).logits[0]
         acc.update(token_correct(logits, ids[0], list(c.answer_tokens)).cpu())
     out["longform/token_accuracy"] = float(acc.compute())
+    # short questions about the edited knowledge: does the generation contain the answer?
     subs = [(q, a) for r in requests for q, a in zip(r.sub_questions, r.sub_answers)]
-    if subs:
-        sm = AnswerContained()
-        sg = greedy_generate(model, tokenizer, [prompt_and_answer(tokenizer, q, "", chat_template, system)[0] for q, _ in subs],
-                             max_new_tokens=32, batch_size=batch_size)
-        sm.update(sg, [a for _, a in subs])
-        out["longform/sub_question_accuracy"] = float(sm.compute())
     hops = [(q, [r.multihop_answer, *r.multihop_answer_aliases]) for r in requests for q in r.multihop_questions if r.multihop_answer]
-    if hops:
-        hm = AnswerContained()
-        hg = greedy_generate(model, tokenizer, [prompt_and_answer(tokenizer, q, "", chat_template, system)[0] for q, _ in hops],
-                             max_new_tokens=32, batch_size=batch_size)
-        hm.update(hg, [a for _, a in hops])
-        out["longform/multihop_accuracy"] = float(hm.compute())
+    for name, pairs in (("sub_question_accuracy", subs), ("multihop_accuracy", hops)):
+        if pairs:
+            m = AnswerContained()
+            prompts = [prompt_and_answer(tokenizer, q, "", chat_template, system)[0] for q, _ in pairs]
+            m.update(greedy_generate(model, tokenizer, prompts, max_new_tokens=32, batch_size=batch_size), [a for _, a in pairs])
+            out[f"longform/{name}"] = float(m.compute())
     return (out, _texts(requests, pa, gens, para, para_gens)) if return_texts else out
 
 
