@@ -145,6 +145,7 @@ class Editor:
         reqs = _as_requests(requests, seen={r.case_id for r in applied}, start=len(applied))
         if not reqs:
             return {}
+        reqs = self.module.prepare_requests(reqs)  # chat turns when the module has chat_template on
         self.module.check_lengths(reqs, prefixes=True)
         self.prepare()
         rb, res = self.module.compute_residuals(reqs)
@@ -180,7 +181,7 @@ class Editor:
 
     def evaluate(self, requests: Sequence[EditRequest | Mapping[str, Any]] | None = None) -> dict[str, float]:
         """Edit metrics on ``requests`` (default: everything applied so far)."""
-        reqs = self.module.edit_history if requests is None else _as_requests(requests)
+        reqs = self.module.edit_history if requests is None else self.module.prepare_requests(_as_requests(requests))
         return self.module.evaluate(reqs)
 
     def save(self, path: str | Path) -> Path:

@@ -140,3 +140,18 @@ def test_builtin_model_refuses_a_file_with_the_wrong_sha256(tiny_gguf, tmp_path,
         hfmodels.ensure_model(spec.name, tmp_path)
     with pytest.raises(ValueError, match="unknown built-in model"):
         hfmodels.ensure_model("nope", tmp_path)
+
+
+def test_api_applies_chat_wrapped_requests(tiny_gguf, corpus_file, tmp_path):
+    """The notebook API renders fact requests as chat turns like the CLI does."""
+    from lightning_edit.api import Editor
+
+    _, path = tiny_gguf
+    ed = Editor.from_pretrained(str(path), layers=[0, 1], method="memit", method_kwargs={"lam": 1.0},
+                                residual={"steps": 2, "anchor": "prompt_last", "kl_factor": 0.0},
+                                stats={"corpus": str(corpus_file), "corpus_name": None, "n_samples": 100, "max_length": 32,
+                                       "cache_dir": str(tmp_path / "stats")},
+                                context_prefixes=0, chat_template=True)
+    ed.apply(counterfactual_requests(2))
+    assert all(r.prompt.startswith("<|im_start|>") for r in ed.module.edit_history)
+    assert "edit/efficacy" in ed.evaluate(counterfactual_requests(2, start=2))
