@@ -109,6 +109,18 @@ def memit_update(
     return _check_finite(x.T, "MEMIT update")
 
 
+def _alphaedit_system(k: torch.Tensor, projector: torch.Tensor, prev_kkt: torch.Tensor | None, l2: float,
+                      solve_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, P (K K^T + K_p K_p^T) + l2 I)`` in ``solve_dtype``: the projector and the left-hand
+    side shared by :func:`alphaedit_update` and :func:`alphaedit_factors`."""
+    p = projector.to(solve_dtype)
+    kkt = k.T @ k
+    if prev_kkt is not None:
+        kkt = kkt + prev_kkt.to(solve_dtype)
+    eye = torch.eye(p.shape[0], dtype=solve_dtype, device=p.device)
+    return p, p @ kkt + l2 * eye
+
+
 def alphaedit_update(
     keys: torch.Tensor,
     resid: torch.Tensor,
@@ -132,12 +144,8 @@ def alphaedit_update(
         ``(d_model, d_k)`` update.
     """
     k, r = keys.to(solve_dtype), resid.to(solve_dtype)
-    p = projector.to(solve_dtype)
-    kkt = k.T @ k
-    if prev_kkt is not None:
-        kkt = kkt + prev_kkt.to(solve_dtype)
-    eye = torch.eye(p.shape[0], dtype=solve_dtype, device=p.device)
-    x = torch.linalg.solve(p @ kkt + l2 * eye, p @ (k.T @ r))  # (d_k, d_model)
+    p, lhs = _alphaedit_system(k, projector, prev_kkt, l2, solve_dtype)
+    x = torch.linalg.solve(lhs, p @ (k.T @ r))  # (d_k, d_model)
     return _check_finite((p @ x).T, "AlphaEdit update")
 
 
@@ -164,11 +172,7 @@ def alphaedit_factors(keys: torch.Tensor, resid: torch.Tensor, projector: torch.
     ``X = (P (K K^T + K_p K_p^T) + l2 I)^-1 P K R^T`` is ``R^T G^T``, ``G = P (.)^-1 P K`` ``(d_k, n)``:
     ``U = resid^T``, ``V = G^T`` (whose rows lie in the range of ``P``)."""
     k, r = keys.to(solve_dtype), resid.to(solve_dtype)
-    p = projector.to(solve_dtype)
-    kkt = k.T @ k
-    if prev_kkt is not None:
-        kkt = kkt + prev_kkt.to(solve_dtype)
-    eye = torch.eye(p.shape[0], dtype=solve_dtype, device=p.device)
-    g = p @ torch.linalg.solve(p @ kkt + l2 * eye, p @ k.T)  # (d_k, n)
+    p, lhs = _alphaedit_system(k, projector, prev_kkt, l2, solve_dtype)
+    g = p @ torch.linalg.solve(lhs, p @ k.T)  # (d_k, n)
     u, v = r.T.float().contiguous(), g.T.float().contiguous()
     return _check_finite(u, "AlphaEdit update"), _check_finite(v, "AlphaEdit update")
