@@ -176,3 +176,54 @@ def alphaedit_factors(keys: torch.Tensor, resid: torch.Tensor, projector: torch.
     g = p @ torch.linalg.solve(lhs, p @ k.T)  # (d_k, n)
     u, v = r.T.float().contiguous(), g.T.float().contiguous()
     return _check_finite(u, "AlphaEdit update"), _check_finite(v, "AlphaEdit update")
+
+
+# ---- AlphaEdit with a maintained inverse (Woodbury) -------------------------------------------
+# The system of batch b is A_{b-1} + P K_b^T K_b with A = P C + l2 I, C = K_p K_p^T of the
+# batches before (rows-are-samples K). A grows by a rank-n term after every batch (C += K'^T K',
+# K' = the keys after the update), so its inverse B = A^-1 can be kept up to date in O(d_k^2 n)
+# per batch (Woodbury) instead of an O(d_k^3) solve per batch and layer. At the start of a
+# stream C = 0 and B = I / l2 exactly.
+
+
+def alphaedit_base_inverse(projector: torch.Tensor, prev_kkt: torch.Tensor | None, l2: float,
+                           solve_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``B = (P C + l2 I)^-1`` computed directly (``C = K_p K_p^T``; ``None`` = zero: ``I / l2``)."""
+    d = projector.shape[0]
+    eye = torch.eye(d, dtype=solve_dtype, device=projector.device)
+    if prev_kkt is None:
+        return eye / l2
+    a = projector.to(solve_dtype) @ prev_kkt.to(device=projector.device, dtype=solve_dtype) + l2 * eye
+    return torch.linalg.solve(a, eye)
+
+
+def _woodbury_apply(base_inv: torch.Tensor, pk: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B U, (I + K B U)^-1)`` for ``U = pk`` ``(d_k, n)`` and rows-are-samples ``k`` ``(n, d_k)``:
+    ``(A + U K)^-1 U = B U (I + K B U)^-1`` with ``B = A^-1``."""
+    bu = base_inv @ pk  # (d_k, n)
+    small = torch.eye(k.shape[0], dtype=bu.dtype, device=bu.device) + k @ bu
+    return bu, torch.linalg.inv(small)
+
+
+def alphaedit_factors_woodbury(keys: torch.Tensor, resid: torch.Tensor, projector: torch.Tensor, base_inv: torch.Tensor
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`alphaedit_factors` from the maintained ``base_inv = (P C + l2 I)^-1`` (in the solve
+    dtype): ``G = P (A + P K^T K)^-1 P K^T = P B P K^T (I + K B P K^T)^-1`` in ``O(d_k^2 n)``."""
+    dt = base_inv.dtype
+    k, r, p = keys.to(dt), resid.to(dt), projector.to(dt)
+    pk = p @ k.T  # (d_k, n)
+    bu, small_inv = _woodbury_apply(base_inv, pk, k)
+    g = p @ (bu @ small_inv)  # (d_k, n)
+    u, v = r.T.float().contiguous(), g.T.float().contiguous()
+    return _check_finite(u, "AlphaEdit update"), _check_finite(v, "AlphaEdit update")
+
+
+def alphaedit_inverse_commit(base_inv: torch.Tensor, keys_after: torch.Tensor, projector: torch.Tensor) -> torch.Tensor:
+    """``B`` after ``C += K'^T K'``: ``(A + P K'^T K')^-1 = B - B P K'^T (I + K' B P K'^T)^-1 K' B``."""
+    dt = base_inv.dtype
+    k, p = keys_after.to(device=base_inv.device, dtype=dt), projector.to(dt)
+    if k.shape[0] == 0:
+        return base_inv
+    bu, small_inv = _woodbury_apply(base_inv, p @ k.T, k)
+    out = base_inv - (bu @ small_inv) @ (k @ base_inv)
+    return _check_finite(out, "AlphaEdit inverse update")

@@ -177,15 +177,20 @@ class EditLedger:
         return removed
 
     # ---- rebuilding ---------------------------------------------------------------------
+    def keys_per_batch(self, layers: Sequence[int], device=None):
+        """Each batch's keys after its update ``{layer: (n, d_k)}``, in stream order."""
+        for r in self.records:
+            t = self.tensors(r)
+            yield {l: t[f"keys.{l}"].to(device) for l in layers}
+
     def prev_kkt(self, layers: Sequence[int], device=None) -> dict[int, torch.Tensor]:
         """``K_p K_p^T`` per layer, summed over the batches in stream order (bit-identical to the
         live accumulation, :func:`lightning_edit.update.accumulate_kkt`)."""
         from .update import accumulate_kkt
 
         out: dict[int, torch.Tensor] = {}
-        for r in self.records:
-            t = self.tensors(r)
-            out = accumulate_kkt(out, {l: t[f"keys.{l}"].to(device) for l in layers})
+        for keys in self.keys_per_batch(layers, device):
+            out = accumulate_kkt(out, keys)
         return out
 
     @torch.no_grad()

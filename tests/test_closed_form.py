@@ -90,3 +90,66 @@ def test_non_finite_update_refused():
     keys = torch.tensor([[float("nan"), 1.0]])
     with pytest.raises(NonFiniteUpdateError):
         memit_update(keys, torch.ones(1, 2), torch.eye(2), 1.0)
+
+
+def _stream(batches=40, d_k=48, d_v=16, n=6, seed=3):
+    """Anisotropic keys (scales over 1.5 decades, as real keys), a projector of rank 30."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d_k, d_k, generator=g, dtype=torch.float64))
+    proj = q[:, :30] @ q[:, :30].T
+    scale = torch.logspace(0, 1.5, d_k, dtype=torch.float64)
+    out = []
+    for _ in range(batches):
+        k = torch.randn(n, d_k, generator=g, dtype=torch.float64) * scale
+        out.append((k, torch.randn(n, d_v, generator=g, dtype=torch.float64), k + 0.05 * torch.randn(n, d_k, generator=g, dtype=torch.float64)))
+    return proj, out
+
+
+def test_woodbury_factors_match_the_direct_solve_over_a_stream():
+    from lightning_edit.closed_form import (alphaedit_base_inverse, alphaedit_factors, alphaedit_factors_woodbury,
+                                            alphaedit_inverse_commit)
+
+    proj, stream = _stream()
+    l2 = 10.0
+    b = alphaedit_base_inverse(proj, None, l2)
+    assert torch.equal(b, torch.eye(proj.shape[0], dtype=torch.float64) / l2)
+    c = None
+    for keys, resid, keys_after in stream:
+        u1, v1 = alphaedit_factors(keys, resid, proj, c, l2)
+        u2, v2 = alphaedit_factors_woodbury(keys, resid, proj, b)
+        assert torch.equal(u1, u2)
+        torch.testing.assert_close(v2, v1, rtol=1e-5, atol=1e-7)
+        c = keys_after.T @ keys_after + (c if c is not None else 0)
+        b = alphaedit_inverse_commit(b, keys_after, proj)
+    # 40 rank-6 Woodbury steps stay on the directly computed inverse
+    torch.testing.assert_close(b, alphaedit_base_inverse(proj, c, l2), rtol=1e-9, atol=1e-12)
+    # the woodbury update is the AlphaEdit update: it leaves the preserved (null-space) keys alone
+    delta = (u2.double() @ v2.double())
+    null_dir = torch.eye(proj.shape[0], dtype=torch.float64) - proj
+    assert float((delta @ null_dir).norm()) < 1e-5 * float(delta.norm())
+
+
+def test_alphaedit_method_solvers_agree_and_reset_is_bit_identical():
+    from lightning_edit.update import AlphaEditMethod
+
+    proj, stream = _stream(batches=12)
+    proj = proj.float()
+    live = AlphaEditMethod(l2=10.0, projectors={3: proj})
+    direct = AlphaEditMethod(l2=10.0, projectors={3: proj}, solver="direct")
+    after = []
+    for keys, resid, keys_after in stream:
+        k, r, ka = keys.float(), resid.float(), keys_after.float()
+        u1, v1 = live.factors(3, k, r)
+        u2, v2 = direct.factors(3, k, r)
+        torch.testing.assert_close(v1, v2, rtol=1e-4, atol=1e-6)
+        live.commit({3: ka})
+        direct.commit({3: ka})
+        after.append({3: ka})
+    assert torch.equal(live.prev_kkt[3], direct.prev_kkt[3])
+    rebuilt = AlphaEditMethod(l2=10.0, projectors={3: proj})
+    rebuilt.reset(iter(after))  # what a resume from the ledger does
+    assert torch.equal(rebuilt.inverse[3], live.inverse[3]) and torch.equal(rebuilt.prev_kkt[3], live.prev_kkt[3])
+    k, r, _ = stream[0]
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.factors(3, k.float(), r.float()), live.factors(3, k.float(), r.float())))
+    with pytest.raises(ValueError, match="solver"):
+        AlphaEditMethod(l2=1.0, projectors={}, solver="lu")
