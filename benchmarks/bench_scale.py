@@ -183,6 +183,9 @@ class Settings:
     solve_dtype: str = "float64"
     length_buckets: int = 2
     bucket_sweep: str = ""
+    attn_sweep: str = ""
+    sdpa_backends: str = "auto"
+    solver: str = "woodbury"
     profile_steps: int = 0
     stream_batches: int = 0
     stream_steps: int = 5
@@ -210,10 +213,10 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
     g = torch.Generator().manual_seed(1)
     prefixes = [words(g, s.prefix_len, vocab) + " " for _ in range(s.prefixes)]
     cfg = ResidualConfig(lr=shape.lr, steps=s.steps, early_stop_loss=0.0, clamp_norm_factor=4.0, kl_factor=0.0625,
-                         anchor="subject_last", length_buckets=s.length_buckets)
+                         anchor="subject_last", length_buckets=s.length_buckets, sdpa_backends=s.sdpa_backends)
     solve = {"float32": torch.float32, "float64": torch.float64}[s.solve_dtype]
     projs = {l: random_projector(d_k, s.keep, device, seed=l) for l in layers}
-    method = AlphaEditMethod(l2=s.l2, projectors=projs, solve_dtype=solve)
+    method = AlphaEditMethod(l2=s.l2, projectors=projs, solve_dtype=solve, solver=s.solver)
 
     def edit_batch(requests, c: ResidualConfig, timer: PhaseTimer | None):
         rb = build_residual_batch(tok, requests, prefixes, c.anchor)
@@ -247,6 +250,25 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
             optimize_residuals(adapter, build_residual_batch(tok, reqs, prefixes, cfg.anchor), z_layer, replace(cfg, length_buckets=b))
         sweep[b] = tb.seconds["z"] * 100 / s.edits
         log(f"[{name}] z optimization with {b} length buckets: {sweep[b]:.2f} s per 100 edits")
+    # z optimization of the same batch with other attention kernels ("eager": transformers' own
+    # attention; the others: torch SDPA restricted to those backends)
+    attn = {}
+    for a in [x.strip() for x in s.attn_sweep.split(",") if x.strip()]:
+        tb = PhaseTimer(device)
+        try:
+            if a == "eager":
+                model.set_attn_implementation("eager")
+            c = replace(cfg, sdpa_backends="auto" if a == "eager" else a.replace("+", ","))
+            with tb("z"):
+                optimize_residuals(adapter, build_residual_batch(tok, reqs, prefixes, cfg.anchor), z_layer, c)
+            attn[a] = tb.seconds["z"] * 100 / s.edits
+            log(f"[{name}] z optimization with attention {a}: {attn[a]:.2f} s per 100 edits")
+        except Exception as err:  # a kernel that refuses the shape is a result too
+            attn[a] = None
+            log(f"[{name}] z optimization with attention {a}: failed ({type(err).__name__}: {str(err)[:200]})")
+        finally:
+            if a == "eager":
+                model.set_attn_implementation("sdpa")
     profile = None
     if s.profile_steps:
         from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -309,7 +331,21 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
         with tt("s"):
             alphaedit_update(keys[z_layer], resid, projs[z_layer], method.prev_kkt[z_layer], s.l2, dt)
         solve_s[dname] = tt.seconds["s"]
-    log(f"[{name}] one-layer solve: float32 {solve_s['float32']:.3f} s, float64 {solve_s['float64']:.3f} s")
+    # the factored solve as the engine runs it: direct vs the maintained inverse (Woodbury)
+    from lightning_edit.closed_form import alphaedit_factors, alphaedit_factors_woodbury
+
+    base_inv = method._base_inverse(z_layer, device) if s.solver == "woodbury" else None
+    for dname, fn in (("factors_direct", lambda: alphaedit_factors(keys[z_layer], resid, projs[z_layer], method.prev_kkt[z_layer], s.l2, solve)),
+                      ("factors_woodbury", (lambda: alphaedit_factors_woodbury(keys[z_layer], resid, projs[z_layer], base_inv))
+                       if base_inv is not None else None)):
+        if fn is None:
+            continue
+        fn()  # warm
+        tt = PhaseTimer(device)
+        with tt("s"):
+            fn()
+        solve_s[dname] = tt.seconds["s"]
+    log(f"[{name}] one-layer solve: " + ", ".join(f"{k} {v:.3f} s" for k, v in solve_s.items()))
 
     eigh_s = None
     if time_eigh:
@@ -342,6 +378,7 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
     peak_gb = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     proj_gb = sum(p.numel() * p.element_size() for p in projs.values()) / 1e9
     kkt_gb = sum(p.numel() * p.element_size() for p in method.prev_kkt.values()) / 1e9
+    inv_gb = sum(p.numel() * p.element_size() for p in method.inverse.values()) / 1e9
     out = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "shape": name,
@@ -359,6 +396,9 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
         "z_s_per_100_edits_subset": {k: v * scale for k, v in sub_s.items()},
         "z_subset_requests": len(sub),
         "z_s_per_100_edits_by_length_buckets": sweep,
+        "z_s_per_100_edits_by_attention": attn,
+        "solver": s.solver,
+        "sdpa_backends": s.sdpa_backends,
         "stream": stream,
         "length_buckets": s.length_buckets,
         "delta_max_rel_diff_fast_vs_full_forward": delta_rel_diff,
@@ -379,12 +419,14 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
         "model_gb": model_gb,
         "projectors_gb": proj_gb,
         "kpkpt_gb": kkt_gb,
+        "inverse_gb": inv_gb,
         "model_build_s": build_s,
         "settings": asdict(s),
     }
     log(f"[{name}] {out['s_per_100_edits']:.2f} s per 100 edits (one request at a time: "
         f"{out['s_per_100_edits_one_at_a_time']:.2f} s, ratio {out['s_per_100_edits_one_at_a_time'] / out['s_per_100_edits']:.2f}x); "
-        f"peak memory {peak_gb if peak_gb is None else round(peak_gb, 1)} GB (model {model_gb:.1f}, projectors {proj_gb:.1f}, K_p K_p^T {kkt_gb:.1f})")
+        f"peak memory {peak_gb if peak_gb is None else round(peak_gb, 1)} GB (model {model_gb:.1f}, projectors {proj_gb:.1f}, K_p K_p^T {kkt_gb:.1f}, "
+        f"inverses {inv_gb:.1f})")
     del model, adapter, method, projs
     if device.type == "cuda":
         torch.cuda.empty_cache()

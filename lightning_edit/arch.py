@@ -275,6 +275,29 @@ class ModelAdapter:
                 else:
                     block.forward = fwd
 
+    def body_and_head(self):
+        """``(body, head)`` with ``model(x).logits == head(body(x).last_hidden_state)``: the
+        decoder without its LM head, and the head alone, so a caller can run the head (and its
+        softmax over the vocabulary) on exactly the positions a loss reads. ``None`` when this
+        model's logits are more than its output embedding of the last hidden state (logit
+        scaling, soft-capping, ...). Checked once per adapter on a two-token input."""
+        if not hasattr(self, "_body_head"):
+            self._body_head = None
+            try:
+                body, head = self.model.get_decoder(), self.model.get_output_embeddings()
+            except (AttributeError, NotImplementedError):
+                body = head = None
+            if body is not None and head is not None and body is not self.model:
+                p = next(self.model.parameters())
+                ids = torch.tensor([[1, 2]], device=p.device)
+                with torch.no_grad():
+                    want = self.model(input_ids=ids, use_cache=False).logits.float()
+                    got = head(body(input_ids=ids, use_cache=False).last_hidden_state).float()
+                tol = 1e-3 * float(want.abs().max().clamp_min(1.0))
+                if got.shape == want.shape and float((got - want).abs().max()) <= tol:
+                    self._body_head = (body, head)
+        return self._body_head
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw):
         """Run the model; returns its output, or ``None`` when a hook stopped it early."""
         try:

@@ -88,7 +88,8 @@ def _require_packages():
 
 
 def candidate_facts(min_city_population: int = 300_000, max_cities_per_country: int = 12,
-                    min_us_city_population: int = 100_000, min_continent_city_population: int = 150_000) -> list[tuple[str, str, str]]:
+                    min_us_city_population: int = 100_000, min_continent_city_population: int = 60_000,
+                    max_continent_cities_per_country: int = 40) -> list[tuple[str, str, str]]:
     """Every ``(relation id, subject, true object)`` the packages state, sorted (deterministic).
 
     Countries with plain names (letters, spaces, ``.'-``) and at least 100,000 people: capital
@@ -96,8 +97,8 @@ def candidate_facts(min_city_population: int = 300_000, max_cities_per_country: 
     capital (P1376: capital city -> country). Cities whose name is unique among the package's
     cities and not a country's name: the ``max_cities_per_country`` largest of at least
     ``min_city_population`` per country, capitals excluded (they are P1376's subjects), ->
-    country (P17); the next ``max_cities_per_country`` of at least ``min_continent_city_population``
-    per country -> continent (P30_city); US cities of at least ``min_us_city_population`` that are not already P17
+    country (P17); the next ``max_continent_cities_per_country`` of at least
+    ``min_continent_city_population`` per country -> continent (P30_city); US cities of at least ``min_us_city_population`` that are not already P17
     subjects -> state (P131). No subject appears in two relations of the same kind (a city is a
     P17, a P1376 or a P131 subject), so editing one fact does not legitimately move a probe of
     another relation about the same city."""
@@ -163,7 +164,7 @@ def candidate_facts(min_city_population: int = 300_000, max_cities_per_country: 
             break
         iso = c["countrycode"]
         cont = CONTINENTS.get(countries.get(iso, {}).get("continentcode", ""))
-        if iso in names and cont and plain(c) and c["name"] not in in_p17 and per_country.get(iso, 0) < max_cities_per_country:
+        if iso in names and cont and plain(c) and c["name"] not in in_p17 and per_country.get(iso, 0) < max_continent_cities_per_country:
             per_country[iso] = per_country.get(iso, 0) + 1
             facts.append(("P30_city", c["name"], cont))
             in_p17.add(c["name"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
@@ -58,6 +59,11 @@ class ResidualConfig:
         mode: for requests of several chunks (long-form editing): ``joint`` optimizes all
             chunks together, ``autoregressive`` chunk after chunk with the earlier chunks'
             deltas fixed (AnyEdit's reference). Single facts are one chunk: both are the same.
+        sdpa_backends: on a GPU, the scaled-dot-product-attention kernels the optimization's
+            forwards may use, comma-separated (``efficient``, ``flash``, ``cudnn``, ``math``);
+            ``auto`` lets torch choose. Its forwards are many short rows attending to a cached
+            prefix through a padding mask, a shape where the kernels differ a lot
+            (``benchmarks/bench_scale.py --attn-sweep``). Ignored on the CPU.
     """
 
     lr: float = 0.5
@@ -72,6 +78,7 @@ class ResidualConfig:
     skip_lower_blocks: bool = True
     length_buckets: int = 2
     mode: Literal["joint", "autoregressive"] = "joint"
+    sdpa_backends: str = "auto"
 
     def __post_init__(self):
         if self.anchor not in ("subject_last", "prompt_last"):
@@ -80,6 +87,33 @@ class ResidualConfig:
             raise ValueError("steps must be >= 1 and lr > 0")
         if self.mode not in ("joint", "autoregressive"):
             raise ValueError(f"mode must be 'joint' or 'autoregressive', got {self.mode!r}")
+        _sdpa_backends(self.sdpa_backends)  # names checked before any work
+
+
+_SDPA = {"efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
+
+
+def _sdpa_backends(spec: str) -> list | None:
+    """``auto`` -> ``None``; else the ``torch.nn.attention.SDPBackend`` members named."""
+    if spec.strip() == "auto":
+        return None
+    from torch.nn.attention import SDPBackend
+
+    names = [x.strip() for x in spec.split(",") if x.strip()]
+    bad = [x for x in names if x not in _SDPA]
+    if bad or not names:
+        raise ValueError(f"sdpa_backends: unknown {bad or spec!r}; use 'auto' or a comma list of {sorted(_SDPA)}")
+    return [getattr(SDPBackend, _SDPA[x]) for x in names]
+
+
+def _attention_kernels(cfg: ResidualConfig, device: torch.device):
+    """The context that restricts attention to ``cfg.sdpa_backends`` (GPU only)."""
+    backends = _sdpa_backends(cfg.sdpa_backends)
+    if backends is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel(backends)
 
 
 class MultiAnchorError(ValueError):
@@ -328,13 +362,16 @@ def _prefix_kv(
             if bool(sel.any()):
                 hook = adapter.add_at_positions(z_layer, local[add[0][sel]].to(device), add[1][sel].to(device),
                                                 add[2][sel.to(add[2].device)])
+        body_head = adapter.body_and_head()
+        run, extra = (body_head[0], {}) if body_head is not None else \
+            (model, {"logits_to_keep": 1} if supports_logits_to_keep(model) else {})  # no LM head over the prefix
         with hook:
-            out = model(
+            out = run(
                 input_ids=lay.ids[rows, : lay.width].to(device),
                 attention_mask=mask,
                 position_ids=lay.position_ids[rows, : lay.width].to(device),
                 use_cache=True,
-                **({"logits_to_keep": 1} if supports_logits_to_keep(model) else {}),
+                **extra,
             )
         cache = getattr(out, "cache", None)
         cache = cache if cache is not None else out.past_key_values
@@ -405,6 +442,11 @@ def optimize_residuals(
     runs the suffix from there on, attending to the cached prefix.
     """
     device = next(adapter.model.parameters()).device
+    with _attention_kernels(cfg, device):
+        return _optimize_residuals(adapter, batch, z_layer, cfg, device)
+
+
+def _optimize_residuals(adapter: ModelAdapter, batch: ResidualBatch, z_layer: int, cfg: ResidualConfig, device) -> ResidualResult:
     n = batch.n_chunks
     z0 = block_outputs_at_anchors(adapter, batch, z_layer)
     order = batch.chunk_order
@@ -466,6 +508,9 @@ def _optimize_phase(
     kl_init: torch.Tensor | None = None  # (KL rows, vocab): the step-0 distributions
     keep_kw = supports_logits_to_keep(model)
     cache_kw = prefix_cache_kwarg(model) if cfg.prefix_cache else None
+    body_head = adapter.body_and_head()
+    if body_head is not None and cache_kw is not None and prefix_cache_kwarg(body_head[0]) != cache_kw:
+        body_head = None  # the body names its cache differently: keep to the whole model
 
     # the rows this phase runs: those with targets (or a KL term) of an optimized chunk
     in_phase = torch.zeros(n_rows, dtype=torch.bool)
@@ -511,6 +556,41 @@ def _optimize_phase(
     kl_c = torch.zeros(n, device=device)
     loss_c = torch.zeros(n, device=device)
 
+    plans: dict[int, SimpleNamespace] = {}
+
+    def _group_plan(rows: torch.Tensor) -> SimpleNamespace:
+        """The device tensors of one row group's forward and loss (all but the deltas)."""
+        local = torch.full((n_rows,), -1, dtype=torch.long)
+        local[rows] = torch.arange(len(rows))
+        sel_a, sel_t = local[a_rows] >= 0, local[t_rows] >= 0
+        width = int(lay.suffix_len[rows].max())  # right padding: trim the tail
+        tr, tp = local[t_rows[sel_t]], t_suf[sel_t]
+        kl_rows = kl_rows_all[local[kl_rows_all] >= 0]
+        kr, kp = local[kl_rows], kl_suf[kl_rows]
+        # the LM head and softmax only where a loss reads them: at the (row, position) pairs
+        # (body + head split), else at the positions any row reads (``logits_to_keep``)
+        need = torch.cat([tp - 1, kp]).unique()
+        kw = {"logits_to_keep": need.to(device)} if keep_kw and body_head is None else {}
+        d_rows = rows.to(device)
+        if kv is not None:
+            kw["position_ids"] = lay.position_ids[rows, W : W + width].to(device)
+        d_need = need.to(device)
+        return SimpleNamespace(
+            rows=rows,
+            ids=lay.ids[rows, W : W + width].to(device),
+            mask=lay.mask[rows, : W + width].to(device),
+            kw=kw,
+            kv=[(k[d_rows], v[d_rows]) for k, v in kv] if kv is not None else None,
+            lower=lower[0][d_rows, :width] if lower is not None else None,
+            ar=local[a_rows[sel_a]].to(device), ap=a_suf[sel_a].to(device),
+            vec_chunk=a_chunk[sel_a].to(device), a_train=a_train[sel_a].to(device).unsqueeze(1),
+            tr=tr.to(device), tp=tp.to(device), t_label=lay.ids[rows, W:][tr, t_suf[sel_t]].to(device),
+            t_chunk=t_chunk[sel_t].to(device), t_weight=t_weight[sel_t.to(t_weight.device)],
+            kl_rows=kl_rows, kr=kr.to(device), kp=kp.to(device),
+            kl_slots=kl_slot[kl_rows].to(device), kl_chunk=batch.row_chunk[kl_rows].to(device),
+            col=(lambda p: torch.searchsorted(d_need, p)) if keep_kw and body_head is None else (lambda p: p),
+        )
+
     for step in range(cfg.steps + 1):
         opt.zero_grad(set_to_none=True)
         active_cpu = active.cpu()
@@ -522,51 +602,43 @@ def _optimize_phase(
         wd_pending = torch.where(active, wd, torch.zeros_like(wd)).sum()
         nll_step = torch.zeros(n, device=device)
         kl_step = torch.zeros(n, device=device)
-        for rows in groups:
+        for gi, rows in enumerate(groups):
             # only the rows of chunks still optimizing: converged chunks cost nothing more
             rows = rows[row_active[rows]]
             if len(rows) == 0:
                 continue
-            local = torch.full((n_rows,), -1, dtype=torch.long)
-            local[rows] = torch.arange(len(rows))
-            sel_a, sel_t = local[a_rows] >= 0, local[t_rows] >= 0
-            width = int(lay.suffix_len[rows].max())  # right padding: trim the tail
-            ids = lay.ids[rows, W : W + width].to(device)
-            labels = lay.ids[rows, W:].to(device)
-            mask = lay.mask[rows, : W + width].to(device)
-            ar, ap = local[a_rows[sel_a]].to(device), a_suf[sel_a].to(device)
-            vec_chunk = a_chunk[sel_a].to(device)
-            vecs = torch.where(a_train[sel_a].to(device).unsqueeze(1), delta[vec_chunk], fixed[vec_chunk])
-            tr, tp = local[t_rows[sel_t]], t_suf[sel_t]
-            kl_rows = kl_rows_all[local[kl_rows_all] >= 0]
-            kr, kp = local[kl_rows], kl_suf[kl_rows]
-            # the LM head and softmax only where a loss reads them
-            need = torch.cat([tp - 1, kp]).unique()
-            kw = {"logits_to_keep": need.to(device)} if keep_kw else {}
+            # everything but the deltas is the same every step: prepared once per row set
+            plan = plans.get(gi)
+            if plan is None or not torch.equal(plan.rows, rows):
+                plan = plans[gi] = _group_plan(rows)
+            vecs = torch.where(plan.a_train, delta[plan.vec_chunk], fixed[plan.vec_chunk])
+            kw = dict(plan.kw)
             if kv is not None:
-                d_rows = rows.to(device)
-                kw[cache_kw] = make_cache(model, [(k[d_rows], v[d_rows]) for k, v in kv])
-                kw["position_ids"] = lay.position_ids[rows, W : W + width].to(device)
+                kw[cache_kw] = make_cache(model, plan.kv)
             skip = contextlib.nullcontext()
             if lower is not None:
-                skip = adapter.skip_blocks(z_layer, lower[0][rows.to(device), :width], lower[1])
-            with torch.enable_grad(), skip, adapter.add_at_positions(z_layer, ar, ap, vecs):
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=kv is not None, **kw).logits
-            col = (lambda p: torch.searchsorted(need, p)) if keep_kw else (lambda p: p)
-            t_logp = logits[tr.to(device), col(tp - 1).to(device)].float().log_softmax(-1)
-            lp = t_logp.gather(-1, labels[tr.to(device), tp.to(device)].unsqueeze(-1)).squeeze(-1)
-            chunk_t = t_chunk[sel_t].to(device)
-            part_nll = torch.zeros(n, device=device).index_add(0, chunk_t, -lp * t_weight[sel_t.to(device)])
+                skip = adapter.skip_blocks(z_layer, plan.lower, lower[1])
+            with torch.enable_grad(), skip, adapter.add_at_positions(z_layer, plan.ar, plan.ap, vecs):
+                if body_head is not None:
+                    hidden = body_head[0](input_ids=plan.ids, attention_mask=plan.mask, use_cache=kv is not None, **kw).last_hidden_state
+                    logits_at = lambda r, p: body_head[1](hidden[r, p])  # noqa: E731
+                else:
+                    logits = model(input_ids=plan.ids, attention_mask=plan.mask, use_cache=kv is not None, **kw).logits
+                    logits_at = lambda r, p: logits[r, plan.col(p)]  # noqa: E731
+            tr, tp, kl_rows = plan.tr, plan.tp, plan.kl_rows
+            t_logp = logits_at(tr, tp - 1).float().log_softmax(-1)
+            lp = t_logp.gather(-1, plan.t_label.unsqueeze(-1)).squeeze(-1)
+            part_nll = torch.zeros(n, device=device).index_add(0, plan.t_chunk, -lp * plan.t_weight)
             part_kl = torch.zeros(n, device=device)
             if len(kl_rows):
-                kl_logp = logits[kr.to(device), col(kp).to(device)].float().log_softmax(-1)
-                slots = kl_slot[kl_rows].to(device)
+                kl_logp = logits_at(plan.kr, plan.kp).float().log_softmax(-1)
+                slots = plan.kl_slots
                 if kl_init is None:
                     kl_init = torch.zeros(len(kl_rows_all), kl_logp.shape[-1], device=device)
                 if step == 0:
                     kl_init[slots] = kl_logp.detach()
                 kl = F.kl_div(kl_init[slots], kl_logp, log_target=True, reduction="none").sum(-1)
-                part_kl = part_kl.index_add(0, batch.row_chunk[kl_rows].to(device), cfg.kl_factor * kl)
+                part_kl = part_kl.index_add(0, plan.kl_chunk, cfg.kl_factor * kl)
             loss = part_nll.sum() + part_kl.sum()
             if wd_pending is not None:
                 loss = loss + wd_pending

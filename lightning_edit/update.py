@@ -6,6 +6,7 @@ Plain functions and small method objects (no Lightning): the callbacks in
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -37,6 +38,9 @@ def anchor_keys_and_outputs(
     key_layers: Sequence[int],
     z_layer: int | None = None,
     max_rows: int = 0,
+    start: dict | None = None,
+    keep_block: int | None = None,
+    kept: dict | None = None,
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
     """Keys of every chunk at ``key_layers`` (and block ``z_layer``'s output at the bare prompt).
 
@@ -44,6 +48,12 @@ def anchor_keys_and_outputs(
     chunk) and averaged per chunk as the reference does: half the bare prompt, half the mean
     over context prefixes. The forward pass stops after ``max(key_layers + [z_layer])`` and at
     each row group's last anchor.
+
+    ``keep_block``: also put block ``keep_block``'s output of every row group into ``kept``
+    (``{"block", "hidden", "tuple_len"}``); ``start`` (such a ``kept``, same batch and
+    ``max_rows``): blocks ``0 .. start["block"]`` are not run, their output is taken from it.
+    Valid while those blocks' weights have not changed since: :func:`apply_update` edits
+    layers in ascending order, so each layer's pass starts where the previous one's changes end.
 
     Returns ``({layer: (n_chunks, d_k)}, (n_chunks, d_model) or None)``.
     """
@@ -56,18 +66,30 @@ def anchor_keys_and_outputs(
     per_anchor_keys: dict[int, list[torch.Tensor]] = {l: [] for l in key_layers}
     per_anchor_z: list[torch.Tensor] = []
     order: list[torch.Tensor] = []  # anchor indices in the order they were read
-    for g in groups:
+    outputs = ([z_layer] if z_layer is not None else []) + ([keep_block] if keep_block is not None else [])
+    if kept is not None:
+        kept.clear()
+        kept.update(block=keep_block, hidden=[], tuple_len=0)
+    for gi, g in enumerate(groups):
         local = torch.full((n_rows,), -1, dtype=torch.long)
         local[g] = torch.arange(len(g))
         sel = (local[a_rows] >= 0).nonzero().flatten()
         if len(sel) == 0:
+            if kept is not None:
+                kept["hidden"].append(None)
             continue
         width = int(a_pos[sel].max()) + 1  # causal: tokens after the last anchor cannot change its key
         ids = batch.enc.input_ids[g, :width].to(device)
         mask = batch.enc.attention_mask[g, :width].to(device)
         r, p = local[a_rows[sel]].to(device), a_pos[sel].to(device)
-        with adapter.trace(key_layers=key_layers, output_layers=[z_layer] if z_layer is not None else [], stop_after=stop) as rec:
+        skip = contextlib.nullcontext()
+        if start is not None and start.get("block") is not None:
+            skip = adapter.skip_blocks(start["block"], start["hidden"][gi], start["tuple_len"])
+        with skip, adapter.trace(key_layers=key_layers, output_layers=outputs, stop_after=stop) as rec:
             adapter.forward(ids, mask)
+        if kept is not None:
+            kept["hidden"].append(rec["outputs"][keep_block] if keep_block is not None else None)
+            kept["tuple_len"] = rec["tuple_len"].get(keep_block, 0)
         for l in key_layers:
             per_anchor_keys[l].append(rec["keys"][l][r, p].float())
         if z_layer is not None:
@@ -281,14 +303,23 @@ def apply_update(
     snapshot = {l: adapter.weight_as_linear(l).detach().clone() for l in layers}
     master_snapshot = {l: m.clone() for l, m in master.items()}
     info: dict[str, float] = {}
+    # each layer's pass starts from the input of the previous edit layer's block (nothing below
+    # it changes any more); the keys a layer's solve uses are its keys after the batch too (its
+    # own update does not move them, the layers below are final), so no pass runs afterwards
+    carry: dict | None = None
+    own_keys: dict[int, torch.Tensor] = {}
     try:
         for i, l in enumerate(layers):
             with phase(timer, "keys"):
                 if batch is None:
                     keys, resid = _no_rows(adapter, [l]), _no_rows(adapter, [z_layer], keys=False)[z_layer]
                 else:
-                    keys, z_cur = anchor_keys_and_outputs(adapter, batch, [l], z_layer, max_rows)
+                    nxt: dict = {}
+                    keys, z_cur = anchor_keys_and_outputs(adapter, batch, [l], z_layer, max_rows, start=carry,
+                                                          keep_block=l - 1 if l > 0 else None, kept=nxt)
+                    carry = nxt if l > 0 else None
                     resid = spread_residual(z_target.to(z_cur.device), z_cur, len(layers) - i)
+                own_keys[l] = keys[l]
                 k_all, r_all = gather(keys[l]), gather(resid)
                 if context:
                     kc = gather(context_keys(adapter, batch, l) if batch is not None else _no_rows(adapter, [l])[l])
@@ -316,11 +347,7 @@ def apply_update(
             info[f"update_norm/layer_{l}"] = float(delta.norm() / w.float().norm())
         with phase(timer, "state"):
             if getattr(method, "needs_keys_after", False) or record is not None:
-                if batch is None:
-                    keys_after = _no_rows(adapter, layers)
-                else:
-                    keys_after, _ = anchor_keys_and_outputs(adapter, batch, layers, None, max_rows)
-                keys_after = {l: gather(k) for l, k in keys_after.items()}
+                keys_after = {l: gather(own_keys[l]) for l in layers}
                 if broadcast is not None:
                     dev = {l: k.device for l, k in keys_after.items()}
                     keys_after = {l: k.to(dev[l]) for l, k in broadcast({l: k.cpu() for l, k in keys_after.items()}).items()}

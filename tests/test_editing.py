@@ -176,6 +176,39 @@ def test_prefix_cache_and_lower_block_skip_are_the_same_computation(arch, anchor
             torch.testing.assert_close(fast.loss, full.loss, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lm_head_at_the_read_pairs_is_the_same_computation(arch, tokenizer):
+    """The body + head split (the LM head only at the (row, position) pairs a loss reads) gives
+    the residuals of the whole model's logits (``logits_to_keep`` columns)."""
+    model = make_model(arch, vocab_size=len(tokenizer), n_layer=3, width=32)
+    split = ModelAdapter(model)
+    assert split.body_and_head() is not None
+    whole = ModelAdapter(model)
+    whole._body_head = None  # as for a model whose logits are more than its head (soft-capping, ...)
+    batch = build_residual_batch(tokenizer, counterfactual_requests(4), ["Because. "], "subject_last")
+    cfg = ResidualConfig(anchor="subject_last", steps=5, kl_factor=0.0625, early_stop_loss=0.0, lr=0.5, length_buckets=2)
+    a, b = optimize_residuals(split, batch, 1, cfg), optimize_residuals(whole, batch, 1, cfg)
+    assert not torch.equal(a.z_target, a.z_init)
+    torch.testing.assert_close(a.z_target, b.z_target, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_body_and_head_refuses_a_model_with_scaled_logits(tokenizer):
+    model = make_model("llama", vocab_size=len(tokenizer), n_layer=2, width=32)
+    head = model.get_output_embeddings()
+    orig = type(model).forward
+
+    class Scaled(type(model)):  # logits = 2 x head(hidden): the split would be wrong
+        def forward(self, *args, **kw):
+            out = orig(self, *args, **kw)
+            out.logits = out.logits * 2
+            return out
+
+    model.__class__ = Scaled
+    assert ModelAdapter(model).body_and_head() is None
+    assert head is model.get_output_embeddings()
+
+
 def test_prefix_cache_layout_puts_every_anchor_at_the_split(tokenizer):
     from lightning_edit.residuals import _layout
 
@@ -190,3 +223,34 @@ def test_prefix_cache_layout_puts_every_anchor_at_the_split(tokenizer):
         assert torch.equal(real, batch.enc.input_ids[r, :L])  # same tokens, in order
         assert int(lay.ids[r, lay.width]) == int(batch.enc.input_ids[r, split[r]])  # anchor token at the split
         assert int(lay.position_ids[r, lay.width]) == int(split[r])  # its original position
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_keys_passes_start_where_the_last_update_ends_and_keys_after_need_no_pass(arch, tokenizer):
+    """Each layer's keys pass skips the blocks below the previous edit layer (their output kept
+    from that pass): the same keys as a pass from the embeddings. And the keys the ledger stores
+    as 'after the update' are what a fresh pass over the edited model reads."""
+    from lightning_edit.update import AlphaEditMethod, anchor_keys_and_outputs
+
+    model = make_model(arch, vocab_size=len(tokenizer), n_layer=4, width=32)
+    ad = ModelAdapter(model)
+    batch = build_residual_batch(tokenizer, counterfactual_requests(5), ["Because. ", "The cat sat. "], "subject_last")
+    for rows in (0, 4):  # one forward, and row micro-batches
+        kept: dict = {}
+        anchor_keys_and_outputs(ad, batch, [1], 3, rows, keep_block=0, kept=kept)
+        assert kept["block"] == 0 and len(kept["hidden"]) == (1 if rows == 0 else 4)
+        fast, z_fast = anchor_keys_and_outputs(ad, batch, [2], 3, rows, start=kept)
+        full, z_full = anchor_keys_and_outputs(ad, batch, [2], 3, rows)
+        torch.testing.assert_close(fast[2], full[2], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(z_fast, z_full, rtol=1e-6, atol=1e-6)
+    d_k = ad.dims(1)[1]
+    res = optimize_residuals(ad, batch, 3, ResidualConfig(**dict(FAST_RESIDUAL, steps=3)))
+    method = AlphaEditMethod(l2=1.0, projectors={l: torch.eye(d_k) for l in (1, 2, 3)})
+    record: dict = {}
+    before = {l: ad.weight_as_linear(l).detach().clone() for l in (1, 2, 3)}
+    apply_update(ad, batch, res.z_target, [1, 2, 3], method, record=record)
+    fresh, _ = anchor_keys_and_outputs(ad, batch, [1, 2, 3])
+    for l in (1, 2, 3):
+        assert not torch.equal(ad.weight_as_linear(l), before[l])  # every layer was edited
+        torch.testing.assert_close(record[f"keys.{l}"], fresh[l], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(method.prev_kkt[l], fresh[l].T.double().__matmul__(fresh[l].double()).float(), rtol=1e-4, atol=1e-4)
