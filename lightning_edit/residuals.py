@@ -593,7 +593,7 @@ def _optimize_phase(
 
     for step in range(cfg.steps + 1):
         opt.zero_grad(set_to_none=True)
-        active_cpu = active.cpu()
+        active_cpu = active.cpu()  # the step's one device -> host synchronization
         row_active = torch.zeros(n_rows, dtype=torch.bool)
         row_active[row_of[active_cpu[chunk_of]]] = True
         wd = cfg.weight_decay * delta.norm(dim=-1) / z0_norm.pow(2)
@@ -657,7 +657,7 @@ def _optimize_phase(
         steps += active.long()
         with torch.no_grad():
             # converged chunks keep their vector (Adam's momentum would otherwise move them)
-            delta[~active] = before[~active]
+            delta.copy_(torch.where(active.unsqueeze(1), delta, before))  # (no boolean indexing: no sync)
             max_norm = cfg.clamp_norm_factor * z0_norm
             norm = delta.norm(dim=-1)
             scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-12), torch.ones_like(norm))
