@@ -183,10 +183,11 @@ class Settings:
     l2: float = 10.0
     keep: float = 0.7
     solve_dtype: str = "float64"
-    length_buckets: int = 2
+    length_buckets: int = 3
     bucket_sweep: str = ""
     attn_sweep: str = ""
     sdpa_backends: str = "auto"
+    eager_attention_mb: float = 64.0
     solver: str = "woodbury"
     profile_steps: int = 0
     stream_batches: int = 0
@@ -215,7 +216,8 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
     g = torch.Generator().manual_seed(1)
     prefixes = [words(g, s.prefix_len, vocab) + " " for _ in range(s.prefixes)]
     cfg = ResidualConfig(lr=shape.lr, steps=s.steps, early_stop_loss=0.0, clamp_norm_factor=4.0, kl_factor=0.0625,
-                         anchor="subject_last", length_buckets=s.length_buckets, sdpa_backends=s.sdpa_backends)
+                         anchor="subject_last", length_buckets=s.length_buckets, sdpa_backends=s.sdpa_backends,
+                         eager_attention_mb=s.eager_attention_mb)
     solve = {"float32": torch.float32, "float64": torch.float64}[s.solve_dtype]
     projs = {l: random_projector(d_k, s.keep, device, seed=l) for l in layers}
     method = AlphaEditMethod(l2=s.l2, projectors=projs, solve_dtype=solve, solver=s.solver)
@@ -252,15 +254,15 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
             optimize_residuals(adapter, build_residual_batch(tok, reqs, prefixes, cfg.anchor), z_layer, replace(cfg, length_buckets=b))
         sweep[b] = tb.seconds["z"] * 100 / s.edits
         log(f"[{name}] z optimization with {b} length buckets: {sweep[b]:.2f} s per 100 edits")
-    # z optimization of the same batch with other attention kernels ("eager": transformers' own
-    # attention; the others: torch SDPA restricted to those backends)
+    # z optimization of the same batch with other attention kernels
     attn = {}
     for a in [x.strip() for x in s.attn_sweep.split(",") if x.strip()]:
+        # "eager": transformers' eager attention in every step; "sdpa": torch's choice of SDPA
+        # kernel; others: SDPA restricted to those backends ("efficient+math")
+        c = replace(cfg, eager_attention_mb=float("inf")) if a == "eager" else \
+            replace(cfg, eager_attention_mb=0.0, sdpa_backends="auto" if a == "sdpa" else a.replace("+", ","))
         tb = PhaseTimer(device)
         try:
-            if a == "eager":
-                model.set_attn_implementation("eager")
-            c = replace(cfg, sdpa_backends="auto" if a == "eager" else a.replace("+", ","))
             with tb("z"):
                 optimize_residuals(adapter, build_residual_batch(tok, reqs, prefixes, cfg.anchor), z_layer, c)
             attn[a] = tb.seconds["z"] * 100 / s.edits
@@ -268,22 +270,19 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
         except Exception as err:  # a kernel that refuses the shape is a result too
             attn[a] = None
             log(f"[{name}] z optimization with attention {a}: failed ({type(err).__name__}: {str(err)[:200]})")
-        finally:
-            if a == "eager":
-                model.set_attn_implementation("sdpa")
     best = None
     if s.best_batch and (sweep or attn):
         # the sweeps ran the z optimization alone; run the whole batch (update included) with the
         # fastest bucket count and attention together, on a fresh batch of the same shapes
         nb = min({s.length_buckets: phases["z"] * 100 / s.edits, **sweep}.items(), key=lambda x: x[1])[0]
-        na = min({"auto": phases["z"] * 100 / s.edits, **{k: v for k, v in attn.items() if v is not None}}.items(), key=lambda x: x[1])[0]
+        na = min({"default": phases["z"] * 100 / s.edits, **{k: v for k, v in attn.items() if v is not None}}.items(), key=lambda x: x[1])[0]
+        c = replace(cfg, length_buckets=nb)
         if na == "eager":
-            model.set_attn_implementation("eager")
-        c = replace(cfg, length_buckets=nb, sdpa_backends="auto" if na == "eager" else na.replace("+", ","))
+            c = replace(c, eager_attention_mb=float("inf"))
+        elif na != "default":
+            c = replace(c, eager_attention_mb=0.0, sdpa_backends="auto" if na == "sdpa" else na.replace("+", ","))
         tb = PhaseTimer(device)
         edit_batch(random_requests(s.edits, vocab, seed=12), c, tb)
-        if na == "eager":
-            model.set_attn_implementation("sdpa")
         best = {"length_buckets": nb, "attention": na, "s_per_100_edits": sum(tb.seconds.values()) * 100 / s.edits,
                 "phases_s_per_100_edits": {k: v * 100 / s.edits for k, v in tb.seconds.items()}}
         log(f"[{name}] edit batch with {nb} length buckets and attention {na}: {best['s_per_100_edits']:.2f} s per 100 edits; "

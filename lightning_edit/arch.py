@@ -275,6 +275,20 @@ class ModelAdapter:
                 else:
                     block.forward = fwd
 
+    @contextlib.contextmanager
+    def attention_implementation(self, name: str | None) -> Iterator[None]:
+        """Inside the block, the model's attention runs as ``name`` (a transformers attention
+        implementation: ``eager``, ``sdpa``, ...); ``None`` or the current one changes nothing."""
+        cur = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+        if name is None or cur is None or name == cur or not hasattr(self.model, "set_attn_implementation"):
+            yield
+            return
+        self.model.set_attn_implementation(name)
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(cur)
+
     def body_and_head(self):
         """``(body, head)`` with ``model(x).logits == head(body(x).last_hidden_state)``: the
         decoder without its LM head, and the head alone, so a caller can run the head (and its

@@ -54,8 +54,8 @@ class ResidualConfig:
         skip_lower_blocks: compute the blocks up to ``z_layer`` once per batch (their states do
             not depend on the residual vectors) and run only the blocks above in every step.
         length_buckets: sort rows by the length of the part each step runs and split them into
-            this many forwards (less padding, more forwards per step). 2 measured best or equal
-            on Llama-3-8B / Qwen2.5-7B / GPT-J shapes on an H200 (benchmarks/results/).
+            this many forwards (less padding, more forwards per step). 3 measured best of 1-4 on
+            the Llama-3-8B shape on an H200 (benchmarks/results/run3_*).
         mode: for requests of several chunks (long-form editing): ``joint`` optimizes all
             chunks together, ``autoregressive`` chunk after chunk with the earlier chunks'
             deltas fixed (AnyEdit's reference). Single facts are one chunk: both are the same.
@@ -64,6 +64,12 @@ class ResidualConfig:
             ``auto`` lets torch choose. Its forwards are many short rows attending to a cached
             prefix through a padding mask, a shape where the kernels differ a lot
             (``benchmarks/bench_scale.py --attn-sweep``). Ignored on the CPU.
+        eager_attention_mb: a step's forward whose attention scores take at most this many MB
+            per layer (rows x heads x queries x keys x 4 bytes) runs with transformers' eager
+            attention, the rest with SDPA. The short rows of fact editing are fastest eager
+            (Llama-3-8B shape, H200: 8.8 s per 100 edits vs 9.9-11.8 s with SDPA kernels, which
+            also plan anew for every new shape); long answers would materialize big score
+            matrices, so they keep SDPA. 0 = always SDPA.
     """
 
     lr: float = 0.5
@@ -76,9 +82,10 @@ class ResidualConfig:
     max_rows_per_forward: int = 0
     prefix_cache: bool = True
     skip_lower_blocks: bool = True
-    length_buckets: int = 2
+    length_buckets: int = 3
     mode: Literal["joint", "autoregressive"] = "joint"
     sdpa_backends: str = "auto"
+    eager_attention_mb: float = 64.0
 
     def __post_init__(self):
         if self.anchor not in ("subject_last", "prompt_last"):
@@ -557,6 +564,8 @@ def _optimize_phase(
     loss_c = torch.zeros(n, device=device)
 
     plans: dict[int, SimpleNamespace] = {}
+    mcfg = getattr(model, "config", None)
+    heads = int(getattr(mcfg, "num_attention_heads", None) or getattr(mcfg, "n_head", None) or 1)
 
     def _group_plan(rows: torch.Tensor) -> SimpleNamespace:
         """The device tensors of one row group's forward and loss (all but the deltas)."""
@@ -575,7 +584,9 @@ def _optimize_phase(
         if kv is not None:
             kw["position_ids"] = lay.position_ids[rows, W : W + width].to(device)
         d_need = need.to(device)
+        score_mb = len(rows) * heads * width * (W + width) * 4 / 2**20
         return SimpleNamespace(
+            attention="eager" if score_mb <= cfg.eager_attention_mb else None,
             rows=rows,
             ids=lay.ids[rows, W : W + width].to(device),
             mask=lay.mask[rows, : W + width].to(device),
@@ -618,7 +629,8 @@ def _optimize_phase(
             skip = contextlib.nullcontext()
             if lower is not None:
                 skip = adapter.skip_blocks(z_layer, plan.lower, lower[1])
-            with torch.enable_grad(), skip, adapter.add_at_positions(z_layer, plan.ar, plan.ap, vecs):
+            with torch.enable_grad(), skip, adapter.attention_implementation(plan.attention), \
+                    adapter.add_at_positions(z_layer, plan.ar, plan.ap, vecs):
                 if body_head is not None:
                     hidden = body_head[0](input_ids=plan.ids, attention_mask=plan.mask, use_cache=kv is not None, **kw).last_hidden_state
                     logits_at = lambda r, p: body_head[1](hidden[r, p])  # noqa: E731
