@@ -278,3 +278,35 @@ def test_cli_maps_stock_ddp_to_frozen(tmp_path, tiny_model_dir, flag, start):
     # the callbacks are not duplicated by the rebuild
     names = [type(c).__name__ for c in cli.trainer.callbacks]
     assert names.count("AlphaEdit") == 1 and names.count("EditCheckpoint") == 1 and names.count("SaveConfigCallback") == 1
+
+
+def test_longform_evaluation_under_ddp_matches_one_process(tmp_path, tiny_model_dir, corpus_file):
+    """Long-form streams under DDP: every process evaluates its shard and the metrics sum across
+    processes. 3 requests in batches of 2 -> the last batch and the evaluation of 3 requests leave
+    the ranks unequal (2 + 1); only one record has a paraphrase and only another one sub-questions,
+    so a rank without them must still reach those metrics' sync (before the fix it returned early or
+    skipped them, and the other rank waited forever). The metrics equal the 1-process run's."""
+    torch.set_num_threads(1)
+    records = [
+        {"question": "Tell me about the lake.", "para_question": "What is the lake like?", "answer": "The lake is deep and cold in spring."},
+        {"question": "Tell me about the hill.", "answer": "The hill is green and steep all year.",
+         "sub_question": ["What colour is the hill?"], "sub_answer": ["green"]},
+        {"question": "Tell me about the road.", "answer": "The road is long and dusty at noon."},
+    ]
+    dataset = tmp_path / "longform.json"
+    dataset.write_text(json.dumps(records))
+    extra = ("--data.batch_size=2", "--model.longform.chunking.window=4", "--model.longform.max_new_tokens=12",
+             "--model.residual.anchor=subject_last", "--model.residual.kl_factor=0", "--report.single_anchor_baseline=false",
+             "--model.eval_every=1")
+    two = _fit_two_processes(tmp_path, tiny_model_dir, dataset, corpus_file, [], extra=extra, timeout=420)
+    from lightning_edit.cli import main
+
+    one = tmp_path / "world1"
+    main(_cli_args(one, tiny_model_dir, dataset, corpus_file, [], 1) + list(extra))
+    single = json.loads((one / "ranks" / "rank0.json").read_text())["last_eval"]
+    assert single and {"longform/rouge_l", "longform/paraphrase_rouge_l", "longform/sub_question_accuracy"} <= single.keys()
+    ranks = [json.loads((two / "ranks" / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        assert r["num_edits"] == 3 and r["last_eval"].keys() == single.keys()
+        for k, v in single.items():
+            assert abs(r["last_eval"][k] - v) < 0.05, (k, r["last_eval"][k], v)  # (two processes' edits differ by rounding)

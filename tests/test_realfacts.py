@@ -20,6 +20,14 @@ def test_candidates_are_deterministic_and_cover_every_relation():
     assert a == b and len(a) > 500
     assert {r for r, _, _ in a} == set(RELATIONS)
     assert ("P36", "France", "Paris") in a and ("P30", "Japan", "Asia") in a and ("P37", "Germany", "German") in a
+    assert ("P1376", "Paris", "France") in a and ("P131", "Akron", "Ohio") in a
+    # a city is the subject of one city relation only (an edit of its country must not legitimately
+    # move a never-edited probe about its continent or state)
+    city_rel = {}
+    for r, s, _ in a:
+        if r in ("P17", "P30_city", "P131", "P1376"):
+            assert city_rel.setdefault(s, r) == r, (s, r, city_rel[s])
+    assert len({s for r, s, _ in a if r == "P1376"}) == sum(r == "P1376" for r, _, _ in a)  # one country per capital
 
 
 def test_records_pass_the_counterfact_loader_and_are_deterministic():

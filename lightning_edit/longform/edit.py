@@ -95,43 +95,49 @@ def evaluate_longform(model: nn.Module, tokenizer, requests: Sequence[LongFormRe
     from .metrics import AnswerContained, LongFormMetrics, TeacherForcedAccuracy, token_correct
 
     requests = list(requests)
-    if not requests:
+    # Under DDP every process evaluates its shard and the metrics' compute() sums the states
+    # across processes: every process must then reach every compute(), even with an empty shard
+    # or without paraphrases / sub-questions of its own (a family no process has data for comes
+    # out NaN and is dropped by the caller).
+    ddp = torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    if not requests and not ddp:
         return ({}, []) if return_texts else {}
+    device = next(model.parameters()).device
     end = end_text_for(tokenizer, chat_template)
     pa = [prompt_and_answer(tokenizer, r.question, r.answer, chat_template, system) for r in requests]
     lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for _, a in pa]
-    max_new = cfg.max_new_tokens or (max(lengths) + 8)
-    gens = greedy_generate(model, tokenizer, [p for p, _ in pa], max_new_tokens=max_new, batch_size=batch_size)
-    main = LongFormMetrics()
+    max_new = cfg.max_new_tokens or (max(lengths, default=0) + 8)
+    gen = (lambda prompts, n: greedy_generate(model, tokenizer, prompts, max_new_tokens=n, batch_size=batch_size) if prompts else [])
+    gens = gen([p for p, _ in pa], max_new)
+    main = LongFormMetrics().to(device)  # (states on the model's device: NCCL gathers device tensors)
     main.update([g.strip() for g in gens], [a.strip() for _, a in pa])
     out = {f"longform/{k}": float(v) for k, v in main.compute().items()}
     para = [(i, r) for i, r in enumerate(requests) if r.paraphrase_question] if cfg.eval_paraphrase and not light else []
     para_gens: list[str] = []
-    if para:
+    if para or (ddp and cfg.eval_paraphrase and not light):
         pp = [prompt_and_answer(tokenizer, r.paraphrase_question, r.answer, chat_template, system) for _, r in para]
-        para_gens = greedy_generate(model, tokenizer, [p for p, _ in pp], max_new_tokens=max_new, batch_size=batch_size)
-        pm = LongFormMetrics()
+        para_gens = gen([p for p, _ in pp], max_new)
+        pm = LongFormMetrics().to(device)
         pm.update([g.strip() for g in para_gens], [a.strip() for _, a in pp])
         out.update({f"longform/paraphrase_{k}": float(v) for k, v in pm.compute().items()})
     if light:
         return (out, _texts(requests, pa, gens, para, para_gens)) if return_texts else out
     # teacher-forced token accuracy of the answer (and end text) given the prompt
-    acc = TeacherForcedAccuracy()
-    device = next(model.parameters()).device
+    acc = TeacherForcedAccuracy().to(device)
     for (p, a), r in zip(pa, requests):
         c = chunk_answer(tokenizer, p, a, ChunkingConfig(mode="window", window=1_000_000), end_text=end, chat_template=chat_template)
         ids = torch.tensor([c.input_ids], device=device)
         logits = model(input_ids=ids, use_cache=False).logits[0]
-        acc.update(token_correct(logits, ids[0], list(c.answer_tokens)).cpu())
+        acc.update(token_correct(logits, ids[0], list(c.answer_tokens)))
     out["longform/token_accuracy"] = float(acc.compute())
     # short questions about the edited knowledge: does the generation contain the answer?
     subs = [(q, a) for r in requests for q, a in zip(r.sub_questions, r.sub_answers)]
     hops = [(q, [r.multihop_answer, *r.multihop_answer_aliases]) for r in requests for q in r.multihop_questions if r.multihop_answer]
     for name, pairs in (("sub_question_accuracy", subs), ("multihop_accuracy", hops)):
-        if pairs:
-            m = AnswerContained()
+        if pairs or ddp:
+            m = AnswerContained().to(device)
             prompts = [prompt_and_answer(tokenizer, q, "", chat_template, system)[0] for q, _ in pairs]
-            m.update(greedy_generate(model, tokenizer, prompts, max_new_tokens=32, batch_size=batch_size), [a for _, a in pairs])
+            m.update(gen(prompts, 32), [a for _, a in pairs])
             out[f"longform/{name}"] = float(m.compute())
     return (out, _texts(requests, pa, gens, para, para_gens)) if return_texts else out
 

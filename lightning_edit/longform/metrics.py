@@ -287,8 +287,14 @@ class LongFormMetrics(Metric):
         return {
             "rouge1": r["rouge1_fmeasure"], "rouge2": r["rouge2_fmeasure"], "rouge_l": r["rougeL_fmeasure"],
             "rouge1_recall": r["rouge1_recall"], "rouge2_recall": r["rouge2_recall"], "rouge_l_recall": r["rougeL_recall"],
-            "bleu": self.bleu.compute(), "exact_match": self.exact.compute(), "count": self.rouge.total.clone(),
+            "bleu": self.bleu.compute(), "exact_match": self.exact.compute(), "count": self._count(),
         }
+
+    def _count(self) -> Tensor:
+        """Texts scored, summed over processes (the children's states are only synced inside
+        their own ``compute``; outside it they hold this process's share again)."""
+        with self.rouge.sync_context(should_sync=self.rouge.sync_on_compute):
+            return self.rouge.total.clone()
 
     def reset(self) -> None:
         super().reset()
