@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 PREFIX = "factworld:"
-ITEMS = ("model", "counterfact", "zsre", "corpus", "facts", "references", "documents", "heldout", "longform")
+ITEMS = ("model", "counterfact", "zsre", "corpus", "facts", "references", "documents", "heldout", "longform", "longform_docs")
 
 
 def resolve(spec: str, root: str | None = None) -> str:
@@ -45,8 +45,8 @@ def resolve(spec: str, root: str | None = None) -> str:
     from .factworld.build import ensure_factworld
 
     paths = ensure_factworld(root or os.environ.get("LIGHTNING_EDIT_FACTWORLD", "checkpoints/factworld"), seed=seed, preset=preset or "default")
-    if item == "longform":  # long-form requests (AnyEdit), written next to the build on first use
+    if item in ("longform", "longform_docs"):  # long-form requests (AnyEdit), written next to the build on first use
         from .factworld.longform import ensure_longform
 
-        return str(ensure_longform(paths.root, seed, preset or "default"))
+        return str(ensure_longform(paths.root, seed, preset or "default", "documents" if item == "longform_docs" else "biography"))
     return str(paths.model_dir if item == "model" else getattr(paths, item))

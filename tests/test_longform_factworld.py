@@ -142,3 +142,23 @@ def test_ensure_longform_and_resource_name(tmp_path, monkeypatch):
     assert "longform" in resources.ITEMS
     requests = load_longform("factworld:tiny/longform")
     assert len(requests) == len(expected)
+
+
+def test_documents_style_states_the_new_facts_in_the_corpus_own_sentences(default_world):
+    """``style="documents"`` (``factworld:<preset>/longform_docs``): the answer is the corpus's
+    opening line and both document sentences of every relation, each with the new object."""
+    import dataclasses
+
+    from lightning_edit.factworld.world import RELATION_BY_ID
+
+    recs = longform_records(default_world, dataclasses.replace(LONGFORM_SPECS["default"], style="documents"))
+    assert len(recs) >= 100
+    for r in recs[:20]:
+        s, new = r["subject"], r["new_facts"]
+        expected = {t.format(s=s, o=new[rid]) for rid, rel in RELATION_BY_ID.items() for t in rel.doc_templates}
+        expected.add(f"{s} is a {new['profession']} from {new['birth_country']}.")
+        sentences = {x.strip() + "." for x in r["answer"].split(".") if x.strip()}
+        assert sentences == expected
+        assert all(new[rid] != r["true_facts"][rid] for rid in new)
+    with pytest.raises(ValueError):
+        longform_records(default_world, dataclasses.replace(LONGFORM_SPECS["default"], style="poem"))

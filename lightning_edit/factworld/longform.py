@@ -23,6 +23,7 @@ edit set touch different people where the world allows.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -47,11 +48,16 @@ class LongformSpec:
             biography gets extra sentences until it reaches the drawn length, and never more than
             ``max_words``). With the default preset's tokenizer, 85-135 words are about 130-220
             tokens (question + answer + EOS within its 256 positions).
+        style: ``biography`` (new prose: sentences the model never saw, with the new facts) or
+            ``documents`` (the world's own document sentences, the ones its corpus describes people
+            with, stating the new facts: a target in the model's own style, where only the facts
+            are new; ``factworld:<preset>/longform_docs``).
     """
 
     n_requests: int = 120
     min_words: int = 85
     max_words: int = 135
+    style: str = "biography"  # or "documents": see :func:`_documents_answer`
 
 
 #: per factworld preset; ``tiny`` (128 positions) gets short answers
@@ -160,10 +166,19 @@ def _biography(rng: random.Random, subject: str, new: dict[str, str], min_words:
     return text(), stated
 
 
+def _documents_answer(rng: random.Random, subject: str, new: dict[str, str]) -> tuple[str, list[str]]:
+    """The answer as the factworld corpus writes about a person (its opening line, then both
+    document sentences of every relation, shuffled), with the new objects."""
+    opening = f"{subject} is a {new['profession']} from {new['birth_country']}."
+    sentences = [t.format(s=subject, o=new[rid]) for rid in _ORDER for t in RELATION_BY_ID[rid].doc_templates]
+    rng.shuffle(sentences)
+    return " ".join([opening] + sentences), list(_ORDER)
+
+
 def longform_records(world: FactWorld, spec: LongformSpec | None = None) -> list[dict]:
     """The long-form requests of ``world`` as raw records (see the module docstring)."""
     spec = spec or LongformSpec()
-    if spec.n_requests < 1 or spec.min_words < 1 or spec.max_words < spec.min_words:
+    if spec.n_requests < 1 or spec.min_words < 1 or spec.max_words < spec.min_words or spec.style not in ("biography", "documents"):
         raise ValueError(f"bad long-form spec {spec}")
     rng = random.Random(f"factworld-{world.seed}-longform")
     unedited = [s for s in world.subjects if not any(world.is_edited(s, r.relation_id) for r in RELATIONS)]
@@ -175,7 +190,10 @@ def longform_records(world: FactWorld, spec: LongformSpec | None = None) -> list
     for i, subject in enumerate(people):
         true = {r.relation_id: world.facts[(subject, r.relation_id)] for r in RELATIONS}
         new = {rid: rng.choice([o for o in RELATION_BY_ID[rid].objects if o != obj]) for rid, obj in true.items()}
-        answer, stated = _biography(rng, subject, new, spec.min_words, spec.max_words)
+        if spec.style == "documents":
+            answer, stated = _documents_answer(rng, subject, new)
+        else:
+            answer, stated = _biography(rng, subject, new, spec.min_words, spec.max_words)
         records.append({
             "id": f"fw-longform-{i}",
             "question": QUESTION.format(s=subject),
@@ -206,11 +224,12 @@ def write_longform(world: FactWorld, path: str | Path, spec: LongformSpec | None
     return path
 
 
-def ensure_longform(root: str | Path, seed: int, preset: str = "default") -> Path:
-    """``<root>/longform.json`` of a finished factworld build, written on first use from the world
-    of the build's manifest (its seed and world sizes) with the preset's :data:`LONGFORM_SPECS`."""
+def ensure_longform(root: str | Path, seed: int, preset: str = "default", style: str = "biography") -> Path:
+    """``<root>/longform.json`` (``longform_docs.json`` for ``style="documents"``) of a finished
+    factworld build, written on first use from the world of the build's manifest (its seed and
+    world sizes) with the preset's :data:`LONGFORM_SPECS`."""
     root = Path(root)
-    path = root / LONGFORM_FILE
+    path = root / (LONGFORM_FILE if style == "biography" else LONGFORM_FILE.replace(".json", "_docs.json"))
     if path.exists():
         return path
     world_cfg = None
@@ -223,4 +242,5 @@ def ensure_longform(root: str | Path, seed: int, preset: str = "default") -> Pat
         from .build import resolve_preset
 
         world_cfg = resolve_preset(preset).world
-    return write_longform(build_world(seed, world_cfg), path, LONGFORM_SPECS.get(preset, LongformSpec()))
+    spec = dataclasses.replace(LONGFORM_SPECS.get(preset, LongformSpec()), style=style)
+    return write_longform(build_world(seed, world_cfg), path, spec)
