@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -290,27 +291,11 @@ class ModelAdapter:
             self.model.set_attn_implementation(cur)
 
     def body_and_head(self):
-        """``(body, head)`` with ``model(x).logits == head(body(x).last_hidden_state)``: the
-        decoder without its LM head, and the head alone, so a caller can run the head (and its
-        softmax over the vocabulary) on exactly the positions a loss reads. ``None`` when this
-        model's logits are more than its output embedding of the last hidden state (logit
-        scaling, soft-capping, ...). Checked once per adapter on a two-token input."""
-        if not hasattr(self, "_body_head"):
-            self._body_head = None
-            try:
-                body, head = self.model.get_decoder(), self.model.get_output_embeddings()
-            except (AttributeError, NotImplementedError):
-                body = head = None
-            if body is not None and head is not None and body is not self.model:
-                p = next(self.model.parameters())
-                ids = torch.tensor([[1, 2]], device=p.device)
-                with torch.no_grad():
-                    want = self.model(input_ids=ids, use_cache=False).logits.float()
-                    got = head(body(input_ids=ids, use_cache=False).last_hidden_state).float()
-                tol = 1e-3 * float(want.abs().max().clamp_min(1.0))
-                if got.shape == want.shape and float((got - want).abs().max()) <= tol:
-                    self._body_head = (body, head)
-        return self._body_head
+        """``(body, head)`` of the model, see :func:`body_and_head` (checked once per model; an
+        adapter's ``_body_head`` attribute, if set, overrides it)."""
+        if "_body_head" in self.__dict__:
+            return self._body_head
+        return body_and_head(self.model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw):
         """Run the model; returns its output, or ``None`` when a hook stopped it early."""
@@ -319,6 +304,52 @@ class ModelAdapter:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
         except _StopForward:
             return None
+
+
+_BODY_HEAD: "weakref.WeakKeyDictionary[nn.Module, tuple | None]" = weakref.WeakKeyDictionary()
+
+
+def body_and_head(model: nn.Module):
+    """``(body, head)`` with ``model(x).logits == head(body(x).last_hidden_state)``: the decoder
+    without its LM head, and the head alone, so a caller can run the head (and its softmax over
+    the vocabulary) on exactly the positions it reads. ``None`` when this model's logits are more
+    than its output embedding of the last hidden state (logit scaling, soft-capping, ...).
+    Checked once per model on a two-token input (the answer is cached)."""
+    if model in _BODY_HEAD:
+        return _BODY_HEAD[model]
+    out = None
+    try:
+        body, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        body = head = None
+    if body is not None and head is not None and body is not model:
+        p = next(model.parameters())
+        ids = torch.tensor([[1, 2]], device=p.device)
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                want = model(input_ids=ids, use_cache=False).logits.float()
+                got = head(body(input_ids=ids, use_cache=False).last_hidden_state).float()
+        finally:
+            model.train(was)
+        tol = 1e-3 * float(want.abs().max().clamp_min(1.0))
+        if got.shape == want.shape and float((got - want).abs().max()) <= tol:
+            out = (body, head)
+    _BODY_HEAD[model] = out
+    return out
+
+
+def logits_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: torch.Tensor,
+              positions: torch.Tensor) -> torch.Tensor:
+    """``model(input_ids).logits[rows, positions]`` ``(m, vocab)``, with the LM head run only at
+    those ``m`` positions when the model splits into body and head (:func:`body_and_head`)."""
+    split = body_and_head(model)
+    if split is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return logits[rows.to(logits.device), positions.to(logits.device)]
+    hidden = split[0](input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return split[1](hidden[rows.to(hidden.device), positions.to(hidden.device)])
 
 
 def prefix_cache_kwarg(model: nn.Module) -> str | None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from lightning_edit.arch import logits_at
 from lightning_edit.data.requests import target_text
 from lightning_edit.tokens import encode_segments, flatten_targets, prompt_target_segment
 
@@ -99,8 +100,9 @@ def target_scores(model: nn.Module, tokenizer, prompts: Sequence[str], targets: 
     Each pair is tokenized once as ``prompt + target_text(prompt, target)``; a target token is
     one that ends inside the target's character span. Pairs are sorted by length and run
     ``batch_size`` at a time in one right-padded forward (attention mask, ``use_cache=False``).
-    Only the logits of the positions that predict target tokens are log-softmaxed
-    (``(m, vocab)`` for ``m`` target tokens, never ``(batch, seq, vocab)``); this is what
+    Only the logits of the positions that predict target tokens are computed and log-softmaxed
+    (``(m, vocab)`` for ``m`` target tokens, never ``(batch, seq, vocab)``; the LM head runs at
+    those positions only, :func:`lightning_edit.arch.logits_at`); this is what
     :func:`lightning_edit.tokens.gather_target_logprobs` computes, restricted to those rows.
     """
     if len(prompts) != len(targets):
@@ -118,10 +120,11 @@ def target_scores(model: nn.Module, tokenizer, prompts: Sequence[str], targets: 
         for idx in _batches(order, batch_size):
             enc = encode_segments(tokenizer, [segments[i] for i in idx])
             input_ids = enc.input_ids.to(device)
-            logits = model(input_ids=input_ids, attention_mask=enc.attention_mask.to(device), use_cache=False).logits
             rows, pos, _ = flatten_targets(enc)  # (m,) each
-            rows, pos = rows.to(logits.device), pos.to(logits.device)  # logits may sit on another device (device_map)
-            log_probs = logits[rows, pos - 1].float().log_softmax(-1)  # (m, vocab)
+            # the LM head only at the m positions read (logits may sit on another device: device_map)
+            logits = logits_at(model, input_ids, enc.attention_mask.to(device), rows, pos - 1)
+            rows, pos = rows.to(logits.device), pos.to(logits.device)
+            log_probs = logits.float().log_softmax(-1)  # (m, vocab)
             tgt = input_ids.to(logits.device)[rows, pos]  # (m,)
             lp = log_probs.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).cpu()  # (m,)
             pred = log_probs.argmax(-1).cpu()  # (m,)
