@@ -182,6 +182,7 @@ def candidate_facts(min_city_population: int = 300_000, max_cities_per_country: 
 @torch.no_grad()
 def _next_token_logprobs(model, tokenizer, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
     """``(n, vocab)`` log-probabilities of the token after each prompt (right-padded batches)."""
+    from .arch import logits_at
     from .scoring import _inference, model_device
 
     device = model_device(model)
@@ -196,10 +197,9 @@ def _next_token_logprobs(model, tokenizer, prompts: Sequence[str], batch_size: i
             for i, r in enumerate(rows):
                 ids[i, :len(r)] = torch.tensor(r)
                 mask[i, :len(r)] = 1
-            # left-aligned rows end at different positions: run the body, then the head on the last tokens only
-            hidden = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
-            last = torch.tensor([len(r) - 1 for r in rows], device=hidden.device)
-            logits = model.get_output_embeddings()(hidden[torch.arange(len(rows), device=hidden.device), last])
+            # left-aligned rows end at different positions: the LM head on each row's last token only
+            last = torch.tensor([len(r) - 1 for r in rows])
+            logits = logits_at(model, ids.to(device), mask.to(device), torch.arange(len(rows)), last)
             out.append(logits.float().log_softmax(-1).cpu())
     return torch.cat(out)
 

@@ -267,3 +267,14 @@ def test_keys_passes_start_where_the_last_update_ends_and_keys_after_need_no_pas
         assert not torch.equal(ad.weight_as_linear(l), before[l])  # every layer was edited
         torch.testing.assert_close(record[f"keys.{l}"], fresh[l], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(method.prev_kkt[l], fresh[l].T.double().__matmul__(fresh[l].double()).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_sdpa_backends_option_is_checked_before_any_work():
+    from lightning_edit.residuals import _sdpa_backends
+
+    assert _sdpa_backends("auto") is None
+    assert len(_sdpa_backends("efficient, math")) == 2
+    with pytest.raises(ValueError, match="sdpa_backends"):
+        ResidualConfig(sdpa_backends="fast")
+    with pytest.raises(ValueError, match="sdpa_backends"):
+        ResidualConfig(sdpa_backends=",")
