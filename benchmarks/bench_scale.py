@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from lightning_edit.arch import ModelAdapter  # noqa: E402
+from lightning_edit.arch import ModelAdapter, supports_packed_rows  # noqa: E402
 from lightning_edit.closed_form import alphaedit_update  # noqa: E402
 from lightning_edit.data.requests import EditRequest  # noqa: E402
 from lightning_edit.profiling import PhaseTimer  # noqa: E402
@@ -189,10 +189,62 @@ class Settings:
     sdpa_backends: str = "auto"
     eager_attention_mb: float = 64.0
     solver: str = "woodbury"
+    pack_rows: int = 1  # 1: packed rows in the z optimization (the default), 0: padded length buckets
+    pack_compare: int = 1  # 1: also time the z optimization of the same batch with the other packing setting
+    longform_tokens: str = ""  # e.g. "250,500": AnyEdit batches with answers of these lengths (time, peak memory)
+    longform_requests: int = 4
+    longform_window: int = 40
+    longform_steps: int = 25
     profile_steps: int = 0
     stream_batches: int = 0
     stream_steps: int = 5
     extra: dict = field(default_factory=dict)
+
+
+def longform_batch(adapter, tok, method, layers, lr, n_tok: int, s: Settings, device, name: str) -> dict:
+    """An AnyEdit batch of ``s.longform_requests`` random questions (20 tokens) with answers of
+    ``n_tok`` tokens in chunks of ``s.longform_window`` (no context prefixes, no KL term, the
+    other positions' keys as zero-residual rows: configs/anyedit_llama3_8b_instruct.yaml), in
+    ``joint`` and ``autoregressive`` mode: seconds per request (residuals + update, all steps)
+    and the peak device memory of each."""
+    from lightning_edit.residuals import build_chunked_batch
+
+    vocab = adapter.model.config.vocab_size
+    g = torch.Generator().manual_seed(n_tok)
+    items = []
+    for _ in range(s.longform_requests):
+        question, answer = words(g, 20, vocab), words(g, n_tok, vocab)
+        text = question + " " + answer
+        enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+        offs = enc["offset_mapping"][20:]
+        items.append((text, [(offs[i][0] - 1, offs[min(i + s.longform_window, len(offs)) - 1][1])
+                             for i in range(0, len(offs), s.longform_window)]))
+    batch = build_chunked_batch(tok, items)
+    out = {"requests": s.longform_requests, "answer_tokens": n_tok, "chunks": batch.n_chunks, "window": s.longform_window,
+           "steps": s.longform_steps}
+    saved = {l: adapter.down_proj(l).weight.detach().clone() for l in layers}
+    for mode in ("joint", "autoregressive"):
+        cfg = ResidualConfig(lr=0.5, steps=s.longform_steps, weight_decay=0.5, clamp_norm_factor=4.0, kl_factor=0.0,
+                             early_stop_loss=0.0, mode=mode, max_rows_per_forward=64)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        tb = PhaseTimer(device)
+        with tb("z"):
+            res = optimize_residuals(adapter, batch, max(layers), cfg)
+        apply_update(adapter, batch, res.z_target, layers, method, max_rows=64, timer=tb, context=True)
+        with torch.no_grad():  # the next mode starts from the same weights
+            for l in layers:
+                adapter.down_proj(l).weight.copy_(saved[l])
+        total = sum(tb.seconds.values())
+        peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+        out[mode] = {"s_per_request": total / s.longform_requests, "phases_s": dict(tb.seconds), "peak_memory_gb": peak,
+                     "mean_chunk_nll": float(res.nll.mean())}
+        log(f"[{name}] long-form, answers of {n_tok} tokens ({s.longform_requests} requests, {batch.n_chunks} chunks of "
+            f"{s.longform_window}), {mode}: {total / s.longform_requests:.2f} s per request "
+            f"(z {tb.seconds['z']:.2f} s for the batch); peak memory {peak if peak is None else round(peak, 1)} GB")
+    out["autoregressive_over_joint"] = out["autoregressive"]["s_per_request"] / out["joint"]["s_per_request"]
+    return out
 
 
 def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype, time_eigh: bool) -> dict:
@@ -213,11 +265,13 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
     log(f"[{name}] built {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters ({model_gb:.1f} GB, {dtype}) "
         f"on {device} in {build_s:.1f} s; edit layers {layers}, d_k {d_k}")
 
+    packable = supports_packed_rows(model)
+    log(f"[{name}] packed rows: {'supported' if packable else 'NOT supported (padded rows instead)'}")
     g = torch.Generator().manual_seed(1)
     prefixes = [words(g, s.prefix_len, vocab) + " " for _ in range(s.prefixes)]
     cfg = ResidualConfig(lr=shape.lr, steps=s.steps, early_stop_loss=0.0, clamp_norm_factor=4.0, kl_factor=0.0625,
                          anchor="subject_last", length_buckets=s.length_buckets, sdpa_backends=s.sdpa_backends,
-                         eager_attention_mb=s.eager_attention_mb)
+                         eager_attention_mb=s.eager_attention_mb, pack_rows=bool(s.pack_rows))
     solve = {"float32": torch.float32, "float64": torch.float64}[s.solve_dtype]
     projs = {l: random_projector(d_k, s.keep, device, seed=l) for l in layers}
     method = AlphaEditMethod(l2=s.l2, projectors=projs, solve_dtype=solve, solver=s.solver)
@@ -246,6 +300,17 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
     log(f"[{name}] edit batch: {batch_s:.2f} s for {s.edits} edits ({rows} rows); " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
     final_nll = float(res.nll.mean())
 
+    # z optimization of the same batch with the other packing setting (ratio in the same run)
+    pack_cmp = None
+    if s.pack_compare:
+        tb = PhaseTimer(device)
+        with tb("z"):
+            optimize_residuals(adapter, build_residual_batch(tok, reqs, prefixes, cfg.anchor), z_layer, replace(cfg, pack_rows=not s.pack_rows))
+        other = tb.seconds["z"] * 100 / s.edits
+        packed, padded = (phases["z"] * 100 / s.edits, other) if s.pack_rows else (other, phases["z"] * 100 / s.edits)
+        pack_cmp = {"packed": packed, "padded": padded, "padded_over_packed": padded / packed}
+        log(f"[{name}] z optimization: packed rows {packed:.2f} s, padded rows ({s.length_buckets} length buckets) {padded:.2f} s "
+            f"per 100 edits: packing {padded / packed:.2f}x")
     # z optimization of the same batch with other length-bucket counts
     sweep = {}
     for b in [int(x) for x in s.bucket_sweep.split(",") if x.strip()]:
@@ -395,6 +460,9 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
         f"{roof_all:,.0f} tokens/s (forward + k k^T, {(fwd_f + mom_f) / 1e9:.2f} GFLOP/token)")
 
     peak_gb = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+    longform = {}
+    for n_tok in [int(x) for x in s.longform_tokens.split(",") if x.strip()]:
+        longform[n_tok] = longform_batch(adapter, tok, method, layers, shape.lr, n_tok, s, device, name)
     proj_gb = sum(p.numel() * p.element_size() for p in projs.values()) / 1e9
     kkt_gb = sum(p.numel() * p.element_size() for p in method.prev_kkt.values()) / 1e9
     inv_gb = sum(p.numel() * p.element_size() for p in method.inverse.values()) / 1e9
@@ -415,6 +483,10 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
                                                          if "one_at_a_time_full_forward" in sub_s else None),
         "z_s_per_100_edits_subset": {k: v * scale for k, v in sub_s.items()},
         "z_subset_requests": len(sub),
+        "pack_rows": bool(s.pack_rows),
+        "packed_rows_supported": packable,
+        "longform": longform,
+        "z_s_per_100_edits_packed_vs_padded": pack_cmp,
         "z_s_per_100_edits_by_length_buckets": sweep,
         "z_s_per_100_edits_by_attention": attn,
         "best_batch": best,

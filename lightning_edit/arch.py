@@ -352,6 +352,51 @@ def logits_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     return split[1](hidden[rows.to(hidden.device), positions.to(hidden.device)])
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean ``(batch, 1, queries, keys)`` attention pattern as the additive mask
+    transformers' attention adds to its scores (0 where allowed, the dtype's minimum elsewhere)."""
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+_PACKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def supports_packed_rows(model: nn.Module) -> bool:
+    """Whether ``model`` honours a custom 4-D additive attention mask with explicit
+    ``position_ids``, so several short sequences can share one row (each attending only to
+    itself). Checked once per model: two sequences packed into one row must give the first
+    block's outputs they give alone (one block already applies the mask and the positions; a
+    deeper comparison would mostly measure low-precision rounding). The answer is cached."""
+    if model in _PACKED:
+        return _PACKED[model]
+    ok = False
+    try:
+        p = next(model.parameters())
+        dtype = p.dtype if p.dtype.is_floating_point else torch.float32
+        a, b = torch.tensor([3, 5, 7], device=p.device), torch.tensor([4, 6], device=p.device)
+        seg = torch.tensor([0, 0, 0, 1, 1], device=p.device)
+        causal = torch.ones(5, 5, dtype=torch.bool, device=p.device).tril()
+        allowed = (seg[:, None] == seg[None, :]) & causal
+        kw = {"output_hidden_states": True, "use_cache": False}
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                alone = [model(input_ids=x[None], **kw).hidden_states[1][0].float() for x in (a, b)]
+                packed = model(input_ids=torch.cat([a, b])[None], attention_mask=additive_mask(allowed[None, None], dtype),
+                               position_ids=torch.tensor([[0, 1, 2, 0, 1]], device=p.device), **kw).hidden_states[1][0].float()
+        finally:
+            model.train(was)
+        want = torch.cat(alone)
+        tol = 1e-2 * float(want.abs().max().clamp_min(1.0))
+        ok = packed.shape == want.shape and float((packed - want).abs().max()) <= tol
+    except Exception:  # a model that refuses the mask or the arguments: no packing
+        ok = False
+    _PACKED[model] = ok
+    return ok
+
+
 def prefix_cache_kwarg(model: nn.Module) -> str | None:
     """The keyword under which ``model.forward`` takes a key/value cache of earlier positions
     (``cache`` in recent transformers 5 releases, ``past_key_values`` before), or ``None``

@@ -26,7 +26,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .arch import ModelAdapter, cache_layers, make_cache, prefix_cache_kwarg, supports_logits_to_keep
+from .arch import (ModelAdapter, additive_mask, cache_layers, make_cache, prefix_cache_kwarg, supports_logits_to_keep,
+                   supports_packed_rows)
 from .data.requests import EditRequest, target_text
 from .tokens import Encoded, Segment, encode_segments, flatten_targets
 
@@ -70,6 +71,12 @@ class ResidualConfig:
             (Llama-3-8B shape, H200: 8.8 s per 100 edits vs 9.9-11.8 s with SDPA kernels, which
             also plan anew for every new shape); long answers would materialize big score
             matrices, so they keep SDPA. 0 = always SDPA.
+        pack_rows: every step runs the rows' suffixes packed end to end into rows as long as
+            the longest one or a little longer (several short sequences per row, each attending only to its own
+            cached prefix and to itself through a 4-D attention mask) in one forward, instead of
+            ``length_buckets`` padded forwards. Fewer token slots (no padding) and bigger
+            matrix products. Used where the model passes :func:`arch.supports_packed_rows`'s
+            check; same result up to rounding.
     """
 
     lr: float = 0.5
@@ -86,6 +93,7 @@ class ResidualConfig:
     mode: Literal["joint", "autoregressive"] = "joint"
     sdpa_backends: str = "auto"
     eager_attention_mb: float = 64.0
+    pack_rows: bool = True
 
     def __post_init__(self):
         if self.anchor not in ("subject_last", "prompt_last"):
@@ -298,6 +306,33 @@ def _row_groups(suffix_len: torch.Tensor, max_rows: int, buckets: int) -> list[t
     for part in order.tensor_split(max(1, min(buckets, n))):
         groups.extend(part.split(max_rows) if max_rows > 0 else [part])
     return [g for g in groups if len(g)]
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing: the indices of ``lengths`` grouped into bins whose
+    lengths sum to at most ``capacity`` (every length must be ``<= capacity``). Deterministic;
+    ``O(n * capacity)``. Used to lay short suffixes end to end in shared rows."""
+    if any(x > capacity for x in lengths):
+        raise ValueError(f"a length exceeds the capacity {capacity}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    free: list[list[int]] = [[] for _ in range(capacity + 1)]  # free[c]: bins with c slots left
+    bins: list[list[int]] = []
+    left: list[int] = []
+    for i in order:
+        need = lengths[i]
+        b = -1
+        for c in range(need, capacity + 1):  # the fullest bin it fits in
+            if free[c]:
+                b = free[c].pop()
+                break
+        if b < 0:
+            b = len(bins)
+            bins.append([])
+            left.append(capacity)
+        bins[b].append(i)
+        left[b] -= need
+        free[left[b]].append(b)
+    return bins
 
 
 @dataclass
@@ -563,9 +598,13 @@ def _optimize_phase(
     kl_c = torch.zeros(n, device=device)
     loss_c = torch.zeros(n, device=device)
 
-    plans: dict[int, SimpleNamespace] = {}
+    plans: dict[int, tuple[torch.Tensor, list[SimpleNamespace]]] = {}
     mcfg = getattr(model, "config", None)
     heads = int(getattr(mcfg, "num_attention_heads", None) or getattr(mcfg, "n_head", None) or 1)
+    # packed rows: one forward over all rows of the phase, suffixes laid end to end
+    pack = cfg.pack_rows and supports_packed_rows(model)
+    step_groups = [torch.cat(groups).sort().values] if pack and groups else groups
+    mask_dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
 
     def _group_plan(rows: torch.Tensor) -> SimpleNamespace:
         """The device tensors of one row group's forward and loss (all but the deltas)."""
@@ -602,6 +641,149 @@ def _optimize_phase(
             col=(lambda p: torch.searchsorted(d_need, p)) if keep_kw and body_head is None else (lambda p: p),
         )
 
+    def _packed_units(rows: torch.Tensor) -> list[SimpleNamespace]:
+        """``rows``' suffixes packed end to end (:func:`pack_rows`) into rows as long as the
+        longest suffix (or up to twice that); each packed row's keys are its segments' cached prefixes, then its
+        suffix columns; a 4-D mask lets a token see only its own segment (prefix + causal
+        suffix). Split into forwards of at most ``max_rows_per_forward`` packed rows."""
+        lens = lay.suffix_len[rows].tolist()
+        # the row length: the longest suffix or a little more, whichever leaves the fewest
+        # empty slots (short suffixes then fill the gaps); ties go to the shorter row
+        longest = max(lens)
+        packings = [(pack_rows(lens, c), c) for c in sorted({longest, -(-5 * longest // 4), -(-3 * longest // 2), 2 * longest})]
+        bins, cap = min(packings, key=lambda bc: (len(bc[0]) * bc[1], bc[1]))
+        units = []
+        step_rows = cfg.max_rows_per_forward if cfg.max_rows_per_forward > 0 else len(bins)
+        for b0 in range(0, len(bins), step_rows):
+            units.append(_packed_unit([[int(rows[i]) for i in b] for b in bins[b0 : b0 + step_rows]], cap))
+        return units
+
+    def _packed_unit(bins: list[list[int]], cap: int) -> SimpleNamespace:
+        nb = len(bins)
+        seg = torch.tensor([r for b in bins for r in b], dtype=torch.long)  # original row per segment
+        seg_bin = torch.tensor([i for i, b in enumerate(bins) for _ in b], dtype=torch.long)
+        slen = lay.suffix_len[seg]
+        plen = split[seg] if kv is not None else torch.zeros_like(seg)
+        # offsets of each segment inside its packed row (suffix columns, prefix key columns)
+        first = torch.ones(len(seg), dtype=torch.bool)
+        first[1:] = seg_bin[1:] != seg_bin[:-1]
+
+        def offsets(x: torch.Tensor) -> torch.Tensor:
+            c = torch.cumsum(x, 0) - x
+            start = c[first]  # cumulative value at each bin's first segment
+            return c - start[torch.cumsum(first.long(), 0) - 1]
+
+        q_off, k_off = offsets(slen), offsets(plen)
+        wp = int((k_off + plen).max()) if kv is not None else 0
+        # one entry per suffix token: its segment, packed (row, column), original suffix index
+        tok_seg = torch.repeat_interleave(torch.arange(len(seg)), slen)
+        j = torch.arange(len(tok_seg)) - torch.repeat_interleave(torch.cumsum(slen, 0) - slen, slen)
+        qb, qc = seg_bin[tok_seg], q_off[tok_seg] + j
+        src = seg[tok_seg]
+        ids = torch.zeros(nb, cap, dtype=torch.long)
+        ids[qb, qc] = lay.ids[src, W + j]
+        pos = torch.zeros(nb, cap, dtype=torch.long)
+        pos[qb, qc] = lay.position_ids[src, W + j]
+        q_seg = torch.full((nb, cap), -1, dtype=torch.long)
+        q_seg[qb, qc] = tok_seg
+        k_seg = torch.full((nb, wp), -2, dtype=torch.long)  # -2: an empty prefix slot, nobody's
+        pk_seg = torch.repeat_interleave(torch.arange(len(seg)), plen)
+        pk_j = torch.arange(len(pk_seg)) - torch.repeat_interleave(torch.cumsum(plen, 0) - plen, plen)
+        kb, kc = seg_bin[pk_seg], k_off[pk_seg] + pk_j
+        k_seg[kb, kc] = pk_seg
+        col = torch.arange(cap)
+        causal = col[None, :] <= col[:, None]  # (query, key) within the suffix
+        allowed = torch.cat([q_seg[:, :, None] == k_seg[:, None, :],
+                             (q_seg[:, :, None] == q_seg[:, None, :]) & causal[None]], dim=2)  # padding sees itself
+        d_kb, d_kc = kb.to(device), kc.to(device)
+        d_pr, d_pc = seg[pk_seg].to(device), (W - plen[pk_seg] + pk_j).to(device)
+        packed_kv = None
+        if kv is not None:
+            packed_kv = []
+            for li, (k, v) in enumerate(kv):
+                if lower is not None and li <= z_layer:  # skipped blocks never read their cache
+                    packed_kv.append((k[:nb, :, :0], v[:nb, :, :0]))
+                    continue
+                pk = k.new_zeros(nb, k.shape[1], wp, k.shape[3])
+                pv = v.new_zeros(nb, v.shape[1], wp, v.shape[3])
+                pk[d_kb, :, d_kc] = k[d_pr, :, d_pc]
+                pv[d_kb, :, d_kc] = v[d_pr, :, d_pc]
+                packed_kv.append((pk, pv))
+        packed_lower = None
+        if lower is not None:
+            packed_lower = lower[0].new_zeros(nb, cap, lower[0].shape[-1])
+            packed_lower[qb.to(device), qc.to(device)] = lower[0][src.to(device), j.to(device)]
+        # original row -> (packed row, column offset)
+        bin_of = torch.full((n_rows,), -1, dtype=torch.long)
+        off_of = torch.zeros(n_rows, dtype=torch.long)
+        bin_of[seg], off_of[seg] = seg_bin, q_off
+        sel_a, sel_t = bin_of[a_rows] >= 0, bin_of[t_rows] >= 0
+        tr, tp = bin_of[t_rows[sel_t]], off_of[t_rows[sel_t]] + t_suf[sel_t]
+        kl_rows = kl_rows_all[bin_of[kl_rows_all] >= 0]
+        kr, kp = bin_of[kl_rows], off_of[kl_rows] + kl_suf[kl_rows]
+        need = torch.cat([tp - 1, kp]).unique()
+        kw = {"logits_to_keep": need.to(device)} if keep_kw and body_head is None else {}
+        kw["position_ids"] = pos.to(device)
+        d_need = need.to(device)
+        score_mb = nb * heads * cap * (wp + cap) * 4 / 2**20
+        return SimpleNamespace(
+            attention="eager" if score_mb <= cfg.eager_attention_mb else None,
+            ids=ids.to(device),
+            mask=additive_mask(allowed[:, None].to(device), mask_dtype),
+            kw=kw,
+            kv=packed_kv,
+            lower=packed_lower,
+            ar=bin_of[a_rows[sel_a]].to(device), ap=(off_of[a_rows[sel_a]] + a_suf[sel_a]).to(device),
+            vec_chunk=a_chunk[sel_a].to(device), a_train=a_train[sel_a].to(device).unsqueeze(1),
+            tr=tr.to(device), tp=tp.to(device), t_label=lay.ids[t_rows[sel_t], W + t_suf[sel_t]].to(device),
+            t_chunk=t_chunk[sel_t].to(device), t_weight=t_weight[sel_t.to(t_weight.device)],
+            kl_rows=kl_rows, kr=kr.to(device), kp=kp.to(device),
+            kl_slots=kl_slot[kl_rows].to(device), kl_chunk=batch.row_chunk[kl_rows].to(device),
+            col=(lambda p: torch.searchsorted(d_need, p)) if keep_kw and body_head is None else (lambda p: p),
+        )
+
+    def _unit_step(plan: SimpleNamespace, step: int, wd_pending, nll_step: torch.Tensor, kl_step: torch.Tensor):
+        """One forward + backward of one prepared row unit; adds its per-chunk NLL and KL terms
+        to ``nll_step`` / ``kl_step``; the weight-decay term rides on the first unit's loss."""
+        nonlocal kl_init
+        vecs = torch.where(plan.a_train, delta[plan.vec_chunk], fixed[plan.vec_chunk])
+        kw = dict(plan.kw)
+        if kv is not None:
+            kw[cache_kw] = make_cache(model, plan.kv)
+        skip = contextlib.nullcontext()
+        if lower is not None:
+            skip = adapter.skip_blocks(z_layer, plan.lower, lower[1])
+        with torch.enable_grad(), skip, adapter.attention_implementation(plan.attention), \
+                adapter.add_at_positions(z_layer, plan.ar, plan.ap, vecs):
+            if body_head is not None:
+                hidden = body_head[0](input_ids=plan.ids, attention_mask=plan.mask, use_cache=kv is not None, **kw).last_hidden_state
+                logits_at = lambda r, p: body_head[1](hidden[r, p])  # noqa: E731
+            else:
+                logits = model(input_ids=plan.ids, attention_mask=plan.mask, use_cache=kv is not None, **kw).logits
+                logits_at = lambda r, p: logits[r, plan.col(p)]  # noqa: E731
+        tr, tp, kl_rows = plan.tr, plan.tp, plan.kl_rows
+        t_logp = logits_at(tr, tp - 1).float().log_softmax(-1)
+        lp = t_logp.gather(-1, plan.t_label.unsqueeze(-1)).squeeze(-1)
+        part_nll = torch.zeros(n, device=device).index_add(0, plan.t_chunk, -lp * plan.t_weight)
+        part_kl = torch.zeros(n, device=device)
+        if len(kl_rows):
+            kl_logp = logits_at(plan.kr, plan.kp).float().log_softmax(-1)
+            slots = plan.kl_slots
+            if kl_init is None:
+                kl_init = torch.zeros(len(kl_rows_all), kl_logp.shape[-1], device=device)
+            if step == 0:
+                kl_init[slots] = kl_logp.detach()
+            kl = F.kl_div(kl_init[slots], kl_logp, log_target=True, reduction="none").sum(-1)
+            part_kl = part_kl.index_add(0, plan.kl_chunk, cfg.kl_factor * kl)
+        loss = part_nll.sum() + part_kl.sum()
+        if wd_pending is not None:
+            loss = loss + wd_pending
+            wd_pending = None
+        loss.backward()
+        nll_step += part_nll.detach()
+        kl_step += part_kl.detach()
+        return wd_pending
+
     for step in range(cfg.steps + 1):
         opt.zero_grad(set_to_none=True)
         active_cpu = active.cpu()  # the step's one device -> host synchronization
@@ -613,51 +795,17 @@ def _optimize_phase(
         wd_pending = torch.where(active, wd, torch.zeros_like(wd)).sum()
         nll_step = torch.zeros(n, device=device)
         kl_step = torch.zeros(n, device=device)
-        for gi, rows in enumerate(groups):
+        for gi, rows in enumerate(step_groups):
             # only the rows of chunks still optimizing: converged chunks cost nothing more
             rows = rows[row_active[rows]]
             if len(rows) == 0:
                 continue
             # everything but the deltas is the same every step: prepared once per row set
-            plan = plans.get(gi)
-            if plan is None or not torch.equal(plan.rows, rows):
-                plan = plans[gi] = _group_plan(rows)
-            vecs = torch.where(plan.a_train, delta[plan.vec_chunk], fixed[plan.vec_chunk])
-            kw = dict(plan.kw)
-            if kv is not None:
-                kw[cache_kw] = make_cache(model, plan.kv)
-            skip = contextlib.nullcontext()
-            if lower is not None:
-                skip = adapter.skip_blocks(z_layer, plan.lower, lower[1])
-            with torch.enable_grad(), skip, adapter.attention_implementation(plan.attention), \
-                    adapter.add_at_positions(z_layer, plan.ar, plan.ap, vecs):
-                if body_head is not None:
-                    hidden = body_head[0](input_ids=plan.ids, attention_mask=plan.mask, use_cache=kv is not None, **kw).last_hidden_state
-                    logits_at = lambda r, p: body_head[1](hidden[r, p])  # noqa: E731
-                else:
-                    logits = model(input_ids=plan.ids, attention_mask=plan.mask, use_cache=kv is not None, **kw).logits
-                    logits_at = lambda r, p: logits[r, plan.col(p)]  # noqa: E731
-            tr, tp, kl_rows = plan.tr, plan.tp, plan.kl_rows
-            t_logp = logits_at(tr, tp - 1).float().log_softmax(-1)
-            lp = t_logp.gather(-1, plan.t_label.unsqueeze(-1)).squeeze(-1)
-            part_nll = torch.zeros(n, device=device).index_add(0, plan.t_chunk, -lp * plan.t_weight)
-            part_kl = torch.zeros(n, device=device)
-            if len(kl_rows):
-                kl_logp = logits_at(plan.kr, plan.kp).float().log_softmax(-1)
-                slots = plan.kl_slots
-                if kl_init is None:
-                    kl_init = torch.zeros(len(kl_rows_all), kl_logp.shape[-1], device=device)
-                if step == 0:
-                    kl_init[slots] = kl_logp.detach()
-                kl = F.kl_div(kl_init[slots], kl_logp, log_target=True, reduction="none").sum(-1)
-                part_kl = part_kl.index_add(0, plan.kl_chunk, cfg.kl_factor * kl)
-            loss = part_nll.sum() + part_kl.sum()
-            if wd_pending is not None:
-                loss = loss + wd_pending
-                wd_pending = None
-            loss.backward()
-            nll_step += part_nll.detach()
-            kl_step += part_kl.detach()
+            cached = plans.get(gi)
+            if cached is None or not torch.equal(cached[0], rows):
+                cached = plans[gi] = (rows, _packed_units(rows) if pack else [_group_plan(rows)])
+            for plan in cached[1]:
+                wd_pending = _unit_step(plan, step, wd_pending, nll_step, kl_step)
         nll_c = torch.where(active, nll_step, nll_c)
         kl_c = torch.where(active, kl_step, kl_c)
         loss_c = torch.where(active, nll_c + kl_c + wd.detach(), loss_c)

@@ -1,0 +1,83 @@
+"""Packed rows in the residual optimization: several short suffixes per row behind a 4-D mask
+must compute what the padded rows compute."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest import counterfactual_requests, make_model
+from lightning_edit import residuals as residuals_mod
+from lightning_edit.arch import ModelAdapter, supports_packed_rows
+from lightning_edit.residuals import ResidualConfig, build_chunked_batch, build_residual_batch, optimize_residuals, pack_rows
+from test_longform_engine import PREFIXES, _items
+
+
+def test_pack_rows_places_every_row_once_within_capacity():
+    rng = random.Random(0)
+    for trial in range(50):
+        lengths = [rng.randint(1, 9) for _ in range(rng.randint(1, 80))]
+        cap = max(lengths) + rng.randint(0, 3)
+        bins = pack_rows(lengths, cap)
+        flat = sorted(i for b in bins for i in b)
+        assert flat == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in b) <= cap for b in bins)
+        # best-fit decreasing never needs more than 11/9 OPT + 1 bins; OPT >= total / cap
+        assert len(bins) <= 11 / 9 * -(-sum(lengths) // cap) + 1
+    assert pack_rows([4, 1, 3, 2, 5, 5], 5) == [[4], [5], [0, 1], [2, 3]]
+    with pytest.raises(ValueError, match="capacity"):
+        pack_rows([3, 6], 5)
+
+
+def _rel(a, b):
+    return float(((a.z_target - b.z_target).norm(dim=-1) / (b.z_target - b.z_init).norm(dim=-1).clamp_min(1e-9)).max())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gptj", "llama", "qwen2"])
+def test_packed_rows_equal_padded_rows_for_facts(tokenizer, arch):
+    model = make_model(arch, vocab_size=len(tokenizer), n_layer=4, width=32)
+    assert supports_packed_rows(model)
+    ad = ModelAdapter(model)
+    batch = build_residual_batch(tokenizer, counterfactual_requests(6), PREFIXES, "subject_last")
+    base = ResidualConfig(steps=4, lr=0.5, early_stop_loss=0.0, clamp_norm_factor=4.0, pack_rows=False)
+    padded = optimize_residuals(ad, batch, 2, base)
+    for extra in ({}, {"max_rows_per_forward": 3}, {"prefix_cache": False, "skip_lower_blocks": False}):
+        packed = optimize_residuals(ad, batch, 2, replace(base, pack_rows=True, **extra))
+        assert _rel(packed, padded) < 1e-4, extra
+        torch.testing.assert_close(packed.loss, padded.loss, rtol=1e-4, atol=1e-5)
+        assert torch.equal(packed.steps, padded.steps)
+
+
+@pytest.mark.parametrize("mode", ["joint", "autoregressive"])
+def test_packed_rows_equal_padded_rows_for_chunks(tokenizer, mode):
+    model = make_model("llama", vocab_size=len(tokenizer), n_layer=3, width=32)
+    ad = ModelAdapter(model)
+    batch = build_chunked_batch(tokenizer, _items(tokenizer), PREFIXES)
+    base = ResidualConfig(steps=4, lr=0.5, kl_factor=0.0, early_stop_loss=0.0, clamp_norm_factor=4.0, mode=mode, pack_rows=False)
+    padded = optimize_residuals(ad, batch, 1, base)
+    packed = optimize_residuals(ad, batch, 1, replace(base, pack_rows=True))
+    assert _rel(packed, padded) < 1e-4
+
+
+def test_a_model_that_ignores_the_packing_inputs_is_not_packed(tokenizer, monkeypatch):
+    """GPT-2 with its position ids dropped: the packed check fails and the optimization keeps
+    to padded rows, with the padded rows' result."""
+    model = make_model("gpt2", vocab_size=len(tokenizer), n_layer=3, width=32)
+    fwd = model.forward
+    model.forward = lambda *a, position_ids=None, **k: fwd(*a, **k)
+    assert not supports_packed_rows(model)
+    ad = ModelAdapter(model)
+    batch = build_residual_batch(tokenizer, counterfactual_requests(3), PREFIXES, "prompt_last", kl=False)
+    cfg = ResidualConfig(anchor="prompt_last", steps=3, early_stop_loss=0.0, kl_factor=0.0, prefix_cache=False)
+    calls = []
+    real = residuals_mod.additive_mask
+    monkeypatch.setattr(residuals_mod, "additive_mask", lambda *a: calls.append(1) or real(*a))
+    a = optimize_residuals(ad, batch, 1, cfg)
+    b = optimize_residuals(ad, batch, 1, replace(cfg, pack_rows=False))
+    assert not calls and torch.equal(a.z_target, b.z_target)
+    arch_mod_model = make_model("gpt2", vocab_size=len(tokenizer), n_layer=3, width=32)  # the same, unpatched: packed
+    optimize_residuals(ModelAdapter(arch_mod_model), batch, 1, cfg)
+    assert calls
