@@ -462,7 +462,11 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
     peak_gb = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     longform = {}
     for n_tok in [int(x) for x in s.longform_tokens.split(",") if x.strip()]:
-        longform[n_tok] = longform_batch(adapter, tok, method, layers, shape.lr, n_tok, s, device, name)
+        try:
+            longform[n_tok] = longform_batch(adapter, tok, method, layers, shape.lr, n_tok, s, device, name)
+        except Exception as err:  # keep the main results of the run
+            longform[n_tok] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+            log(f"[{name}] long-form, answers of {n_tok} tokens: failed ({longform[n_tok]['error']})")
     proj_gb = sum(p.numel() * p.element_size() for p in projs.values()) / 1e9
     kkt_gb = sum(p.numel() * p.element_size() for p in method.prev_kkt.values()) / 1e9
     inv_gb = sum(p.numel() * p.element_size() for p in method.inverse.values()) / 1e9

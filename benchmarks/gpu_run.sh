@@ -12,5 +12,7 @@ MAIN=${SHAPES_MAIN:-llama3-8b}
 MORE=${SHAPES_MORE:-qwen2.5-7b,gpt-j}
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee "$OUT/log.txt"
 python3 benchmarks/bench_scale.py --shape "$MAIN" --attn-sweep sdpa --stream-batches 3 --stream-steps 25 --profile-steps 2 \
-  --longform-tokens 250,500 --one-at-a-time 2 --one-at-a-time-full-forward 0 --out "$OUT" 2>&1 | tee -a "$OUT/log.txt"
+  --longform-tokens 250,500 --one-at-a-time 2 --one-at-a-time-full-forward 0 --out "$OUT" 2>&1 | tee -a "$OUT/log.txt" ||
+  python3 benchmarks/bench_scale.py --shape "$MAIN" --pack-rows 0 --pack-compare 0 --one-at-a-time 2 \
+    --one-at-a-time-full-forward 0 --out "$OUT" 2>&1 | tee -a "$OUT/log.txt"  # padded rows if the packed run failed
 python3 benchmarks/bench_scale.py --shape "$MORE" --one-at-a-time 2 --one-at-a-time-full-forward 0 --out "$OUT" 2>&1 | tee -a "$OUT/log.txt"
