@@ -188,6 +188,7 @@ class Settings:
     attn_sweep: str = ""
     sdpa_backends: str = "auto"
     eager_attention_mb: float = 64.0
+    packed_eager_attention_mb: float = 0.0
     solver: str = "woodbury"
     pack_rows: int = 1  # 1: packed rows in the z optimization (the default), 0: padded length buckets
     pack_compare: int = 1  # 1: also time the z optimization of the same batch with the other packing setting
@@ -271,7 +272,8 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
     prefixes = [words(g, s.prefix_len, vocab) + " " for _ in range(s.prefixes)]
     cfg = ResidualConfig(lr=shape.lr, steps=s.steps, early_stop_loss=0.0, clamp_norm_factor=4.0, kl_factor=0.0625,
                          anchor="subject_last", length_buckets=s.length_buckets, sdpa_backends=s.sdpa_backends,
-                         eager_attention_mb=s.eager_attention_mb, pack_rows=bool(s.pack_rows))
+                         eager_attention_mb=s.eager_attention_mb, pack_rows=bool(s.pack_rows),
+                         packed_eager_attention_mb=s.packed_eager_attention_mb)
     solve = {"float32": torch.float32, "float64": torch.float64}[s.solve_dtype]
     projs = {l: random_projector(d_k, s.keep, device, seed=l) for l in layers}
     method = AlphaEditMethod(l2=s.l2, projectors=projs, solve_dtype=solve, solver=s.solver)
@@ -324,8 +326,8 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
     for a in [x.strip() for x in s.attn_sweep.split(",") if x.strip()]:
         # "eager": transformers' eager attention in every step; "sdpa": torch's choice of SDPA
         # kernel; others: SDPA restricted to those backends ("efficient+math")
-        c = replace(cfg, eager_attention_mb=float("inf")) if a == "eager" else \
-            replace(cfg, eager_attention_mb=0.0, sdpa_backends="auto" if a == "sdpa" else a.replace("+", ","))
+        c = replace(cfg, eager_attention_mb=float("inf"), packed_eager_attention_mb=float("inf")) if a == "eager" else \
+            replace(cfg, eager_attention_mb=0.0, packed_eager_attention_mb=0.0, sdpa_backends="auto" if a == "sdpa" else a.replace("+", ","))
         tb = PhaseTimer(device)
         try:
             with tb("z"):
@@ -343,9 +345,9 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
         na = min({"default": phases["z"] * 100 / s.edits, **{k: v for k, v in attn.items() if v is not None}}.items(), key=lambda x: x[1])[0]
         c = replace(cfg, length_buckets=nb)
         if na == "eager":
-            c = replace(c, eager_attention_mb=float("inf"))
+            c = replace(c, eager_attention_mb=float("inf"), packed_eager_attention_mb=float("inf"))
         elif na != "default":
-            c = replace(c, eager_attention_mb=0.0, sdpa_backends="auto" if na == "sdpa" else na.replace("+", ","))
+            c = replace(c, eager_attention_mb=0.0, packed_eager_attention_mb=0.0, sdpa_backends="auto" if na == "sdpa" else na.replace("+", ","))
         tb = PhaseTimer(device)
         edit_batch(random_requests(s.edits, vocab, seed=12), c, tb)
         best = {"length_buckets": nb, "attention": na, "s_per_100_edits": sum(tb.seconds.values()) * 100 / s.edits,

@@ -77,6 +77,9 @@ class ResidualConfig:
             ``length_buckets`` padded forwards. Fewer token slots (no padding) and bigger
             matrix products. Used where the model passes :func:`arch.supports_packed_rows`'s
             check; same result up to rounding.
+        packed_eager_attention_mb: ``eager_attention_mb`` for packed forwards. Their 4-D mask
+            is fastest with SDPA (Llama-3-8B shape, H200: z 6.46 s per 100 edits vs 9.16 s
+            eager, benchmarks/results/run6_*), so 0 = always SDPA.
     """
 
     lr: float = 0.5
@@ -94,6 +97,7 @@ class ResidualConfig:
     sdpa_backends: str = "auto"
     eager_attention_mb: float = 64.0
     pack_rows: bool = True
+    packed_eager_attention_mb: float = 0.0
 
     def __post_init__(self):
         if self.anchor not in ("subject_last", "prompt_last"):
@@ -727,7 +731,7 @@ def _optimize_phase(
         d_need = need.to(device)
         score_mb = nb * heads * cap * (wp + cap) * 4 / 2**20
         return SimpleNamespace(
-            attention="eager" if score_mb <= cfg.eager_attention_mb else None,
+            attention="eager" if score_mb <= cfg.packed_eager_attention_mb else None,
             ids=ids.to(device),
             mask=additive_mask(allowed[:, None].to(device), mask_dtype),
             kw=kw,
