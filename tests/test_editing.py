@@ -192,18 +192,20 @@ def test_lm_head_at_the_read_pairs_is_the_same_computation(arch, tokenizer):
     assert not torch.equal(a.z_target, a.z_init)
     torch.testing.assert_close(a.z_target, b.z_target, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
-    # eager attention in the steps (the default for short rows) and SDPA give the same residuals,
-    # and the model's own attention setting is left as it was
+    # eager attention in the steps (the default for short padded rows) and SDPA give the same
+    # residuals, padded and packed, and the model's own attention setting is left as it was
     before = model.config._attn_implementation
-    sdpa = optimize_residuals(split, batch, 1, dataclasses.replace(cfg, eager_attention_mb=0.0))
-    eager = optimize_residuals(split, batch, 1, dataclasses.replace(cfg, eager_attention_mb=float("inf")))
-    assert model.config._attn_implementation == before
-    seen = []
-    hook = model.get_decoder().register_forward_pre_hook(lambda m, a: seen.append(model.config._attn_implementation))
-    optimize_residuals(split, batch, 1, dataclasses.replace(cfg, steps=1))
-    hook.remove()
-    assert "eager" in seen and before != "eager"  # the steps did run eager
-    torch.testing.assert_close(eager.z_target, sdpa.z_target, rtol=1e-5, atol=1e-5)
+    for pack, knob in ((False, "eager_attention_mb"), (True, "packed_eager_attention_mb")):
+        sdpa = optimize_residuals(split, batch, 1, dataclasses.replace(cfg, pack_rows=pack, **{knob: 0.0}))
+        eager = optimize_residuals(split, batch, 1, dataclasses.replace(cfg, pack_rows=pack, **{knob: float("inf")}))
+        assert model.config._attn_implementation == before
+        torch.testing.assert_close(eager.z_target, sdpa.z_target, rtol=1e-5, atol=1e-5)
+        seen = []
+        hook = model.get_decoder().register_forward_pre_hook(lambda m, a: seen.append(model.config._attn_implementation))
+        optimize_residuals(split, batch, 1, dataclasses.replace(cfg, steps=1, pack_rows=pack))
+        hook.remove()
+        # the defaults: padded short rows run eager, packed rows SDPA
+        assert before != "eager" and ("eager" in seen) == (not pack), (pack, seen)
 
 
 def test_body_and_head_refuses_a_model_with_scaled_logits(tokenizer):
