@@ -48,7 +48,8 @@ class ResidualConfig:
         anchor: ``subject_last`` (the papers) or ``prompt_last`` (the token that predicts the
             target; where small models look facts up).
         max_rows_per_forward: split the padded batch into micro-batches of at most this many
-            rows (gradients accumulate); bounds activation memory on big models. 0 = no split.
+            rows (packed rows with ``pack_rows``; gradients accumulate); bounds activation
+            memory on big models. 0 = no split.
         prefix_cache: run the tokens before each row's anchor once per batch (their states
             cannot depend on the residual vectors) and only the rest in every step. Same
             result up to rounding; off runs every step on the whole sequence.
@@ -80,6 +81,12 @@ class ResidualConfig:
         packed_eager_attention_mb: ``eager_attention_mb`` for packed forwards. Their 4-D mask
             is fastest with SDPA (Llama-3-8B shape, H200: z 6.46 s per 100 edits vs 9.16 s
             eager, benchmarks/results/run6_*), so 0 = always SDPA.
+        max_tokens_per_forward: packed rows are split into equal forwards of at most this many
+            token slots (packed rows x row length; ``max_rows_per_forward`` then caps the packed
+            rows of each). A whole 100-edit batch (~3,000 slots) in one forward holds all its
+            activations for the backward at once: on an H200, GPT-J shape, z peak 62 GB in one
+            forward vs 38 GB in forwards of ~1,600 slots, and faster (5.94 vs 6.61 s;
+            benchmarks/results/run9_*). 0 = no limit.
     """
 
     lr: float = 0.5
@@ -98,6 +105,7 @@ class ResidualConfig:
     eager_attention_mb: float = 64.0
     pack_rows: bool = True
     packed_eager_attention_mb: float = 0.0
+    max_tokens_per_forward: int = 2048
 
     def __post_init__(self):
         if self.anchor not in ("subject_last", "prompt_last"):
@@ -656,10 +664,18 @@ def _optimize_phase(
         longest = max(lens)
         packings = [(pack_rows(lens, c), c) for c in sorted({longest, -(-5 * longest // 4), -(-3 * longest // 2), 2 * longest})]
         bins, cap = min(packings, key=lambda bc: (len(bc[0]) * bc[1], bc[1]))
-        units = []
-        step_rows = cfg.max_rows_per_forward if cfg.max_rows_per_forward > 0 else len(bins)
-        for b0 in range(0, len(bins), step_rows):
-            units.append(_packed_unit([[int(rows[i]) for i in b] for b in bins[b0 : b0 + step_rows]], cap))
+        parts = 1
+        if cfg.max_tokens_per_forward > 0:
+            parts = max(parts, -(-len(bins) * cap // cfg.max_tokens_per_forward))
+        if cfg.max_rows_per_forward > 0:
+            parts = max(parts, -(-len(bins) // cfg.max_rows_per_forward))
+        parts = min(parts, len(bins))
+        size, extra = divmod(len(bins), parts)  # equal parts (the first ``extra`` one bin longer)
+        units, b0 = [], 0
+        for i in range(parts):
+            b1 = b0 + size + (1 if i < extra else 0)
+            units.append(_packed_unit([[int(rows[j]) for j in b] for b in bins[b0:b1]], cap))
+            b0 = b1
         return units
 
     def _packed_unit(bins: list[list[int]], cap: int) -> SimpleNamespace:

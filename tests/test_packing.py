@@ -44,7 +44,8 @@ def test_packed_rows_equal_padded_rows_for_facts(tokenizer, arch):
     batch = build_residual_batch(tokenizer, counterfactual_requests(6), PREFIXES, "subject_last")
     base = ResidualConfig(steps=4, lr=0.5, early_stop_loss=0.0, clamp_norm_factor=4.0, pack_rows=False)
     padded = optimize_residuals(ad, batch, 2, base)
-    for extra in ({}, {"max_rows_per_forward": 3}, {"prefix_cache": False, "skip_lower_blocks": False}):
+    for extra in ({}, {"max_rows_per_forward": 3}, {"max_tokens_per_forward": 20}, {"max_tokens_per_forward": 0},
+                  {"prefix_cache": False, "skip_lower_blocks": False}):
         packed = optimize_residuals(ad, batch, 2, replace(base, pack_rows=True, **extra))
         assert _rel(packed, padded) < 1e-4, extra
         torch.testing.assert_close(packed.loss, padded.loss, rtol=1e-4, atol=1e-5)
@@ -81,3 +82,25 @@ def test_a_model_that_ignores_the_packing_inputs_is_not_packed(tokenizer, monkey
     arch_mod_model = make_model("gpt2", vocab_size=len(tokenizer), n_layer=3, width=32)  # the same, unpatched: packed
     optimize_residuals(ModelAdapter(arch_mod_model), batch, 1, cfg)
     assert calls
+
+
+def test_packed_forwards_respect_the_token_and_row_limits(tokenizer, monkeypatch):
+    model = make_model("llama", vocab_size=len(tokenizer), n_layer=3, width=32)
+    batch = build_residual_batch(tokenizer, counterfactual_requests(6), PREFIXES, "subject_last")
+    shapes = []
+    real = residuals_mod.additive_mask
+    monkeypatch.setattr(residuals_mod, "additive_mask", lambda allowed, dtype: shapes.append(tuple(allowed.shape)) or real(allowed, dtype))
+    base = ResidualConfig(steps=1, early_stop_loss=0.0)
+    for extra, check in (({"max_tokens_per_forward": 0}, lambda n, cap: n == 1),
+                         ({"max_tokens_per_forward": 30}, lambda n, cap: n > 1),
+                         ({"max_tokens_per_forward": 0, "max_rows_per_forward": 2}, lambda n, cap: n > 1)):
+        shapes.clear()
+        optimize_residuals(ModelAdapter(model), batch, 1, replace(base, **extra))
+        rows = [s[0] for s in shapes]
+        cap = shapes[0][2]
+        assert check(len(shapes), cap), (extra, shapes)
+        assert max(rows) - min(rows) <= 1  # equal parts
+        if extra.get("max_tokens_per_forward"):
+            assert all(r * cap <= extra["max_tokens_per_forward"] for r in rows)
+        if extra.get("max_rows_per_forward"):
+            assert max(rows) <= extra["max_rows_per_forward"]
