@@ -10,8 +10,8 @@ frozen model assigns high likelihood to the chunk's target tokens (MEMIT's ``com
 
 with ``||delta_c||`` clamped to ``clamp_norm_factor * ||z0_c||`` after each step and per-chunk
 early stopping once ``loss_c < early_stop_loss``. All chunks of a batch are optimized together:
-one padded forward per step (optionally split into row micro-batches with gradient
-accumulation), no Python loop over requests. Because the loss is a sum of per-chunk terms and
+one forward per step over every row's suffix, packed end to end (or padded rows; optionally split
+into micro-batches with gradient accumulation), no Python loop over requests. Because the loss is a sum of per-chunk terms and
 Adam is element-wise, this equals optimizing each request alone.
 """
 
@@ -485,7 +485,7 @@ def optimize_residuals(
 ) -> ResidualResult:
     """Optimize one ``delta`` per chunk (see module docstring).
 
-    ``cfg.mode``: ``joint`` optimizes every chunk of every request together (one padded forward
+    ``cfg.mode``: ``joint`` optimizes every chunk of every request together (one packed forward
     per step; a single fact is one chunk); ``autoregressive`` (AnyEdit's reference) optimizes the
     ``k``-th chunks of all requests together, phase after phase, with the earlier chunks' deltas
     held fixed at their anchors and later chunks left out.
