@@ -56,3 +56,20 @@ def test_api_applies_plain_question_answer_records(trained_gpt2, tokenizer, corp
     assert out.strip().startswith("Rome. Toko Yasuda")
     metrics = ed.evaluate()
     assert "longform/rouge_l" in metrics
+
+
+@pytest.mark.slow
+def test_full_longform_quickstart(tmp_path):
+    """configs/anyedit_quickstart.yaml as shipped (100 long-form requests in 5 sequential
+    batches, the single-anchor comparison included) within the 10-minute budget (+50% slack for
+    a loaded machine)."""
+    import time
+
+    t = time.time()
+    main(["fit", "-c", "configs/anyedit_quickstart.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}/logs",
+          f"--checkpoint.dirpath={tmp_path}/ckpt", "--trainer.enable_progress_bar=false"])
+    s = json.loads(next(Path(tmp_path, "logs").rglob("summary.json")).read_text())
+    assert s["num_edits"] == 100 and s["mode"] == "joint" and s["method"] == "alphaedit"
+    for key in ("rouge_l", "rouge_l_paraphrase", "bleu", "exact_match", "retention", "single_anchor_rouge_l", "wall_time_s"):
+        assert s[key] is not None, key
+    assert time.time() - t < 600 * 1.5
