@@ -7,8 +7,11 @@ answers (1) on the unedited model and (2) with each chunk's optimized residual v
 directly at its anchor (``optimize_residuals``' result, no closed form involved), for each
 ``--windows`` chunk size. (2) is an upper bound for any MEMIT / AlphaEdit update of the same
 chunks: when it stays far from 1.0, the chunk vectors cannot carry the text on this model and
-no update built from them will; when it is near 1.0 but the edited model is not (the
-``token_accuracy`` of a run's summary), the update is the bottleneck.
+no update built from them will; when it is near 1.0 but the edited model is not, the update is
+the bottleneck. ``--update-layers 3,4,5,6,7 --update-lam 0.01,1`` also applies MEMIT's update
+with identity second moments (ridge regression of the residuals on the keys, ``lam`` its
+weight), with and without the zero-residual rows of the other positions, to a copy of the edit
+layers and reports the edited model's accuracy (3).
 
     python benchmarks/longform_ceiling.py --model factworld:default/model \\
         --dataset factworld:default/longform_docs --layer 2 --windows 8,4,2
@@ -71,6 +74,8 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=4.0)
     p.add_argument("--clamp", type=float, default=4.0, help="clamp_norm_factor (the quickstart's 4; large = unconstrained)")
     p.add_argument("--weight-decay", type=float, default=0.5)
+    p.add_argument("--update-layers", default="", help="edit layers for (3), e.g. 0,1,2 (empty: skip)")
+    p.add_argument("--update-lam", default="0.01,1,100", help="ridge weights for (3)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
@@ -91,10 +96,26 @@ def main(argv=None) -> dict:
         dt = time.perf_counter() - t0
         ideal = teacher_forced(model, batch, res.z_target - res.z_init, a.layer)
         out["windows"][w] = {"chunks": batch.n_chunks, "unedited_accuracy": base[0], "unedited_nll": base[1],
-                             "vectors_accuracy": ideal[0], "vectors_nll": ideal[1], "optimize_s": dt}
+                             "vectors_accuracy": ideal[0], "vectors_nll": ideal[1], "optimize_s": dt, "updates": {}}
         print(f"window {w:>3}: {batch.n_chunks} chunks; teacher-forced token accuracy unedited {base[0]:.3f} "
               f"(NLL {base[1]:.2f}) -> with the chunk vectors {ideal[0]:.3f} (NLL {ideal[1]:.2f}); "
               f"optimization {dt:.1f} s", flush=True)
+        layers = [int(x) for x in a.update_layers.split(",") if x.strip()]
+        if layers:
+            from lightning_edit.update import MemitMethod, apply_update
+
+            saved = {l: ad.down_proj(l).weight.detach().clone() for l in layers}
+            eye = {l: torch.eye(ad.dims(l)[1]) for l in layers}
+            for lam in [float(x) for x in a.update_lam.split(",")]:
+                for context in (True, False):
+                    apply_update(ad, batch, res.z_target, layers, MemitMethod(lam=lam, moments=eye), context=context)
+                    acc = teacher_forced(model, batch)
+                    with torch.no_grad():
+                        for l in layers:
+                            ad.down_proj(l).weight.copy_(saved[l])
+                    key = f"lam={lam:g},context={'on' if context else 'off'}"
+                    out["windows"][w]["updates"][key] = {"accuracy": acc[0], "nll": acc[1]}
+                    print(f"    update (ridge, layers {layers}, {key}): edited model {acc[0]:.3f} (NLL {acc[1]:.2f})", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))
     return out
