@@ -202,7 +202,7 @@ class Settings:
     extra: dict = field(default_factory=dict)
 
 
-def longform_batch(adapter, tok, method, layers, lr, n_tok: int, s: Settings, device, name: str) -> dict:
+def longform_batch(adapter, tok, method, layers, n_tok: int, s: Settings, device, name: str) -> dict:
     """An AnyEdit batch of ``s.longform_requests`` random questions (20 tokens) with answers of
     ``n_tok`` tokens in chunks of ``s.longform_window`` (no context prefixes, no KL term, the
     other positions' keys as zero-residual rows: configs/anyedit_llama3_8b_instruct.yaml), in
@@ -465,7 +465,7 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
     longform = {}
     for n_tok in [int(x) for x in s.longform_tokens.split(",") if x.strip()]:
         try:
-            longform[n_tok] = longform_batch(adapter, tok, method, layers, shape.lr, n_tok, s, device, name)
+            longform[n_tok] = longform_batch(adapter, tok, method, layers, n_tok, s, device, name)
         except Exception as err:  # keep the main results of the run
             longform[n_tok] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
             log(f"[{name}] long-form, answers of {n_tok} tokens: failed ({longform[n_tok]['error']})")

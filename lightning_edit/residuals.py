@@ -11,8 +11,8 @@ frozen model assigns high likelihood to the chunk's target tokens (MEMIT's ``com
 with ``||delta_c||`` clamped to ``clamp_norm_factor * ||z0_c||`` after each step and per-chunk
 early stopping once ``loss_c < early_stop_loss``. All chunks of a batch are optimized together:
 one forward per step over every row's suffix, packed end to end (or padded rows; optionally split
-into micro-batches with gradient accumulation), no Python loop over requests. Because the loss is a sum of per-chunk terms and
-Adam is element-wise, this equals optimizing each request alone.
+into micro-batches with gradient accumulation), no Python loop over requests. Because the loss
+is a sum of per-chunk terms and Adam is element-wise, this equals optimizing each request alone.
 """
 
 from __future__ import annotations
@@ -66,15 +66,16 @@ class ResidualConfig:
             ``auto`` lets torch choose. Its forwards are many short rows attending to a cached
             prefix through a padding mask, a shape where the kernels differ a lot
             (``benchmarks/bench_scale.py --attn-sweep``). Ignored on the CPU.
-        eager_attention_mb: a step's forward whose attention scores take at most this many MB
-            per layer (rows x heads x queries x keys x 4 bytes) runs with transformers' eager
+        eager_attention_mb: a padded forward (``pack_rows`` off or unsupported) whose attention
+            scores take at most this many MB per layer (rows x heads x queries x keys x 4 bytes)
+            runs with transformers' eager
             attention, the rest with SDPA. The short rows of fact editing are fastest eager
             (Llama-3-8B shape, H200: 8.8 s per 100 edits vs 9.9-11.8 s with SDPA kernels, which
             also plan anew for every new shape); long answers would materialize big score
             matrices, so they keep SDPA. 0 = always SDPA.
         pack_rows: every step runs the rows' suffixes packed end to end into rows as long as
-            the longest one or a little longer (several short sequences per row, each attending only to its own
-            cached prefix and to itself through a 4-D attention mask) in one forward, instead of
+            the longest one or a little longer (several short sequences per row, each attending
+            only to its own cached prefix and to itself through a 4-D attention mask), instead of
             ``length_buckets`` padded forwards. Fewer token slots (no padding) and bigger
             matrix products. Used where the model passes :func:`arch.supports_packed_rows`'s
             check; same result up to rounding.
@@ -618,46 +619,55 @@ def _optimize_phase(
     step_groups = [torch.cat(groups).sort().values] if pack and groups else groups
     mask_dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
 
-    def _group_plan(rows: torch.Tensor) -> SimpleNamespace:
-        """The device tensors of one row group's forward and loss (all but the deltas)."""
-        local = torch.full((n_rows,), -1, dtype=torch.long)
-        local[rows] = torch.arange(len(rows))
-        sel_a, sel_t = local[a_rows] >= 0, local[t_rows] >= 0
-        width = int(lay.suffix_len[rows].max())  # right padding: trim the tail
-        tr, tp = local[t_rows[sel_t]], t_suf[sel_t]
-        kl_rows = kl_rows_all[local[kl_rows_all] >= 0]
-        kr, kp = local[kl_rows], kl_suf[kl_rows]
+    def _loss_fields(row_of: torch.Tensor, off_of: torch.Tensor) -> dict:
+        """The device tensors every forward's deltas and losses read, given where each original
+        row sits in the forward's input: row ``row_of[r]`` (-1: not in it), from column
+        ``off_of[r]`` on (its suffix coordinates shifted). Shared by padded and packed forwards."""
+        sel_a, sel_t = row_of[a_rows] >= 0, row_of[t_rows] >= 0
+        tr, tp = row_of[t_rows[sel_t]], off_of[t_rows[sel_t]] + t_suf[sel_t]
+        kl_rows = kl_rows_all[row_of[kl_rows_all] >= 0]
+        kr, kp = row_of[kl_rows], off_of[kl_rows] + kl_suf[kl_rows]
         # the LM head and softmax only where a loss reads them: at the (row, position) pairs
         # (body + head split), else at the positions any row reads (``logits_to_keep``)
         need = torch.cat([tp - 1, kp]).unique()
-        kw = {"logits_to_keep": need.to(device)} if keep_kw and body_head is None else {}
-        d_rows = rows.to(device)
-        if kv is not None:
-            kw["position_ids"] = lay.position_ids[rows, W : W + width].to(device)
         d_need = need.to(device)
-        score_mb = len(rows) * heads * width * (W + width) * 4 / 2**20
-        return SimpleNamespace(
-            attention="eager" if score_mb <= cfg.eager_attention_mb else None,
-            rows=rows,
-            ids=lay.ids[rows, W : W + width].to(device),
-            mask=lay.mask[rows, : W + width].to(device),
-            kw=kw,
-            kv=[(k[d_rows], v[d_rows]) for k, v in kv] if kv is not None else None,
-            lower=lower[0][d_rows, :width] if lower is not None else None,
-            ar=local[a_rows[sel_a]].to(device), ap=a_suf[sel_a].to(device),
+        by_column = keep_kw and body_head is None
+        return dict(
+            kw={"logits_to_keep": d_need} if by_column else {},
+            ar=row_of[a_rows[sel_a]].to(device), ap=(off_of[a_rows[sel_a]] + a_suf[sel_a]).to(device),
             vec_chunk=a_chunk[sel_a].to(device), a_train=a_train[sel_a].to(device).unsqueeze(1),
-            tr=tr.to(device), tp=tp.to(device), t_label=lay.ids[rows, W:][tr, t_suf[sel_t]].to(device),
+            tr=tr.to(device), tp=tp.to(device), t_label=lay.ids[t_rows[sel_t], W + t_suf[sel_t]].to(device),
             t_chunk=t_chunk[sel_t].to(device), t_weight=t_weight[sel_t.to(t_weight.device)],
             kl_rows=kl_rows, kr=kr.to(device), kp=kp.to(device),
             kl_slots=kl_slot[kl_rows].to(device), kl_chunk=batch.row_chunk[kl_rows].to(device),
-            col=(lambda p: torch.searchsorted(d_need, p)) if keep_kw and body_head is None else (lambda p: p),
+            col=(lambda p: torch.searchsorted(d_need, p)) if by_column else (lambda p: p),
+        )
+
+    def _group_plan(rows: torch.Tensor) -> SimpleNamespace:
+        """The device tensors of one padded row group's forward and loss (all but the deltas)."""
+        local = torch.full((n_rows,), -1, dtype=torch.long)
+        local[rows] = torch.arange(len(rows))
+        fields = _loss_fields(local, torch.zeros(n_rows, dtype=torch.long))
+        width = int(lay.suffix_len[rows].max())  # right padding: trim the tail
+        d_rows = rows.to(device)
+        if kv is not None:
+            fields["kw"]["position_ids"] = lay.position_ids[rows, W : W + width].to(device)
+        score_mb = len(rows) * heads * width * (W + width) * 4 / 2**20
+        return SimpleNamespace(
+            attention="eager" if score_mb <= cfg.eager_attention_mb else None,
+            ids=lay.ids[rows, W : W + width].to(device),
+            mask=lay.mask[rows, : W + width].to(device),
+            kv=[(k[d_rows], v[d_rows]) for k, v in kv] if kv is not None else None,
+            lower=lower[0][d_rows, :width] if lower is not None else None,
+            **fields,
         )
 
     def _packed_units(rows: torch.Tensor) -> list[SimpleNamespace]:
         """``rows``' suffixes packed end to end (:func:`pack_rows`) into rows as long as the
-        longest suffix (or up to twice that); each packed row's keys are its segments' cached prefixes, then its
-        suffix columns; a 4-D mask lets a token see only its own segment (prefix + causal
-        suffix). Split into forwards of at most ``max_rows_per_forward`` packed rows."""
+        longest suffix (or up to twice that); each packed row's keys are its segments' cached
+        prefixes, then its suffix columns; a 4-D mask lets a token see only its own segment (prefix + causal
+        suffix). Split into equal forwards of at most ``max_tokens_per_forward`` slots and
+        ``max_rows_per_forward`` packed rows."""
         lens = lay.suffix_len[rows].tolist()
         # the row length: the longest suffix or a little more, whichever leaves the fewest
         # empty slots (short suffixes then fill the gaps); ties go to the shorter row
@@ -737,29 +747,16 @@ def _optimize_phase(
         bin_of = torch.full((n_rows,), -1, dtype=torch.long)
         off_of = torch.zeros(n_rows, dtype=torch.long)
         bin_of[seg], off_of[seg] = seg_bin, q_off
-        sel_a, sel_t = bin_of[a_rows] >= 0, bin_of[t_rows] >= 0
-        tr, tp = bin_of[t_rows[sel_t]], off_of[t_rows[sel_t]] + t_suf[sel_t]
-        kl_rows = kl_rows_all[bin_of[kl_rows_all] >= 0]
-        kr, kp = bin_of[kl_rows], off_of[kl_rows] + kl_suf[kl_rows]
-        need = torch.cat([tp - 1, kp]).unique()
-        kw = {"logits_to_keep": need.to(device)} if keep_kw and body_head is None else {}
-        kw["position_ids"] = pos.to(device)
-        d_need = need.to(device)
+        fields = _loss_fields(bin_of, off_of)
+        fields["kw"]["position_ids"] = pos.to(device)
         score_mb = nb * heads * cap * (wp + cap) * 4 / 2**20
         return SimpleNamespace(
             attention="eager" if score_mb <= cfg.packed_eager_attention_mb else None,
             ids=ids.to(device),
             mask=additive_mask(allowed[:, None].to(device), mask_dtype),
-            kw=kw,
             kv=packed_kv,
             lower=packed_lower,
-            ar=bin_of[a_rows[sel_a]].to(device), ap=(off_of[a_rows[sel_a]] + a_suf[sel_a]).to(device),
-            vec_chunk=a_chunk[sel_a].to(device), a_train=a_train[sel_a].to(device).unsqueeze(1),
-            tr=tr.to(device), tp=tp.to(device), t_label=lay.ids[t_rows[sel_t], W + t_suf[sel_t]].to(device),
-            t_chunk=t_chunk[sel_t].to(device), t_weight=t_weight[sel_t.to(t_weight.device)],
-            kl_rows=kl_rows, kr=kr.to(device), kp=kp.to(device),
-            kl_slots=kl_slot[kl_rows].to(device), kl_chunk=batch.row_chunk[kl_rows].to(device),
-            col=(lambda p: torch.searchsorted(d_need, p)) if keep_kw and body_head is None else (lambda p: p),
+            **fields,
         )
 
     def _unit_step(plan: SimpleNamespace, step: int, wd_pending, nll_step: torch.Tensor, kl_step: torch.Tensor):
