@@ -116,6 +116,8 @@ class ResidualConfig:
         if self.mode not in ("joint", "autoregressive"):
             raise ValueError(f"mode must be 'joint' or 'autoregressive', got {self.mode!r}")
         _sdpa_backends(self.sdpa_backends)  # names checked before any work
+        if self.max_tokens_per_forward < 0 or self.max_rows_per_forward < 0:
+            raise ValueError("max_tokens_per_forward and max_rows_per_forward must be >= 0 (0 = no limit)")
 
 
 _SDPA = {"efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}

@@ -104,3 +104,9 @@ def test_packed_forwards_respect_the_token_and_row_limits(tokenizer, monkeypatch
             assert all(r * cap <= extra["max_tokens_per_forward"] for r in rows)
         if extra.get("max_rows_per_forward"):
             assert max(rows) <= extra["max_rows_per_forward"]
+
+
+def test_negative_forward_limits_are_refused():
+    for field in ("max_tokens_per_forward", "max_rows_per_forward"):
+        with pytest.raises(ValueError, match=">= 0"):
+            ResidualConfig(**{field: -1})
