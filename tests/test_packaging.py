@@ -1,0 +1,50 @@
+"""The install a fresh machine gets: every declared dependency is pinned in constraints.txt at a
+version inside its declared range, and every range stops below the next major release."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _requirements() -> list[Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = [Requirement(r) for r in project["dependencies"]]
+    for extra in project["optional-dependencies"].values():
+        reqs += [Requirement(r) for r in extra]
+    return reqs
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_every_dependency_is_pinned_inside_its_declared_range():
+    pins = _pins()
+    for req in _requirements():
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        if name == "torch":  # the user installs the build for their hardware first (CI: 2.13.0)
+            assert "torch" not in pins
+            continue
+        assert name in pins, f"{req.name} is declared in pyproject.toml but not pinned in constraints.txt"
+        assert req.specifier.contains(Version(pins[name]), prereleases=True), \
+            f"constraints.txt pins {req.name}=={pins[name]} outside the declared {req.specifier}"
+
+
+def test_every_range_stops_below_a_next_release():
+    for req in _requirements():
+        assert any(s.operator in ("<", "<=", "==", "~=") for s in req.specifier), \
+            f"{req} has no upper bound: a new major release could change behaviour unnoticed"
