@@ -33,8 +33,13 @@ class StatsConfig:
     """Where the preserved-knowledge statistics come from.
 
     Args:
-        corpus: a local text/JSON/JSONL/parquet file (or directory), a ``datasets`` hub id
-            (``wikitext``, ``wikipedia``) where a hub is reachable, or ``factworld:<preset>/corpus``.
+        corpus: where the texts come from. The default, ``corpus:pydoc`` (the English prose of
+            the language reference every CPython ships), works offline for any model; other
+            offline corpora: ``corpus:generated@<model>`` (text the model samples) and
+            ``corpus:<kind>?exclude=<edit file>`` (texts naming an edited subject dropped). A
+            local text/JSON/JSONL/parquet file (or directory, or glob), or a ``datasets`` hub id
+            where a hub is reachable (the papers: ``wikitext`` with ``corpus_name:
+            wikitext-103-raw-v1``, 100,000 texts), or ``factworld:<preset>/corpus``.
         corpus_name: the dataset configuration name for hub datasets (e.g. ``wikitext-103-raw-v1``).
         split: dataset split.
         text_field: the column holding the text.
@@ -51,8 +56,8 @@ class StatsConfig:
         save_every: write a resumable partial sum every this many batches (0 = never).
     """
 
-    corpus: str = "wikitext"
-    corpus_name: str | None = "wikitext-103-raw-v1"
+    corpus: str = "corpus:pydoc"
+    corpus_name: str | None = None
     split: str = "train"
     text_field: str = "text"
     n_samples: int = 100_000
