@@ -153,23 +153,35 @@ def test_autoregressive_equals_a_slow_loop_and_joint_differs(tokenizer, arch):
 @pytest.mark.parametrize("mode", ["joint", "autoregressive"])
 def test_a_multi_chunk_answer_is_reproduced_after_the_edit(tokenizer, trained_gpt2, mode):
     """Four 2-token chunks, each with its own residual vector, written by one closed-form
-    update (with the zero-residual rows of the other positions): greedy generation then
-    reproduces the whole new answer."""
+    update: greedy generation then reproduces the whole new answer, and only with the
+    zero-residual rows of the other positions (without them the update moves the states between
+    the anchors and the answer is lost).
+
+    Each chunk is a new object (one the model gives ~0 probability there) plus ".", which the toy
+    model always predicts after an object: the test is about the update, not about whether a
+    4-layer toy can continue a bigram it never saw. (An earlier answer, " Rome. Toko Yasuda
+    plays the piano.", depended on that: the attainable loss of its " Toko Yasuda" chunk ranged
+    from 0.1 to 3.9 nats over tiny models that differ only in training seed or CPU kernels,
+    AVX-512 vs AVX2; this answer reaches < 0.02 and is reproduced on all of them.)"""
     model = copy.deepcopy(trained_gpt2)
     ad = ModelAdapter(model)
     prompt = "Danielle Darrieux lives in"
-    answer = " Rome. Toko Yasuda plays the piano."
+    answer = " Rome. Paris. London. Tokyo."
     text = prompt + answer
     spans = _window_spans(tokenizer, text, len(prompt), 2)
-    assert len(spans) >= 3
+    assert len(spans) == 4
     before = greedy_generate(model, tokenizer, [prompt], max_new_tokens=12)[0]
     assert not before.startswith(answer)
     batch = build_chunked_batch(tokenizer, [(text, spans)], [])
     cfg = ResidualConfig(steps=40, lr=0.5, kl_factor=0.0, early_stop_loss=0.01, clamp_norm_factor=4.0, mode=mode)
     layers = [1, 2]
     res = optimize_residuals(ad, batch, layers[-1], cfg)
-    assert float(res.nll.max()) < 0.2
+    assert float(res.nll.max()) < 0.05  # every chunk's vector produces its chunk (converges to ~0.01)
     moments = {l: torch.eye(ad.dims(l)[1]) for l in layers}
+    without = copy.deepcopy(model)
     apply_update(ad, batch, res.z_target, layers, MemitMethod(lam=0.01, moments=moments), context=True)
     after = greedy_generate(model, tokenizer, [prompt], max_new_tokens=12)[0]
     assert after.startswith(answer), (before, after)
+    apply_update(ModelAdapter(without), batch, res.z_target, layers, MemitMethod(lam=0.01, moments=moments), context=False)
+    lost = greedy_generate(without, tokenizer, [prompt], max_new_tokens=12)[0]
+    assert not lost.startswith(answer), lost
