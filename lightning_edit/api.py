@@ -66,7 +66,8 @@ class Editor:
 
     Args:
         model, tokenizer: a Hugging Face causal LM and its fast tokenizer.
-        layers: edit layers.
+        layers: edit layers, or ``"auto"`` (five consecutive blocks from depth / 8; see
+            :meth:`~lightning_edit.arch.ModelAdapter.default_edit_layers`).
         method: ``"alphaedit"``, ``"memit"``, or a configured :class:`ClosedFormUpdate`.
         residual: residual-optimization settings (:class:`ResidualConfig` or a dict).
         stats: key-statistics settings (:class:`StatsConfig` or a dict); ignored when ``method``
@@ -81,7 +82,7 @@ class Editor:
         self,
         model: nn.Module,
         tokenizer,
-        layers: Sequence[int],
+        layers: Sequence[int] | str = "auto",
         method: str | ClosedFormUpdate = "alphaedit",
         residual: ResidualConfig | Mapping | None = None,
         stats: StatsConfig | Mapping | None = None,
@@ -90,7 +91,7 @@ class Editor:
         **module_kwargs,
     ):
         residual = residual if isinstance(residual, ResidualConfig) else ResidualConfig(**(residual or {}))
-        self.module = EditModule.from_model(model, tokenizer, layers=list(layers), residual=residual, **module_kwargs)
+        self.module = EditModule.from_model(model, tokenizer, layers=layers if layers == "auto" else list(layers), residual=residual, **module_kwargs)
         if isinstance(method, ClosedFormUpdate):
             self.callback = method
         else:
@@ -104,7 +105,7 @@ class Editor:
         self._base: dict[int, Any] | None = None  # unedited edit-layer weights (CPU), for exact undo
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, layers: Sequence[int], dtype: str = "float32", device: str | None = None,
+    def from_pretrained(cls, name_or_path: str, layers: Sequence[int] | str = "auto", dtype: str = "float32", device: str | None = None,
                         trust_remote_code: bool = False, **kwargs) -> "Editor":
         model, tok = load_pretrained(name_or_path, dtype, trust_remote_code)  # type: ignore[arg-type]
         if device is not None:

@@ -15,6 +15,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from .arch import ModelAdapter
@@ -117,7 +118,9 @@ class EditModule(L.LightningModule):
         model: Hugging Face hub id or local directory of the causal LM to edit, or
             ``factworld:<preset>/model`` for the built-in offline fact-world model.
         layers: the edit layers (indices of decoder blocks whose MLP down projection is updated);
-            the last one is where the target residuals ``z`` are defined.
+            the last one is where the target residuals ``z`` are defined. ``auto``: five
+            consecutive blocks from depth / 8 (the papers' choice for Llama-3-8B and GPT-J,
+            scaled by depth; ``lightning-edit trace`` measures a better one).
         tokenizer: tokenizer id/path when it differs from ``model``.
         dtype: dtype to load the model in.
         trust_remote_code: allow custom modelling code from the model repository (off unless asked).
@@ -147,7 +150,7 @@ class EditModule(L.LightningModule):
     def __init__(
         self,
         model: str,
-        layers: list[int],
+        layers: list[int] | Literal["auto"],
         tokenizer: str | None = None,
         dtype: DType = "float32",
         trust_remote_code: bool = False,
@@ -169,9 +172,9 @@ class EditModule(L.LightningModule):
         self.automatic_optimization = False
         self.strict_loading = False
         self.model_name = model
-        self.layers = sorted(int(l) for l in layers)
-        if not self.layers or len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"layers must be a non-empty list of distinct indices, got {layers}")
+        self.layers = [] if layers == "auto" else sorted(int(l) for l in layers)
+        if layers != "auto" and (not self.layers or len(set(self.layers)) != len(self.layers)):
+            raise ValueError(f"layers must be a non-empty list of distinct indices or 'auto', got {layers}")
         self.residual_cfg = residual if isinstance(residual, ResidualConfig) else ResidualConfig(**residual)
         self.residual_cfg.max_rows_per_forward = self.residual_cfg.max_rows_per_forward or max_rows_per_forward
         if longform is None or isinstance(longform, dict):
@@ -201,6 +204,9 @@ class EditModule(L.LightningModule):
         self.lm.requires_grad_(False)
         self.lm.eval()
         self.adapter = ModelAdapter(self.lm, *self._templates)
+        if not self.layers:  # layers: auto
+            self.layers = self.adapter.default_edit_layers()
+            rank_zero_info(f"edit layers (auto): {self.layers} of {self.adapter.n_layers} decoder blocks")
         self.adapter.check_layers(self.layers)
         self.prefixes: list[str] | None = None
         self._pending = None

@@ -70,3 +70,23 @@ def test_template_overrides_and_errors():
     model.config.model_type = "mystery"
     with pytest.raises(ArchitectureError, match="unknown architecture 'mystery'"):
         ModelAdapter(model)
+
+
+def test_auto_edit_layers_follow_the_papers_choice_scaled_by_depth(tokenizer):
+    from types import SimpleNamespace
+
+    from lightning_edit.api import Editor
+    from lightning_edit.arch import ModelAdapter
+    from lightning_edit.toy import make_model
+
+    def auto(n):
+        return ModelAdapter.default_edit_layers(SimpleNamespace(n_layers=n))
+
+    assert auto(32) == [4, 5, 6, 7, 8]  # Llama-3-8B: AlphaEdit's layers
+    assert auto(28) == [3, 4, 5, 6, 7] and auto(30) == [3, 4, 5, 6, 7]  # GPT-J, SmolLM2 (its causal trace)
+    assert auto(4) == [0] and auto(12) == [1, 2, 3] and auto(1) == [0]
+    for n in range(1, 100):
+        layers = auto(n)
+        assert layers and layers[-1] < n and layers == list(range(layers[0], layers[0] + len(layers)))
+    editor = Editor(make_model("llama", len(tokenizer), n_layer=8), tokenizer)  # layers default to "auto"
+    assert editor.module.layers == [1, 2] and editor.module.ledger.meta["layers"] == [1, 2]
