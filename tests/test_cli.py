@@ -2,6 +2,7 @@
 
 import glob
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,10 @@ def test_configs_found():
 def test_every_shipped_config_parses(cfg, capsys):
     text = Path(cfg).read_text()
     assert text.startswith("# lightning-edit "), "each config opens with the command that runs it"
-    first = text.splitlines()[0]
-    sub = first.split()[2]
+    first = shlex.split(text.splitlines()[0][2:])  # the documented command, placeholders included
+    assert first[:3] == ["lightning-edit", first[1], "-c"] and Path(first[3]).name == Path(cfg).name
     with pytest.raises(SystemExit) as e:
-        main([sub, "-c", cfg, "--print_config"])
+        main([first[1], "-c", cfg, *first[4:], "--print_config"])
     assert e.value.code == 0
     assert "model:" in capsys.readouterr().out
 
@@ -118,3 +119,19 @@ def test_wrong_module_name_is_clear(tiny_model_dir, dataset, corpus_file, tmp_pa
     with pytest.raises(Exception, match="transformer.h.0.mlp.nope"):
         main(["fit", *cli_args(tiny_model_dir, dataset, corpus_file, tmp_path,
                                extra=["--model.mlp_down_template=transformer.h.{}.mlp.nope"])])
+
+
+def test_your_model_config_needs_only_the_model_and_the_data(tiny_model_dir, dataset, tmp_path, capsys):
+    """configs/your_model.yaml: -c plus the model and the data is all it takes (the overrides
+    below only shrink the run and keep its files in tmp_path); offline statistics, auto layers."""
+    cfg = str(Path(__file__).parent.parent / "configs" / "your_model.yaml")
+    small = ["--model.context_prefixes=1", "--model.residual.steps=3", "--data.batch_size=6",
+             "--editor.stats.n_samples=200", "--editor.stats.max_length=64", f"--editor.stats.cache_dir={tmp_path}/stats",
+             f"--checkpoint.dirpath={tmp_path}/ckpt", f"--trainer.logger.init_args.save_dir={tmp_path}/logs",
+             "--trainer.enable_progress_bar=false"]
+    cli = main(["fit", "-c", cfg, f"--model.model={tiny_model_dir}", f"--data.dataset={dataset}", *small])
+    assert cli.model.num_edits == 12 and cli.model.layers == [0]  # 4 blocks: auto picks one, the first
+    assert (tmp_path / "ckpt" / "edited.safetensors").is_file()
+    with pytest.raises(SystemExit) as e:  # without the model: a usage error naming the key
+        main(["fit", "-c", cfg, f"--data.dataset={dataset}", *small])
+    assert e.value.code != 0 and "model.model" in capsys.readouterr().err
