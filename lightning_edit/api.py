@@ -153,7 +153,8 @@ class Editor:
         ledger, cb = self.module.ledger, self.callback
         info = apply_update(self.module.adapter, rb, res.z_target, self.module.layers, cb.method,
                             max_rows=self.module.max_rows, master=cb.master, record={}, context=self.module.update_context,
-                            on_record=lambda t, inf: ledger.append(cb.batch_record(ledger.position, [r.case_id for r in reqs], inf, t)))
+                            on_record=lambda t, inf: ledger.append(cb.batch_record(ledger.position, [r.case_id for r in reqs], inf, t,
+                                                                                   requests=reqs)))
         applied.extend(reqs)
         info.update({"z/loss": float(res.loss.mean()), "z/nll": float(res.nll.mean())})
         return info
@@ -189,10 +190,26 @@ class Editor:
         """Export the edited weights (safetensors, only the edited tensors + metadata)."""
         return self.callback.export(self.module, path)
 
-    def export(self, directory: str | Path) -> Path:
+    def export(self, directory: str | Path, peft: bool = False, batches: int | None = None, rank: int | None = None) -> Path:
         """Write the edited model as a full ``save_pretrained`` directory (safetensors, config,
         tokenizer) plus ``edit_ledger.json`` (what it carries), loadable by
-        ``AutoModelForCausalLM.from_pretrained`` and serving engines."""
+        ``AutoModelForCausalLM.from_pretrained`` and serving engines.
+
+        ``peft=True``: write the edits instead as a PEFT LoRA adapter directory for the unedited
+        base model (``PeftModel.from_pretrained(base, directory)``, vLLM ``--enable-lora``), of every
+        batch or of the last ``batches``; ``rank`` truncates each layer's update by SVD (the
+        relative error is in ``edit_ledger.json``'s ``lora`` section). See
+        :mod:`lightning_edit.peft_export`; raises :class:`~lightning_edit.peft_export.PeftExportError`
+        when PEFT cannot express the edits."""
+        if peft:
+            from .peft_export import export_lora
+
+            name = self.module.ledger.meta.get("model")  # a path or hub id; the class name for an in-memory model
+            out, _ = export_lora(self.module.adapter, self.module.ledger, directory, self.module.layers, batches, rank,
+                                 base_model=None if name in (None, "None", type(self.model).__name__) else name)
+            return out
+        if batches is not None or rank is not None:
+            raise ValueError("batches and rank apply to peft=True exports; a full export carries every batch (undo first)")
         from .checkpointing import export_pretrained
 
         return export_pretrained(self.module.lm, self.module.tokenizer, self.module.ledger, directory)

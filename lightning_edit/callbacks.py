@@ -164,7 +164,8 @@ class ClosedFormUpdate(L.Callback):
             # every process applies rank 0's update: processes can never drift apart
             broadcast=(lambda obj: trainer.strategy.broadcast(obj, src=0)) if world > 1 else None,
             on_record=lambda t, inf: pl_module.ledger.append(
-                self.batch_record(edit_batch.index, [r.case_id for r in edit_batch.requests], inf, t), write=trainer.is_global_zero),
+                self.batch_record(edit_batch.index, [r.case_id for r in edit_batch.requests], inf, t, requests=edit_batch.requests),
+                write=trainer.is_global_zero),
         )
         pl_module._pending = None
         loader = trainer.train_dataloader
@@ -175,12 +176,15 @@ class ClosedFormUpdate(L.Callback):
         pl_module.log("edits_applied", float(pl_module.num_edits), on_step=True, prog_bar=True, batch_size=1)
         pl_module.record_applied(edit_batch)  # history + mid-stream evaluation, before this batch's checkpoint
 
-    def batch_record(self, index: int, request_ids: list[str], info: dict, tensors: dict):
-        from .ledger import BatchRecord
+    def batch_record(self, index: int, request_ids: list[str], info: dict, tensors: dict, requests=None):
+        """The ledger's record of an applied batch; ``requests`` (the batch's requests, in the
+        order of ``request_ids``) give each request's one-line description."""
+        from .ledger import BatchRecord, describe_request
 
         hp = self.method.hparams() if self.method is not None and hasattr(self.method, "hparams") else {}
         return BatchRecord(index=index, request_ids=list(request_ids), method=self.method_name, hparams=hp,
-                           info={k: float(v) for k, v in info.items()}, tensors=tensors)
+                           info={k: float(v) for k, v in info.items()}, tensors=tensors,
+                           descriptions=[describe_request(r) for r in requests] if requests is not None else [])
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

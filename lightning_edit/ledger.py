@@ -1,6 +1,7 @@
 """The edit ledger: the one record of everything an edit stream has done to a model.
 
-Per applied batch (:class:`BatchRecord`): the request ids, the method and its hyper-parameters,
+Per applied batch (:class:`BatchRecord`): the request ids and a one-line description of each
+request (``Danielle Darrieux: French -> English``), the method and its hyper-parameters,
 the update's factors ``U``, ``V`` per edit layer (``Delta = U @ V``, rank <= rows of the batch)
 and the keys of every edit layer after the update (AlphaEdit's ``K_p K_p^T`` is the sum of their
 ``K K^T``). Plus the stream position (``len(records)``) and the evaluation history.
@@ -49,6 +50,8 @@ class BatchRecord:
             ``(n, d_k)`` (float32, CPU); None while only on disk.
         file: the batch file (None: kept in memory only).
         digest: hash of the tensors (over their per-tensor SHA-256), checked when read back.
+        descriptions: one short line per request (:func:`describe_request`), in the order of
+            ``request_ids``; empty for batches recorded before descriptions existed.
     """
 
     index: int
@@ -59,6 +62,13 @@ class BatchRecord:
     tensors: dict[str, torch.Tensor] | None = None
     file: str | None = None
     digest: str | None = None
+    descriptions: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.descriptions = [str(d) for d in (self.descriptions or [])]
+        if self.descriptions and len(self.descriptions) != len(self.request_ids):
+            raise ValueError(f"edit ledger batch {self.index}: {len(self.descriptions)} request descriptions for "
+                             f"{len(self.request_ids)} requests")
 
     @property
     def num_requests(self) -> int:
@@ -66,7 +76,26 @@ class BatchRecord:
 
     def meta(self) -> dict:
         return {"index": self.index, "request_ids": list(self.request_ids), "method": self.method, "hparams": self.hparams,
-                "info": self.info, "file": self.file, "digest": self.digest}
+                "info": self.info, "file": self.file, "digest": self.digest, "descriptions": list(self.descriptions)}
+
+
+def _short(text, limit: int) -> str:
+    """``text`` on one line (whitespace runs collapsed), cut to ``limit`` characters with "..."."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: max(limit - 3, 1)].rstrip() + "..."
+
+
+def describe_request(request) -> str:
+    """One short line saying what a request changes, for ledgers and logs:
+    ``Danielle Darrieux: French -> English`` for a fact (``?`` when the old target is unknown),
+    ``"<question>" -> "<start of the answer>"`` for a long-form request; the case id otherwise."""
+    if hasattr(request, "subject") and hasattr(request, "target_new"):
+        old = getattr(request, "target_true", None)
+        old = _short(old, 40) if old is not None and str(old).strip() else "?"
+        return f"{_short(request.subject, 60)}: {old} -> {_short(request.target_new, 40)}"
+    if hasattr(request, "question") and hasattr(request, "answer"):
+        return f'"{_short(request.question, 80)}" -> "{_short(request.answer, 48)}"'
+    return str(getattr(request, "case_id", request))
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -125,13 +154,14 @@ class EditLedger:
         return p
 
     def history(self) -> list[dict]:
-        """One row per applied batch: index, requests (count and ids), method, hyper-parameters,
-        edits applied after it, and its logged numbers."""
+        """One row per applied batch: index, requests (count, ids and ``descriptions``, one line
+        per request, empty for batches recorded without them), method, hyper-parameters, edits
+        applied after it, and its logged numbers."""
         rows, total = [], 0
         for r in self.records:
             total += r.num_requests
             rows.append({"batch": r.index, "num_requests": r.num_requests, "num_edits": total, "request_ids": list(r.request_ids),
-                         "method": r.method, "hparams": dict(r.hparams), **{k: v for k, v in r.info.items()}})
+                         "descriptions": list(r.descriptions), "method": r.method, "hparams": dict(r.hparams), **{k: v for k, v in r.info.items()}})
         return rows
 
     def batch_bytes(self, record: BatchRecord) -> int:
@@ -160,7 +190,8 @@ class EditLedger:
             path = self.directory / f"batch_{record.index:06d}.safetensors"
             if write:
                 atomic_save_file(record.tensors, path, metadata={"lightning_edit.ledger_batch": str(record.index),
-                                                                 "request_ids": json.dumps(record.request_ids)})
+                                                                 "request_ids": json.dumps(record.request_ids),
+                                                                 "descriptions": json.dumps(record.descriptions)})
             record.file = str(path.resolve())
             record.tensors = None  # other processes read rank 0's file when they need it (shared storage, like checkpoints)
         self.records.append(record)
@@ -238,7 +269,8 @@ class EditLedger:
         for i, r in enumerate(state.get("records", [])):
             m = json.loads(r["meta"])
             rec = BatchRecord(index=int(m["index"]), request_ids=list(m["request_ids"]), method=m["method"], hparams=m["hparams"],
-                              info=m.get("info", {}), tensors=r.get("tensors"), file=m.get("file"), digest=m.get("digest"))
+                              info=m.get("info", {}), tensors=r.get("tensors"), file=m.get("file"), digest=m.get("digest"),
+                              descriptions=list(m.get("descriptions") or []))  # absent in ledgers written before them
             if rec.index != i:
                 raise ValueError(f"edit ledger is out of order: record {i} is batch {rec.index}")
             if check_files and rec.tensors is None:
@@ -332,23 +364,51 @@ def undo_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _cell(text) -> str:
+    """Text for a markdown table cell (a "|" in a target would split the row)."""
+    return str(text).replace("|", "\\|")
+
+
+def describe_batch(row: dict, show: int = 3) -> str:
+    """The first ``show`` requests of a :meth:`EditLedger.history` row as ``id: description``,
+    "; "-separated, then "... and N more"; ``(not recorded)`` for a batch of an older ledger
+    (its request ids are still listed beside it)."""
+    ids, desc = row["request_ids"], row.get("descriptions") or []
+    if not desc:
+        return "(not recorded)"
+    parts = [f"{i}: {d}" for i, d in zip(ids, desc)]
+    text = "; ".join(parts[:show])
+    if len(parts) > show:
+        text += f"{'; ' if text else ''}... and {len(parts) - show} more"
+    return text
+
+
 def ledger_main(argv: list[str] | None = None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="lightning-edit ledger", description="list the edit batches a checkpoint carries")
     ap.add_argument("--ckpt_path", required=True)
     ap.add_argument("--json", action="store_true", help="print the ledger summary as JSON")
+    ap.add_argument("--show", type=int, default=3, metavar="N",
+                    help="what the first N requests of each batch changed (subject: old -> new target; "
+                         "question -> start of the answer); 0 hides the column (default: 3)")
     a = ap.parse_args(argv)
+    if a.show < 0:
+        raise SystemExit(f"--show must be >= 0, got {a.show}")
     _, ledger = _read_checkpoint(a.ckpt_path)
     if a.json:
         print(json.dumps(ledger.summary(), indent=1))
         return 0
-    print("| batch | requests | edits after | method | request ids | update norms | bytes |")
-    print("|---:|---:|---:|---|---|---|---:|")
+    changes = a.show > 0
+    print("| batch | requests | edits after | method | request ids |" + (" changes |" if changes else "") + " update norms | bytes |")
+    print("|---:|---:|---:|---|---|" + ("---|" if changes else "") + "---|---:|")
     for r, h in zip(ledger.records, ledger.history()):
         ids = ", ".join(h["request_ids"][:4]) + (" ..." if len(h["request_ids"]) > 4 else "")
         norms = ", ".join(f"{k.rsplit('_', 1)[-1]}: {v:.3g}" for k, v in h.items() if k.startswith("update_norm/"))
-        print(f"| {h['batch']} | {h['num_requests']} | {h['num_edits']} | {h['method']} | {ids} | {norms} | {ledger.batch_bytes(r)} |")
+        row = f"| {h['batch']} | {h['num_requests']} | {h['num_edits']} | {h['method']} | {_cell(ids)} |"
+        if changes:
+            row += f" {_cell(describe_batch(h, a.show))} |"
+        print(f"{row} {norms} | {ledger.batch_bytes(r)} |")
     m = ledger.meta
     print(f"\n{ledger.num_edits} edits in {ledger.position} batches ({m.get('model')}, layers {m.get('layers')}, {m.get('dtype')})")
     return 0
@@ -363,12 +423,26 @@ def export_main(argv: list[str] | None = None) -> int:
     from .update import master_copies
 
     ap = argparse.ArgumentParser(prog="lightning-edit export", description="write the edited model of a checkpoint as a "
-                                 "save_pretrained directory (safetensors, config, tokenizer, edit_ledger.json)")
+                                 "save_pretrained directory (safetensors, config, tokenizer, edit_ledger.json), or with "
+                                 "--peft its edits as a PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors)")
     ap.add_argument("--ckpt_path", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--peft", action="store_true", help="write the edits as a PEFT LoRA adapter for the base model "
+                    "(PeftModel.from_pretrained(base, OUT), vLLM --enable-lora) instead of the edited model")
+    ap.add_argument("--batches", type=int, default=None, metavar="N",
+                    help="with --peft: only the last N batches (the adapter then turns the model after the other batches "
+                         "into the full stream's; default: every batch)")
+    ap.add_argument("--rank", type=int, default=None, metavar="R",
+                    help="with --peft: truncate each layer's update to its best rank-R approximation (SVD) and report the "
+                         "relative error left; for servers that cap the LoRA rank (vLLM --max-lora-rank, default 16)")
     a = ap.parse_args(argv)
+    if not a.peft and (a.batches is not None or a.rank is not None):
+        raise SystemExit("--batches and --rank apply to --peft exports; a full export carries every batch "
+                         "(take batches back with `lightning-edit undo` first)")
     ckpt, ledger = _read_checkpoint(a.ckpt_path)
     m = ledger.meta
+    if a.peft:
+        return _export_peft(a, ckpt, ledger)
     model, tok = load_pretrained(m["model"], m.get("dtype", "float32"), bool(m.get("trust_remote_code")), m.get("tokenizer"))
     adapter = ModelAdapter(model, m.get("layer_template"), m.get("mlp_down_template"))
     layers = [int(l) for l in m["layers"]]
@@ -380,4 +454,22 @@ def export_main(argv: list[str] | None = None) -> int:
     ledger.replay(adapter, layers, base, master_copies(adapter, layers))
     out = export_pretrained(model, tok, ledger, a.out)
     print(f"exported {ledger.num_edits} edits ({ledger.position} batches) of {m['model']} to {out}")
+    return 0
+
+
+def _export_peft(a, ckpt: dict, ledger: "EditLedger") -> int:
+    from .arch import ModelAdapter
+    from .peft_export import PeftExportError, describe_export, export_lora, structure_model
+
+    m = ledger.meta
+    try:
+        model, name = structure_model(m)  # module names and types only, on the meta device
+        adapter = ModelAdapter(model, m.get("layer_template"), m.get("mlp_down_template"))
+        fingerprint = next((cb.get("base_fingerprint") for cb in ckpt.get("callbacks", {}).values()
+                            if isinstance(cb, dict) and "batches_applied" in cb), None)
+        out, lora = export_lora(adapter, ledger, a.out, batches=a.batches, rank=a.rank, base_model=name,
+                                extra={"base_fingerprint": fingerprint} if fingerprint else None)
+    except PeftExportError as err:
+        raise SystemExit(f"{a.ckpt_path}: {err}") from None
+    print(describe_export(out, lora, m.get("model")))
     return 0

@@ -148,3 +148,82 @@ def test_cli_undo_ledger_and_export(tiny_model_dir, corpus_file, tmp_path, capsy
     assert load_nested(ckpt)["edit_module"]["ledger"]["records"] == []
     with pytest.raises(SystemExit, match="cannot undo 1 batches: the checkpoint holds 0"):
         main(["undo", "--ckpt_path", str(ckpt), "--batches", "1"])
+
+
+def test_describe_request_one_line_per_fact_and_long_form_request():
+    from lightning_edit.data.requests import EditRequest
+    from lightning_edit.ledger import _cell, describe_batch, describe_request
+    from lightning_edit.longform.records import LongFormRequest
+
+    fact = EditRequest(case_id="7", prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new=" English",
+                       target_true=" French")
+    assert describe_request(fact) == "Danielle Darrieux: French -> English"
+    assert describe_request(EditRequest(case_id="8", prompt="{} speaks", subject="Oma Greti", target_new="German")) == "Oma Greti: ? -> German"
+    long = LongFormRequest(case_id="q1", question="What did\nTeodor Plum   build?", answer="He built a bridge over the river " * 5)
+    d = describe_request(long)
+    assert d.startswith('"What did Teodor Plum build?" -> "He built a bridge over the river He built') and d.endswith('..."')
+    assert len(d) < 140 and "\n" not in d
+    row = {"request_ids": ["7", "8", "9", "10"], "descriptions": ["a: x -> y", "b: ? -> z", "c: u -> v", "d: s -> t"]}
+    assert describe_batch(row, 2) == "7: a: x -> y; 8: b: ? -> z; ... and 2 more"
+    assert describe_batch(row, 4) == "7: a: x -> y; 8: b: ? -> z; 9: c: u -> v; 10: d: s -> t"
+    assert describe_batch({"request_ids": ["7"], "descriptions": []}) == "(not recorded)"  # an older ledger
+    assert _cell("C|C++ -> Rust") == "C\\|C++ -> Rust"  # a '|' cannot split the markdown row
+
+
+def test_cli_ledger_shows_what_each_batch_changed_and_reads_older_ledgers(tiny_model_dir, corpus_file, tmp_path, capsys):
+    from lightning_edit.checkpointing import save_nested
+    from lightning_edit.ledger import BatchRecord, describe_request
+
+    p = tmp_path / "cf.json"
+    p.write_text(json.dumps(counterfact_records(10)))
+    main(["fit", *cli_args(tiny_model_dir, p, corpus_file, tmp_path, extra=["--model.residual.steps=5", "--model.context_prefixes=0"])])
+    ckpt = tmp_path / "ckpt" / "last.safetensors"
+    reqs = counterfactual_requests(10)
+    want = [f"{r.case_id}: {r.subject}: {r.target_true} -> {r.target_new}" for r in reqs]
+    capsys.readouterr()
+    assert main(["ledger", "--ckpt_path", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    rows = [l for l in out.splitlines() if l.startswith("| ")]
+    assert "| changes |" in rows[0] and len(rows) == 4  # header + 3 batches (4, 4, 2 requests)
+    assert f"| {'; '.join(want[0:3])}; ... and 1 more |" in rows[1]
+    assert f"| {'; '.join(want[4:7])}; ... and 1 more |" in rows[2]
+    assert f"| {'; '.join(want[8:10])} |" in rows[3]
+    assert main(["ledger", "--ckpt_path", str(ckpt), "--show", "4"]) == 0
+    assert f"| {'; '.join(want[0:4])} |" in capsys.readouterr().out
+    assert main(["ledger", "--ckpt_path", str(ckpt), "--show", "0"]) == 0
+    assert "changes" not in capsys.readouterr().out
+    assert main(["ledger", "--ckpt_path", str(ckpt), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [h["descriptions"] for h in summary["history"]] == [[describe_request(r) for r in reqs[i:i + 4]] for i in (0, 4, 8)]
+    # each batch file carries them too (a batch file explains itself)
+    from safetensors import safe_open
+
+    with safe_open(str(sorted((tmp_path / "ckpt" / "ledger").iterdir())[0]), "pt") as f:
+        assert json.loads(f.metadata()["descriptions"]) == summary["history"][0]["descriptions"]
+
+    # a ledger written before descriptions existed: listed with its ids, digests still checked
+    state = load_nested(ckpt)
+    for rec in state["edit_module"]["ledger"]["records"]:
+        m = json.loads(rec["meta"])
+        del m["descriptions"]
+        rec["meta"] = json.dumps(m)
+    old = tmp_path / "old.safetensors"
+    save_nested(state, old)
+    assert main(["ledger", "--ckpt_path", str(old)]) == 0
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ")]
+    assert "| 0, 1, 2, 3 | (not recorded) |" in rows[1] and "| 8, 9 | (not recorded) |" in rows[3]
+    assert main(["ledger", "--ckpt_path", str(old), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["history"][0]["descriptions"] == []
+    # ... and resumes (its weights rebuilt from the verified batch files)
+    cont = main(["fit", *cli_args(tiny_model_dir, p, corpus_file, tmp_path, extra=["--model.residual.steps=5", "--model.context_prefixes=0"]),
+                 f"--ckpt_path={old}", f"--checkpoint.dirpath={tmp_path / 'cont'}"])
+    assert cont.model.num_edits == 10
+    # a record whose descriptions do not match its requests is refused, naming the batch
+    m = json.loads(state["edit_module"]["ledger"]["records"][1]["meta"])
+    m["descriptions"] = ["x"]
+    state["edit_module"]["ledger"]["records"][1]["meta"] = json.dumps(m)
+    save_nested(state, old)
+    with pytest.raises(ValueError, match="edit ledger batch 1: 1 request descriptions for 4 requests"):
+        main(["ledger", "--ckpt_path", str(old)])
+    with pytest.raises(ValueError, match="2 request descriptions for 1 requests"):
+        BatchRecord(index=0, request_ids=["a"], method="memit", hparams={}, descriptions=["x", "y"])
