@@ -17,6 +17,7 @@ import torch
 
 from .checkpointing import config_fingerprint, full_model_fingerprint, save_edits
 from .module import EditModule
+from .progress import show_progress
 from .stats import StatsConfig, projectors, second_moments
 from .update import AlphaEditMethod, MemitMethod, apply_update, master_copies
 
@@ -62,7 +63,7 @@ class ClosedFormUpdate(L.Callback):
         reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else None
         self._check_stash(module)  # before the statistics: a wrong checkpoint fails fast
         moments = second_moments(module.adapter, module.tokenizer, module.layers, self.stats, reduce=reduce,
-                                 shard=rank, num_shards=world, is_writer=rank == 0)
+                                 shard=rank, num_shards=world, is_writer=rank == 0, show_progress=show_progress(trainer))
         if trainer is not None and world > 1:
             trainer.strategy.barrier("lightning_edit_stats")
         module.ensure_prefixes()  # from the unedited model, unless restored from the checkpoint

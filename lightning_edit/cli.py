@@ -25,6 +25,7 @@ from .strategies import FROZEN_DDP_ALIASES, frozen_alias  # importing registers 
 from .callbacks import ClosedFormUpdate
 from .data.datamodule import EditDataModule
 from .module import EditModule
+from .progress import drop_disabled_progress_bar
 from .report import EditReport
 
 
@@ -56,6 +57,9 @@ TRAINER_DEFAULTS = {
     },
     "plugins": [{"class_path": "lightning_edit.checkpointing.SafetensorsCheckpointIO"}],
 }
+# the default of trainer.callbacks: the edit stream's progress bar ("edit batches 3/10, edits=30",
+# stderr) instead of Lightning's (a "callbacks" key of TRAINER_DEFAULTS would be appended uninstantiated)
+DEFAULT_CALLBACKS = [{"class_path": "lightning_edit.progress.EditProgressBar"}]
 
 
 class EditCLI(LightningCLI):
@@ -64,6 +68,7 @@ class EditCLI(LightningCLI):
         parser.set_defaults({"editor": {"class_path": "lightning_edit.callbacks.AlphaEdit"}})
         parser.add_lightning_class_args(EditCheckpoint, "checkpoint")
         parser.add_lightning_class_args(EditReport, "report")
+        parser.set_defaults({"trainer.callbacks": DEFAULT_CALLBACKS})
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         # Stock DDP refuses the frozen LM: its aliases ("ddp", "ddp_spawn", ...) become the frozen
@@ -71,7 +76,7 @@ class EditCLI(LightningCLI):
         from lightning.pytorch.strategies import DDPStrategy
 
         def build(strategy):
-            cfg = {**config, "strategy": strategy}
+            cfg = drop_disabled_progress_bar({**config, "strategy": strategy})  # enable_progress_bar=false: no EditProgressBar
             if isinstance(cfg.get("callbacks"), list):
                 cfg["callbacks"] = list(cfg["callbacks"])  # the parent extends this list in place
             return super(EditCLI, self)._instantiate_trainer(cfg, list(callbacks))

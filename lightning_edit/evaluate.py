@@ -102,12 +102,13 @@ def update_edit_metrics(
     tokenizer,
     requests: Sequence[EditRequest],
     batch_size: int = 64,
+    progress: bool = False,
 ) -> None:
     """Update those of ``metrics`` (keys from :data:`COUNTERFACT_KEYS` / :data:`ZSRE_KEYS`)
     that are present, with one batched scoring call over all pairs of all ``requests``.
 
     Each request contributes to the keys of its own ``family``; keys not in ``metrics`` are
-    neither scored nor updated.
+    neither scored nor updated. ``progress``: a bar over the scoring forwards (stderr).
     """
     want = {k for k in (*COUNTERFACT_KEYS, *ZSRE_KEYS) if k in metrics}
     pairs = _Pairs()
@@ -140,7 +141,11 @@ def update_edit_metrics(
             raise ValueError(f"request {req.case_id!r}: unknown metric family {req.family!r}")
     if not pairs.prompts:
         return
-    scores = target_scores(model, tokenizer, pairs.prompts, pairs.targets, batch_size=batch_size)
+    from lightning_edit.progress import progress_bar
+
+    n_batches = -(-len(pairs.prompts) // max(1, batch_size))
+    with progress_bar(f"evaluation ({len(requests)} requests)", n_batches, "batch", enabled=progress) as bar:
+        scores = target_scores(model, tokenizer, pairs.prompts, pairs.targets, batch_size=batch_size, on_batch=bar.update)
     for key, idx in compare.items():
         if key in want and idx:
             new, true = torch.tensor(idx).T  # (n,), (n,)
@@ -155,14 +160,15 @@ def _has_data(metric: Metric) -> bool:
     return int(metric.total) > 0
 
 
-def evaluate_requests(model: nn.Module, tokenizer, requests: Sequence[EditRequest], batch_size: int = 64) -> dict[str, float]:
+def evaluate_requests(model: nn.Module, tokenizer, requests: Sequence[EditRequest], batch_size: int = 64,
+                      progress: bool = False) -> dict[str, float]:
     """Edit metrics of ``model`` on ``requests`` as ``{key: value in [0, 1]}`` (``edit/margin``
-    in ``[-1, 1]``), only for keys that received data."""
+    in ``[-1, 1]``), only for keys that received data. ``progress``: a bar over the scoring forwards."""
     families = {r.family for r in requests}
     if not families:
         return {}
     metrics = make_edit_metrics("all" if len(families) > 1 else next(iter(families)))
-    update_edit_metrics(metrics, model, tokenizer, requests, batch_size=batch_size)
+    update_edit_metrics(metrics, model, tokenizer, requests, batch_size=batch_size, progress=progress)
     return {k: float(m.compute()) for k, m in metrics.items() if _has_data(m)}
 
 

@@ -369,9 +369,14 @@ class EditModule(L.LightningModule):
         return torch.cat([gathered[r, :n] for r, n in enumerate(counts)])
 
     # ---- editing ---------------------------------------------------------------------------
-    def compute_residuals(self, requests: Sequence[EditRequest]):
+    def compute_residuals(self, requests: Sequence[EditRequest], label: str | None = None):
         """Encode and optimize the residual vectors of ``requests`` (one padded batch): one per
-        fact, or one per chunk of each long-form answer (``residual.mode`` joint or autoregressive)."""
+        fact, or one per chunk of each long-form answer (``residual.mode`` joint or autoregressive).
+        A progress bar counts the optimization's steps; requests whose target loss stays above
+        ``residual.warn_nll`` are named in an :class:`~lightning_edit.residuals.UnconvergedEditWarning`
+        (``label`` says which batch, e.g. ``"edit batch 3"``)."""
+        from .progress import ResidualProgress, show_progress
+
         self._pending_longform = is_longform(requests)
         if self._pending_longform:
             cfg = self.longform_cfg
@@ -379,7 +384,32 @@ class EditModule(L.LightningModule):
                                          chat_template=getattr(self, "chat_template", False), system=getattr(self, "system_prompt", None))
         else:
             rb = build_residual_batch(self.tokenizer, requests, self.ensure_prefixes(), self.residual_cfg.anchor, kl=self.residual_cfg.kl_factor > 0)
-        return rb, optimize_residuals(self.adapter, rb, self.layers[-1], self.residual_cfg)
+        with ResidualProgress(f"{label or 'edit batch'}: z ({len(requests)} requests)", self.residual_cfg.steps,
+                              enabled=show_progress(self._trainer)) as bar:
+            res = optimize_residuals(self.adapter, rb, self.layers[-1], self.residual_cfg, on_step=bar)
+        self.last_z_loss = bar.mean_loss  # read once at the bar's end (None without a bar)
+        self.warn_unconverged(requests, rb, res, label)
+        return rb, res
+
+    def warn_unconverged(self, requests: Sequence[EditRequest], rb, res, label: str | None = None, shown: int = 5) -> None:
+        """One :class:`~lightning_edit.residuals.UnconvergedEditWarning` naming the requests (the
+        first ``shown`` of them) whose target NLL stayed above ``residual.warn_nll``."""
+        from .residuals import UnconvergedEditWarning, unconverged_requests
+
+        bad = unconverged_requests(res, rb, self.residual_cfg.warn_nll)
+        if not bad:
+            return
+        names = []
+        for i, nll in bad[:shown]:
+            r = requests[i]
+            about = getattr(r, "subject", None) or getattr(r, "question", None) or r.rendered_prompt
+            about = about if len(about) <= 40 else about[:37] + "..."
+            names.append(f"case {r.case_id} ({about!r}: NLL {nll:.2f})")
+        more = f" and {len(bad) - shown} more" if len(bad) > shown else ""
+        warnings.warn(f"{label or 'edit batch'}: {len(bad)} of {len(requests)} requests kept a target NLL above "
+                      f"residual.warn_nll={self.residual_cfg.warn_nll:g} after the z optimization, their edits may not take: "
+                      f"{', '.join(names)}{more}. More residual.steps, a larger residual.lr or residual.clamp_norm_factor may help.",
+                      UnconvergedEditWarning, stacklevel=2)
 
     @property
     def update_context(self) -> bool:
@@ -392,7 +422,7 @@ class EditModule(L.LightningModule):
         if not mine:
             self._pending = (batch, None, None)
         else:
-            rb, res = self.compute_residuals(mine)
+            rb, res = self.compute_residuals(mine, label=f"edit batch {batch.index + 1}")
             self._pending = (batch, rb, res)
             self.log_dict(
                 {"z/loss": res.loss.mean(), "z/nll": res.nll.mean(), "z/steps": res.steps.float().mean(),
@@ -422,7 +452,8 @@ class EditModule(L.LightningModule):
             if requests and is_longform(requests):
                 out = self.evaluate_longform(requests)
             else:
-                out = evaluate_requests(self.lm, self.tokenizer, list(requests), batch_size=self.eval_batch_size)
+                out = evaluate_requests(self.lm, self.tokenizer, list(requests), batch_size=self.eval_batch_size,
+                                        progress=self._show_progress())
         self.lm.train(was)
         return out
 
@@ -432,10 +463,24 @@ class EditModule(L.LightningModule):
         return evaluate_longform(self.lm, self.tokenizer, list(requests), self.longform_cfg, getattr(self, "chat_template", False),
                                  getattr(self, "system_prompt", None), batch_size=min(self.eval_batch_size, 32), return_texts=return_texts)
 
+    def _show_progress(self) -> bool:
+        from .progress import show_progress
+
+        return show_progress(self._trainer)
+
     def log_edit_metrics(self, metrics: dict[str, float], prefix: str = "") -> None:
-        """Log metrics as curves against the number of edits applied."""
+        """Log metrics as curves against the number of edits applied (TensorBoard: in the run's
+        ``edits`` sub-directory, see :mod:`lightning_edit.tblog`)."""
         if self.logger is not None and self.trainer.is_global_zero:
-            self.logger.log_metrics({prefix + k: float(v) for k, v in metrics.items()}, step=self.num_edits)
+            from .tblog import log_edit_axis
+
+            log_edit_axis(self.trainer, {prefix + k: float(v) for k, v in metrics.items()}, self.num_edits)
+
+    def teardown(self, stage: str) -> None:
+        if self._trainer is not None and self.trainer.is_global_zero:
+            from .tblog import close_edit_axis
+
+            close_edit_axis(self.trainer)  # flush the edit-axis event file
 
     def on_validation_epoch_start(self) -> None:
         self._val_requests: list[EditRequest] = []
@@ -464,7 +509,8 @@ class EditModule(L.LightningModule):
             # every process updates its shard; compute() sums the states across processes
             metrics = make_edit_metrics("all").to(self.device_)
             with torch.no_grad():
-                update_edit_metrics(metrics, self.lm, self.tokenizer, self._val_requests, batch_size=self.eval_batch_size)
+                update_edit_metrics(metrics, self.lm, self.tokenizer, self._val_requests, batch_size=self.eval_batch_size,
+                                    progress=self._show_progress())
             results = {k: float(m.compute()) for k, m in metrics.items()}
         results = {k: v for k, v in results.items() if not math.isnan(v)}  # families without data
         self.last_eval = results

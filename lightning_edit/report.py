@@ -36,33 +36,40 @@ def _read_jsonl(path: str) -> list[dict]:
 
 
 class EditReport(L.Callback):
-    """Args:
-        probes: JSONL of facts ``{prompt, object|answer[, edit_case_id]}`` for retention (e.g.
-            ``factworld:default/facts``); only facts that are never edited are used.
-        n_probes: how many probe facts to sample (fixed seed).
-        perplexity_corpus: JSONL/text corpus (field ``text``) for perplexity; its last
-            ``n_perplexity`` texts are used.
-        n_perplexity: number of texts for perplexity.
-        references: JSON ``{object: [texts]}`` for the consistency metric (e.g.
-            ``factworld:default/references``).
-        n_generation: requests whose generation prompts are sampled for fluency/consistency (0 = off).
-        max_new_tokens: generation length.
-        seed: sampling seed for probes and generation requests.
-        n_examples: the first this many edits of the stream get a greedy continuation of their
-            prompt before and after editing, shown in ``summary.md`` (0 = off).
-        example_tokens: tokens per before/after continuation.
-        single_anchor_baseline: long-form streams: also edit the same requests, batch for
-            batch, on a fresh copy of the base model with ONE residual vector per answer at the
-            prompt's last token (the plain MEMIT / AlphaEdit way) and report its
-            ``single_anchor_rouge_l`` beside AnyEdit's.
-        n_text_samples: long-form streams: requests whose question, target and generations
-            before / after go to TensorBoard and ``summary.md``.
-    """
+    """The end-of-stream report: retention, first-batch efficacy, fluency / consistency,
+    perplexity before and after, before / after generations; ``summary.json``, ``summary.md``,
+    ``summary.png`` in the run's log directory and the same in TensorBoard (the run's ``edits``
+    sub-run: text, image, hparams with the final metrics)."""
 
     def __init__(self, probes: str | None = None, n_probes: int = 1000, perplexity_corpus: str | None = None,
                  n_perplexity: int = 200, references: str | None = None, n_generation: int = 50,
                  max_new_tokens: int = 30, seed: int = 0, n_examples: int = 3, example_tokens: int = 12,
                  single_anchor_baseline: bool = True, n_text_samples: int = 3):
+        """What the report measures (each ``--report.*`` option).
+
+        Args:
+            probes: JSONL of facts ``{prompt, object|answer[, edit_case_id]}`` for retention (e.g.
+                ``factworld:default/facts``); only facts that are never edited are used (null = no retention).
+            n_probes: how many probe facts to sample for retention (fixed seed).
+            perplexity_corpus: JSONL/text corpus (field ``text``) for perplexity before and after
+                editing; its last ``n_perplexity`` texts are used (null = no perplexity).
+            n_perplexity: number of corpus texts perplexity is measured on.
+            references: JSON ``{object: [texts]}`` of reference texts for the consistency metric
+                (e.g. ``factworld:default/references``; null = no consistency).
+            n_generation: edited requests whose generation prompts are sampled for fluency and
+                consistency (0 = off).
+            max_new_tokens: tokens generated per prompt for fluency and consistency.
+            seed: sampling seed for probes and generation requests.
+            n_examples: the first this many edits of the stream get a greedy continuation of their
+                prompt before and after editing, shown in ``summary.md`` and TensorBoard (0 = off).
+            example_tokens: tokens per before/after continuation.
+            single_anchor_baseline: long-form streams: also edit the same requests, batch for
+                batch, on a fresh copy of the base model with ONE residual vector per answer at the
+                prompt's last token (the plain MEMIT / AlphaEdit way) and report its
+                ``single_anchor_rouge_l`` beside AnyEdit's.
+            n_text_samples: long-form streams: requests whose question, target and generations
+                before / after go to TensorBoard and ``summary.md``.
+        """
         self.probes_spec, self.n_probes = probes, n_probes
         self.ppl_spec, self.n_ppl = perplexity_corpus, n_perplexity
         self.refs_spec, self.n_generation, self.max_new_tokens, self.seed = references, n_generation, max_new_tokens, seed
@@ -215,8 +222,30 @@ class EditReport(L.Callback):
         if trainer.is_global_zero:
             pl_module.log_edit_metrics({f"edit/{k}": v for k, v in s.items() if k in ("retention", "first_batch_efficacy", "fluency", "consistency")})
             write_summary(out, s, _merge_history([], pl_module.stream_history, s), examples)
+            self.to_tensorboard(trainer, pl_module, s, out, {"report/examples": examples_markdown(examples)})
             print("\n" + summary_markdown(s))
             print(f"summary written to {out}/summary.md, summary.json, summary.png")
+
+    def to_tensorboard(self, trainer, pl_module: EditModule, s: dict, out: Path, texts: dict[str, str]) -> None:
+        """The report on TensorBoard's edit axis (the run's ``edits`` sub-run, at the number of
+        edits applied; call on rank 0): the summary table and ``texts`` (tag -> Markdown) as text,
+        ``summary.png`` as an image, the run's settings as hparams with the summary's numbers as
+        ``final/<key>`` metrics."""
+        from .tblog import add_image_file, add_text, log_hparams, run_settings
+
+        if pl_module.logger is None:
+            return
+        n = pl_module.num_edits
+        add_text(trainer, "report/summary", summary_markdown(s), n)
+        for tag, text in texts.items():
+            if text:
+                add_text(trainer, tag, text, n)
+        if (out / "summary.png").is_file():
+            add_image_file(trainer, "report/summary_png", out / "summary.png", n)
+        params = run_settings(trainer, pl_module)
+        params.update({f"summary.{k}": v for k, v in s.items() if isinstance(v, str)})  # method, mode
+        metrics = {f"final/{k}": float(v) for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        log_hparams(trainer, params, metrics, n)
 
 
     # ---- long-form streams ------------------------------------------------------------------
@@ -250,11 +279,9 @@ class EditReport(L.Callback):
         out = Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
             pl_module.log_edit_metrics({f"longform/{k}": v for k, v in s.items() if isinstance(v, float)})
-            exp = getattr(pl_module.logger, "experiment", None) if pl_module.logger is not None else None
-            if exp is not None and hasattr(exp, "add_text"):
-                for i, t in enumerate(samples):
-                    exp.add_text(f"longform/sample_{i}", longform_samples_markdown([t]), global_step=pl_module.num_edits)
             write_summary(out, s, _merge_history([], pl_module.stream_history, s))
+            self.to_tensorboard(trainer, pl_module, s, out,
+                                {f"longform/sample_{i}": longform_samples_markdown([t]) for i, t in enumerate(samples)})
             with open(out / "summary.md", "a") as f:
                 f.write("\n" + longform_samples_markdown(samples))
             data = json.loads((out / "summary.json").read_text())

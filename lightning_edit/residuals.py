@@ -18,7 +18,7 @@ is a sum of per-chunk terms and Adam is element-wise, this equals optimizing eac
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Literal
@@ -32,6 +32,9 @@ from .data.requests import EditRequest, target_text
 from .tokens import Encoded, Segment, encode_segments, flatten_targets
 
 AnchorRule = Literal["subject_last", "prompt_last"]
+# progress of the optimization: (Adam steps done, steps at most, per-chunk loss on the device
+# (not synchronized: read it sparingly), chunks optimized in the current phase (CPU bool))
+OnStep = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
@@ -88,6 +91,11 @@ class ResidualConfig:
             activations for the backward at once: on an H200, GPT-J shape, z peak 62 GB in one
             forward vs 38 GB in forwards of ~1,600 slots, and faster (5.94 vs 6.61 s;
             benchmarks/results/run9_*). 0 = no limit.
+        warn_nll: after the optimization, warn (:class:`UnconvergedEditWarning`, once per batch)
+            naming the requests whose target NLL (mean per token, ``ResidualResult.nll``) is
+            still above this: their edits may not take. The default ``ln 2``: above it the
+            target's mean token probability is under 1/2, so it need not be the most likely
+            answer even at ``z``. 0 = never warn. Reporting only: the optimization is unchanged.
     """
 
     lr: float = 0.5
@@ -107,6 +115,7 @@ class ResidualConfig:
     pack_rows: bool = True
     packed_eager_attention_mb: float = 0.0
     max_tokens_per_forward: int = 2048
+    warn_nll: float = 0.693
 
     def __post_init__(self):
         if self.anchor not in ("subject_last", "prompt_last"):
@@ -118,6 +127,23 @@ class ResidualConfig:
         _sdpa_backends(self.sdpa_backends)  # names checked before any work
         if self.max_tokens_per_forward < 0 or self.max_rows_per_forward < 0:
             raise ValueError("max_tokens_per_forward and max_rows_per_forward must be >= 0 (0 = no limit)")
+        if self.warn_nll < 0:
+            raise ValueError(f"warn_nll must be >= 0 (0 = never warn), got {self.warn_nll}")
+
+
+class UnconvergedEditWarning(UserWarning):
+    """Requests whose residual optimization ended with a high target loss: their edits may not take."""
+
+
+def unconverged_requests(res: "ResidualResult", batch: "ResidualBatch", threshold: float) -> list[tuple[int, float]]:
+    """``[(request index, its NLL)]`` of the requests whose final target NLL (the largest of
+    their chunks' for long-form requests) is above ``threshold`` (one device -> host copy)."""
+    if threshold <= 0 or res.nll.numel() == 0:
+        return []
+    nll = res.nll.detach().float().cpu()
+    owner = batch.chunk_request.long()
+    per_request = torch.full((int(owner.max()) + 1,), float("-inf")).scatter_reduce(0, owner, nll, reduce="amax")
+    return [(i, float(v)) for i, v in enumerate(per_request.tolist()) if v > threshold]
 
 
 _SDPA = {"efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
@@ -484,7 +510,7 @@ def _lower_outputs(
 
 
 def optimize_residuals(
-    adapter: ModelAdapter, batch: ResidualBatch, z_layer: int, cfg: ResidualConfig
+    adapter: ModelAdapter, batch: ResidualBatch, z_layer: int, cfg: ResidualConfig, on_step: OnStep | None = None
 ) -> ResidualResult:
     """Optimize one ``delta`` per chunk (see module docstring).
 
@@ -497,25 +523,40 @@ def optimize_residuals(
     position ids), the tokens before each row's first optimized anchor run once per phase:
     their states do not depend on the optimized deltas (causal attention), so every step only
     runs the suffix from there on, attending to the cached prefix.
+
+    ``on_step(done, total, loss, chunks)`` (e.g. :class:`lightning_edit.progress.ResidualProgress`)
+    is called after every step's loss: ``done`` Adam steps of at most ``total`` (``steps`` per
+    phase), the per-chunk loss as a device tensor (reading it synchronizes) and the chunks of the
+    current phase.
     """
     device = next(adapter.model.parameters()).device
     with _attention_kernels(cfg, device):
-        return _optimize_residuals(adapter, batch, z_layer, cfg, device)
+        return _optimize_residuals(adapter, batch, z_layer, cfg, device, on_step)
 
 
-def _optimize_residuals(adapter: ModelAdapter, batch: ResidualBatch, z_layer: int, cfg: ResidualConfig, device) -> ResidualResult:
+def _optimize_residuals(adapter: ModelAdapter, batch: ResidualBatch, z_layer: int, cfg: ResidualConfig, device,
+                        on_step: OnStep | None = None) -> ResidualResult:
     n = batch.n_chunks
     z0 = block_outputs_at_anchors(adapter, batch, z_layer)
     order = batch.chunk_order
-    if cfg.mode == "joint" or int(order.max()) == 0:
-        delta, loss, nll, steps = _optimize_phase(adapter, batch, z_layer, cfg, z0, torch.ones(n, dtype=torch.bool), None, None)
+    joint = cfg.mode == "joint" or int(order.max()) == 0
+    phases = 1 if joint else int(order.max()) + 1
+
+    def phase_progress(k: int, train: torch.Tensor):  # phase k's steps continue the count of the earlier phases
+        if on_step is None:
+            return None
+        return lambda done, loss: on_step(k * cfg.steps + done, phases * cfg.steps, loss, train)
+
+    if joint:
+        train = torch.ones(n, dtype=torch.bool)
+        delta, loss, nll, steps = _optimize_phase(adapter, batch, z_layer, cfg, z0, train, None, None, phase_progress(0, train))
     else:
         delta = torch.zeros_like(z0)
         loss, nll = torch.zeros(n, device=device), torch.zeros(n, device=device)
         steps = torch.zeros(n, dtype=torch.long, device=device)
         for k in range(int(order.max()) + 1):
             train = order == k
-            d_k, l_k, n_k, s_k = _optimize_phase(adapter, batch, z_layer, cfg, z0, train, order < k, delta)
+            d_k, l_k, n_k, s_k = _optimize_phase(adapter, batch, z_layer, cfg, z0, train, order < k, delta, phase_progress(k, train))
             t = train.to(device)
             delta = torch.where(t.unsqueeze(1), d_k, delta)
             loss, nll, steps = torch.where(t, l_k, loss), torch.where(t, n_k, nll), torch.where(t, s_k, steps)
@@ -532,10 +573,12 @@ def _optimize_phase(
     train: torch.Tensor,
     frozen: torch.Tensor | None,
     fixed: torch.Tensor | None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Adam on the deltas of the ``train`` chunks, with the ``frozen`` chunks' deltas ``fixed``
     (added at their anchors, no gradient) and every other chunk left out (no delta, no loss).
-    Returns ``(delta, loss, nll, steps)`` per chunk (meaningful for ``train`` chunks)."""
+    Returns ``(delta, loss, nll, steps)`` per chunk (meaningful for ``train`` chunks).
+    ``on_step(steps done, per-chunk loss)`` after each step's loss (progress only)."""
     model = adapter.model
     device = next(model.parameters()).device
     n = batch.n_chunks
@@ -829,6 +872,8 @@ def _optimize_phase(
         kl_c = torch.where(active, kl_step, kl_c)
         loss_c = torch.where(active, nll_c + kl_c + wd.detach(), loss_c)
         active = active & (loss_c >= cfg.early_stop_loss)
+        if on_step is not None:
+            on_step(step, loss_c)
         if step == cfg.steps or not bool(active.any()):
             break
         before = delta.detach().clone()

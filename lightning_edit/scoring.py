@@ -10,7 +10,7 @@ model's own device, and return CPU tensors.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -94,7 +94,8 @@ def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
         yield order[s : s + batch_size]
 
 
-def target_scores(model: nn.Module, tokenizer, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 64) -> TargetScores:
+def target_scores(model: nn.Module, tokenizer, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 64,
+                  on_batch: Callable[[], object] | None = None) -> TargetScores:
     """Teacher-forced scores of each ``targets[i]`` after ``prompts[i]``.
 
     Each pair is tokenized once as ``prompt + target_text(prompt, target)``; a target token is
@@ -104,6 +105,7 @@ def target_scores(model: nn.Module, tokenizer, prompts: Sequence[str], targets: 
     (``(m, vocab)`` for ``m`` target tokens, never ``(batch, seq, vocab)``; the LM head runs at
     those positions only, :func:`lightning_edit.arch.logits_at`); this is what
     :func:`lightning_edit.tokens.gather_target_logprobs` computes, restricted to those rows.
+    ``on_batch()`` is called after each of the ``ceil(len(prompts) / batch_size)`` forwards (progress).
     """
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
@@ -132,6 +134,8 @@ def target_scores(model: nn.Module, tokenizer, prompts: Sequence[str], targets: 
             counts = [int(chunks[0].numel()) for chunks in enc.target_tokens]
             for i, a, b, c in zip(idx, lp.split(counts), pred.split(counts), tgt.split(counts)):
                 lp_out[i], pred_out[i], ids_out[i] = a, b, c
+            if on_batch is not None:
+                on_batch()
     token_correct = [p == t for p, t in zip(pred_out, ids_out)]
     nll = torch.stack([-lp.mean() for lp in lp_out])
     all_correct = torch.stack([c.all() for c in token_correct])

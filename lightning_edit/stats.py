@@ -379,6 +379,13 @@ class StatsCache:
         return p
 
 
+def _counted(texts: Iterator[str], bar: tqdm) -> Iterator[str]:
+    """``texts``, ticking ``bar`` once per text."""
+    for text in texts:
+        bar.update()
+        yield text
+
+
 def second_moments(
     adapter: ModelAdapter,
     tokenizer,
@@ -429,16 +436,30 @@ def second_moments(
                     warnings.warn(f"could not save the partial statistics to {cache.path(partial_key, kind='partial')} "
                                   f"({err}); continuing without it", stacklevel=2)
 
+        # the bar counts the texts read (known up front: n_samples, or this process's share of
+        # them), the keys counted so far in its postfix
+        from .progress import progress_bar
+
+        per_text = cfg.encoding == "per_text"
+        bar = progress_bar(f"key statistics (layers {missing})", len(range(shard, cfg.n_samples, num_shards)) if per_text else cfg.n_samples,
+                           "text", enabled=show_progress and is_writer, leave=True)
+
+        def on_batch(bi: int, acc) -> None:
+            checkpoint(bi, acc)
+            bar.set_postfix(keys=tqdm.format_sizeof(acc[missing[0]][1]), refresh=False)
+
         # every process reads and packs all texts and keeps its share of the *blocks*
-        if cfg.encoding == "per_text":  # rows are independent: each process keeps its share of the texts
-            blocks = per_text_batches(tokenizer, iter_corpus_texts(cfg, shard, num_shards), cfg.max_length, cfg.batch_size)
+        if per_text:  # rows are independent: each process keeps its share of the texts
+            blocks = per_text_batches(tokenizer, _counted(iter_corpus_texts(cfg, shard, num_shards), bar), cfg.max_length, cfg.batch_size)
         else:
-            blocks = packed_blocks(tokenizer, iter_corpus_texts(cfg), cfg.max_length, cfg.batch_size, shard, num_shards)
-        for _ in range(skip):
-            next(blocks, None)
-        bar = tqdm(desc=f"key statistics (layers {missing})", unit="tok", unit_scale=True, disable=not (show_progress and is_writer))
-        acc = accumulate_moments(adapter, blocks, missing, init=init, on_batch=checkpoint, progress=bar, dtype=_STATS_DTYPES[cfg.dtype])
-        bar.close()
+            blocks = packed_blocks(tokenizer, _counted(iter_corpus_texts(cfg), bar), cfg.max_length, cfg.batch_size, shard, num_shards)
+        with bar:
+            for _ in range(skip):
+                next(blocks, None)
+            acc = accumulate_moments(adapter, blocks, missing, init=init, on_batch=on_batch, dtype=_STATS_DTYPES[cfg.dtype])
+            if bar.total != bar.n:  # a corpus of fewer texts than n_samples
+                bar.total = bar.n
+                bar.refresh()
         for l in missing:
             s, c = acc[l]
             count = torch.tensor(float(c), dtype=torch.float64, device=s.device)

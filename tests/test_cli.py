@@ -72,8 +72,8 @@ def test_fit_end_to_end_then_validate(tiny_model_dir, dataset, corpus_file, tmp_
     assert len(ledger["records"]) == 3 and sorted(p.name for p in (tmp_path / "ckpt" / "ledger").iterdir()) == [
         f"batch_{i:06d}.safetensors" for i in range(3)]
     assert ckpt["global_step"] == 3  # one (mock) optimizer step per edit batch
-    # curves against the number of edits applied
-    logs = _scalars(glob.glob(str(tmp_path / "logs" / "edit" / "version_*"))[0])
+    # curves against the number of edits applied (their own event file: the run's edits/ directory)
+    logs = _scalars(Path(glob.glob(str(tmp_path / "logs" / "edit" / "version_*"))[0]) / "edits")
     steps = [s for s, _ in logs["edit/efficacy"]]
     assert steps[:3] == [4, 8, 12]
     for tag in ("edit/generalization", "edit/specificity"):
