@@ -20,6 +20,7 @@ from torch import nn
 
 from .callbacks import MEMIT, AlphaEdit, ClosedFormUpdate
 from .data.requests import EditRequest, RequestError
+from .errors import InputError
 from .module import EditModule, load_pretrained
 from .residuals import ResidualConfig
 from .stats import StatsConfig
@@ -96,7 +97,7 @@ class Editor:
             self.callback = method
         else:
             if method not in METHODS:
-                raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+                raise InputError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
             st = stats if isinstance(stats, StatsConfig) else StatsConfig(**(stats or {}))
             self.callback = METHODS[method](stats=st, **dict(method_kwargs or {}))
         self.callback._module = self.module
@@ -165,7 +166,7 @@ class Editor:
         without their keys, ledger and history rewound. Returns the removed batches' rows."""
         ledger = self.module.ledger
         if not 0 <= n <= ledger.position:
-            raise ValueError(f"cannot undo {n} batches: {ledger.position} are applied")
+            raise InputError(f"cannot undo {n} batches: {ledger.position} are applied")
         if n == 0:
             return []
         rows = ledger.history()[ledger.position - n:]

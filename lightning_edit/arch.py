@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_edit.errors import InputError
+
 # model_type (from the HF config) -> (decoder block template, MLP down-projection template)
 KNOWN_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "gpt2": ("transformer.h.{}", "transformer.h.{}.mlp.c_proj"),
@@ -37,7 +39,7 @@ KNOWN_ARCHITECTURES: dict[str, tuple[str, str]] = {
 }
 
 
-class ArchitectureError(ValueError):
+class ArchitectureError(InputError):
     """A model whose layers or down projections cannot be found; the message says which."""
 
 

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 
 from .checkpointing import config_fingerprint, full_model_fingerprint, save_edits
+from .errors import CheckpointError, InputError
 from .module import EditModule
 from .progress import show_progress
 from .stats import StatsConfig, projectors, second_moments
@@ -40,7 +41,7 @@ class ClosedFormUpdate(L.Callback):
     def __init__(self, stats: StatsConfig = StatsConfig(), solve_dtype: SolveDType = "float64", export_path: str | None = None):
         self.stats = stats if isinstance(stats, StatsConfig) else StatsConfig(**stats)
         if solve_dtype not in _SOLVE:
-            raise ValueError(f"solve_dtype must be float32 or float64, got {solve_dtype!r}")
+            raise InputError(f"solve_dtype must be float32 or float64, got {solve_dtype!r}")
         self.solve_dtype = _SOLVE[solve_dtype]
         self.export_path = export_path
         self.method = None
@@ -81,13 +82,13 @@ class ClosedFormUpdate(L.Callback):
             return
         where = f"checkpoint {self._stash_path}" if self._stash_path else "the checkpoint"
         if st.get("method_name") != self.method_name:
-            raise ValueError(f"{where} was written by method {st.get('method_name')!r}, this run uses {self.method_name!r}")
+            raise CheckpointError(f"{where} was written by method {st.get('method_name')!r}, this run uses {self.method_name!r}")
         saved_layers = [int(l) for l in st.get("layers", [])]
         if saved_layers != list(module.layers):
-            raise ValueError(f"{where} edits layers {saved_layers}, this run edits {list(module.layers)}: "
+            raise CheckpointError(f"{where} edits layers {saved_layers}, this run edits {list(module.layers)}: "
                              f"resume with --model.layers={saved_layers}")
         if st.get("base_fingerprint") != self.base_fingerprint:
-            raise ValueError(f"{where} was made on another base model (model fingerprint {st.get('base_fingerprint')} of "
+            raise CheckpointError(f"{where} was made on another base model (model fingerprint {st.get('base_fingerprint')} of "
                              f"{st.get('model_name', '?')!r}; this model {str(module.model_name)!r} has {self.base_fingerprint}): "
                              "its config or some weight differs; refusing to apply its edits")
 
@@ -100,7 +101,7 @@ class ClosedFormUpdate(L.Callback):
         st = self._stash
         ledger = module.ledger
         if int(st.get("batches_applied", ledger.position)) != ledger.position:
-            raise ValueError(f"checkpoint {self._stash_path or ''}: its edit state says {st.get('batches_applied')} batches, "
+            raise CheckpointError(f"checkpoint {self._stash_path or ''}: its edit state says {st.get('batches_applied')} batches, "
                              f"its ledger holds {ledger.position}")
         self.rebuild(module)
         self._stash = None
@@ -131,7 +132,7 @@ class ClosedFormUpdate(L.Callback):
             pl_module.ledger.directory = Path(ckpt.dirpath) / "ledger"  # batch files appended beside the checkpoints
         bs = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
         if stage == "fit" and bs is not None and bs < trainer.world_size:
-            raise ValueError(f"batch_size {bs} is smaller than the number of processes {trainer.world_size}")
+            raise InputError(f"batch_size {bs} is smaller than the number of processes {trainer.world_size}")
 
     def on_fit_start(self, trainer, pl_module: EditModule) -> None:
         # runs after the checkpoint (if any) is restored into self._stash
@@ -141,7 +142,7 @@ class ClosedFormUpdate(L.Callback):
         # the stream loader exists (and has its restored position) only from here on
         loader = trainer.train_dataloader
         if loader is not None and hasattr(loader, "applied") and loader.applied != self.batches_applied:
-            raise RuntimeError(f"edit stream position ({loader.applied} batches) disagrees with the edit state ({self.batches_applied} batches applied)")
+            raise CheckpointError(f"edit stream position ({loader.applied} batches) disagrees with the edit state ({self.batches_applied} batches applied)")
 
     def on_validation_start(self, trainer, pl_module: EditModule) -> None:
         if trainer.state.fn != "fit":
@@ -207,7 +208,7 @@ class ClosedFormUpdate(L.Callback):
         if not state_dict:
             return
         if state_dict.get("method_name") != self.method_name:
-            raise ValueError(f"checkpoint {self._stash_path or ''} was written by method {state_dict.get('method_name')!r}, "
+            raise CheckpointError(f"checkpoint {self._stash_path or ''} was written by method {state_dict.get('method_name')!r}, "
                              f"this run uses {self.method_name!r}")
         self._stash = state_dict
 
@@ -295,7 +296,7 @@ class AlphaEdit(ClosedFormUpdate):
     ):
         super().__init__(stats, solve_dtype, export_path)
         if solver not in ("woodbury", "direct"):
-            raise ValueError(f"AlphaEdit solver must be 'woodbury' or 'direct', got {solver!r}")
+            raise InputError(f"AlphaEdit solver must be 'woodbury' or 'direct', got {solver!r}")
         self.threshold, self.threshold_mode, self.l2, self.solver = nullspace_threshold, threshold_mode, l2, solver
         self.projector_info: dict[int, dict] = {}
 
@@ -304,7 +305,7 @@ class AlphaEdit(ClosedFormUpdate):
         projs, self.projector_info = projectors(module.adapter, moments, self.stats, self.threshold, self.threshold_mode, is_writer=rank0)
         for l, info in self.projector_info.items():
             if info["rank"] == 0:
-                raise ValueError(f"layer {l}: the null-space projector has rank 0 (threshold {self.threshold} {self.threshold_mode} keeps no direction); raise the threshold")
+                raise InputError(f"layer {l}: the null-space projector has rank 0 (threshold {self.threshold} {self.threshold_mode} keeps no direction); raise the threshold")
         device = module.device_
         return AlphaEditMethod(l2=self.l2, projectors={l: p.to(device) for l, p in projs.items()}, solve_dtype=self.solve_dtype,
                                solver=self.solver)

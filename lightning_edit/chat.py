@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from .data.requests import EditRequest, RequestError
+from .errors import InputError
 
 CHAT_MARK = "chat_template"
 
@@ -21,7 +22,7 @@ def chat_prompt(tokenizer, text: str, system: str | None = None) -> str:
     template. A BOS that the template writes and the tokenizer adds anyway is dropped."""
     template = getattr(tokenizer, "chat_template", None)
     if not template:
-        raise ValueError(
+        raise InputError(
             f"chat_template is on, but the tokenizer ({type(tokenizer).__name__}, {getattr(tokenizer, 'name_or_path', '')!r}) "
             "has no chat template; turn the option off for base models"
         )

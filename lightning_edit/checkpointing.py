@@ -21,11 +21,13 @@ from lightning.fabric.plugins import CheckpointIO
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from lightning_edit.errors import CheckpointError, MissingFileError
+
 SKELETON_KEY = "lightning_edit.skeleton"
 DIGEST_KEY = "lightning_edit.sha256"  # JSON {tensor name: sha256 of its bytes}, in every file we write
 
 
-class CorruptFileError(ValueError):
+class CorruptFileError(CheckpointError):
     """A saved tensor file (checkpoint, export, statistics cache) that is unreadable, does not
     match its stored content hash, or holds non-finite values. The message names the file."""
 
@@ -79,7 +81,7 @@ def read_verified(path: str | os.PathLike, device: str = "cpu", require_digest: 
             meta = f.metadata() or {}
         tensors = load_file(str(path), device=device)
     except FileNotFoundError:
-        raise
+        raise MissingFileError(f"{path}: no such file") from None
     except Exception as err:  # safetensors raises its own error types on truncated / garbled headers
         raise CorruptFileError(f"{path}: unreadable safetensors file ({type(err).__name__}: {err})") from None
     verify_tensors(tensors, meta, path, require_digest, finite)
@@ -147,7 +149,7 @@ def load_nested(path: str | os.PathLike, map_location=None) -> dict:
     legitimately holds ``inf``, e.g. ``ModelCheckpoint``'s ``kth_value``)."""
     tensors, meta = read_verified(path, "cpu", finite=False)
     if SKELETON_KEY not in meta:
-        raise ValueError(f"{path} is not a lightning-edit checkpoint (no {SKELETON_KEY} metadata)")
+        raise CheckpointError(f"{path} is not a lightning-edit checkpoint (no {SKELETON_KEY} metadata)")
     device = "cpu" if map_location is None or callable(map_location) or isinstance(map_location, dict) else str(map_location)
     if device != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
@@ -162,7 +164,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         if not Path(path).exists():
-            raise FileNotFoundError(f"checkpoint {path} not found")
+            raise MissingFileError(f"checkpoint {path} not found")
         return load_nested(path, map_location)
 
     def remove_checkpoint(self, path) -> None:
@@ -191,13 +193,13 @@ def load_edits(model: torch.nn.Module, path: str | os.PathLike, strict_fingerpri
     params = dict(model.named_parameters())
     for name, t in weights.items():
         if name not in params:
-            raise KeyError(f"{path}: edited weight {name!r} does not exist in {type(model).__name__}")
+            raise CheckpointError(f"{path}: edited weight {name!r} does not exist in {type(model).__name__}")
         if tuple(params[name].shape) != tuple(t.shape):
-            raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, the model's is {tuple(params[name].shape)}")
+            raise CheckpointError(f"{path}: {name} has shape {tuple(t.shape)}, the model's is {tuple(params[name].shape)}")
     if strict_fingerprint and "config_fingerprint" in meta and hasattr(model, "config"):
         fp = config_fingerprint(model)
         if meta["config_fingerprint"] != fp:
-            raise ValueError(f"{path} was exported from a model with another config (fingerprint {meta['config_fingerprint']} != {fp}); pass strict_fingerprint=False to force")
+            raise CheckpointError(f"{path} was exported from a model with another config (fingerprint {meta['config_fingerprint']} != {fp}); pass strict_fingerprint=False to force")
     for name, t in weights.items():
         params[name].copy_(t.to(params[name].dtype))
     return meta

@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from collections.abc import Callable
 
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -24,13 +26,16 @@ from lightning.pytorch.cli import LightningCLI
 from .strategies import FROZEN_DDP_ALIASES, frozen_alias  # importing registers trainer.strategy: ddp_frozen, ...
 from .callbacks import ClosedFormUpdate
 from .data.datamodule import EditDataModule
+from .errors import EditError
 from .module import EditModule
 from .progress import drop_disabled_progress_bar
 from .report import EditReport
 
 
 class EditCheckpoint(ModelCheckpoint):
-    """A resumable checkpoint after every edit batch: ``last.safetensors`` holds the edited
+    """Resumable checkpoints of the edit stream.
+
+    After every ``every_n_train_steps`` edit batches ``last.safetensors`` holds the edited
     weights and the edit state (written atomically), never the frozen model.
 
     Args:
@@ -62,7 +67,40 @@ TRAINER_DEFAULTS = {
 DEFAULT_CALLBACKS = [{"class_path": "lightning_edit.progress.EditProgressBar"}]
 
 
+# ``fit --help`` shows the project's groups in this order (by the first option of a group), then
+# the subcommand's own arguments (``--ckpt_path``), then the Trainer's.
+_HELP_ORDER = ("--model", "--editor", "--data", "--report", "--checkpoint", "", "--trainer")
+_EDITOR_TITLE = "The closed-form editor, AlphaEdit (default) or MEMIT (`--editor.help AlphaEdit` lists its options)"
+_SUBCOMMAND_USAGE = ("%(prog)s [-h] [-c CONFIG] [--print_config[=flags]] [--ckpt_path CKPT_PATH] "
+                     "[--model.* ...] [--editor.* ...] [--data.* ...] [--report.* ...] [--checkpoint.* ...] "
+                     "[--trainer.* ...]")
+
+
+def _help_rank(group) -> int:
+    """Position of an argument group in ``--help`` (see ``_HELP_ORDER``); the untitled groups
+    (``-h``, ``-c``, ``--print_config``, ``--seed_everything``) stay first."""
+    names = [a.option_strings[0] for a in group._group_actions if a.option_strings]
+    if not names or names[0] in ("-h", "--help"):
+        return -1
+    first = names[0]
+    for rank, prefix in enumerate(_HELP_ORDER):
+        if prefix and (first == prefix or first.startswith(prefix + ".")):
+            return rank
+    return _HELP_ORDER.index("")
+
+
 class EditCLI(LightningCLI):
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs):
+        # A short usage line (the default lists all ~120 options) and the project's groups before
+        # the Trainer's. Groups only order the help: parsing and ``--print_config`` are unchanged.
+        kwargs.setdefault("usage", _SUBCOMMAND_USAGE)
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        parser._action_groups.sort(key=_help_rank)  # stable: groups of one rank keep their order
+        for group in parser._action_groups:
+            if any(a.option_strings[:1] == ["--editor"] for a in group._group_actions):
+                group.title = _EDITOR_TITLE
+        return parser
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ClosedFormUpdate, "editor", subclass_mode=True, required=False)
         parser.set_defaults({"editor": {"class_path": "lightning_edit.callbacks.AlphaEdit"}})
@@ -135,41 +173,124 @@ def _tool_commands() -> dict[str, tuple[Callable[[list[str]], object], str]]:
     }
 
 
+VERBOSE_ENV = "LIGHTNING_EDIT_VERBOSE"
+"""Set to 1 (or pass ``--verbose``) for the full traceback of the errors lightning-edit raises on
+purpose; the console script otherwise prints them as one line."""
+
+_CORE_COMMANDS = (
+    ("fit", "stream edit batches and apply them (from a YAML: -c configs/...)"),
+    ("validate", "evaluate the (edited or unedited) model on the dataset"),
+    ("test", "same as validate, on the test loop"),
+)
+
+
+def _command_list(tools) -> str:
+    lines = ["usage: lightning-edit [--verbose] COMMAND [options]", "",
+             "Knowledge editing of causal LMs (MEMIT, AlphaEdit).", "", "commands:"]
+    lines += [f"  {name:<10} {text}" for name, text in (*_CORE_COMMANDS, *((k, v[1]) for k, v in tools.items()))]
+    lines += ["", "`lightning-edit COMMAND --help` shows a command's options.",
+              f"--verbose (anywhere) or {VERBOSE_ENV}=1: full tracebacks of errors."]
+    return "\n".join(lines)
+
+
 def main(args: list[str] | None = None) -> EditCLI | object:
     """Entry point of the ``lightning-edit`` console script.
 
-    Called with ``args`` (tests, notebooks) it returns the CLI object (or the tool's result).
+    Called with ``args`` (tests, notebooks) it returns the CLI object (or the tool's result), and
+    errors propagate as exceptions (``SystemExit`` for ``--help`` and usage errors, as argparse).
     Called as the console script (``args=None``) it returns an exit status for ``sys.exit``:
-    0 on success (a returned object would make ``sys.exit`` report failure).
+    0 on success (a returned object would make ``sys.exit`` report failure); an error that
+    lightning-edit raises on purpose (:class:`lightning_edit.errors.EditError`) is printed as one
+    line on stderr, ``lightning-edit: error: <message>``, with exit status 1, and its traceback
+    only with ``--verbose`` (anywhere on the command line) or ``LIGHTNING_EDIT_VERBOSE=1``.
+    Other exceptions (bugs) keep their traceback.
     """
     if args is None:
-        result = _run(list(sys.argv[1:]), from_argv=True)
-        return result if isinstance(result, int) and not isinstance(result, bool) else 0
+        return _console()
     return _run(list(args), from_argv=False)
+
+
+def _console() -> int:
+    argv = sys.argv[1:]
+    if "--verbose" in argv:
+        # LightningCLI / the tools must not see it, and the popen DDP launcher re-runs sys.argv:
+        # the other processes learn it from the environment
+        argv = [a for a in argv if a != "--verbose"]
+        sys.argv[1:] = argv
+        os.environ[VERBOSE_ENV] = "1"
+    verbose = os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+    try:
+        result = _run(argv, from_argv=True)
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):  # --help (0), usage errors (2), sys.exit(n)
+            raise
+        message = exc.code  # a tool's ``raise SystemExit("message")``
+    except BaseException as exc:
+        message = user_error_message(exc)
+        if message is None:  # a bug, or a library's own failure: the whole traceback
+            raise
+        if verbose:
+            traceback.print_exc()
+    else:
+        return result if isinstance(result, int) and not isinstance(result, bool) else 0
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    rank = getattr(rank_zero_only, "rank", 0) or 0  # set by the DDP strategy (popen: from LOCAL_RANK)
+    where = f"(process {rank}) " if rank else ""
+    print(f"lightning-edit: error: {where}{message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The message of an error lightning-edit raised on purpose, or ``None`` for any other
+    exception. Sees through a ``ddp_spawn`` worker's :class:`~torch.multiprocessing.ProcessRaisedException`
+    (which carries the worker's traceback as text) when the worker raised an ``EditError``."""
+    if isinstance(exc, EditError):
+        return str(exc)
+    spawn_error = getattr(sys.modules.get("torch.multiprocessing.spawn"), "ProcessRaisedException", None)
+    if spawn_error is not None and isinstance(exc, spawn_error):
+        return _edit_error_in_traceback(str(exc))
+    return None
+
+
+def _edit_error_in_traceback(text: str) -> str | None:
+    """``"<message>"`` when the last exception line of a formatted traceback names an
+    ``EditError`` subclass of this package (``lightning_edit.x.SomeError: <message>``)."""
+    import importlib
+    import re
+
+    found = None
+    for m in re.finditer(r"^(lightning_edit(?:\.\w+)*)\.(\w+): (.*)$", text, re.MULTILINE):
+        found = m
+    if found is None or text[found.end():].strip():
+        return None
+    try:
+        cls = getattr(importlib.import_module(found.group(1)), found.group(2), None)
+    except ImportError:
+        return None
+    return found.group(3) if isinstance(cls, type) and issubclass(cls, EditError) else None
 
 
 def _run(argv: list[str], from_argv: bool) -> EditCLI | object:
     tools = _tool_commands()
     if argv and argv[0] in tools:
         return tools[argv[0]][0](argv[1:])
-    if not argv or argv[0] in ("-h", "--help"):
-        print("lightning-edit: knowledge editing of causal LMs (MEMIT, AlphaEdit)\n\ncommands:")
-        for name, text in (("fit", "stream edit batches and apply them (from a YAML: -c configs/...)"),
-                           ("validate", "evaluate the (edited or unedited) model on the dataset"),
-                           ("test", "same as validate, on the test loop"),
-                           *((k, v[1]) for k, v in tools.items())):
-            print(f"  {name:<10} {text}")
-        print("\n`lightning-edit COMMAND --help` shows a command's options.\n")
-        if not argv:
-            return None
-    return EditCLI(
-        EditModule,
-        EditDataModule,
-        trainer_defaults=TRAINER_DEFAULTS,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        args=None if from_argv else argv,  # None: LightningCLI reads sys.argv itself
-    )
+    if not argv:  # as argparse does when the required command is missing: usage error, status 2
+        print(_command_list(tools), file=sys.stderr)
+        print(f"lightning-edit: error: a command is required ({', '.join(n for n, _ in _CORE_COMMANDS)}, "
+              f"{', '.join(tools)})", file=sys.stderr)
+        raise SystemExit(2)
+    if argv[0] in ("-h", "--help"):
+        print(_command_list(tools))
+        raise SystemExit(0)
+    return EditCLI(**cli_kwargs(), args=None if from_argv else argv)  # None: LightningCLI reads sys.argv itself
+
+
+def cli_kwargs() -> dict:
+    """The arguments ``main`` builds :class:`EditCLI` with, except ``args`` (for tests and tools
+    that build the same parser, e.g. ``EditCLI(**cli_kwargs(), args=[...], run=False)``)."""
+    return dict(model_class=EditModule, datamodule_class=EditDataModule, trainer_defaults=TRAINER_DEFAULTS,
+                auto_configure_optimizers=False, save_config_kwargs={"overwrite": True})
 
 
 if __name__ == "__main__":

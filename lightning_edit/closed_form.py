@@ -12,10 +12,12 @@ from typing import Literal
 
 import torch
 
+from lightning_edit.errors import EditError, InputError
+
 ThresholdMode = Literal["absolute", "relative", "energy"]
 
 
-class NonFiniteUpdateError(FloatingPointError):
+class NonFiniteUpdateError(EditError, FloatingPointError):
     """A solve produced NaN/Inf; the weights must stay untouched."""
 
 
@@ -48,7 +50,7 @@ def null_space_projector(
     Returns ``(P (d_k, d_k) float32, info)`` where info holds the kept rank and spectrum summary.
     """
     if mode not in ("absolute", "relative", "energy"):
-        raise ValueError(f"threshold mode must be 'absolute', 'relative' or 'energy', got {mode!r}")
+        raise InputError(f"threshold mode must be 'absolute', 'relative' or 'energy', got {mode!r}")
     m = moment.double()
     m = (m + m.T) / 2
     evals, evecs = torch.linalg.eigh(m)  # ascending

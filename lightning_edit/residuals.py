@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from .arch import (ModelAdapter, additive_mask, cache_layers, make_cache, prefix_cache_kwarg, supports_logits_to_keep,
                    supports_packed_rows)
 from .data.requests import EditRequest, target_text
+from .errors import InputError
 from .tokens import Encoded, Segment, encode_segments, flatten_targets
 
 AnchorRule = Literal["subject_last", "prompt_last"]
@@ -119,16 +120,16 @@ class ResidualConfig:
 
     def __post_init__(self):
         if self.anchor not in ("subject_last", "prompt_last"):
-            raise ValueError(f"anchor must be 'subject_last' or 'prompt_last', got {self.anchor!r}")
+            raise InputError(f"anchor must be 'subject_last' or 'prompt_last', got {self.anchor!r}")
         if self.steps < 1 or self.lr <= 0:
-            raise ValueError("steps must be >= 1 and lr > 0")
+            raise InputError("steps must be >= 1 and lr > 0")
         if self.mode not in ("joint", "autoregressive"):
-            raise ValueError(f"mode must be 'joint' or 'autoregressive', got {self.mode!r}")
+            raise InputError(f"mode must be 'joint' or 'autoregressive', got {self.mode!r}")
         _sdpa_backends(self.sdpa_backends)  # names checked before any work
         if self.max_tokens_per_forward < 0 or self.max_rows_per_forward < 0:
-            raise ValueError("max_tokens_per_forward and max_rows_per_forward must be >= 0 (0 = no limit)")
+            raise InputError("max_tokens_per_forward and max_rows_per_forward must be >= 0 (0 = no limit)")
         if self.warn_nll < 0:
-            raise ValueError(f"warn_nll must be >= 0 (0 = never warn), got {self.warn_nll}")
+            raise InputError(f"warn_nll must be >= 0 (0 = never warn), got {self.warn_nll}")
 
 
 class UnconvergedEditWarning(UserWarning):
@@ -158,7 +159,7 @@ def _sdpa_backends(spec: str) -> list | None:
     names = [x.strip() for x in spec.split(",") if x.strip()]
     bad = [x for x in names if x not in _SDPA]
     if bad or not names:
-        raise ValueError(f"sdpa_backends: unknown {bad or spec!r}; use 'auto' or a comma list of {sorted(_SDPA)}")
+        raise InputError(f"sdpa_backends: unknown {bad or spec!r}; use 'auto' or a comma list of {sorted(_SDPA)}")
     return [getattr(SDPBackend, _SDPA[x]) for x in names]
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 
+from .errors import InputError
+
 PREFIX = "factworld:"
 ITEMS = ("model", "counterfact", "zsre", "corpus", "facts", "references", "documents", "heldout", "longform", "longform_docs")
 
@@ -41,7 +43,7 @@ def resolve(spec: str, root: str | None = None) -> str:
         seed = int(s)
     item = item or "model"
     if item not in ITEMS:
-        raise ValueError(f"{spec!r}: unknown factworld item {item!r}; choose from {ITEMS}")
+        raise InputError(f"{spec!r}: unknown factworld item {item!r}; choose from {ITEMS}")
     from .factworld.build import ensure_factworld
 
     paths = ensure_factworld(root or os.environ.get("LIGHTNING_EDIT_FACTWORLD", "checkpoints/factworld"), seed=seed, preset=preset or "default")

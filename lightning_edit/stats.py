@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import ModelAdapter
+from .errors import InputError, MissingFileError, require_local_path
 
 STATS_FORMAT_VERSION = 2  # 2: entries carry a content hash per tensor
 
@@ -124,8 +125,9 @@ def corpus_files(cfg: StatsConfig) -> list[Path] | None:
     if glob.has_magic(raw):
         files = sorted(Path(p) for p in glob.glob(raw, recursive=True) if Path(p).is_file())
         if not files:
-            raise FileNotFoundError(f"statistics corpus {cfg.corpus!r}: the pattern matches no file")
+            raise MissingFileError(f"statistics corpus {cfg.corpus!r}: the pattern matches no file")
         return files
+    require_local_path(raw, "statistics corpus")  # e.g. corpus.jsonl: never a hub id
     return None
 
 
@@ -161,7 +163,7 @@ def iter_corpus_texts(cfg: StatsConfig, shard: int = 0, num_shards: int = 1) -> 
     if files is not None and not path.exists():  # a glob: exactly the files the fingerprint hashed
         exts = {f.suffix.lower() for f in files if f.suffix.lower() in _CORPUS_SUFFIXES}
         if len(exts) != 1:
-            raise ValueError(f"statistics corpus {cfg.corpus!r}: the pattern must match files of one type "
+            raise InputError(f"statistics corpus {cfg.corpus!r}: the pattern must match files of one type "
                              f"({', '.join(_CORPUS_SUFFIXES)}), got {sorted({f.suffix for f in files})}")
         ext = exts.pop()
         builder = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}[ext]
@@ -173,17 +175,23 @@ def iter_corpus_texts(cfg: StatsConfig, shard: int = 0, num_shards: int = 1) -> 
             exts = {p.suffix.lower() for p in path.rglob("*") if p.is_file()}
             builder = next((b for e, b in ((".parquet", "parquet"), (".jsonl", "json"), (".json", "json"), (".txt", "text")) if e in exts), None)
         if builder is None:
-            raise ValueError(f"statistics corpus {cfg.corpus!r}: cannot tell its format (use .txt, .json, .jsonl, .parquet or .csv)")
+            raise InputError(f"statistics corpus {cfg.corpus!r}: cannot tell its format (use .txt, .json, .jsonl, .parquet or .csv)")
         data_files = str(path) if path.is_file() else [str(p) for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in (".txt", ".json", ".jsonl", ".parquet", ".csv")]
         ds = datasets.load_dataset(builder, data_files=data_files, split=cfg.split, streaming=True)
     else:
-        ds = datasets.load_dataset(cfg.corpus, cfg.corpus_name, split=cfg.split, streaming=True)
+        try:
+            ds = datasets.load_dataset(cfg.corpus, cfg.corpus_name, split=cfg.split, streaming=True)
+        except Exception as err:  # ConnectionError offline, DatasetNotFoundError, a bad config name or split
+            raise MissingFileError(
+                f"statistics corpus {cfg.corpus!r} (corpus_name {cfg.corpus_name!r}, split {cfg.split!r}) is not a local file, "
+                f"directory or pattern, and loading it as a Hugging Face hub dataset failed ({type(err).__name__}: {err}); "
+                "offline, pass a local .txt / .json / .jsonl / .parquet / .csv file or a corpus:pydoc corpus") from err
     n = 0
     for i, rec in enumerate(ds):
         if n >= cfg.n_samples:
             break
         if cfg.text_field not in rec:
-            raise KeyError(f"statistics corpus {cfg.corpus!r} has no field {cfg.text_field!r} (fields: {sorted(rec)}); set text_field")
+            raise InputError(f"statistics corpus {cfg.corpus!r} has no field {cfg.text_field!r} (fields: {sorted(rec)}); set text_field")
         text = rec[cfg.text_field]
         if not text or not text.strip():
             continue
@@ -291,10 +299,10 @@ ENCODINGS = ("packed", "per_text")
 
 def _check_cfg(cfg: StatsConfig) -> None:
     if cfg.dtype not in _STATS_DTYPES:
-        raise ValueError(f"stats.dtype must be one of {sorted(_STATS_DTYPES)} (the dtype k k^T is computed in; "
+        raise InputError(f"stats.dtype must be one of {sorted(_STATS_DTYPES)} (the dtype k k^T is computed in; "
                          f"the model runs in its own dtype), got {cfg.dtype!r}")
     if cfg.encoding not in ENCODINGS:
-        raise ValueError(f"stats.encoding must be one of {list(ENCODINGS)}, got {cfg.encoding!r}")
+        raise InputError(f"stats.encoding must be one of {list(ENCODINGS)}, got {cfg.encoding!r}")
 
 
 @torch.no_grad()
@@ -466,7 +474,7 @@ def second_moments(
             if reduce is not None:
                 s, count = reduce(s), reduce(count)
             if float(count) == 0:
-                raise ValueError(f"statistics corpus {cfg.corpus!r} produced no tokens")
+                raise InputError(f"statistics corpus {cfg.corpus!r} produced no tokens")
             if is_writer:
                 cache.save(keys[l], {"sum": s, "count": count.reshape(1)}, meta={"tokens": int(count)})
             out[l] = s / float(count)

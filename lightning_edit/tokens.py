@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_edit.errors import InputError
+
 
 @dataclass
 class Segment:
@@ -50,8 +52,9 @@ class Encoded:
     lengths: torch.Tensor
 
 
-class TokenizationError(ValueError):
-    pass
+class TokenizationError(InputError):
+    """A text that cannot be tokenized as editing needs it (a target without tokens, a text
+    too long, a slow tokenizer); the message quotes the text."""
 
 
 def _token_containing(offsets: list[tuple[int, int]], char: int) -> int:

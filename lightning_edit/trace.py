@@ -48,6 +48,7 @@ from torch import nn
 
 from .arch import ModelAdapter, supports_logits_to_keep
 from .data.requests import EditRequest, target_text
+from .errors import InputError
 from .tokens import Segment, TokenizationError, encode_segments
 
 log = logging.getLogger(__name__)
@@ -133,18 +134,18 @@ def as_fact(item: EditRequest | Fact | dict | Sequence[str], index: int = 0) -> 
                 break
         case_id = str(item.get("case_id", rec.get("case_id", index)))
         if not isinstance(prompt, str) or not isinstance(subject, str) or not subject:
-            raise ValueError(f"fact {index}: needs string fields 'prompt' and 'subject', got {sorted(rec)}")
+            raise InputError(f"fact {index}: needs string fields 'prompt' and 'subject', got {sorted(rec)}")
         if "{}" not in prompt:
             if subject not in prompt:
-                raise ValueError(f"fact {index}: subject {subject!r} not found in prompt {prompt!r}")
+                raise InputError(f"fact {index}: subject {subject!r} not found in prompt {prompt!r}")
             prompt = prompt.replace(subject, "{}", 1)
         fact = Fact(prompt, subject, answer, case_id)
     elif isinstance(item, (tuple, list)) and 2 <= len(item) <= 3:
         fact = Fact(item[0], item[1], item[2] if len(item) == 3 else None, str(index))
     else:
-        raise TypeError(f"fact {index}: cannot trace a {type(item).__name__}")
+        raise InputError(f"fact {index}: cannot trace a {type(item).__name__}")
     if fact.prompt.count("{}") != 1:
-        raise ValueError(f"fact {fact.case_id or index}: prompt needs exactly one '{{}}': {fact.prompt!r}")
+        raise InputError(f"fact {fact.case_id or index}: prompt needs exactly one '{{}}': {fact.prompt!r}")
     return fact
 
 
@@ -189,18 +190,18 @@ def prepare_fact(
     greedy continuation of the prompt (``greedy_tokens`` tokens; only the first counts for
     ``score="prob"``)."""
     if score not in ("prob", "logprob"):
-        raise ValueError(f"score must be 'prob' or 'logprob', got {score!r}")
+        raise InputError(f"score must be 'prob' or 'logprob', got {score!r}")
     prompt = fact.rendered_prompt
     s_start, s_end = fact.subject_span
     if answer == "true":
         if fact.answer is None:
-            raise ValueError("no true object given (use answer='greedy')")
+            raise InputError("no true object given (use answer='greedy')")
         text = prompt + target_text(prompt, fact.answer)
         seg = Segment(text, targets=[(len(prompt), len(text))], anchors=[None, s_start, s_end - 1])
     elif answer == "greedy":
         seg = Segment(prompt, anchors=[None, s_start, s_end - 1])
     else:
-        raise ValueError(f"answer must be 'greedy' or 'true', got {answer!r}")
+        raise InputError(f"answer must be 'greedy' or 'true', got {answer!r}")
     enc = encode_segments(tokenizer, [seg])
     ids = enc.input_ids[0]
     prompt_last, subject_first, subject_last = (int(a) for a in enc.anchor_pos[0])
@@ -288,7 +289,7 @@ def clean_states(adapter: ModelAdapter, input_ids: torch.Tensor, kind: Kind = "h
                 h.remove()
         states = [found[layer] for layer in layers]
     else:
-        raise ValueError(f"kind must be 'hidden' or 'mlp', got {kind!r}")
+        raise InputError(f"kind must be 'hidden' or 'mlp', got {kind!r}")
     return out.logits[0], torch.stack(states)
 
 
@@ -418,7 +419,7 @@ def role_positions(f: int, s: int, p: int) -> dict[str, list[int]]:
 def _check_roles(roles: Sequence[str] | None) -> None:
     bad = [r for r in roles or () if r not in ROLES]
     if bad:
-        raise ValueError(f"unknown token role(s) {bad}; choose from {list(ROLES)}")
+        raise InputError(f"unknown token role(s) {bad}; choose from {list(ROLES)}")
 
 
 def restore_cells(layer: int, pos: int, n_layers: int, window: int = 1) -> list[tuple[int, int]]:
@@ -451,7 +452,7 @@ def trace_fact(
     _check_roles(roles)
     layer_list = sorted(set(int(x) for x in layers)) if layers is not None else list(range(L))
     if not layer_list or not all(0 <= x < L for x in layer_list):
-        raise ValueError(f"layers to trace must lie in 0..{L - 1}, got {layers}")
+        raise InputError(f"layers to trace must lie in 0..{L - 1}, got {layers}")
     if roles is None:
         positions = list(range(pf.subject_first, pf.prompt_last + 1))
     else:
@@ -844,10 +845,10 @@ def run_trace(
     choices = {"score": (score, ("prob", "logprob")), "answer": (answer, ("greedy", "true")), "kind": (kind, ("hidden", "mlp"))}
     for name, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+            raise InputError(f"{name} must be one of {allowed}, got {value!r}")
     _check_roles(roles)
     if n_samples < 1 or window < 1:
-        raise ValueError(f"n_samples and window must be >= 1, got {n_samples} and {window}")
+        raise InputError(f"n_samples and window must be >= 1, got {n_samples} and {window}")
     adapter = adapter or ModelAdapter(model)
     was_training = model.training
     model.eval()
@@ -873,7 +874,7 @@ def run_trace(
     finally:
         model.train(was_training)
     if not traces:
-        raise ValueError(f"no fact could be traced ({len(skipped)} skipped: {skipped[:3]})")
+        raise InputError(f"no fact could be traced ({len(skipped)} skipped: {skipped[:3]})")
     effects, counts = aggregate_by_role(traces, adapter.n_layers)
     mean_clean = sum(t.clean for t in traces) / len(traces)
     mean_corrupted = sum(t.corrupted for t in traces) / len(traces)
@@ -925,7 +926,7 @@ def parse_layers(spec: str) -> list[int]:
             else:
                 out.append(int(rng))
         except ValueError:
-            raise ValueError(f"--layers {spec!r}: cannot read {part!r} (use e.g. '0-15', '2,4,6' or '0-29:3')") from None
+            raise InputError(f"--layers {spec!r}: cannot read {part!r} (use e.g. '0-15', '2,4,6' or '0-29:3')") from None
     return sorted(set(out))
 
 

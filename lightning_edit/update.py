@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .arch import ModelAdapter
+from .errors import InputError
 from .closed_form import (
     alphaedit_base_inverse,
     alphaedit_factors,
@@ -176,7 +177,7 @@ class AlphaEditMethod:
 
     def __post_init__(self):
         if self.solver not in ("woodbury", "direct"):
-            raise ValueError(f"AlphaEdit solver must be 'woodbury' or 'direct', got {self.solver!r}")
+            raise InputError(f"AlphaEdit solver must be 'woodbury' or 'direct', got {self.solver!r}")
 
     def delta(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         prev = self.prev_kkt.get(layer)

@@ -34,9 +34,14 @@ def test_every_shipped_config_parses(cfg, capsys):
 
 
 def test_help_lists_commands(capsys):
-    main([])
+    with pytest.raises(SystemExit) as e:  # as argparse: --help exits 0, no command is a usage error (2)
+        main(["--help"])
+    assert e.value.code == 0
     out = capsys.readouterr().out
     assert "fit" in out and "trace" in out and "factworld" in out
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2 and "factworld" in capsys.readouterr().err
 
 
 @pytest.fixture()

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from lightning_edit.data.formats import iter_requests
 from lightning_edit.data.requests import EditRequest
 from lightning_edit.data.sources import load_records
+from lightning_edit.errors import CheckpointError, InputError
 
 
 @dataclass
@@ -148,9 +149,9 @@ class EditStreamLoader(DataLoader):
 
     def __init__(self, requests: Sequence[EditRequest], batch_size: int = 100) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         if len(requests) == 0:
-            raise ValueError("an edit stream needs at least one request")
+            raise InputError("an edit stream needs at least one request")
         self.requests = list(requests)
         self.edit_batch_size = batch_size
         self.fingerprint = stream_fingerprint(self.requests)
@@ -205,11 +206,11 @@ class EditStreamLoader(DataLoader):
         hint = "resuming on a different edit stream would apply the wrong edits (check dataset, limit, offset, batch_size)"
         saved_n, saved_bs = state["num_requests"], state["batch_size"]
         if saved_n != self.num_requests:
-            raise ValueError(f"checkpoint stream has {saved_n} requests, this one {self.num_requests}: {hint}")
+            raise CheckpointError(f"checkpoint stream has {saved_n} requests, this one {self.num_requests}: {hint}")
         if saved_bs != self.edit_batch_size:
-            raise ValueError(f"checkpoint stream has batch_size {saved_bs}, this one {self.edit_batch_size}: {hint}")
+            raise CheckpointError(f"checkpoint stream has batch_size {saved_bs}, this one {self.edit_batch_size}: {hint}")
         if "fingerprint" in state and state["fingerprint"] != self.fingerprint:
-            raise ValueError(f"checkpoint stream holds other requests (fingerprint differs): {hint}")
+            raise CheckpointError(f"checkpoint stream holds other requests (fingerprint differs): {hint}")
         self.applied = state["applied"]
 
 
@@ -253,13 +254,13 @@ class EditDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         if eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
+            raise InputError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
         if offset < 0:
-            raise ValueError(f"offset must be >= 0, got {offset}")
+            raise InputError(f"offset must be >= 0, got {offset}")
         if limit is not None and limit < 1:
-            raise ValueError(f"limit must be >= 1 or None, got {limit}")
+            raise InputError(f"limit must be >= 1 or None, got {limit}")
         self.save_hyperparameters()
         self.dataset = dataset
         self.format = format
@@ -298,7 +299,7 @@ class EditDataModule(L.LightningDataModule):
         window = list(itertools.islice(records, self.offset, stop))
         self.requests = list(_requests(window, self.format, self.offset))
         if not self.requests:
-            raise ValueError(
+            raise InputError(
                 f"no edit requests in {self.dataset!r} (split {self.split!r}) after offset={self.offset}, "
                 f"limit={self.limit}: it holds {len(records)} records"
             )

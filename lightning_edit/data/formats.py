@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from lightning_edit.data.requests import EditRequest, RequestError
+from lightning_edit.errors import InputError
 
 FORMATS: tuple[str, ...] = ("counterfact", "counterfact_flat", "zsre")
 """The record formats :func:`records_to_requests` reads (plus ``"auto"``: detect per record)."""
@@ -94,7 +95,7 @@ def iter_requests(records: Iterable[Any], fmt: str = "auto", start_index: int = 
         RequestError: the first record that cannot be edited, or a ``case_id`` seen before.
     """
     if fmt != "auto" and fmt not in FORMATS:
-        raise ValueError(f"unknown record format {fmt!r}; expected 'auto' or one of {list(FORMATS)}")
+        raise InputError(f"unknown record format {fmt!r}; expected 'auto' or one of {list(FORMATS)}")
     # case_id keys per-case metrics and the resume fingerprint, so two records must not share one.
     seen: dict[str, int] = {}
     for offset, record in enumerate(records):

@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lightning_edit.errors import InputError
+
 Family = Literal["counterfact", "zsre"]
 
 
-class RequestError(ValueError):
+class RequestError(InputError):
     """A record that cannot be edited; the message names the record and the field."""
 
     def __init__(self, record: int | str, field_name: str, problem: str):

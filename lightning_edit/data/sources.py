@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_edit.errors import InputError, MissingFileError
+
 # File extension -> datasets' packaged builder.
 _BUILDERS: dict[str, str] = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -63,27 +65,28 @@ def load_records(
         The records as dicts, in file order.
 
     Raises:
-        FileNotFoundError: a path that looks local does not exist, or a hub load failed.
-        ValueError: unreadable or malformed files, mixed file types, bad arguments.
+        MissingFileError: (a ``FileNotFoundError``) a path that looks local does not exist, or a hub
+            load failed.
+        InputError: (a ``ValueError``) unreadable or malformed files, mixed file types, bad arguments.
     """
     local = Path(os.path.expanduser(path))
     if local.is_file():
         if data_files is not None:
-            raise ValueError(f"data_files={data_files!r} given together with the file {path!r}; pass one of them")
+            raise InputError(f"data_files={data_files!r} given together with the file {path!r}; pass one of them")
         return _read_files([local], field, cache_dir)
     if local.is_dir():
         files = _directory_files(local, split, data_files)
         return _read_files(files, field, cache_dir)
     if path in set(_BUILDERS.values()) | {"jsonl"}:
         if data_files is None:
-            raise ValueError(f"the {path!r} builder needs data_files")
+            raise InputError(f"the {path!r} builder needs data_files")
         files = [Path(os.path.expanduser(f)) for f in _select_split(data_files, split)]
         for f in files:
             if not f.is_file():
-                raise FileNotFoundError(f"data file {str(f)!r} does not exist")
+                raise MissingFileError(f"data file {str(f)!r} does not exist")
         return _read_files(files, field, cache_dir, builder="json" if path == "jsonl" else path)
     if local.suffix in _BUILDERS or path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"no such file or directory: {path!r}")
+        raise MissingFileError(f"no such file or directory: {path!r}")
     return _load_hub(path, split, data_files, name, field, cache_dir)
 
 
@@ -91,7 +94,7 @@ def _select_split(data_files: DataFiles, split: str) -> list[str]:
     """``data_files`` as a list of paths for ``split``."""
     if isinstance(data_files, Mapping):
         if split not in data_files:
-            raise ValueError(f"split {split!r} not in data_files (splits: {sorted(data_files)})")
+            raise InputError(f"split {split!r} not in data_files (splits: {sorted(data_files)})")
         data_files = data_files[split]
     if isinstance(data_files, (str, os.PathLike)):
         return [str(data_files)]
@@ -105,7 +108,7 @@ def _directory_files(directory: Path, split: str, data_files: DataFiles | None) 
         files = [directory / f for f in _select_split(data_files, split)]
         for f in files:
             if not f.is_file():
-                raise FileNotFoundError(f"data file {str(f)!r} does not exist")
+                raise MissingFileError(f"data file {str(f)!r} does not exist")
         return files
     from datasets.data_files import DataFilesDict, get_data_patterns
 
@@ -113,10 +116,10 @@ def _directory_files(directory: Path, split: str, data_files: DataFiles | None) 
     patterns = get_data_patterns(str(directory))
     by_split = DataFilesDict.from_patterns(patterns, base_path=str(directory), allowed_extensions=list(_BUILDERS))
     if split not in by_split:
-        raise ValueError(f"no {split!r} files in {str(directory)!r} (found splits: {sorted(map(str, by_split))})")
+        raise InputError(f"no {split!r} files in {str(directory)!r} (found splits: {sorted(map(str, by_split))})")
     files = sorted(Path(f) for f in by_split[split] if Path(f).suffix in _BUILDERS)
     if not files:
-        raise FileNotFoundError(f"no {'/'.join(_BUILDERS)} files for split {split!r} in {str(directory)!r}")
+        raise MissingFileError(f"no {'/'.join(_BUILDERS)} files for split {split!r} in {str(directory)!r}")
     return files
 
 
@@ -127,9 +130,9 @@ def _read_files(
     builders = {builder or _BUILDERS.get(f.suffix) for f in files}
     if None in builders:
         bad = [str(f) for f in files if f.suffix not in _BUILDERS]
-        raise ValueError(f"unsupported file type {bad}; expected {', '.join(_BUILDERS)}")
+        raise InputError(f"unsupported file type {bad}; expected {', '.join(_BUILDERS)}")
     if len(builders) > 1:
-        raise ValueError(f"files of different types cannot be read as one dataset: {[str(f) for f in files]}")
+        raise InputError(f"files of different types cannot be read as one dataset: {[str(f) for f in files]}")
     (kind,) = builders
     if kind == "json":
         records: list[dict[str, Any]] = []
@@ -137,7 +140,7 @@ def _read_files(
             records.extend(_read_json_file(f, field))
         return records
     if field is not None:
-        raise ValueError(f"field={field!r} only applies to JSON files, not {kind}")
+        raise InputError(f"field={field!r} only applies to JSON files, not {kind}")
     import datasets
 
     dataset = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir)
@@ -156,31 +159,31 @@ def _read_json_file(path: Path, field: str | None) -> list[dict[str, Any]]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{str(path)!r} line {line_no}: invalid JSON ({err.msg})") from None
+                    raise InputError(f"{str(path)!r} line {line_no}: invalid JSON ({err.msg})") from None
         if field is not None:
-            raise ValueError(f"field={field!r} applies to a .json file holding one object, not to .jsonl {str(path)!r}")
+            raise InputError(f"field={field!r} applies to a .json file holding one object, not to .jsonl {str(path)!r}")
     else:
         try:
             with path.open(encoding="utf-8") as fh:
                 data = json.load(fh)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{str(path)!r}: invalid JSON ({err.msg} at line {err.lineno})") from None
+            raise InputError(f"{str(path)!r}: invalid JSON ({err.msg} at line {err.lineno})") from None
         if field is not None:
             if not isinstance(data, dict) or field not in data:
-                raise ValueError(f"{str(path)!r}: no top-level key {field!r} (field=...)")
+                raise InputError(f"{str(path)!r}: no top-level key {field!r} (field=...)")
             data = data[field]
         elif isinstance(data, dict):
             lists = [k for k, v in data.items() if isinstance(v, list)]
-            raise ValueError(
+            raise InputError(
                 f"{str(path)!r} holds one JSON object, not an array of records; pass field=<key> naming the "
                 f"array (keys holding arrays: {lists})"
             )
         if not isinstance(data, list):
-            raise ValueError(f"{str(path)!r}: expected an array of records, got {type(data).__name__}")
+            raise InputError(f"{str(path)!r}: expected an array of records, got {type(data).__name__}")
         records = data
     for i, record in enumerate(records):
         if not isinstance(record, dict):
-            raise ValueError(f"{str(path)!r}: record {i} is a {type(record).__name__}, not a JSON object")
+            raise InputError(f"{str(path)!r}: record {i} is a {type(record).__name__}, not a JSON object")
     return records
 
 
@@ -212,7 +215,7 @@ def _load_hub(
     try:
         dataset = datasets.load_dataset(path, name, **kwargs)
     except Exception as err:  # ConnectionError offline, DatasetNotFoundError, bad split ... all end here
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path!r} is not a local file or directory, and loading it as a Hugging Face hub dataset failed "
             f"({type(err).__name__}: {err}). Offline, download the data first and pass the path of a local "
             ".json / .jsonl / .parquet / .csv file or directory."

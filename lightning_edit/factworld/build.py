@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError
 from .pretrain import ModelSpec, TrainSpec, pretrain_model, recall
 from .tokenizer import train_tokenizer
 from .world import FILES, WorldConfig, build_world
@@ -116,7 +117,7 @@ class FactworldPaths:
 def resolve_preset(preset: str, world: WorldConfig | None = None, model: ModelSpec | None = None,
                    train: TrainSpec | None = None) -> Preset:
     if preset not in PRESETS:
-        raise ValueError(f"unknown factworld preset {preset!r}; choose from {sorted(PRESETS)}")
+        raise InputError(f"unknown factworld preset {preset!r}; choose from {sorted(PRESETS)}")
     p = PRESETS[preset]
     return replace(p, world=world or p.world, model=model or p.model, train=train or p.train)
 

@@ -31,6 +31,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import InputError
 from .world import RELATION_BY_ID, RELATIONS, FactWorld, WorldConfig, build_world
 
 __all__ = ["LONGFORM_FILE", "LONGFORM_SPECS", "LongformSpec", "ensure_longform", "longform_records", "write_longform"]
@@ -179,7 +180,7 @@ def longform_records(world: FactWorld, spec: LongformSpec | None = None) -> list
     """The long-form requests of ``world`` as raw records (see the module docstring)."""
     spec = spec or LongformSpec()
     if spec.n_requests < 1 or spec.min_words < 1 or spec.max_words < spec.min_words or spec.style not in ("biography", "documents"):
-        raise ValueError(f"bad long-form spec {spec}")
+        raise InputError(f"bad long-form spec {spec}")
     rng = random.Random(f"factworld-{world.seed}-longform")
     unedited = [s for s in world.subjects if not any(world.is_edited(s, r.relation_id) for r in RELATIONS)]
     edited = [s for s in world.subjects if s not in set(unedited)]

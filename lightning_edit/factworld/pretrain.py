@@ -26,6 +26,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
 
+from ..errors import InputError
+
 # --------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------
@@ -73,7 +75,7 @@ class ModelSpec:
                 bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
                 tie_word_embeddings=True,
             )
-        raise ValueError(f"unknown arch {self.arch!r} (gpt2 or llama)")
+        raise InputError(f"unknown arch {self.arch!r} (gpt2 or llama)")
 
 
 def build_model(spec: ModelSpec, tokenizer) -> PreTrainedModel:

@@ -34,6 +34,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..errors import InputError
+
 # --------------------------------------------------------------------------------------------
 # Relations: object vocabularies and surface templates
 # --------------------------------------------------------------------------------------------
@@ -437,7 +439,7 @@ class FactWorld:
         self.seed = seed
         self.config = config
         if config.n_edits > config.n_subjects:
-            raise ValueError(f"n_edits ({config.n_edits}) must not exceed n_subjects ({config.n_subjects}): one edit per subject")
+            raise InputError(f"n_edits ({config.n_edits}) must not exceed n_subjects ({config.n_subjects}): one edit per subject")
         rng = random.Random(f"factworld-{seed}-names")
         # Names are invented words that collide with no word the corpus uses otherwise.
         taken = {w.strip(".,?'{}").lower() for text in _vocabulary_texts() for w in text.split()}

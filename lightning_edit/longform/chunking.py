@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lightning_edit.data.requests import RequestError
+from lightning_edit.errors import InputError
 
 __all__ = [
     "ChatTemplateError",
@@ -48,7 +49,7 @@ __all__ = [
 ChunkMode = Literal["window", "sentence"]
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(InputError):
     """A chat template was asked of a tokenizer that has none."""
 
 
@@ -77,19 +78,19 @@ class ChunkingConfig:
     language: str = "en"
 
     def validate(self) -> "ChunkingConfig":
-        """Raise ``ValueError`` naming the bad setting."""
+        """Raise :class:`~lightning_edit.errors.InputError` (a ``ValueError``) naming the bad setting."""
         if self.mode not in ("window", "sentence"):
-            raise ValueError(f"chunking mode must be 'window' or 'sentence', got {self.mode!r}")
+            raise InputError(f"chunking mode must be 'window' or 'sentence', got {self.mode!r}")
         if not isinstance(self.window, int) or self.window <= 0:
-            raise ValueError(f"chunking window must be a positive number of tokens, got {self.window!r}")
+            raise InputError(f"chunking window must be a positive number of tokens, got {self.window!r}")
         if not isinstance(self.overlap, int) or self.overlap < 0:
-            raise ValueError(f"chunking overlap must be >= 0 tokens, got {self.overlap!r}")
+            raise InputError(f"chunking overlap must be >= 0 tokens, got {self.overlap!r}")
         if self.overlap >= self.window:
-            raise ValueError(f"chunking overlap ({self.overlap}) must be smaller than the window ({self.window})")
+            raise InputError(f"chunking overlap ({self.overlap}) must be smaller than the window ({self.window})")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 1:
-            raise ValueError(f"chunking min_tokens must be >= 1, got {self.min_tokens!r}")
+            raise InputError(f"chunking min_tokens must be >= 1, got {self.min_tokens!r}")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise ValueError(f"chunking max_tokens must be >= 1 or None, got {self.max_tokens!r}")
+            raise InputError(f"chunking max_tokens must be >= 1 or None, got {self.max_tokens!r}")
         return self
 
 
@@ -221,7 +222,7 @@ def end_text_for(tokenizer, chat_template: bool = False) -> str:
 
     Raises:
         ChatTemplateError: ``chat_template`` and the tokenizer has none.
-        ValueError: the tokenizer has no EOS token (and no end-of-turn token was found).
+        InputError: (a ``ValueError``) the tokenizer has no EOS token (and no end-of-turn token was found).
     """
     if chat_template:
         _require_chat_template(tokenizer)
@@ -240,7 +241,7 @@ def end_text_for(tokenizer, chat_template: bool = False) -> str:
                 return best[1]
     eos = getattr(tokenizer, "eos_token", None)
     if not eos:
-        raise ValueError(f"the tokenizer {_tokenizer_name(tokenizer)} has no EOS token; pass end_text explicitly ('' for none)")
+        raise InputError(f"the tokenizer {_tokenizer_name(tokenizer)} has no EOS token; pass end_text explicitly ('' for none)")
     return eos
 
 
@@ -387,15 +388,15 @@ def chunk_answer(
         :class:`Chunks`.
 
     Raises:
-        ValueError: bad ``config``, empty answer, a slow tokenizer, or an ``end_text`` that does
+        InputError: (a ``ValueError``) bad ``config``, empty answer, a slow tokenizer, or an ``end_text`` that does
             not tokenize as the last token(s) of the text.
         ChatTemplateError: ``chat_template`` asked of a tokenizer without one.
     """
     cfg = (config or ChunkingConfig()).validate()
     if not isinstance(answer, str) or not answer.strip():
-        raise ValueError("empty answer: nothing to chunk")
+        raise InputError("empty answer: nothing to chunk")
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"a fast (Rust) tokenizer is needed for character offsets, got {_tokenizer_name(tokenizer)}")
+        raise InputError(f"a fast (Rust) tokenizer is needed for character offsets, got {_tokenizer_name(tokenizer)}")
     if end_text is None:
         end_text = end_text_for(tokenizer, chat_template)
     appended = end_text if end_text and not answer.endswith(end_text) else ""
@@ -408,13 +409,13 @@ def chunk_answer(
     offsets = [(int(s), int(e)) for s, e in enc["offset_mapping"]]
     answer_toks = [t for t, (s, e) in enumerate(offsets) if e > s and e > prompt_end]
     if not answer_toks:
-        raise ValueError(f"the answer has no tokens after the prompt in {text[-80:]!r}")
+        raise InputError(f"the answer has no tokens after the prompt in {text[-80:]!r}")
     if answer_toks[0] == 0:
-        raise ValueError("the answer starts the sequence (empty prompt and no BOS): no token predicts its first token")
+        raise InputError("the answer starts the sequence (empty prompt and no BOS): no token predicts its first token")
     if end_text:
         last_s, last_e = offsets[answer_toks[-1]]
         if text[last_s:last_e] != end_text and not text[last_s:last_e].endswith(end_text):
-            raise ValueError(
+            raise InputError(
                 f"the end text {end_text!r} did not tokenize as the text's last token (the tokenizer "
                 f"{_tokenizer_name(tokenizer)} splits it: last token covers {text[last_s:last_e]!r})"
             )

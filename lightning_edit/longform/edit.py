@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..residuals import ResidualBatch, build_chunked_batch
 from .chunking import ChunkingConfig, Chunks, chunk_answer, prompt_and_answer
 from .records import LongFormRequest
@@ -47,14 +48,14 @@ class LongFormConfig:
             self.chunking = ChunkingConfig(**self.chunking)
         self.chunking.validate()
         if self.max_new_tokens < 0:
-            raise ValueError(f"longform.max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise InputError(f"longform.max_new_tokens must be >= 0, got {self.max_new_tokens}")
 
 
 def is_longform(requests: Sequence) -> bool:
     """True when the requests are long-form; a mix of long-form and fact requests is an error."""
     kinds = {isinstance(r, LongFormRequest) for r in requests}
     if len(kinds) > 1:
-        raise ValueError("a batch mixes long-form and single-fact requests; edit them in separate streams")
+        raise InputError("a batch mixes long-form and single-fact requests; edit them in separate streams")
     return kinds == {True}
 
 

@@ -33,6 +33,7 @@ from torchmetrics import Metric
 from torchmetrics.functional.text import rouge_score, sacre_bleu_score
 from torchmetrics.text import SacreBLEUScore
 
+from lightning_edit.errors import InputError
 from lightning_edit.metrics import TokenAccuracy
 
 __all__ = [
@@ -98,7 +99,7 @@ class RougeScores(_Mean):
     def __init__(self, rouge_keys: Sequence[str] = ROUGE_KEYS, **kwargs):
         bad = [k for k in rouge_keys if k not in ("rouge1", "rouge2", "rouge3", "rouge4", "rouge5", "rougeL")]
         if bad:
-            raise ValueError(f"unsupported ROUGE keys {bad} (rougeLsum needs nltk data; use rougeL)")
+            raise InputError(f"unsupported ROUGE keys {bad} (rougeLsum needs nltk data; use rougeL)")
         self.rouge_keys = tuple(rouge_keys)
         super().__init__([f"{k}_{p}" for k in self.rouge_keys for p in _PARTS], **kwargs)
 
@@ -174,7 +175,7 @@ def normalize_text(text: str, mode: Literal["strip", "whitespace", "none"] = "st
         return _WS.sub(" ", text).strip()
     if mode == "strip":
         return text.strip()
-    raise ValueError(f"normalize must be 'strip', 'whitespace' or 'none', got {mode!r}")
+    raise InputError(f"normalize must be 'strip', 'whitespace' or 'none', got {mode!r}")
 
 
 class ExactReproduction(_Mean):

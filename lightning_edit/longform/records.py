@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_edit.data.requests import RequestError
+from lightning_edit.errors import InputError
 
 __all__ = [
     "LONGFORM_FORMATS",
@@ -234,7 +235,7 @@ def iter_longform_requests(records: Iterable[Any], fmt: str = "auto", start_inde
         RequestError: the first record that cannot be edited, or a ``case_id`` used twice.
     """
     if fmt != "auto" and fmt not in LONGFORM_FORMATS:
-        raise ValueError(f"unknown long-form format {fmt!r}; expected 'auto' or one of {list(LONGFORM_FORMATS)}")
+        raise InputError(f"unknown long-form format {fmt!r}; expected 'auto' or one of {list(LONGFORM_FORMATS)}")
     seen: dict[str, int] = {}
     for offset, record in enumerate(records):
         index = start_index + offset
