@@ -8,7 +8,7 @@ Each metric has a ``total`` state (the number of items averaged over: prompts, t
 texts, ...); ``compute`` returns ``nan`` while ``total`` is 0. Inputs may live on any device;
 they are moved to the metric's device.
 
-Metrics (see METHODS.md section 5):
+Metrics (definitions: docs/design.md, "Metrics"):
 
 - :class:`RewriteSuccess`: share with ``nll_true > nll_new`` (CounterFact efficacy on the
   rewrite prompt, generalization on paraphrases).

@@ -37,12 +37,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import InputError
+
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-class PeftExportError(ValueError):
+class PeftExportError(InputError):
     """The edits cannot be written as the requested PEFT adapter; the message says why."""
 
 

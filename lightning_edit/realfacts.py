@@ -4,9 +4,10 @@ cities with their countries; ``babel``: English names of languages and currencie
 
 Pipeline (deterministic for a seed):
 
-1. :func:`candidate_facts`: ``(relation, subject, true object)`` triples for five relations
-   (country -> capital, city -> country, country -> official language, country -> currency,
-   country -> continent), each relation with four phrasings.
+1. :func:`candidate_facts`: ``(relation, subject, true object)`` triples for eight relations
+   (country -> capital, capital -> country, city -> country, country -> official language,
+   country -> currency, country -> continent, city -> continent, US city -> state; a city is the
+   subject of one relation only), each relation with four phrasings.
 2. :func:`known_facts`: keep only what the model knows: the true object must be the most
    likely of *all* the relation's objects after the prompt (full-sequence likelihood, not the
    greedy next token: an instruct model's greedy token is often " the"). Exact without scoring

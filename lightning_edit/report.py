@@ -24,6 +24,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from .errors import MissingFileError
 from .module import EditModule
 from .resources import resolve
 
@@ -35,8 +36,18 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _input_file(spec: str, what: str) -> str:
+    """``spec`` (a path or a built-in resource name) resolved to a file that exists, or a clear error."""
+    path = resolve(spec)
+    if not Path(path).is_file():
+        raise MissingFileError(f"{what} {spec!r}: no such file ({Path(path).resolve()})")
+    return path
+
+
 class EditReport(L.Callback):
-    """The end-of-stream report: retention, first-batch efficacy, fluency / consistency,
+    """The end-of-stream report: retention, perplexity, fluency and before / after generations.
+
+    It measures retention, first-batch efficacy, fluency / consistency,
     perplexity before and after, before / after generations; ``summary.json``, ``summary.md``,
     ``summary.png`` in the run's log directory and the same in TensorBoard (the run's ``edits``
     sub-run: text, image, hparams with the final metrics)."""
@@ -92,7 +103,7 @@ class EditReport(L.Callback):
     def _probe_pairs(self) -> tuple[list[str], list[str]]:
         if not self.probes_spec:
             return [], []
-        facts = [f for f in _read_jsonl(resolve(self.probes_spec)) if f.get("edit_case_id") is None]
+        facts = [f for f in _read_jsonl(_input_file(self.probes_spec, "report.probes")) if f.get("edit_case_id") is None]
         rng = random.Random(self.seed)
         facts = rng.sample(facts, min(self.n_probes, len(facts)))
         return [f["prompt"] for f in facts], [f.get("object", f.get("answer")) for f in facts]
@@ -100,7 +111,7 @@ class EditReport(L.Callback):
     def _ppl_texts(self) -> list[str]:
         if not self.ppl_spec:
             return []
-        path = resolve(self.ppl_spec)
+        path = _input_file(self.ppl_spec, "report.perplexity_corpus")
         texts = [r["text"] for r in _read_jsonl(path)] if path.endswith(".jsonl") else Path(path).read_text().splitlines()
         return [t for t in texts if t.strip()][-self.n_ppl:]
 
@@ -135,6 +146,8 @@ class EditReport(L.Callback):
     def on_fit_start(self, trainer, pl_module: EditModule) -> None:
         # restored from a checkpoint on resume: never re-measured on an edited model
         self._module = pl_module
+        if self.refs_spec:  # read at the end of the stream: a missing file fails now, before any edit
+            _input_file(self.refs_spec, "report.references")
         if self.baseline is None:
             self.baseline = self.fingerprint(pl_module)
             self.ppl_before = self.perplexity(pl_module)
@@ -205,7 +218,7 @@ class EditReport(L.Callback):
         if self.n_generation and edited:
             rng = random.Random(self.seed)
             sample = rng.sample(edited, min(self.n_generation, len(edited)))
-            refs = json.loads(Path(resolve(self.refs_spec)).read_text()) if self.refs_spec else None
+            refs = json.loads(Path(_input_file(self.refs_spec, "report.references")).read_text()) if self.refs_spec else None
             by_case = {r.case_id: refs.get(r.target_new.strip(), []) for r in sample} if refs else None
             corpus = [t for texts in refs.values() for t in texts] if refs else None
             gen = evaluate_generation(pl_module.lm, pl_module.tokenizer, sample, references=by_case, vectorizer=corpus,

@@ -293,3 +293,14 @@ def test_every_project_option_has_help_text():
         p.add_class_arguments(cls, prefix)
         assert len([a for a in p._actions if a.option_strings]) > 3
         assert _undocumented(p, (prefix + ".",)) == [], cls.__name__
+
+
+@pytest.mark.parametrize("option", ["probes", "references"])
+def test_missing_report_file_is_named_before_any_edit(raw_model_dir, work, option):
+    """report.references is read at the end of the stream: a missing one still fails at the start."""
+    out = work / f"report_{option}"
+    args = [*_fit_args(raw_model_dir, work, str(work / "good.json"), corpus=str(work / "corpus.jsonl"), run=out.name),
+            f"--report.{option}={work / 'missing.jsonl'}"]
+    with pytest.raises(MissingFileError, match=f"report.{option}.*missing.jsonl"):
+        main(args)
+    assert not any(out.glob("ckpt/*.safetensors"))  # nothing written

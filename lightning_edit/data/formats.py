@@ -1,6 +1,6 @@
 """Raw benchmark records -> validated :class:`EditRequest` s.
 
-Three record shapes are read (see ``docs/METHODS.md`` section 4):
+Three record shapes are read:
 
 ``counterfact``
     MEMIT's nested CounterFact: ``case_id``, ``requested_rewrite{prompt (with "{}"), subject,

@@ -2,7 +2,7 @@
 
 A long-form request is a question and a free-form answer (a paragraph, a derivation, code, a
 poem) that the edited model should produce when asked the question. Four record shapes are read
-(see ``docs/METHODS.md`` sections 3-4 of the shared docs):
+(the benchmarks' formats):
 
 ``unkebench``
     UnKEBench: ``id, question, para_question, answer, sub_question[], sub_answer[]``.
