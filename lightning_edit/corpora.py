@@ -95,6 +95,70 @@ def pydoc_texts(min_chars: int = 200) -> list[dict]:
     return out
 
 
+# docstrings that are no prose: code, doctest, signatures, markup, option tables
+_NOT_PROSE = re.compile(r">>>|::=|\+---|^\s*def |[{}=<>|@$]|\w\(|\)\.|__|\.\.\s|`|^\s*[-*:]\s", re.M)
+# never read: the statistics corpus (pydoc_data), tests, IDLE, demos, encodings, installed packages
+_SKIP_DIRS = {"test", "tests", "idlelib", "pydoc_data", "site-packages", "dist-packages", "lib2to3", "turtledemo",
+              "encodings", "ensurepip", "__phello__", "__pycache__"}
+
+
+def _sentences(text: str, min_chars: int = 40) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?])\s+", text) if len(s) >= min_chars]
+
+
+def docstring_texts(n_texts: int, exclude: Sequence[str] = (), min_chars: int = 200, per_file: int = 2,
+                    seed: int = 0) -> list[dict]:
+    """``n_texts`` paragraphs of English prose from the docstrings of the standard library's own
+    source files (``<stdlib>/*.py`` and one package level down, read with :mod:`ast`, nothing
+    imported), for the report's next-word accuracy: held-out natural text that every CPython
+    ships and that no statistics corpus here reads.
+
+    * Never from ``pydoc_data`` (the ``corpus:pydoc`` source; the report's perplexity texts);
+      a paragraph sharing any sentence of 40+ characters with that corpus is dropped too.
+    * Prose only: paragraphs of at least ``min_chars`` characters that start upper-case and hold
+      no code, doctest, signature or markup characters.
+    * ``exclude``: a paragraph naming any of these strings (whole words; the edit stream's
+      subjects and targets) is dropped, so the check never reads the edited facts.
+    * At most ``per_file`` paragraphs per source file, files in a seeded order (``seed``):
+      deterministic for a Python version. ``{"text", "source": "stdlib:<path>"}``."""
+    import ast
+    import sysconfig
+
+    if n_texts <= 0:
+        return []
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in [*root.glob("*.py"), *root.glob("*/*.py")]
+                   if not _SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
+    _stable_rng("docstrings", seed).shuffle(files)
+    from pydoc_data.topics import topics
+
+    held = set()  # every sentence of the pydoc corpus's source, whitespace as the paragraphs below join it
+    for raw in topics.values():
+        held.update(_sentences(" ".join(raw.split())))
+    out: list[dict] = []
+    seen: set[str] = set()
+    for path in files:
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        found = []
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for para in re.split(r"\n\s*\n", ast.get_docstring(node) or ""):
+                text = " ".join(para.split())
+                if len(text) >= min_chars and text[0].isupper() and not _NOT_PROSE.search(para) and text not in seen \
+                        and not any(s in held for s in _sentences(text)):
+                    seen.add(text)
+                    found.append({"text": text, "source": f"stdlib:{path.relative_to(root).as_posix()}"})
+        found, _ = drop_mentions(found, [e.strip() for e in exclude if e and e.strip()])
+        out.extend(found[:per_file])
+        if len(out) >= n_texts:
+            break
+    return out[:n_texts]
+
+
 def sample_texts(directory: str | Path, min_chars: int = 200) -> list[dict]:
     """Long-form texts of benchmark sample files: the ``answer`` / ``text`` fields (EditEverything,
     UnKEBench) of at least ``min_chars`` characters (never AKEW's ``fact_new_uns``: counterfactual)."""

@@ -53,6 +53,9 @@ __all__ = [
     "evaluate_requests",
     "evaluate_generation",
     "locality_probes",
+    "OUTCOME_KEYS",
+    "request_outcomes",
+    "outcome_metrics",
 ]
 
 COUNTERFACT_KEYS = ("edit/efficacy", "edit/generalization", "edit/specificity", "edit/margin")
@@ -171,6 +174,52 @@ def evaluate_requests(model: nn.Module, tokenizer, requests: Sequence[EditReques
     metrics = make_edit_metrics("all" if len(families) > 1 else next(iter(families)))
     update_edit_metrics(metrics, model, tokenizer, requests, batch_size=batch_size, progress=progress)
     return {k: float(m.compute()) for k, m in metrics.items() if _has_data(m)}
+
+
+OUTCOME_KEYS = ("edit/efficacy", "edit/generalization", "edit/specificity")
+
+
+def request_outcomes(model: nn.Module, tokenizer, requests: Sequence[EditRequest], batch_size: int = 64, progress: bool = False,
+                     desc: str = "evaluation") -> torch.Tensor:
+    """Per-request counts behind :data:`OUTCOME_KEYS`, from one batched scoring pass:
+    ``(n, 6)`` float64 rows ``[efficacy hits, efficacy prompts, generalization hits, paraphrase
+    prompts, specificity hits, neighbourhood prompts]`` with the comparisons of
+    :func:`update_edit_metrics`. The report keeps these of the unedited model, so the
+    "pre-edited" values of any prefix of the stream are sums (:func:`outcome_metrics`) and never
+    need the unedited model again. ZsRE requests give zero rows. ``progress``: a bar (``desc``)."""
+    pairs = _Pairs()
+    cols: list[tuple[int, int, int, int]] = []  # (request, hits column, new-target pair, true-answer pair)
+    for i, req in enumerate(requests):
+        if req.family != "counterfact":
+            continue
+        rewrite = req.rendered_prompt
+        if req.target_true is not None:
+            cols.append((i, 0, pairs.add(rewrite, req.target_new), pairs.add(rewrite, req.target_true)))
+            for p in req.paraphrase_prompts:
+                cols.append((i, 2, pairs.add(p, req.target_new), pairs.add(p, req.target_true)))
+        for p, answer in req.locality:
+            cols.append((i, 4, pairs.add(p, req.target_new), pairs.add(p, answer)))
+    out = torch.zeros(len(requests), 6, dtype=torch.float64)
+    if not pairs.prompts:
+        return out
+    from lightning_edit.progress import progress_bar
+
+    n_batches = -(-len(pairs.prompts) // max(1, batch_size))
+    with progress_bar(f"{desc} ({len(requests)} requests)", n_batches, "batch", enabled=progress) as bar:
+        nll = target_scores(model, tokenizer, pairs.prompts, pairs.targets, batch_size=batch_size, on_batch=bar.update).nll
+    for i, c, new, true in cols:
+        # efficacy / generalization: the new target wins (NLL(true) > NLL(new)); specificity: the true answer does
+        hit = nll[true] < nll[new] if c == 4 else nll[true] > nll[new]
+        out[i, c] += float(hit)
+        out[i, c + 1] += 1
+    return out
+
+
+def outcome_metrics(rows: torch.Tensor) -> dict[str, float]:
+    """:data:`OUTCOME_KEYS` from summed :func:`request_outcomes` rows ``(n, 6)`` (e.g. of the
+    requests edited so far); a key without prompts is left out."""
+    tot = rows.sum(0) if rows.numel() else torch.zeros(6, dtype=torch.float64)
+    return {k: float(tot[2 * j] / tot[2 * j + 1]) for j, k in enumerate(OUTCOME_KEYS) if tot[2 * j + 1] > 0}
 
 
 def locality_probes(requests: Sequence[EditRequest]) -> tuple[list[str], list[str]]:

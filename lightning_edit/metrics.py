@@ -16,6 +16,10 @@ Metrics (definitions: docs/design.md, "Metrics"):
 - :class:`ProbabilityMargin`: mean of ``exp(-nll_new) - exp(-nll_true)``.
 - :class:`TokenAccuracy`: teacher-forced top-1 token accuracy (ZsRE).
 - :class:`Retention`: share of probes whose answer did not change.
+- :class:`KnownShare`: share of probes still known (their true object the most likely of the
+  relation's objects; the report's ``retention_known``).
+- :class:`LogProbDrop`: mean drop of a log-probability, before minus after (the report's
+  ``probe_logprob_drop``).
 - :class:`NgramEntropy`: ROME/MEMIT fluency, weighted bigram/trigram entropy.
 - :class:`TfidfConsistency`: ROME/MEMIT consistency, TF-IDF cosine to reference texts
   (with the small :class:`TfidfVectorizer` implemented here).
@@ -42,6 +46,8 @@ __all__ = [
     "ProbabilityMargin",
     "TokenAccuracy",
     "Retention",
+    "KnownShare",
+    "LogProbDrop",
     "NgramEntropy",
     "TfidfConsistency",
     "TfidfVectorizer",
@@ -167,6 +173,31 @@ class Retention(_SumMetric):
         same = after.to(self.value.device) == before.to(self.value.device)
         same = same.reshape(same.shape[0], -1).all(dim=1) if same.dim() > 1 else same
         self._add(same.sum(), same.numel())
+
+
+class KnownShare(_SumMetric):
+    """Share of probes that are known: ``update(known)``, a BoolTensor with one entry per probe
+    (e.g. from :func:`lightning_edit.realfacts.known_facts`: the true object is the most likely
+    of its relation's objects)."""
+
+    def update(self, known: Tensor) -> None:
+        known = torch.as_tensor(known).detach().reshape(-1).to(self.value.device)
+        self._add(known.sum(), known.numel())
+
+
+class LogProbDrop(_SumMetric):
+    """Mean of ``logp_before - logp_after`` (nats; positive = the answers became less likely).
+
+    ``update(logp_before, logp_after)``: per-probe log-probabilities of the same answers, shape
+    ``(n,)`` each (e.g. the sum of the answer's token log-probabilities)."""
+
+    higher_is_better = False
+
+    def update(self, logp_before: Tensor, logp_after: Tensor) -> None:
+        before, after = _as_1d(logp_before, self.value.device), _as_1d(logp_after, self.value.device)
+        if before.shape != after.shape:
+            raise ValueError(f"logp_before {tuple(before.shape)} and logp_after {tuple(after.shape)} differ in shape")
+        self._add((before - after).sum(), before.numel())
 
 
 # ---------------------------------------------------------------- fluency

@@ -5,12 +5,22 @@
 
 * ``retention``: share of never-edited facts whose answer fingerprint (teacher-forced top-1
   tokens, :func:`~lightning_edit.scoring.top1_tokens`) is unchanged from the unedited model;
+* ``retention_known``: share of those facts still *known* by the criterion that selected the
+  real-facts probes (:func:`~lightning_edit.realfacts.known_facts`: the true object is the most
+  likely of its relation's objects), with ``retention_known_unedited``, the unedited model's;
+* ``probe_logprob_drop``: mean drop of the true object's log-probability on those facts (nats);
+* ``efficacy_unedited`` / ``generalization_unedited`` / ``specificity_unedited``: the unedited
+  model's values on the same prompts (the papers' "pre-edited" row), measured once at fit start;
 * ``first_batch_efficacy``: efficacy of the first batch's edits, measured at the end;
 * ``fluency`` / ``consistency``: n-gram entropy and TF-IDF consistency of generations;
 * ``perplexity_before`` / ``perplexity_after`` on held-out corpus text;
+* ``next_word_accuracy_before`` / ``_after``: top-1 next-word accuracy on held-out prose from the
+  standard library's docstrings (:func:`~lightning_edit.corpora.docstring_texts`);
 
-logs retention as a curve against edits applied, and writes ``summary.json``, ``summary.md``
-and ``summary.png`` into the run's log directory, printing the table at the end.
+logs the probe metrics and the unedited values as curves against edits applied, and writes
+``summary.json``, ``summary.md`` and ``summary.png`` into the run's log directory, printing the
+table at the end. Everything measured on the unedited model is kept in the callback's
+checkpoint state, so a resumed run never measures it on an edited model.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import torch
 
 from .errors import MissingFileError
 from .module import EditModule
+from .progress import progress_bar
 from .resources import resolve
 
 SUMMARY_KEYS = ("method", "num_edits", "efficacy", "generalization", "specificity", "retention", "first_batch_efficacy")
@@ -47,20 +58,24 @@ def _input_file(spec: str, what: str) -> str:
 class EditReport(L.Callback):
     """The end-of-stream report: retention, perplexity, fluency and before / after generations.
 
-    It measures retention, first-batch efficacy, fluency / consistency,
-    perplexity before and after, before / after generations; ``summary.json``, ``summary.md``,
+    It measures retention (strict and ``retention_known``), the probes' log-probability drop,
+    the unedited model's edit metrics, first-batch efficacy, fluency / consistency, perplexity and
+    next-word accuracy before and after, before / after generations; ``summary.json``, ``summary.md``,
     ``summary.png`` in the run's log directory and the same in TensorBoard (the run's ``edits``
     sub-run: text, image, hparams with the final metrics)."""
 
     def __init__(self, probes: str | None = None, n_probes: int = 1000, perplexity_corpus: str | None = None,
                  n_perplexity: int = 200, references: str | None = None, n_generation: int = 50,
                  max_new_tokens: int = 30, seed: int = 0, n_examples: int = 3, example_tokens: int = 12,
-                 single_anchor_baseline: bool = True, n_text_samples: int = 3):
+                 single_anchor_baseline: bool = True, n_text_samples: int = 3, unedited_metrics: bool = True,
+                 next_word_texts: int = 40):
         """What the report measures (each ``--report.*`` option).
 
         Args:
-            probes: JSONL of facts ``{prompt, object|answer[, edit_case_id]}`` for retention (e.g.
-                ``factworld:default/facts``); only facts that are never edited are used (null = no retention).
+            probes: JSONL of facts ``{prompt, object|answer[, edit_case_id, relation_id, subject]}`` for
+                retention (e.g. ``realfacts:smollm2:135m-instruct/probes``, ``factworld:default/facts``);
+                only facts that are never edited are used. Facts with a ``relation_id`` also give
+                ``retention_known`` (null = no probe metrics).
             n_probes: how many probe facts to sample for retention (fixed seed).
             perplexity_corpus: JSONL/text corpus (field ``text``) for perplexity before and after
                 editing; its last ``n_perplexity`` texts are used (null = no perplexity).
@@ -80,14 +95,30 @@ class EditReport(L.Callback):
                 ``single_anchor_rouge_l`` beside AnyEdit's.
             n_text_samples: long-form streams: requests whose question, target and generations
                 before / after go to TensorBoard and ``summary.md``.
+            unedited_metrics: measure efficacy, generalization and specificity of the unedited
+                model on every request of the stream at fit start (one batched pass; the papers'
+                "pre-edited" row), reported beside the edited values as ``*_unedited``.
+            next_word_texts: held-out paragraphs of the standard library's docstrings (none naming
+                an edited subject or target; never the ``corpus:pydoc`` texts) on which top-1
+                next-word accuracy is measured before and after editing (0 = off).
         """
         self.probes_spec, self.n_probes = probes, n_probes
         self.ppl_spec, self.n_ppl = perplexity_corpus, n_perplexity
         self.refs_spec, self.n_generation, self.max_new_tokens, self.seed = references, n_generation, max_new_tokens, seed
         self.single_anchor_baseline, self.n_text_samples = single_anchor_baseline, n_text_samples
+        self.unedited_metrics, self.n_next_word = unedited_metrics, next_word_texts
         self.text_before: list[dict] = []
-        self.baseline: torch.Tensor | None = None
+        # measured once, on the unedited model, at the first fit start (then restored from checkpoints)
+        self.unedited_measured = False
+        self.baseline: torch.Tensor | None = None  # (n_probes, max_answer_tokens) answer fingerprint
+        self.probe_logp: torch.Tensor | None = None  # (n_probes,) log-probability of each probe's true object
+        self.known_unedited: float | None = None  # share of the probes the unedited model knows
+        self.unedited_rows: torch.Tensor | None = None  # (n_requests, 6) request_outcomes of the stream
+        self.next_word_texts: list[str] = []
+        self.next_word_before: float | None = None
         self.ppl_before: float | None = None
+        self._probe_rows: list[dict] | None = None
+        self._probe_cache: tuple[int, dict] | None = None  # (num_edits, measurement): the model is unchanged between
         self._module: EditModule | None = None
         self.summary: dict = {}
         self.n_examples, self.example_tokens = n_examples, example_tokens
@@ -100,13 +131,43 @@ class EditReport(L.Callback):
         return self._elapsed_before + (time.time() - self._t0)
 
     # ---- inputs --------------------------------------------------------------------------
-    def _probe_pairs(self) -> tuple[list[str], list[str]]:
+    def _probes(self) -> list[dict]:
+        """The sampled never-edited probe facts ``{prompt, object|answer[, relation_id, subject]}``."""
         if not self.probes_spec:
-            return [], []
-        facts = [f for f in _read_jsonl(_input_file(self.probes_spec, "report.probes")) if f.get("edit_case_id") is None]
-        rng = random.Random(self.seed)
-        facts = rng.sample(facts, min(self.n_probes, len(facts)))
-        return [f["prompt"] for f in facts], [f.get("object", f.get("answer")) for f in facts]
+            return []
+        if self._probe_rows is None:
+            facts = [f for f in _read_jsonl(_input_file(self.probes_spec, "report.probes")) if f.get("edit_case_id") is None]
+            rng = random.Random(self.seed)
+            self._probe_rows = rng.sample(facts, min(self.n_probes, len(facts)))
+        return self._probe_rows
+
+    def _probe_pairs(self) -> tuple[list[str], list[str]]:
+        facts = self._probes()
+        return [f["prompt"] for f in facts], [_answer(f) for f in facts]
+
+    def relation_objects(self) -> dict[str, list[str]]:
+        """Each relation's objects, the candidates of ``retention_known``: those of the
+        ``known.json`` beside the probes file (a real-facts set: every candidate fact the
+        known-fact filter ranked against, so the probes are re-ranked exactly as they were
+        selected), then those of every row of the probes file (edited ones included)."""
+        path = Path(_input_file(self.probes_spec, "report.probes"))
+        objects: dict[str, list[str]] = {}
+
+        def add(rid, obj):
+            if rid is not None and obj is not None and obj not in objects.setdefault(rid, []):
+                objects[rid].append(obj)
+
+        known = path.parent / "known.json"
+        if known.is_file():
+            try:
+                detail = json.loads(known.read_text()).get("facts_detail", [])
+            except (OSError, json.JSONDecodeError, AttributeError):
+                detail = []
+            for d in detail:
+                add(d.get("relation_id"), d.get("object"))
+        for f in _read_jsonl(str(path)):
+            add(f.get("relation_id"), _answer(f))
+        return objects
 
     def _ppl_texts(self) -> list[str]:
         if not self.ppl_spec:
@@ -117,17 +178,85 @@ class EditReport(L.Callback):
 
     # ---- measurements ----------------------------------------------------------------------
     @torch.no_grad()
-    def fingerprint(self, module: EditModule) -> torch.Tensor | None:
-        from .scoring import top1_tokens
+    def measure_probes(self, module: EditModule) -> dict | None:
+        """The probes on the model as it is now: ``fingerprint`` ``(n, max_answer_tokens)``
+        (:func:`~lightning_edit.scoring.top1_tokens`), ``logp`` ``(n,)`` (float64; the sum of the
+        true object's token log-probabilities) and, for the probes that name their
+        ``relation_id``, ``known`` ``(m,)`` bool (:func:`~lightning_edit.realfacts.known_facts`
+        over :meth:`relation_objects`, each probe on its own prompt). Measured once per number
+        of edits applied (the model only changes when a batch lands)."""
+        from .realfacts import known_facts
+        from .scoring import pad_rows, target_scores
 
+        facts = self._probes()
+        if not facts:
+            return None
+        if self._probe_cache is not None and self._probe_cache[0] == module.num_edits:
+            return self._probe_cache[1]
         prompts, answers = self._probe_pairs()
-        return top1_tokens(module.lm, module.tokenizer, prompts, answers, module.eval_batch_size) if prompts else None
+        ts = target_scores(module.lm, module.tokenizer, prompts, answers, module.eval_batch_size)
+        out = {"fingerprint": pad_rows(ts.pred_tokens), "logp": torch.stack([lp.double().sum() for lp in ts.token_logprobs])}
+        ranked = [f for f in facts if f.get("relation_id") is not None]
+        if ranked:
+            res = known_facts(module.lm, module.tokenizer, [(f["relation_id"], f.get("subject", ""), _answer(f)) for f in ranked],
+                              objects=self.relation_objects(), templates=[f["prompt"] for f in ranked],
+                              batch_size=module.eval_batch_size, progress=module._show_progress())
+            out["known"] = torch.tensor([r.known for r in res])
+        self._probe_cache = (module.num_edits, out)
+        return out
+
+    def fingerprint(self, module: EditModule) -> torch.Tensor | None:
+        now = self.measure_probes(module)
+        return None if now is None else now["fingerprint"]
+
+    def probe_metrics(self, module: EditModule) -> dict[str, float]:
+        """``retention``, ``retention_known`` and ``probe_logprob_drop`` of the model as it is now
+        (each only where the probes and the unedited measurement allow)."""
+        from .metrics import KnownShare, LogProbDrop, Retention
+
+        if self.baseline is None:
+            return {}
+        now = self.measure_probes(module)
+        out: dict[str, float] = {}
+        ret = Retention()
+        ret.update(now["fingerprint"], self.baseline)
+        out["retention"] = float(ret.compute())
+        if "known" in now:
+            known = KnownShare()
+            known.update(now["known"])
+            out["retention_known"] = float(known.compute())
+        if self.probe_logp is not None:
+            drop = LogProbDrop()
+            drop.update(self.probe_logp, now["logp"])
+            out["probe_logprob_drop"] = float(drop.compute())
+        return out
 
     def retention(self, module: EditModule) -> float | None:
-        if self.baseline is None:
+        return self.probe_metrics(module).get("retention")
+
+    def unedited_at(self, num_edits: int) -> dict[str, float]:
+        """The unedited model's efficacy, generalization and specificity on the first
+        ``num_edits`` requests of the stream (``{"efficacy_unedited": ...}``), from the counts
+        measured at fit start."""
+        from .evaluate import outcome_metrics
+
+        if self.unedited_rows is None:
+            return {}
+        return {f"{k.split('/', 1)[1]}_unedited": v for k, v in outcome_metrics(self.unedited_rows[:num_edits]).items()}
+
+    @torch.no_grad()
+    def next_word_accuracy(self, module: EditModule) -> float | None:
+        """Top-1 next-word accuracy of the model on :attr:`next_word_texts` (None without texts)."""
+        from .metrics import TokenAccuracy
+        from .scoring import next_word_hits
+
+        if not self.next_word_texts:
             return None
-        now = self.fingerprint(module)
-        return float((now == self.baseline).all(dim=1).float().mean())
+        acc = TokenAccuracy(average="token")
+        n = len(self.next_word_texts)
+        with progress_bar(f"next-word accuracy ({n} texts)", -(-n // 16), "batch", enabled=module._show_progress()) as bar:
+            acc.update(next_word_hits(module.lm, module.tokenizer, self.next_word_texts, batch_size=16, on_batch=bar.update))
+        return float(acc.compute())
 
     @torch.no_grad()
     def perplexity(self, module: EditModule) -> float | None:
@@ -146,30 +275,62 @@ class EditReport(L.Callback):
     def on_fit_start(self, trainer, pl_module: EditModule) -> None:
         # restored from a checkpoint on resume: never re-measured on an edited model
         self._module = pl_module
+        self._probe_cache = None
         if self.refs_spec:  # read at the end of the stream: a missing file fails now, before any edit
             _input_file(self.refs_spec, "report.references")
-        if self.baseline is None:
-            self.baseline = self.fingerprint(pl_module)
-            self.ppl_before = self.perplexity(pl_module)
-            dm = getattr(trainer, "datamodule", None)
-            reqs = list(getattr(dm, "requests", []) or [])
-            if reqs and _is_longform(reqs):
-                _, texts = pl_module.evaluate_longform(reqs[: self.n_text_samples], return_texts=True)
-                self.text_before = [{"question": t["question"], "target": t["target"], "before": t["generation"]} for t in texts]
-            elif self.n_examples and reqs:
-                reqs = reqs[: self.n_examples]
-                before = self.continuations(pl_module, [r.rendered_prompt for r in reqs])
-                self.examples = [{"prompt": r.rendered_prompt, "target_true": r.target_true, "target_new": r.target_new, "before": b}
-                                 for r, b in zip(reqs, before)]
+        if not self.unedited_measured and pl_module.num_edits > 0:
+            # a checkpoint without this callback's state: the model is edited, nothing "before" can be measured
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"report: resuming after {pl_module.num_edits} edits without the report's saved state; the "
+                           "unedited model's measurements (retention baseline, *_unedited, *_before) are left out")
+            self.unedited_measured = True
+        if not self.unedited_measured:
+            self.measure_unedited(trainer, pl_module)
         self._t0 = time.time()
+
+    def measure_unedited(self, trainer, pl_module: EditModule) -> None:
+        """Everything the report compares against, on the unedited model (at the first fit start)."""
+        self.unedited_measured = True
+        dm = getattr(trainer, "datamodule", None)
+        reqs = list(getattr(dm, "requests", []) or [])
+        probes = self.measure_probes(pl_module)
+        if probes is not None:
+            self.baseline, self.probe_logp = probes["fingerprint"], probes["logp"]
+            if "known" in probes:
+                self.known_unedited = float(probes["known"].float().mean())
+        self.ppl_before = self.perplexity(pl_module)
+        if self.unedited_metrics and reqs and not _is_longform(reqs):
+            from .evaluate import request_outcomes
+
+            self.unedited_rows = request_outcomes(pl_module.lm, pl_module.tokenizer, reqs, batch_size=pl_module.eval_batch_size,
+                                                  progress=pl_module._show_progress(), desc="unedited model: evaluation")
+        if self.n_next_word > 0:
+            from .corpora import docstring_texts
+
+            # never a text that names an edited subject or target
+            terms = {t for r in reqs for t in (getattr(r, "subject", None), getattr(r, "target_new", None),
+                                                 getattr(r, "target_true", None)) if isinstance(t, str)}
+            self.next_word_texts = [t["text"] for t in docstring_texts(self.n_next_word, exclude=sorted(terms), seed=self.seed)]
+            self.next_word_before = self.next_word_accuracy(pl_module)
+        if reqs and _is_longform(reqs):
+            _, texts = pl_module.evaluate_longform(reqs[: self.n_text_samples], return_texts=True)
+            self.text_before = [{"question": t["question"], "target": t["target"], "before": t["generation"]} for t in texts]
+        elif self.n_examples and reqs:
+            reqs = reqs[: self.n_examples]
+            before = self.continuations(pl_module, [r.rendered_prompt for r in reqs])
+            self.examples = [{"prompt": r.rendered_prompt, "target_true": r.target_true, "target_new": r.target_new, "before": b}
+                             for r, b in zip(reqs, before)]
 
     def on_train_batch_end(self, trainer, pl_module: EditModule, outputs, batch, batch_idx) -> None:
         every = pl_module.eval_every
-        if every and (batch.index + 1) % every == 0 and self.baseline is not None:
-            r = self.retention(pl_module)
-            # into the edit ledger's evaluation history (the row of this stream position)
-            pl_module.ledger.add_eval(pl_module.num_edits, {"edit/retention": r})
-            pl_module.log_edit_metrics({"edit/retention": r})
+        if every and (batch.index + 1) % every == 0:
+            m = {**self.probe_metrics(pl_module), **self.unedited_at(pl_module.num_edits)}
+            if m:
+                m = {f"edit/{k}": v for k, v in m.items()}
+                # into the edit ledger's evaluation history (the row of this stream position)
+                pl_module.ledger.add_eval(pl_module.num_edits, m)
+                pl_module.log_edit_metrics(m)
 
     @property
     def history(self) -> list[dict]:
@@ -181,11 +342,22 @@ class EditReport(L.Callback):
         # the curves live in the module's edit ledger (checkpointed with it); here only what the
         # report measured on the unedited model, the stream time so far and the example texts
         return {"baseline": self.baseline, "ppl_before": self.ppl_before, "elapsed_s": self.elapsed(),
-                "text_before": json.dumps(self.text_before), "examples": json.dumps(self.examples)}
+                "text_before": json.dumps(self.text_before), "examples": json.dumps(self.examples),
+                "unedited_measured": self.unedited_measured, "probe_logp": self.probe_logp, "known_unedited": self.known_unedited,
+                "unedited_rows": self.unedited_rows, "next_word_texts": json.dumps(self.next_word_texts),
+                "next_word_before": self.next_word_before}
 
     def load_state_dict(self, state: dict) -> None:
+        # a saved state comes from a run that started on the unedited model: whatever it did not
+        # measure then stays unmeasured (older checkpoints lack the newer keys)
+        self.unedited_measured = True
         self.baseline = state.get("baseline")
         self.ppl_before = state.get("ppl_before")
+        self.probe_logp = state.get("probe_logp")
+        self.known_unedited = state.get("known_unedited")
+        self.unedited_rows = state.get("unedited_rows")
+        self.next_word_texts = json.loads(state.get("next_word_texts", "[]"))
+        self.next_word_before = state.get("next_word_before")
         self._elapsed_before = float(state.get("elapsed_s", 0.0))
         self.text_before = json.loads(state.get("text_before", "[]"))
         self.examples = json.loads(state.get("examples", "[]"))
@@ -205,16 +377,17 @@ class EditReport(L.Callback):
             return self._longform_end(trainer, pl_module, edited, first)
         final = dict(pl_module.last_eval) if getattr(pl_module, "last_eval", None) else pl_module.evaluate(edited)
         s: dict = {"method": getattr(trainer, "_edit_method", None) or _method_name(trainer), "num_edits": pl_module.num_edits}
+        unedited = self.unedited_at(pl_module.num_edits)
         for key in ("efficacy", "generalization", "specificity", "margin"):
             if f"edit/{key}" in final:
                 s[key] = final[f"edit/{key}"]
+                s[f"{key}_unedited"] = unedited.get(f"{key}_unedited")  # beside the edited value
         for key in ("rewrite", "paraphrase", "locality"):
             if f"zsre/{key}" in final:
                 s[f"zsre_{key}"] = final[f"zsre/{key}"]
         fb = pl_module.evaluate(first)
         s["first_batch_efficacy"] = fb.get("edit/efficacy", fb.get("zsre/rewrite"))
-        s["retention"] = self.retention(pl_module)
-        s["perplexity_before"], s["perplexity_after"] = self.ppl_before, self.perplexity(pl_module)
+        s.update(self._knowledge_and_ability(pl_module))
         if self.n_generation and edited:
             rng = random.Random(self.seed)
             sample = rng.sample(edited, min(self.n_generation, len(edited)))
@@ -233,11 +406,23 @@ class EditReport(L.Callback):
         self.summary = s
         out = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank: log_dir is a broadcast under DDP
         if trainer.is_global_zero:
-            pl_module.log_edit_metrics({f"edit/{k}": v for k, v in s.items() if k in ("retention", "first_batch_efficacy", "fluency", "consistency")})
+            pl_module.log_edit_metrics({f"edit/{k}": v for k, v in s.items() if k in _FINAL_SCALARS})
             write_summary(out, s, _merge_history([], pl_module.stream_history, s), examples)
             self.to_tensorboard(trainer, pl_module, s, out, {"report/examples": examples_markdown(examples)})
             print("\n" + summary_markdown(s))
             print(f"summary written to {out}/summary.md, summary.json, summary.png")
+
+    def _knowledge_and_ability(self, pl_module: EditModule) -> dict:
+        """The end of the stream's probe metrics (with the unedited model's share known beside
+        ``retention_known``), perplexity and next-word accuracy before / after."""
+        probes = self.probe_metrics(pl_module)
+        s = {"retention": probes.get("retention"), "retention_known": probes.get("retention_known"),
+             "retention_known_unedited": self.known_unedited if "retention_known" in probes else None,
+             "probe_logprob_drop": probes.get("probe_logprob_drop"),
+             "perplexity_before": self.ppl_before, "perplexity_after": self.perplexity(pl_module)}
+        if self.next_word_texts:
+            s["next_word_accuracy_before"], s["next_word_accuracy_after"] = self.next_word_before, self.next_word_accuracy(pl_module)
+        return s
 
     def to_tensorboard(self, trainer, pl_module: EditModule, s: dict, out: Path, texts: dict[str, str]) -> None:
         """The report on TensorBoard's edit axis (the run's ``edits`` sub-run, at the number of
@@ -278,8 +463,7 @@ class EditReport(L.Callback):
 
         first_ids = {r.case_id for r in first}
         s["first_batch_rouge_l"] = rouge_l_of([t for t in texts if t["case_id"] in first_ids])
-        s["retention"] = self.retention(pl_module)
-        s["perplexity_before"], s["perplexity_after"] = self.ppl_before, self.perplexity(pl_module)
+        s.update(self._knowledge_and_ability(pl_module))
         s["wall_time_s"] = round(self.elapsed(), 1)
         if self.single_anchor_baseline and not cfg.single_anchor:
             t0 = time.time()
@@ -302,6 +486,17 @@ class EditReport(L.Callback):
             (out / "summary.json").write_text(json.dumps(data, indent=1))
             print("\n" + summary_markdown(s))
             print(f"summary written to {out}/summary.md, summary.json")
+
+
+# the summary's values that go to TensorBoard's edit axis as ``edit/<key>`` at the end (the edit
+# metrics themselves are logged by the module's evaluation)
+_FINAL_SCALARS = ("retention", "retention_known", "retention_known_unedited", "probe_logprob_drop", "first_batch_efficacy",
+                  "fluency", "consistency", "efficacy_unedited", "generalization_unedited", "specificity_unedited",
+                  "next_word_accuracy_before", "next_word_accuracy_after")
+
+
+def _answer(fact: dict) -> str:
+    return fact.get("object", fact.get("answer"))
 
 
 def _is_longform(requests) -> bool:
@@ -375,11 +570,12 @@ def _merge_history(retention: list[dict], stream: list[dict], final: dict) -> li
         row = rows.setdefault(h["num_edits"], {"num_edits": h["num_edits"]})
         row.update({k.split("/", 1)[1]: v for k, v in h.items() if k.startswith("edit/")})
     end = rows.setdefault(final["num_edits"], {"num_edits": final["num_edits"]})
-    end.update({k: final[k] for k in _CURVES if k in final})
+    end.update({k: final[k] for k in _CURVE_ROW if k in final})
     return [rows[n] for n in sorted(rows)]
 
 
-_CURVES = ("efficacy", "generalization", "specificity", "retention")
+_CURVES = ("efficacy", "generalization", "specificity", "retention", "retention_known")  # plotted in summary.png
+_CURVE_ROW = _CURVES + ("efficacy_unedited", "generalization_unedited", "specificity_unedited", "probe_logprob_drop")
 
 
 def summary_markdown(s: dict) -> str:
@@ -417,6 +613,8 @@ def write_summary(out: Path, s: dict, history: list[dict], examples: list[dict] 
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=key)
         if "first_batch_efficacy" in s:
             ax.axhline(s["first_batch_efficacy"], linestyle="--", linewidth=0.8, color="C7", label="first_batch_efficacy (end)")
+        if "specificity_unedited" in s:
+            ax.axhline(s["specificity_unedited"], linestyle=":", linewidth=0.8, color="C2", label="specificity, unedited model")
         ax.set_xlabel("edits applied")
         ax.set_ylim(0, 1.02)
         ax.set_title(f"{s.get('method')}: knowledge over the edit stream")

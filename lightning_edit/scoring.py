@@ -20,7 +20,8 @@ from lightning_edit.arch import logits_at
 from lightning_edit.data.requests import target_text
 from lightning_edit.tokens import encode_segments, flatten_targets, prompt_target_segment
 
-__all__ = ["TargetScores", "target_scores", "top1_tokens", "pad_rows", "text_token_nll", "greedy_generate", "model_device"]
+__all__ = ["TargetScores", "target_scores", "top1_tokens", "pad_rows", "text_token_nll", "word_starts", "next_word_hits",
+           "greedy_generate", "model_device"]
 
 
 @dataclass
@@ -195,6 +196,49 @@ def text_token_nll(model: nn.Module, tokenizer, texts: Sequence[str], batch_size
                 lp = logits[r, : L - 1].float().log_softmax(-1)  # (L-1, vocab)
                 out[i] = -lp.gather(-1, ids[r, 1:L].unsqueeze(-1)).squeeze(-1).cpu()
     return list(out)
+
+
+def word_starts(text: str, offsets: Sequence[tuple[int, int]]) -> list[int]:
+    """Indices of the tokens that begin a word of ``text``: a token (not the first) whose
+    character span starts after whitespace, or with it (byte-level BPE folds the space into the
+    token), and whose first non-space character is a letter or digit. Punctuation, sub-word
+    continuations and special tokens (empty spans) are not word starts."""
+    out = []
+    for j, (a, b) in enumerate(offsets):
+        if j == 0 or b <= a:
+            continue
+        if (text[a].isspace() or (a > 0 and text[a - 1].isspace())) and text[a:b].lstrip()[:1].isalnum():
+            out.append(j)
+    return out
+
+
+def next_word_hits(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int = 128,
+                   on_batch: Callable[[], object] | None = None) -> list[Tensor]:
+    """Per text, a ``(n_i,)`` bool tensor: at each token that starts a word (:func:`word_starts`),
+    whether the model's top-1 next token, given the text before it, is that token: next-word
+    accuracy, teacher-forced. Texts are tokenized with special tokens and truncated to
+    ``max_length`` tokens; the LM head runs only at the ``n_i`` positions read."""
+    if not texts:
+        return []
+    enc = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length, return_offsets_mapping=True)
+    ids_list = enc["input_ids"]
+    starts = [word_starts(t, off) for t, off in zip(texts, enc["offset_mapping"])]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    out: list[Tensor] = [torch.zeros(0, dtype=torch.bool) for _ in texts]
+    device = model_device(model)
+    order = sorted((i for i in range(len(ids_list)) if starts[i]), key=lambda i: len(ids_list[i]))
+    with _inference(model):
+        for idx in _batches(order, batch_size):
+            ids, mask, _ = _padded([ids_list[i] for i in idx], pad_id, left=False)
+            rows = torch.tensor([r for r, i in enumerate(idx) for _ in starts[i]])
+            pos = torch.tensor([j for i in idx for j in starts[i]])
+            logits = logits_at(model, ids.to(device), mask.to(device), rows, pos - 1)  # (m, vocab)
+            hits = (logits.argmax(-1).cpu() == ids[rows, pos]).split([len(starts[i]) for i in idx])
+            for i, h in zip(idx, hits):
+                out[i] = h
+            if on_batch is not None:
+                on_batch()
+    return out
 
 
 def greedy_generate(

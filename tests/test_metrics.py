@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from lightning_edit.metrics import (
+    KnownShare,
+    LogProbDrop,
     NeighborhoodSuccess,
     NgramEntropy,
     Perplexity,
@@ -147,6 +149,8 @@ HALVES = [
     (TokenAccuracy, ([torch.tensor([True, False, True])],), ([torch.tensor([False]), torch.tensor([True, True])],)),
     (lambda: TokenAccuracy("token"), ([torch.tensor([True, False, True])],), ([torch.tensor([False]), torch.tensor([True, True])],)),
     (Retention, (torch.tensor([[1, 2]]), torch.tensor([[1, 2]])), (torch.tensor([[3, 4], [5, 6]]), torch.tensor([[3, 0], [5, 6]]))),
+    (KnownShare, (torch.tensor([True, False]),), (torch.tensor([True, True, False]),)),
+    (LogProbDrop, (-NLL_TRUE[:2], -NLL_NEW[:2]), (-NLL_TRUE[2:], -NLL_NEW[2:])),
     (NgramEntropy, (["a b a b a"],), (["one two three four", "x y x y"],)),
     (lambda: TfidfConsistency(CORPUS), (["cat sat"], [["the cat"]]), (["dog down", "bird"], [["the dog sat down"], ["a bird flew"]])),
     (Perplexity, (torch.tensor([0.5, 1.5]),), (torch.tensor([2.5]),)),
