@@ -150,6 +150,8 @@ class Editor:
         reqs = self.module.prepare_requests(reqs)  # chat turns when the module has chat_template on
         self.module.check_lengths(reqs, prefixes=True)
         self.prepare()
+        # residual.nas: the norm anchor from this first batch on the unedited model (or residual.nas_anchor)
+        self.module.ensure_norm_anchor(reqs, batch_size=len(reqs))
         rb, res = self.module.compute_residuals(reqs)
         ledger, cb = self.module.ledger, self.callback
         info = apply_update(self.module.adapter, rb, res.z_target, self.module.layers, cb.method,

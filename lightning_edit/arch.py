@@ -188,18 +188,24 @@ class ModelAdapter:
         key_layers: Sequence[int] = (),
         output_layers: Sequence[int] = (),
         stop_after: int | None = None,
+        value_layers: Sequence[int] = (),
     ) -> Iterator[dict[str, dict[int, torch.Tensor]]]:
-        """Record down-projection inputs (``keys[l]``: ``(batch, seq, d_k)``) and block outputs
+        """Record down-projection inputs (``keys[l]``: ``(batch, seq, d_k)``), down-projection
+        outputs (``values[l]``: ``(batch, seq, d_model)``, bias included) and block outputs
         (``outputs[l]``: ``(batch, seq, d_model)``; ``tuple_len[l]``: the length of the tuple the
         block returned, 0 for a tensor) during forward passes inside the block, and
         optionally stop the forward pass right after block ``stop_after`` (use
         :meth:`forward` so the stop is caught)."""
-        rec: dict[str, dict] = {"keys": {}, "outputs": {}, "tuple_len": {}}
+        rec: dict[str, dict] = {"keys": {}, "outputs": {}, "tuple_len": {}, "values": {}}
         handles = []
         for layer in set(key_layers):
             def pre_hook(_m, args, layer=layer):
                 rec["keys"][layer] = args[0]
             handles.append(self.down_proj(layer).register_forward_pre_hook(pre_hook))
+        for layer in set(value_layers):
+            def value_hook(_m, _args, out, layer=layer):
+                rec["values"][layer] = out
+            handles.append(self.down_proj(layer).register_forward_hook(value_hook))
         watch = set(output_layers) | ({stop_after} if stop_after is not None else set())
         for layer in watch:
             def hook(_m, _args, out, layer=layer):

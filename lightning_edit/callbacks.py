@@ -68,6 +68,10 @@ class ClosedFormUpdate(L.Callback):
         if trainer is not None and world > 1:
             trainer.strategy.barrier("lightning_edit_stats")
         module.ensure_prefixes()  # from the unedited model, unless restored from the checkpoint
+        if module.residual_cfg.nas and trainer is not None:  # NAS's norm anchor: likewise (the Editor sets it at its first apply)
+            dm = trainer.datamodule
+            module.ensure_norm_anchor(getattr(dm, "requests", None), batch_size=getattr(dm, "batch_size", None) or 100,
+                                      broadcast=(lambda x: trainer.strategy.broadcast(x, src=0)) if world > 1 else None)
         self.master = master_copies(module.adapter, module.layers)  # float32 masters of bf16/fp16 edit layers
         self.method = self.build_method(module, moments, trainer)
         self._restore_edits(module)
@@ -249,16 +253,25 @@ class MEMIT(ClosedFormUpdate):
         stats: key statistics source and cache.
         solve_dtype: precision of the solve.
         export_path: see :class:`ClosedFormUpdate`.
+        norm_lambda: ENCORE's norm constraint (Gupta et al. 2025): the weight of
+            ``||Delta||_F^2``, the Frobenius norm of each batch's update (the change from the
+            weights before the batch), added to MEMIT's objective to keep the edited matrices'
+            norm from growing over a long stream: ``Delta = R K^T (lam C_0 + norm_lambda I +
+            K K^T)^-1``. The reference's ``update_norm_lambda``: 20 for Llama-3-8B, 10 for
+            GPT2-XL. 0 = off (plain MEMIT).
     """
 
     method_name = "memit"
 
-    def __init__(self, lam: float = 15000.0, stats: StatsConfig = StatsConfig(), solve_dtype: SolveDType = "float64", export_path: str | None = None):
+    def __init__(self, lam: float = 15000.0, stats: StatsConfig = StatsConfig(), solve_dtype: SolveDType = "float64", export_path: str | None = None,
+                 norm_lambda: float = 0.0):
         super().__init__(stats, solve_dtype, export_path)
-        self.lam = lam
+        if norm_lambda < 0:
+            raise InputError(f"norm_lambda must be >= 0 (0 = off), got {norm_lambda}")
+        self.lam, self.norm_lambda = lam, norm_lambda
 
     def build_method(self, module, moments, trainer=None):
-        return MemitMethod(lam=self.lam, moments=moments, solve_dtype=self.solve_dtype)
+        return MemitMethod(lam=self.lam, moments=moments, solve_dtype=self.solve_dtype, norm_lambda=self.norm_lambda)
 
 
 class AlphaEdit(ClosedFormUpdate):
@@ -280,6 +293,10 @@ class AlphaEdit(ClosedFormUpdate):
             it after each batch (``O(d_k^2 n)`` per batch instead of an ``O(d_k^3)`` solve; one more
             ``d_k x d_k`` matrix per layer in ``solve_dtype``: 1.6 GiB per Llama-3-8B layer in
             float64); ``direct`` solves the whole system every batch (the reference's way).
+        norm_lambda: ENCORE's norm constraint (Gupta et al. 2025): the weight of the Frobenius
+            norm of each batch's applied update ``||Delta P||_F^2``. AlphaEdit's ``l2`` already
+            weighs that same norm, so this is exactly a ridge of ``l2 + norm_lambda``; kept as its
+            own option so a run says which it meant. 0 = off.
     """
 
     method_name = "alphaedit"
@@ -293,11 +310,15 @@ class AlphaEdit(ClosedFormUpdate):
         solve_dtype: SolveDType = "float64",
         export_path: str | None = None,
         solver: Literal["woodbury", "direct"] = "woodbury",
+        norm_lambda: float = 0.0,
     ):
         super().__init__(stats, solve_dtype, export_path)
         if solver not in ("woodbury", "direct"):
             raise InputError(f"AlphaEdit solver must be 'woodbury' or 'direct', got {solver!r}")
+        if norm_lambda < 0:
+            raise InputError(f"norm_lambda must be >= 0 (0 = off), got {norm_lambda}")
         self.threshold, self.threshold_mode, self.l2, self.solver = nullspace_threshold, threshold_mode, l2, solver
+        self.norm_lambda = norm_lambda
         self.projector_info: dict[int, dict] = {}
 
     def build_method(self, module, moments, trainer=None):
@@ -308,6 +329,6 @@ class AlphaEdit(ClosedFormUpdate):
                 raise InputError(f"layer {l}: the null-space projector has rank 0 (threshold {self.threshold} {self.threshold_mode} keeps no direction); raise the threshold")
         device = module.device_
         return AlphaEditMethod(l2=self.l2, projectors={l: p.to(device) for l, p in projs.items()}, solve_dtype=self.solve_dtype,
-                               solver=self.solver)
+                               solver=self.solver, norm_lambda=self.norm_lambda)
 
 

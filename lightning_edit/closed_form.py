@@ -88,27 +88,53 @@ def _check_finite(delta: torch.Tensor, what: str) -> torch.Tensor:
     return delta
 
 
+def _memit_system(k: torch.Tensor, moment: torch.Tensor, lam: float, norm_lambda: float, solve_dtype: torch.dtype) -> torch.Tensor:
+    """``lam C_0 + K K^T`` (``+ norm_lambda I``, ENCORE's term) in ``solve_dtype``."""
+    a = lam * moment.to(solve_dtype) + k.T @ k
+    if norm_lambda:
+        a = a + norm_lambda * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    return a
+
+
 def memit_update(
     keys: torch.Tensor,
     resid: torch.Tensor,
     moment: torch.Tensor,
     lam: float,
     solve_dtype: torch.dtype = torch.float64,
+    norm_lambda: float = 0.0,
 ) -> torch.Tensor:
-    """MEMIT: ``Delta = R K^T (lam C_0 + K K^T)^-1``.
+    """MEMIT: ``Delta = R K^T (lam C_0 + K K^T)^-1``; with ENCORE's norm term
+    ``Delta = R K^T (lam C_0 + norm_lambda I + K K^T)^-1``.
+
+    The minimizer of ``||Delta K - R||^2 + lam tr(Delta C_0 Delta^T) + norm_lambda ||Delta||_F^2``:
+    the last term (ENCORE, Gupta et al. 2025; ``update_norm_lambda`` in its reference code, 20
+    for Llama-3-8B and 10 for GPT2-XL) penalizes the Frobenius norm of this batch's update, i.e.
+    the change relative to the weights before the batch (not to the original weights), which
+    keeps the edited matrices' norm from growing over a long stream.
 
     Args:
         keys: ``(n, d_k)`` keys of the edited facts at this layer.
         resid: ``(n, d_model)`` residuals this layer must add.
         moment: ``(d_k, d_k)`` normalized second moment of preserved keys.
         lam: weight of the preservation term (``mom2_update_weight``, 15000-20000 in the reference).
+        norm_lambda: weight of ENCORE's ``||Delta||_F^2`` (0 = plain MEMIT).
     Returns:
         ``(d_model, d_k)`` update.
     """
     k, r = keys.to(solve_dtype), resid.to(solve_dtype)
-    a = lam * moment.to(solve_dtype) + k.T @ k
+    a = _memit_system(k, moment, lam, norm_lambda, solve_dtype)
     x = torch.linalg.solve(a, k.T @ r)  # (d_k, d_model); a is symmetric so Delta = x^T
     return _check_finite(x.T, "MEMIT update")
+
+
+def alphaedit_ridge(l2: float, norm_lambda: float = 0.0) -> float:
+    """The weight of ``||Delta P||_F^2`` in AlphaEdit's objective: ``l2``, plus ENCORE's norm term.
+
+    AlphaEdit already penalizes the Frobenius norm of the update it applies (``Delta P``, weight
+    ``L2``); ENCORE's ``norm_lambda ||Delta P||_F^2`` on that same update adds to it, so its solve
+    is AlphaEdit's with ``l2 + norm_lambda`` (no other change)."""
+    return l2 + norm_lambda if norm_lambda else l2
 
 
 def _alphaedit_system(k: torch.Tensor, projector: torch.Tensor, prev_kkt: torch.Tensor | None, l2: float,
@@ -130,6 +156,7 @@ def alphaedit_update(
     prev_kkt: torch.Tensor | None,
     l2: float,
     solve_dtype: torch.dtype = torch.float64,
+    norm_lambda: float = 0.0,
 ) -> torch.Tensor:
     """AlphaEdit: ``Delta = R K^T P (K_p K_p^T P + K K^T P + l2 I)^-1``, applied through ``P``.
 
@@ -142,11 +169,13 @@ def alphaedit_update(
         projector: ``(d_k, d_k)`` null-space projector ``P``.
         prev_kkt: ``(d_k, d_k)`` running ``K_p K_p^T`` of earlier edits (``None`` = zero).
         l2: ridge term (``L2`` = 10 in the reference).
+        norm_lambda: ENCORE's norm term on the applied update: ``l2 + norm_lambda``
+            (:func:`alphaedit_ridge`).
     Returns:
         ``(d_model, d_k)`` update.
     """
     k, r = keys.to(solve_dtype), resid.to(solve_dtype)
-    p, lhs = _alphaedit_system(k, projector, prev_kkt, l2, solve_dtype)
+    p, lhs = _alphaedit_system(k, projector, prev_kkt, alphaedit_ridge(l2, norm_lambda), solve_dtype)
     x = torch.linalg.solve(lhs, p @ (k.T @ r))  # (d_k, d_model)
     return _check_finite((p @ x).T, "AlphaEdit update")
 
@@ -158,23 +187,25 @@ def alphaedit_update(
 
 
 def memit_factors(keys: torch.Tensor, resid: torch.Tensor, moment: torch.Tensor, lam: float,
-                  solve_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+                  solve_dtype: torch.dtype = torch.float64, norm_lambda: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """MEMIT's update as float32 factors: ``Delta = R^T (K A^-1)`` with ``A = lam C_0 + K^T K``
-    (rows-are-samples ``K``), i.e. ``U = resid^T``, ``V = (A^-1 K^T)^T``."""
+    (``+ norm_lambda I`` with ENCORE's norm term, see :func:`memit_update`; rows-are-samples
+    ``K``), i.e. ``U = resid^T``, ``V = (A^-1 K^T)^T``."""
     k, r = keys.to(solve_dtype), resid.to(solve_dtype)
-    a = lam * moment.to(solve_dtype) + k.T @ k
+    a = _memit_system(k, moment, lam, norm_lambda, solve_dtype)
     g = torch.linalg.solve(a, k.T)  # (d_k, n)
     u, v = r.T.float().contiguous(), g.T.float().contiguous()
     return _check_finite(u, "MEMIT update"), _check_finite(v, "MEMIT update")
 
 
 def alphaedit_factors(keys: torch.Tensor, resid: torch.Tensor, projector: torch.Tensor, prev_kkt: torch.Tensor | None,
-                      l2: float, solve_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+                      l2: float, solve_dtype: torch.dtype = torch.float64, norm_lambda: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """AlphaEdit's update as float32 factors: ``Delta = (P X)^T`` with
     ``X = (P (K K^T + K_p K_p^T) + l2 I)^-1 P K R^T`` is ``R^T G^T``, ``G = P (.)^-1 P K`` ``(d_k, n)``:
-    ``U = resid^T``, ``V = G^T`` (whose rows lie in the range of ``P``)."""
+    ``U = resid^T``, ``V = G^T`` (whose rows lie in the range of ``P``). ``norm_lambda``: ENCORE's
+    norm term, ``l2 + norm_lambda`` (:func:`alphaedit_ridge`)."""
     k, r = keys.to(solve_dtype), resid.to(solve_dtype)
-    p, lhs = _alphaedit_system(k, projector, prev_kkt, l2, solve_dtype)
+    p, lhs = _alphaedit_system(k, projector, prev_kkt, alphaedit_ridge(l2, norm_lambda), solve_dtype)
     g = p @ torch.linalg.solve(lhs, p @ k.T)  # (d_k, n)
     u, v = r.T.float().contiguous(), g.T.float().contiguous()
     return _check_finite(u, "AlphaEdit update"), _check_finite(v, "AlphaEdit update")

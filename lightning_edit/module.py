@@ -227,6 +227,9 @@ class EditModule(L.LightningModule):
             rank_zero_info(f"edit layers (auto): {self.layers} of {self.adapter.n_layers} decoder blocks")
         self.adapter.check_layers(self.layers)
         self.prefixes: list[str] | None = None
+        # NAS's norm anchor (residual.nas), from the unedited model; checkpointed like the prefixes
+        cfg = self.residual_cfg
+        self.norm_anchor: float | None = float(cfg.nas_anchor) if cfg.nas and cfg.nas_anchor > 0 else None
         self._pending = None
         # the requests applied so far, in stream order (their ids are the ledger's)
         self.edit_history: list[EditRequest] = []
@@ -300,10 +303,14 @@ class EditModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["edit_module"] = {"prefixes": self.prefixes, "num_edits": self.num_edits, "ledger": self.ledger.state_dict()}
+        if self.norm_anchor is not None:
+            checkpoint["edit_module"]["norm_anchor"] = self.norm_anchor
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("edit_module", {})
         self.prefixes = state.get("prefixes")
+        if state.get("norm_anchor") is not None and self.residual_cfg.nas and not self.residual_cfg.nas_anchor:
+            self.norm_anchor = float(state["norm_anchor"])  # the stream's anchor, not one of the edited model
         if "ledger" not in state:
             raise CheckpointError("the checkpoint holds no edit ledger (written by an older lightning-edit); it cannot be resumed")
         self.ledger.load_state_dict(state["ledger"])
@@ -316,6 +323,46 @@ class EditModule(L.LightningModule):
         if self.prefixes is None:
             self.prefixes = generate_prefixes(self.lm, self.tokenizer, self.n_prefixes, self.prefix_length, self.seed)
         return self.prefixes
+
+    def ensure_norm_anchor(self, requests: Sequence[EditRequest] | None, batch_size: int = 100,
+                           broadcast=None) -> float | None:
+        """NAS's norm anchor (``residual.nas``): the mean ``||v*||`` (top 5% dropped) of a seeded
+        sample of ``residual.nas_samples`` of ``requests``, optimized in batches of ``batch_size``
+        with this run's residual settings on the model as it is now, which must be unedited (a
+        resumed run takes the anchor from its checkpoint; ``residual.nas_anchor`` sets it).
+        ``broadcast`` (DDP): every process takes rank 0's value. None without ``residual.nas``."""
+        cfg = self.residual_cfg
+        if not cfg.nas or self.norm_anchor is not None:
+            return self.norm_anchor
+        if self.ledger.position > 0:
+            raise CheckpointError("residual.nas: the norm anchor must come from the unedited model, but edits are applied "
+                                  "and no anchor was saved with them; set residual.nas_anchor")
+        if not requests:
+            raise InputError("residual.nas: no requests to calibrate the norm anchor on; set residual.nas_anchor")
+        if is_longform(requests):
+            raise InputError("residual.nas rescales single-fact targets; it does not apply to long-form requests")
+        from .progress import ResidualProgress, show_progress
+        from .residuals import trimmed_mean_norm
+
+        reqs = list(requests)
+        if len(reqs) > cfg.nas_samples:
+            gen = torch.Generator().manual_seed(self.seed)
+            keep = torch.randperm(len(reqs), generator=gen)[: cfg.nas_samples].sort().values.tolist()
+            reqs = [reqs[i] for i in keep]
+        norms = []
+        for i in range(0, len(reqs), max(1, batch_size)):
+            part = reqs[i : i + max(1, batch_size)]
+            rb = build_residual_batch(self.tokenizer, part, self.ensure_prefixes(), cfg.anchor, kl=cfg.kl_factor > 0)
+            with ResidualProgress(f"NAS norm anchor: z ({i + len(part)}/{len(reqs)} requests)", cfg.steps,
+                                  enabled=show_progress(self._trainer)) as bar:
+                res = optimize_residuals(self.adapter, rb, self.layers[-1], cfg, on_step=bar)
+            norms.append(res.v_star_norm.detach().cpu())
+        anchor = trimmed_mean_norm(torch.cat(norms))
+        if broadcast is not None:
+            anchor = float(broadcast(anchor))
+        self.norm_anchor = anchor
+        rank_zero_info(f"NAS norm anchor: mean ||v*|| = {anchor:.4g} over {len(reqs)} requests (top 5% dropped)")
+        return anchor
 
     # ---- input lengths ----------------------------------------------------------------------
     def max_positions(self) -> int | None:
@@ -396,6 +443,12 @@ class EditModule(L.LightningModule):
         from .progress import ResidualProgress, show_progress
 
         self._pending_longform = is_longform(requests)
+        nas = self.residual_cfg.nas
+        if nas and self._pending_longform:
+            raise InputError("residual.nas rescales single-fact targets; it does not apply to long-form requests")
+        if nas and self.norm_anchor is None:
+            raise InputError("residual.nas: the norm anchor is not set (ensure_norm_anchor runs at fit start on the unedited "
+                             "model; or set residual.nas_anchor)")
         if self._pending_longform:
             cfg = self.longform_cfg
             rb, _ = build_longform_batch(self.tokenizer, requests, cfg, self.ensure_prefixes() if cfg.context_prefixes else (),
@@ -404,7 +457,8 @@ class EditModule(L.LightningModule):
             rb = build_residual_batch(self.tokenizer, requests, self.ensure_prefixes(), self.residual_cfg.anchor, kl=self.residual_cfg.kl_factor > 0)
         with ResidualProgress(f"{label or 'edit batch'}: z ({len(requests)} requests)", self.residual_cfg.steps,
                               enabled=show_progress(self._trainer)) as bar:
-            res = optimize_residuals(self.adapter, rb, self.layers[-1], self.residual_cfg, on_step=bar)
+            res = optimize_residuals(self.adapter, rb, self.layers[-1], self.residual_cfg, on_step=bar,
+                                     norm_anchor=self.norm_anchor if nas else None)
         self.last_z_loss = bar.mean_loss  # read once at the bar's end (None without a bar)
         self.warn_unconverged(requests, rb, res, label)
         return rb, res
@@ -447,6 +501,10 @@ class EditModule(L.LightningModule):
                  "z/delta_norm": (res.z_target - res.z_init).norm(dim=-1).mean()},
                 prog_bar=False, on_step=True, batch_size=len(mine),
             )
+            if res.nas_scale is not None:  # NAS: the anchor, the mean factor on v*, the share left unedited
+                self.log_dict({"z/nas_anchor": float(self.norm_anchor), "z/nas_scale": res.nas_scale.mean(),
+                               "z/nas_skipped": (res.nas_scale == 0).float().mean()},
+                              prog_bar=False, on_step=True, batch_size=len(mine))
         opt = self.optimizers()
         opt.step()  # advances global_step (mock optimizer)
         return None

@@ -96,7 +96,32 @@ class ResidualConfig:
             naming the requests whose target NLL (mean per token, ``ResidualResult.nll``) is
             still above this: their edits may not take. The default ``ln 2``: above it the
             target's mean token probability is under 1/2, so it need not be the most likely
-            answer even at ``z``. 0 = never warn. Reporting only: the optimization is unchanged.
+            answer even at ``z`` (requests that ``mpes`` stopped are known to be, and are not
+            named). 0 = never warn. Reporting only: the optimization is unchanged.
+        mpes: most-probable early stopping (MPES, from ENCORE: Gupta et al. 2025, "Lifelong
+            Knowledge Editing requires Better Regularization"). A chunk also stops at the
+            ``mpes``-th step at which its new target is the most probable answer on every one of
+            its rewrite rows (the bare prompt and each context-prefixed one): teacher-forced, at
+            every target token position the target token has the largest logit (``argmax``) of the
+            vocabulary. Steps are counted as the reference counts them, not necessarily in a row;
+            the chunk keeps the vector that passed the check (checked before the step, like
+            ``early_stop_loss``, which stays in force). 0 = off; 1 = the paper's rule (stop at the
+            first such step); the reference's ENCORE configs use 2 (Llama-3-8B) and 4 (GPT2-XL).
+        nas: norm-anchor scaling (NAS, "Norm Anchors Make Model Edits Last", 2026). After the
+            optimization, each chunk's target MLP output ``v* = v0 + delta`` at block ``z_layer``
+            (``v0``: that block's MLP output at the anchor, bare prompt) is rescaled to the norm
+            anchor ``a``, the mean ``||v*||`` the same optimization reaches on the unedited model
+            (``nas_samples`` requests of the stream; the top 5% dropped):
+            ``z = z0 - v0 + v* a / ||v*||``; a chunk with ``||v*|| > nas_max_ratio * a`` is not
+            edited (``z = z0``). Single-fact requests only; architectures whose block adds its MLP
+            output to the residual stream unnormalized (not Gemma 2/3, OLMo 2, post-LN OPT).
+        nas_samples: requests of the stream (a seeded sample; all when fewer) whose residual
+            vectors, optimized on the unedited model before the first edit, give the norm anchor
+            (the reference: 1,000 CounterFact requests). The anchor goes into checkpoints.
+        nas_max_ratio: a chunk whose ``||v*||`` exceeds this many times the anchor is left
+            unedited (the reference: 2). 0 = never.
+        nas_anchor: the norm anchor itself; > 0 skips the calibration (e.g. a value an earlier
+            run logged as ``z/nas_anchor``). 0 = calibrate.
     """
 
     lr: float = 0.5
@@ -117,6 +142,11 @@ class ResidualConfig:
     packed_eager_attention_mb: float = 0.0
     max_tokens_per_forward: int = 2048
     warn_nll: float = 0.693
+    mpes: int = 0
+    nas: bool = False
+    nas_samples: int = 1000
+    nas_max_ratio: float = 2.0
+    nas_anchor: float = 0.0
 
     def __post_init__(self):
         if self.anchor not in ("subject_last", "prompt_last"):
@@ -130,6 +160,11 @@ class ResidualConfig:
             raise InputError("max_tokens_per_forward and max_rows_per_forward must be >= 0 (0 = no limit)")
         if self.warn_nll < 0:
             raise InputError(f"warn_nll must be >= 0 (0 = never warn), got {self.warn_nll}")
+        if isinstance(self.mpes, bool) or self.mpes < 0:
+            raise InputError(f"mpes must be an integer >= 0 (0 = off, 1 = stop at the first most-probable step), got {self.mpes!r}")
+        if self.nas_samples < 1 or self.nas_max_ratio < 0 or self.nas_anchor < 0:
+            raise InputError(f"nas_samples must be >= 1, nas_max_ratio and nas_anchor >= 0; got {self.nas_samples}, "
+                             f"{self.nas_max_ratio}, {self.nas_anchor}")
 
 
 class UnconvergedEditWarning(UserWarning):
@@ -138,10 +173,13 @@ class UnconvergedEditWarning(UserWarning):
 
 def unconverged_requests(res: "ResidualResult", batch: "ResidualBatch", threshold: float) -> list[tuple[int, float]]:
     """``[(request index, its NLL)]`` of the requests whose final target NLL (the largest of
-    their chunks' for long-form requests) is above ``threshold`` (one device -> host copy)."""
+    their chunks' for long-form requests) is above ``threshold`` (one device -> host copy).
+    Chunks that MPES stopped do not count: their target is the most probable answer already."""
     if threshold <= 0 or res.nll.numel() == 0:
         return []
     nll = res.nll.detach().float().cpu()
+    if res.most_probable is not None:
+        nll = torch.where(res.most_probable.cpu(), torch.full_like(nll, float("-inf")), nll)
     owner = batch.chunk_request.long()
     per_request = torch.full((int(owner.max()) + 1,), float("-inf")).scatter_reduce(0, owner, nll, reduce="amax")
     return [(i, float(v)) for i, v in enumerate(per_request.tolist()) if v > threshold]
@@ -321,9 +359,11 @@ def build_chunked_batch(
 
 
 @torch.no_grad()
-def block_outputs_at_anchors(adapter: ModelAdapter, batch: ResidualBatch, layer: int) -> torch.Tensor:
+def block_outputs_at_anchors(adapter: ModelAdapter, batch: ResidualBatch, layer: int, values: bool = False):
     """Block ``layer``'s output at each chunk's anchor in its bare row: ``(n_chunks, d_model)``.
-    One forward over the bare rows, stopped after that block."""
+    One forward over the bare rows, stopped after that block. ``values``: also return the
+    block's MLP output (its down projection's, bias included) there, from the same forward:
+    ``(z0, v0)``."""
     device = next(adapter.model.parameters()).device
     rows = batch.bare_row_of_chunk
     uniq, inv = rows.unique(return_inverse=True)
@@ -331,9 +371,59 @@ def block_outputs_at_anchors(adapter: ModelAdapter, batch: ResidualBatch, layer:
     width = int(pos.max()) + 1
     ids = batch.enc.input_ids[uniq, :width].to(device)
     mask = batch.enc.attention_mask[uniq, :width].to(device)
-    with adapter.trace(output_layers=[layer], stop_after=layer) as rec:
+    with adapter.trace(output_layers=[layer], stop_after=layer, value_layers=[layer] if values else ()) as rec:
         adapter.forward(ids, mask)
-    return rec["outputs"][layer][inv.to(device), pos.to(device)].float()
+    at = (inv.to(device), pos.to(device))
+    z0 = rec["outputs"][layer][at].float()
+    return (z0, rec["values"][layer][at].float()) if values else z0
+
+
+# ---- NAS: norm-anchor scaling of the target MLP outputs --------------------------------------
+
+NAS_TRIM = 0.05  # the share of the largest calibration norms dropped (the reference's 0.95 quantile)
+_POST_MLP_NORMS = ("post_feedforward_layernorm", "post_mlp_layernorm")
+
+
+def check_nas_architecture(adapter: ModelAdapter, layer: int) -> None:
+    """Refuse NAS where block ``layer`` does not add its down projection's output to the residual
+    stream as it is (a norm after the MLP: Gemma 2/3, OLMo 2; post-LN OPT): there ``z0 - v0`` is
+    not the rest of the block's output and rescaling ``v*`` would mean something else."""
+    block = adapter.layer(layer)
+    names = [n for n in _POST_MLP_NORMS if getattr(block, n, None) is not None]
+    if getattr(getattr(adapter.model, "config", None), "do_layer_norm_before", True) is False:
+        names.append("a layer norm after the residual addition (do_layer_norm_before: false)")
+    if names:
+        raise InputError(f"residual.nas: block {layer} normalizes its MLP output before adding it to the residual stream "
+                         f"({', '.join(names)}), so the MLP output cannot be rescaled on its own; NAS supports "
+                         "pre-norm blocks (GPT-2, GPT-J, Llama, Mistral, Qwen, ...)")
+
+
+def norm_anchor_targets(z0: torch.Tensor, v0: torch.Tensor, delta: torch.Tensor, anchor: float, max_ratio: float = 2.0,
+                        eps: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+    """NAS's targets: ``v* = v0 + delta`` rescaled to norm ``anchor``, the block output
+    ``z = (z0 - v0) + v* anchor / ||v*||``; a row with ``||v*|| > max_ratio * anchor``
+    (``max_ratio`` > 0) keeps ``z = z0`` (not edited). Rows ``(n, d_model)``; returns
+    ``(z, scale)`` with ``scale = anchor / ||v*||`` per row, 0 where not edited (``||v*|| <= eps``:
+    ``v*`` kept as it is, scale 1, as the reference)."""
+    v_star = v0 + delta
+    norm = v_star.norm(dim=-1)
+    scale = torch.where(norm > eps, anchor / norm.clamp_min(eps), torch.ones_like(norm))
+    z = (z0 - v0) + v_star * scale.unsqueeze(-1)
+    if max_ratio > 0:
+        skip = norm > max_ratio * anchor
+        z = torch.where(skip.unsqueeze(-1), z0, z)
+        scale = torch.where(skip, torch.zeros_like(scale), scale)
+    return z, scale
+
+
+def trimmed_mean_norm(norms: torch.Tensor, trim: float = NAS_TRIM) -> float:
+    """The mean of ``norms`` without its ``floor(trim * n)`` largest values (the reference's
+    outlier policy for the norm anchor)."""
+    x = norms.detach().double().flatten().sort().values
+    if x.numel() == 0 or not bool(torch.isfinite(x).all()):
+        raise ValueError("norm anchor: no (finite) norms to average")
+    drop = int(trim * x.numel())
+    return float(x[: x.numel() - drop].mean() if drop < x.numel() else x.mean())
 
 
 def _row_groups(suffix_len: torch.Tensor, max_rows: int, buckets: int) -> list[torch.Tensor]:
@@ -384,6 +474,13 @@ class ResidualResult:
     loss: torch.Tensor  # (n_chunks,) final per-chunk loss
     nll: torch.Tensor  # (n_chunks,) final per-chunk NLL term
     steps: torch.Tensor  # (n_chunks,) steps each chunk took
+    # with residual.mpes: the chunks MPES stopped (their target is the argmax on every row)
+    most_probable: torch.Tensor | None = None  # (n_chunks,) bool
+    # with residual.nas: block z_layer's MLP output v0 at each anchor, ||v0 + delta|| (before any
+    # scaling) and the factor NAS applied to v* (0: left unedited; None: no anchor given)
+    v_init: torch.Tensor | None = None  # (n_chunks, d_model)
+    v_star_norm: torch.Tensor | None = None  # (n_chunks,)
+    nas_scale: torch.Tensor | None = None  # (n_chunks,)
 
 
 @dataclass
@@ -511,7 +608,8 @@ def _lower_outputs(
 
 
 def optimize_residuals(
-    adapter: ModelAdapter, batch: ResidualBatch, z_layer: int, cfg: ResidualConfig, on_step: OnStep | None = None
+    adapter: ModelAdapter, batch: ResidualBatch, z_layer: int, cfg: ResidualConfig, on_step: OnStep | None = None,
+    norm_anchor: float | None = None,
 ) -> ResidualResult:
     """Optimize one ``delta`` per chunk (see module docstring).
 
@@ -529,17 +627,33 @@ def optimize_residuals(
     is called after every step's loss: ``done`` Adam steps of at most ``total`` (``steps`` per
     phase), the per-chunk loss as a device tensor (reading it synchronizes) and the chunks of the
     current phase.
+
+    With ``cfg.nas`` the result also holds block ``z_layer``'s MLP output ``v_init`` at each
+    anchor and ``v_star_norm``; ``norm_anchor`` (> 0, with ``cfg.nas``) then rescales the targets
+    (:func:`norm_anchor_targets`) and records the factor in ``nas_scale``.
     """
     device = next(adapter.model.parameters()).device
     with _attention_kernels(cfg, device):
-        return _optimize_residuals(adapter, batch, z_layer, cfg, device, on_step)
+        res = _optimize_residuals(adapter, batch, z_layer, cfg, device, on_step)
+    if cfg.nas and norm_anchor is not None and norm_anchor > 0:
+        z, scale = norm_anchor_targets(res.z_init, res.v_init, res.z_target - res.z_init, float(norm_anchor), cfg.nas_max_ratio)
+        res.z_target, res.nas_scale = z.float(), scale
+    return res
 
 
 def _optimize_residuals(adapter: ModelAdapter, batch: ResidualBatch, z_layer: int, cfg: ResidualConfig, device,
                         on_step: OnStep | None = None) -> ResidualResult:
     n = batch.n_chunks
-    z0 = block_outputs_at_anchors(adapter, batch, z_layer)
     order = batch.chunk_order
+    v0 = None
+    if cfg.nas:
+        if int(order.max()) > 0:
+            raise InputError("residual.nas rescales one target per single-fact request; it does not apply to requests of "
+                             "several chunks (long-form editing)")
+        check_nas_architecture(adapter, z_layer)
+        z0, v0 = block_outputs_at_anchors(adapter, batch, z_layer, values=True)
+    else:
+        z0 = block_outputs_at_anchors(adapter, batch, z_layer)
     joint = cfg.mode == "joint" or int(order.max()) == 0
     phases = 1 if joint else int(order.max()) + 1
 
@@ -550,19 +664,25 @@ def _optimize_residuals(adapter: ModelAdapter, batch: ResidualBatch, z_layer: in
 
     if joint:
         train = torch.ones(n, dtype=torch.bool)
-        delta, loss, nll, steps = _optimize_phase(adapter, batch, z_layer, cfg, z0, train, None, None, phase_progress(0, train))
+        delta, loss, nll, steps, top = _optimize_phase(adapter, batch, z_layer, cfg, z0, train, None, None, phase_progress(0, train))
     else:
         delta = torch.zeros_like(z0)
         loss, nll = torch.zeros(n, device=device), torch.zeros(n, device=device)
         steps = torch.zeros(n, dtype=torch.long, device=device)
+        top = torch.zeros(n, dtype=torch.bool, device=device) if cfg.mpes > 0 else None
         for k in range(int(order.max()) + 1):
             train = order == k
-            d_k, l_k, n_k, s_k = _optimize_phase(adapter, batch, z_layer, cfg, z0, train, order < k, delta, phase_progress(k, train))
+            d_k, l_k, n_k, s_k, top_k = _optimize_phase(adapter, batch, z_layer, cfg, z0, train, order < k, delta, phase_progress(k, train))
             t = train.to(device)
             delta = torch.where(t.unsqueeze(1), d_k, delta)
             loss, nll, steps = torch.where(t, l_k, loss), torch.where(t, n_k, nll), torch.where(t, s_k, steps)
+            if top is not None:
+                top = torch.where(t, top_k, top)
     z = (z0 + delta).float()
-    return ResidualResult(z_target=z, z_init=z0, loss=loss, nll=nll, steps=steps)
+    res = ResidualResult(z_target=z, z_init=z0, loss=loss, nll=nll, steps=steps, most_probable=top)
+    if v0 is not None:  # v* from the delta as z carries it (the one NAS rescales)
+        res.v_init, res.v_star_norm = v0, (v0 + (z - z0)).norm(dim=-1)
+    return res
 
 
 def _optimize_phase(
@@ -575,10 +695,11 @@ def _optimize_phase(
     frozen: torch.Tensor | None,
     fixed: torch.Tensor | None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Adam on the deltas of the ``train`` chunks, with the ``frozen`` chunks' deltas ``fixed``
     (added at their anchors, no gradient) and every other chunk left out (no delta, no loss).
-    Returns ``(delta, loss, nll, steps)`` per chunk (meaningful for ``train`` chunks).
+    Returns ``(delta, loss, nll, steps, most_probable)`` per chunk (meaningful for ``train``
+    chunks; ``most_probable``: stopped by MPES, None without it).
     ``on_step(steps done, per-chunk loss)`` after each step's loss (progress only)."""
     model = adapter.model
     device = next(model.parameters()).device
@@ -653,6 +774,7 @@ def _optimize_phase(
 
     active = train.to(device).clone()
     steps = torch.zeros(n, dtype=torch.long, device=device)
+    mpes_hits = torch.zeros(n, dtype=torch.long, device=device) if cfg.mpes > 0 else None
     nll_c = torch.zeros(n, device=device)
     kl_c = torch.zeros(n, device=device)
     loss_c = torch.zeros(n, device=device)
@@ -805,9 +927,12 @@ def _optimize_phase(
             **fields,
         )
 
-    def _unit_step(plan: SimpleNamespace, step: int, wd_pending, nll_step: torch.Tensor, kl_step: torch.Tensor):
+    def _unit_step(plan: SimpleNamespace, step: int, wd_pending, nll_step: torch.Tensor, kl_step: torch.Tensor,
+                   miss_step: torch.Tensor | None = None):
         """One forward + backward of one prepared row unit; adds its per-chunk NLL and KL terms
-        to ``nll_step`` / ``kl_step``; the weight-decay term rides on the first unit's loss."""
+        to ``nll_step`` / ``kl_step`` (and, for MPES, its per-chunk count of target tokens that
+        are not the argmax of their logits to ``miss_step``); the weight-decay term rides on the
+        first unit's loss."""
         nonlocal kl_init
         vecs = torch.where(plan.a_train, delta[plan.vec_chunk], fixed[plan.vec_chunk])
         kw = dict(plan.kw)
@@ -828,6 +953,9 @@ def _optimize_phase(
         t_logp = logits_at(tr, tp - 1).float().log_softmax(-1)
         lp = t_logp.gather(-1, plan.t_label.unsqueeze(-1)).squeeze(-1)
         part_nll = torch.zeros(n, device=device).index_add(0, plan.t_chunk, -lp * plan.t_weight)
+        if miss_step is not None:  # MPES: the logits this loss already has, no extra forward
+            miss = (t_logp.detach().argmax(-1) != plan.t_label).long()
+            miss_step.index_add_(0, plan.t_chunk, miss)
         part_kl = torch.zeros(n, device=device)
         if len(kl_rows):
             kl_logp = logits_at(plan.kr, plan.kp).float().log_softmax(-1)
@@ -858,6 +986,7 @@ def _optimize_phase(
         wd_pending = torch.where(active, wd, torch.zeros_like(wd)).sum()
         nll_step = torch.zeros(n, device=device)
         kl_step = torch.zeros(n, device=device)
+        miss_step = torch.zeros(n, dtype=torch.long, device=device) if mpes_hits is not None else None
         for gi, rows in enumerate(step_groups):
             # only the rows of chunks still optimizing: converged chunks cost nothing more
             rows = rows[row_active[rows]]
@@ -868,11 +997,15 @@ def _optimize_phase(
             if cached is None or not torch.equal(cached[0], rows):
                 cached = plans[gi] = (rows, _packed_units(rows) if pack else [_group_plan(rows)])
             for plan in cached[1]:
-                wd_pending = _unit_step(plan, step, wd_pending, nll_step, kl_step)
+                wd_pending = _unit_step(plan, step, wd_pending, nll_step, kl_step, miss_step)
         nll_c = torch.where(active, nll_step, nll_c)
         kl_c = torch.where(active, kl_step, kl_c)
         loss_c = torch.where(active, nll_c + kl_c + wd.detach(), loss_c)
         active = active & (loss_c >= cfg.early_stop_loss)
+        if mpes_hits is not None:
+            # MPES: every target token of every row of the chunk is its row's argmax at this step
+            mpes_hits += (active & (miss_step == 0)).long()
+            active = active & (mpes_hits < cfg.mpes)
         if on_step is not None:
             on_step(step, loss_c)
         if step == cfg.steps or not bool(active.any()):
@@ -887,4 +1020,5 @@ def _optimize_phase(
             norm = delta.norm(dim=-1)
             scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-12), torch.ones_like(norm))
             delta.mul_(scale.unsqueeze(-1))
-    return delta.detach(), loss_c.detach(), nll_c.detach(), steps
+    top = None if mpes_hits is None else mpes_hits >= cfg.mpes
+    return delta.detach(), loss_c.detach(), nll_c.detach(), steps, top

@@ -19,6 +19,7 @@ from .closed_form import (
     alphaedit_factors,
     alphaedit_factors_woodbury,
     alphaedit_inverse_commit,
+    alphaedit_ridge,
     alphaedit_update,
     memit_factors,
     memit_update,
@@ -135,23 +136,28 @@ def context_keys(adapter: ModelAdapter, batch: ResidualBatch, layer: int) -> tor
 
 @dataclass
 class MemitMethod:
-    """MEMIT's update. ``moments[layer]`` is the normalized second moment ``C_0``."""
+    """MEMIT's update. ``moments[layer]`` is the normalized second moment ``C_0``;
+    ``norm_lambda`` > 0 adds ENCORE's ``||Delta||_F^2`` term (see :func:`memit_update`)."""
 
     lam: float
     moments: dict[int, torch.Tensor]
     solve_dtype: torch.dtype = torch.float64
+    norm_lambda: float = 0.0
 
     def delta(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-        return memit_update(keys, resid, self.moments[layer].to(keys.device), self.lam, self.solve_dtype)
+        return memit_update(keys, resid, self.moments[layer].to(keys.device), self.lam, self.solve_dtype, self.norm_lambda)
 
     def factors(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return memit_factors(keys, resid, self.moments[layer].to(keys.device), self.lam, self.solve_dtype)
+        return memit_factors(keys, resid, self.moments[layer].to(keys.device), self.lam, self.solve_dtype, self.norm_lambda)
 
     def commit(self, new_keys: dict[int, torch.Tensor]) -> None:
         pass
 
     def hparams(self) -> dict:
-        return {"lam": self.lam, "solve_dtype": str(self.solve_dtype).removeprefix("torch.")}
+        hp = {"lam": self.lam, "solve_dtype": str(self.solve_dtype).removeprefix("torch.")}
+        if self.norm_lambda:
+            hp["norm_lambda"] = self.norm_lambda
+        return hp
 
     needs_keys_after = False
 
@@ -165,7 +171,9 @@ class AlphaEditMethod:
     ``solve_dtype``) and updates it by a rank-``n`` Woodbury step after every batch, so a batch
     costs ``O(d_k^2 n)`` instead of an ``O(d_k^3)`` solve per layer (one extra ``d_k x d_k``
     matrix per layer in memory); ``direct`` solves the full system every batch, as the reference.
-    Both give the same update up to rounding (tests/test_closed_form.py)."""
+    Both give the same update up to rounding (tests/test_closed_form.py).
+    ``norm_lambda`` > 0: ENCORE's norm term on the applied update, i.e. the ridge ``l2 + norm_lambda``
+    (:func:`~lightning_edit.closed_form.alphaedit_ridge`)."""
 
     l2: float
     projectors: dict[int, torch.Tensor]
@@ -173,15 +181,21 @@ class AlphaEditMethod:
     solve_dtype: torch.dtype = torch.float64
     solver: str = "woodbury"
     inverse: dict[int, torch.Tensor] = field(default_factory=dict)
+    norm_lambda: float = 0.0
     needs_keys_after = True
 
     def __post_init__(self):
         if self.solver not in ("woodbury", "direct"):
             raise InputError(f"AlphaEdit solver must be 'woodbury' or 'direct', got {self.solver!r}")
 
+    @property
+    def ridge(self) -> float:
+        """The weight of ``||Delta P||_F^2``: ``l2`` (+ ENCORE's ``norm_lambda``)."""
+        return alphaedit_ridge(self.l2, self.norm_lambda)
+
     def delta(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         prev = self.prev_kkt.get(layer)
-        return alphaedit_update(keys, resid, self.projectors[layer].to(keys.device), None if prev is None else prev.to(keys.device), self.l2, self.solve_dtype)
+        return alphaedit_update(keys, resid, self.projectors[layer].to(keys.device), None if prev is None else prev.to(keys.device), self.ridge, self.solve_dtype)
 
     def _base_inverse(self, layer: int, device) -> torch.Tensor:
         """``B`` of ``layer``: kept up to date by :meth:`commit`; computed directly from
@@ -189,7 +203,7 @@ class AlphaEditMethod:
         b = self.inverse.get(layer)
         if b is None:
             prev = self.prev_kkt.get(layer)
-            b = alphaedit_base_inverse(self.projectors[layer].to(device), prev, self.l2, self.solve_dtype)
+            b = alphaedit_base_inverse(self.projectors[layer].to(device), prev, self.ridge, self.solve_dtype)
             self.inverse[layer] = b
         return b.to(device)
 
@@ -198,7 +212,7 @@ class AlphaEditMethod:
         if self.solver == "woodbury":
             return alphaedit_factors_woodbury(keys, resid, proj, self._base_inverse(layer, keys.device))
         prev = self.prev_kkt.get(layer)
-        return alphaedit_factors(keys, resid, proj, None if prev is None else prev.to(keys.device), self.l2, self.solve_dtype)
+        return alphaedit_factors(keys, resid, proj, None if prev is None else prev.to(keys.device), self.ridge, self.solve_dtype)
 
     def commit(self, new_keys: dict[int, torch.Tensor]) -> None:
         if self.solver == "woodbury":
@@ -216,7 +230,10 @@ class AlphaEditMethod:
             self.commit(keys)
 
     def hparams(self) -> dict:
-        return {"l2": self.l2, "solve_dtype": str(self.solve_dtype).removeprefix("torch."), "solver": self.solver}
+        hp = {"l2": self.l2, "solve_dtype": str(self.solve_dtype).removeprefix("torch."), "solver": self.solver}
+        if self.norm_lambda:
+            hp["norm_lambda"] = self.norm_lambda
+        return hp
 
 
 def accumulate_kkt(prev: dict[int, torch.Tensor], new_keys: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
