@@ -1,7 +1,7 @@
 """Statistics corpora without Wikipedia: natural English text available offline for the key
 second moments ``K0 K0^T`` (the knowledge an edit must preserve).
 
-Three sources, each written as JSONL (``{"text", "source"}``) plus a ``manifest.json`` that
+Five sources, each written as JSONL (``{"text", "source"}``) plus a ``manifest.json`` that
 records how it was built (the statistics cache is keyed by the file's content hash, so a cache
 entry belongs to exactly one built corpus):
 
@@ -11,12 +11,21 @@ entry belongs to exactly one built corpus):
   in a directory such as ``../shared/data``); not in a fresh clone.
 * ``pydoc``: the English prose every CPython installation ships (``pydoc_data.topics``, the
   language reference's topics); free, but technical.
+* ``docstrings``: ``n`` paragraphs of English prose from the standard library's docstrings
+  (:func:`docstring_texts`; never the ``pydoc`` texts): held-out text for perplexity when the
+  statistics read ``pydoc``.
+* ``facts``: true statements of the real-facts set's candidate facts (``realfacts:<model>``,
+  :func:`fact_texts`), several per text, in the relations' phrasings; never about a probe's
+  subject. Knowledge of the kind an edit must not disturb.
+
+Kinds combine with ``+`` (``corpus:pydoc+facts@<model>``): the texts of each, shuffled together.
 
 Texts that mention an edited subject are dropped (``exclude``: the subjects of the edit file),
 so the preserved statistics never contain the facts being changed.
 
 In configs: ``stats.corpus: corpus:pydoc`` or ``corpus:generated@<model>`` (built on first use
-under ``checkpoints/corpora``), with ``corpus:<kind>?exclude=<edit file resource>``.
+under ``checkpoints/corpora``), with ``corpus:<kind>?exclude=<edit file resource>``; options
+``n=<texts>`` and ``tokens=<new tokens per text>`` size ``generated``.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import torch
 from .errors import InputError, MissingFileError
 
 PREFIX = "corpus:"
-KINDS = ("generated", "samples", "pydoc")
+KINDS = ("generated", "samples", "pydoc", "facts", "docstrings")
 
 # openings across topics and registers (the model continues each one several times)
 OPENINGS = (
@@ -159,6 +168,36 @@ def docstring_texts(n_texts: int, exclude: Sequence[str] = (), min_chars: int = 
     return out[:n_texts]
 
 
+def fact_texts(model_name: str, per_text: int = 6, seed: int = 0) -> list[dict]:
+    """True statements of every candidate fact of the real-facts set of ``model_name``
+    (``known.json``: the facts the known-fact filter ranked, known to the model or not), each in
+    a seeded one of its relation's phrasings, ``per_text`` to a text, in a seeded order; never a
+    statement that names a subject of the set's probes (the retention probes stay unseen). The edited
+    subjects are dropped by the corpus's ``exclude`` like for every kind."""
+    from .realfacts import RELATIONS
+    from .realfacts import resolve as realfacts_resolve
+
+    detail = json.loads(Path(realfacts_resolve(f"realfacts:{model_name}/known")).read_text()).get("facts_detail", [])
+    probes = Path(realfacts_resolve(f"realfacts:{model_name}/probes"))
+    held = {json.loads(line)["subject"] for line in probes.read_text().splitlines() if line.strip()}
+    rng = _stable_rng("facts", model_name, seed)
+    sentences = []
+    for d in detail:
+        rel = RELATIONS.get(d["relation_id"])
+        if rel is not None and d["subject"] not in held:
+            sentences.append({"text": rng.choice(rel.templates).replace("{}", d["subject"], 1) + " " + d["object"] + "."})
+    sentences, _ = drop_mentions(sentences, sorted(held))  # nor one naming a probe's subject as its object
+    sentences = [(None, x["text"]) for x in sentences]
+    rng.shuffle(sentences)
+    out = []
+    for i in range(0, len(sentences), per_text):
+        part = sentences[i:i + per_text]
+        # one text per group; dropped as a whole by ``exclude`` when it names an edited subject, so
+        # keep groups small
+        out.append({"text": " ".join(t for _, t in part), "source": f"facts:{model_name}"})
+    return out
+
+
 def sample_texts(directory: str | Path, min_chars: int = 200) -> list[dict]:
     """Long-form texts of benchmark sample files: the ``answer`` / ``text`` fields (EditEverything,
     UnKEBench) of at least ``min_chars`` characters (never AKEW's ``fact_new_uns``: counterfactual)."""
@@ -228,8 +267,12 @@ def generated_texts(model, tokenizer, n_texts: int = 200, max_new_tokens: int = 
 def build_corpus(kind: str, out: str | Path, model_name: str | None = None, exclude: str | None = None,
                  samples_dir: str | None = None, n_texts: int = 200, max_new_tokens: int = 96, seed: int = 0) -> Path:
     """Write (or reuse) corpus ``kind`` as ``out/corpus.jsonl`` with ``out/manifest.json``."""
-    if kind not in KINDS:
-        raise InputError(f"unknown statistics corpus kind {kind!r}; choose from {KINDS}")
+    parts = kind.split("+")
+    bad = [k for k in parts if k not in KINDS]
+    if bad:
+        raise InputError(f"unknown statistics corpus kind {', '.join(map(repr, bad))}; choose from {KINDS} (several joined with '+')")
+    if len(set(parts)) != len(parts):
+        raise InputError(f"statistics corpus {kind!r} names a kind twice")
     out = Path(out)
     subjects = subjects_of(exclude)
     settings = {"kind": kind, "model": model_name, "exclude": exclude, "n_excluded_subjects": len(subjects),
@@ -241,29 +284,42 @@ def build_corpus(kind: str, out: str | Path, model_name: str | None = None, excl
                 return path
         except (OSError, json.JSONDecodeError):
             pass
-    if kind == "pydoc":
-        texts = pydoc_texts()
-    elif kind == "samples":
-        if not samples_dir or not Path(samples_dir).is_dir():
-            raise MissingFileError(f"statistics corpus 'samples' needs a directory of sample files, got {samples_dir!r}")
-        texts = sample_texts(samples_dir)
-    else:
-        if not model_name:
-            raise InputError("statistics corpus 'generated' needs the model (corpus:generated@<model>)")
-        from .module import load_pretrained
-
-        model, tok = load_pretrained(model_name, "float32")
-        print(f"[lightning-edit] sampling {n_texts} texts from {model_name} for the statistics corpus (once)", file=sys.stderr)
-        texts = generated_texts(model, tok, n_texts, max_new_tokens, seed=seed)
+    texts, per_kind = [], {}
+    for part in parts:
+        got = _kind_texts(part, model_name, samples_dir, n_texts, max_new_tokens, seed)
+        per_kind[part] = len(got)
+        texts += got
     texts, dropped = drop_mentions(texts, subjects)
     _stable_rng(kind, seed).shuffle(texts)
     out.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(t) + "\n" for t in texts))
     os.replace(tmp, path)
-    manifest.write_text(json.dumps({"settings": settings, "texts": len(texts), "dropped_mentioning_edited_subjects": dropped,
+    manifest.write_text(json.dumps({"settings": settings, "texts": len(texts), "texts_per_kind_before_exclude": per_kind,
+                                    "dropped_mentioning_edited_subjects": dropped,
                                     "chars": sum(len(t["text"]) for t in texts)}, indent=1))
     return path
+
+
+def _kind_texts(kind: str, model_name: str | None, samples_dir: str | None, n_texts: int, max_new_tokens: int,
+                seed: int) -> list[dict]:
+    if kind == "pydoc":
+        return pydoc_texts()
+    if kind == "docstrings":
+        return docstring_texts(n_texts, seed=seed)
+    if kind == "samples":
+        if not samples_dir or not Path(samples_dir).is_dir():
+            raise MissingFileError(f"statistics corpus 'samples' needs a directory of sample files, got {samples_dir!r}")
+        return sample_texts(samples_dir)
+    if not model_name:
+        raise InputError(f"statistics corpus '{kind}' needs the model (corpus:{kind}@<model>)")
+    if kind == "facts":
+        return fact_texts(model_name, seed=seed)
+    from .module import load_pretrained
+
+    model, tok = load_pretrained(model_name, "float32")
+    print(f"[lightning-edit] sampling {n_texts} texts from {model_name} for the statistics corpus (once)", file=sys.stderr)
+    return generated_texts(model, tok, n_texts, max_new_tokens, seed=seed)
 
 
 def resolve(spec: str, root: str | None = None) -> str:

@@ -154,6 +154,20 @@ def corpus_fingerprint(cfg: StatsConfig) -> str:
     return _hash(*parts)
 
 
+def corpus_provenance(cfg: StatsConfig) -> dict[str, str]:
+    """Where a cache entry's texts came from, stored in its metadata: the config's ``corpus``
+    and, for a built corpus (``corpus:...``), its ``manifest.json`` (kind, model, exclusions,
+    texts per kind) as compact JSON."""
+    out = {"corpus_spec": str(cfg.corpus)}
+    try:
+        manifest = Path(_corpus_path(cfg)).parent / "manifest.json"
+        if str(cfg.corpus).startswith("corpus:") and manifest.is_file():
+            out["corpus_manifest"] = json.dumps(json.loads(manifest.read_text()), separators=(",", ":"), sort_keys=True)
+    except (OSError, ValueError):
+        pass
+    return out
+
+
 def iter_corpus_texts(cfg: StatsConfig, shard: int = 0, num_shards: int = 1) -> Iterator[str]:
     """Stream ``n_samples`` non-empty texts (this process's shard of them) via ``datasets``."""
     import datasets
@@ -476,7 +490,7 @@ def second_moments(
             if float(count) == 0:
                 raise InputError(f"statistics corpus {cfg.corpus!r} produced no tokens")
             if is_writer:
-                cache.save(keys[l], {"sum": s, "count": count.reshape(1)}, meta={"tokens": int(count)})
+                cache.save(keys[l], {"sum": s, "count": count.reshape(1)}, meta={"tokens": int(count), **corpus_provenance(cfg)})
             out[l] = s / float(count)
         pp = cache.path(partial_key, kind="partial")
         if is_writer and pp.exists():

@@ -44,3 +44,48 @@ def test_unknown_corpus_kind_and_option(tmp_path):
         resolve("corpus:wiki", root=str(tmp_path))
     with pytest.raises(ValueError, match="unknown corpus option"):
         resolve("corpus:pydoc?foo=1", root=str(tmp_path))
+
+
+def test_facts_corpus_states_true_facts_never_about_probes_and_combines_with_pydoc(tmp_path):
+    """corpus:facts@<model>: statements of the real-facts set's candidate facts in the relations'
+    phrasings, never about a probe's subject; edited subjects dropped; kinds combine with '+'."""
+    from lightning_edit.corpora import fact_texts
+    from lightning_edit.realfacts import RELATIONS
+    from lightning_edit.realfacts import resolve as rf_resolve
+
+    model = "smollm2:135m-instruct"
+    texts = fact_texts(model)
+    assert texts == fact_texts(model) and len(texts) > 500  # deterministic
+    probes = [json.loads(line) for line in open(rf_resolve(f"realfacts:{model}/probes"))]
+    held = {p["subject"] for p in probes}
+    known = json.load(open(rf_resolve(f"realfacts:{model}/known")))["facts_detail"]
+    statements = {t.replace("{}", d["subject"], 1) + " " + d["object"] + "."
+                  for d in known if d["subject"] not in held for t in RELATIONS[d["relation_id"]].templates}
+    from lightning_edit.corpora import drop_mentions
+
+    assert drop_mentions(texts, sorted(held))[1] == 0  # no text names a probe's subject, even as an object
+    for t in texts[:40]:  # each text is six of the true statements, joined by spaces
+        found = [st for st in statements if st in t["text"]]
+        assert len(found) >= 6 and sum(len(st) + 1 for st in found) >= len(t["text"]) + 1, t["text"]
+
+    edits = tmp_path / "edits.json"
+    edits.write_text(json.dumps([{"case_id": 0, "prompt": "{} is in", "subject": "Paris", "target_new": "x", "ground_truth": "y"}]))
+    path = build_corpus("pydoc+facts", tmp_path / "c", model_name=model, exclude=str(edits))
+    rows = [json.loads(line) for line in open(path)]
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["texts_per_kind_before_exclude"] == {"pydoc": len(pydoc_texts()), "facts": len(texts)}
+    assert manifest["texts"] == len(rows) == len(texts) + len(pydoc_texts()) - manifest["dropped_mentioning_edited_subjects"]
+    assert {r["source"].split(":", 1)[0] for r in rows} == {"pydoc", "facts"}
+    assert not any("Paris" in r["text"].replace(".", " ").split() for r in rows)
+    with pytest.raises(ValueError, match="names a kind twice"):
+        build_corpus("pydoc+pydoc", tmp_path / "d")
+    with pytest.raises(ValueError, match="needs the model"):
+        build_corpus("facts", tmp_path / "e")
+
+
+def test_docstrings_corpus_is_held_out_from_pydoc(tmp_path):
+    path = resolve("corpus:docstrings?n=30", root=str(tmp_path))
+    rows = [json.loads(line) for line in open(path)]
+    assert len(rows) == 30 and all(r["source"].startswith("stdlib:") for r in rows)
+    pydoc = {r["text"] for r in pydoc_texts()}
+    assert not pydoc & {r["text"] for r in rows}
