@@ -8,6 +8,7 @@ after ``training_step`` and before the checkpoint of the same batch is written.
 from __future__ import annotations
 
 import math
+import random
 import warnings
 from pathlib import Path
 from collections.abc import Sequence
@@ -151,6 +152,10 @@ class EditModule(L.LightningModule):
         seed: seed for the prefixes.
         eval_every: evaluate the requests edited so far every this many batches during ``fit``
             (0 = only at the end of the stream).
+        eval_sample: the mid-stream evaluations (``eval_every``) score a seeded sample of at most
+            this many of the requests edited so far, so their cost stays flat over a long
+            stream instead of growing with it (0 = all of them). The end of the stream is
+            always evaluated on every edited request.
         eval_batch_size: (prompt, target) pairs per forward in evaluation.
         max_rows_per_forward: split forward passes into micro-batches of at most this many rows
             (bounds memory on large models; 0 = whole batch at once).
@@ -179,6 +184,7 @@ class EditModule(L.LightningModule):
         context_length: int = 10,
         seed: int = 0,
         eval_every: int = 0,
+        eval_sample: int = 0,
         eval_batch_size: int = 64,
         max_rows_per_forward: int = 0,
         longform: LongFormConfig | None = None,
@@ -201,6 +207,10 @@ class EditModule(L.LightningModule):
         self._pending_longform = False
         self.n_prefixes, self.prefix_length, self.seed = context_prefixes, context_length, seed
         self.eval_every, self.eval_batch_size, self.max_rows = eval_every, eval_batch_size, max_rows_per_forward
+        if eval_sample < 0:
+            raise InputError(f"eval_sample must be >= 0 (0 = every edited request), got {eval_sample}")
+        self.eval_sample = eval_sample
+        self.eval_indices: list[int] | None = None  # the stream positions the last mid-stream evaluation scored (None: all)
         self._templates = (layer_template, mlp_down_template)
         self._tokenizer_name, self._trust_remote_code = tokenizer, trust_remote_code
         self.chat_template, self.system_prompt = chat_template, system_prompt
@@ -514,11 +524,22 @@ class EditModule(L.LightningModule):
         same batch is written, so the checkpoint holds this batch's evaluation too)."""
         self.edit_history.extend(batch.requests)
         if self.eval_every and (batch.index + 1) % self.eval_every == 0:
-            results = self.evaluate(self.edit_history)
+            self.eval_indices = self.mid_stream_sample()
+            reqs = self.edit_history if self.eval_indices is None else [self.edit_history[i] for i in self.eval_indices]
+            results = self.evaluate(reqs)
             self.ledger.add_eval(self.num_edits, results)
             self.log_edit_metrics(results, prefix="")
 
     # ---- evaluation ------------------------------------------------------------------------
+    def mid_stream_sample(self) -> list[int] | None:
+        """The positions (in stream order) of the edited requests a mid-stream evaluation
+        scores: a sample of ``eval_sample`` of them seeded by the model's seed and the number of
+        edits, sorted; None = all."""
+        n = len(self.edit_history)
+        if not self.eval_sample or n <= self.eval_sample:
+            return None
+        return sorted(random.Random(f"{self.seed}:{n}").sample(range(n), self.eval_sample))
+
     def evaluate(self, requests: Sequence[EditRequest]) -> dict[str, float]:
         from .evaluate import evaluate_requests
 

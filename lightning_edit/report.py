@@ -234,15 +234,17 @@ class EditReport(L.Callback):
     def retention(self, module: EditModule) -> float | None:
         return self.probe_metrics(module).get("retention")
 
-    def unedited_at(self, num_edits: int) -> dict[str, float]:
+    def unedited_at(self, num_edits: int, indices: list[int] | None = None) -> dict[str, float]:
         """The unedited model's efficacy, generalization and specificity on the first
-        ``num_edits`` requests of the stream (``{"efficacy_unedited": ...}``), from the counts
+        ``num_edits`` requests of the stream, or on those of them at ``indices`` (the sample a
+        mid-stream evaluation scored), as ``{"efficacy_unedited": ...}``, from the counts
         measured at fit start."""
         from .evaluate import outcome_metrics
 
         if self.unedited_rows is None:
             return {}
-        return {f"{k.split('/', 1)[1]}_unedited": v for k, v in outcome_metrics(self.unedited_rows[:num_edits]).items()}
+        rows = self.unedited_rows[:num_edits] if indices is None else self.unedited_rows[torch.tensor(indices, dtype=torch.long)]
+        return {f"{k.split('/', 1)[1]}_unedited": v for k, v in outcome_metrics(rows).items()}
 
     @torch.no_grad()
     def next_word_accuracy(self, module: EditModule) -> float | None:
@@ -325,7 +327,7 @@ class EditReport(L.Callback):
     def on_train_batch_end(self, trainer, pl_module: EditModule, outputs, batch, batch_idx) -> None:
         every = pl_module.eval_every
         if every and (batch.index + 1) % every == 0:
-            m = {**self.probe_metrics(pl_module), **self.unedited_at(pl_module.num_edits)}
+            m = {**self.probe_metrics(pl_module), **self.unedited_at(pl_module.num_edits, getattr(pl_module, "eval_indices", None))}
             if m:
                 m = {f"edit/{k}": v for k, v in m.items()}
                 # into the edit ledger's evaluation history (the row of this stream position)

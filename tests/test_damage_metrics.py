@@ -289,3 +289,29 @@ def test_cli_reports_every_new_metric_and_resume_keeps_the_unedited_values(train
               "next_word_accuracy_before", "perplexity_before"):
         assert r.get(k) == s.get(k), k
     assert r["probe_logprob_drop"] == pytest.approx(s["probe_logprob_drop"], abs=1e-4)
+
+
+def test_mid_stream_evaluations_score_a_fixed_size_sample(trained_gpt2, tokenizer):
+    """eval_sample: each mid-stream evaluation scores a seeded sample of that many edited requests
+    (flat cost over a long stream); the report's unedited values cover the same sample."""
+    from lightning_edit.module import EditModule
+    from lightning_edit.report import EditReport
+
+    reqs = _requests_with_paraphrases(6)
+    module = EditModule.from_model(copy.deepcopy(trained_gpt2), tokenizer, layers=[1], eval_every=1, eval_sample=3)
+    scored = []
+    module.evaluate = lambda rs: scored.append(list(rs)) or {"edit/efficacy": 0.5}
+    for b in range(3):  # three batches of two, recorded as applied
+        module.record_applied(SimpleNamespace(requests=reqs[2 * b: 2 * b + 2], index=b))
+    assert [len(s) for s in scored] == [2, 3, 3]  # all while there are at most 3, then 3
+    idx = module.eval_indices
+    assert idx == sorted(idx) and len(set(idx)) == 3 and scored[-1] == [reqs[i] for i in idx]
+    assert module.mid_stream_sample() == idx  # seeded: the same sample for the same stream position
+    report = EditReport(n_generation=0, n_examples=0, next_word_texts=0)
+    report.measure_unedited(SimpleNamespace(datamodule=SimpleNamespace(requests=reqs)), module)
+    from lightning_edit.evaluate import outcome_metrics
+
+    sample = outcome_metrics(report.unedited_rows[torch.tensor(idx)])
+    assert report.unedited_at(6, idx)["specificity_unedited"] == pytest.approx(sample["edit/specificity"])
+    with pytest.raises(Exception, match="eval_sample"):
+        EditModule.from_model(copy.deepcopy(trained_gpt2), tokenizer, layers=[1], eval_sample=-1)
