@@ -168,12 +168,13 @@ def docstring_texts(n_texts: int, exclude: Sequence[str] = (), min_chars: int = 
     return out[:n_texts]
 
 
-def fact_texts(model_name: str, per_text: int = 6, seed: int = 0) -> list[dict]:
+def fact_texts(model_name: str, per_text: int = 6, seed: int = 0, exclude: Sequence[str] = ()) -> list[dict]:
     """True statements of every candidate fact of the real-facts set of ``model_name``
     (``known.json``: the facts the known-fact filter ranked, known to the model or not), each in
     a seeded one of its relation's phrasings, ``per_text`` to a text, in a seeded order; never a
     statement that names a subject of the set's probes (the retention probes stay unseen). The edited
-    subjects are dropped by the corpus's ``exclude`` like for every kind."""
+    subjects (``exclude``) are dropped statement by statement, before the grouping (a statement
+    naming one, as subject or as object, is left out; the rest of its group stays)."""
     from .realfacts import RELATIONS
     from .realfacts import resolve as realfacts_resolve
 
@@ -186,7 +187,7 @@ def fact_texts(model_name: str, per_text: int = 6, seed: int = 0) -> list[dict]:
         rel = RELATIONS.get(d["relation_id"])
         if rel is not None and d["subject"] not in held:
             sentences.append({"text": rng.choice(rel.templates).replace("{}", d["subject"], 1) + " " + d["object"] + "."})
-    sentences, _ = drop_mentions(sentences, sorted(held))  # nor one naming a probe's subject as its object
+    sentences, _ = drop_mentions(sentences, sorted(held | set(exclude)))  # nor one naming a probe's or an edited subject
     sentences = [(None, x["text"]) for x in sentences]
     rng.shuffle(sentences)
     out = []
@@ -286,7 +287,7 @@ def build_corpus(kind: str, out: str | Path, model_name: str | None = None, excl
             pass
     texts, per_kind = [], {}
     for part in parts:
-        got = _kind_texts(part, model_name, samples_dir, n_texts, max_new_tokens, seed)
+        got = _kind_texts(part, model_name, samples_dir, n_texts, max_new_tokens, seed, subjects)
         per_kind[part] = len(got)
         texts += got
     texts, dropped = drop_mentions(texts, subjects)
@@ -295,14 +296,14 @@ def build_corpus(kind: str, out: str | Path, model_name: str | None = None, excl
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(t) + "\n" for t in texts))
     os.replace(tmp, path)
-    manifest.write_text(json.dumps({"settings": settings, "texts": len(texts), "texts_per_kind_before_exclude": per_kind,
+    manifest.write_text(json.dumps({"settings": settings, "texts": len(texts), "texts_per_kind": per_kind,
                                     "dropped_mentioning_edited_subjects": dropped,
                                     "chars": sum(len(t["text"]) for t in texts)}, indent=1))
     return path
 
 
 def _kind_texts(kind: str, model_name: str | None, samples_dir: str | None, n_texts: int, max_new_tokens: int,
-                seed: int) -> list[dict]:
+                seed: int, subjects: Sequence[str] = ()) -> list[dict]:
     if kind == "pydoc":
         return pydoc_texts()
     if kind == "docstrings":
@@ -314,7 +315,7 @@ def _kind_texts(kind: str, model_name: str | None, samples_dir: str | None, n_te
     if not model_name:
         raise InputError(f"statistics corpus '{kind}' needs the model (corpus:{kind}@<model>)")
     if kind == "facts":
-        return fact_texts(model_name, seed=seed)
+        return fact_texts(model_name, seed=seed, exclude=subjects)
     from .module import load_pretrained
 
     model, tok = load_pretrained(model_name, "float32")
