@@ -81,7 +81,7 @@ def run(name: str, plan: dict, overrides: list[str], root: Path, extra: list[str
     version = max((logs / name).iterdir(), key=lambda p: p.stat().st_mtime)
     data = json.loads((version / "summary.json").read_text())
     summary = data.get("summary", data)
-    out = {"summary": summary, "history": data.get("history", []), "wall_s": round(wall, 1), "command": " ".join(cmd),
+    out = {"summary": summary, "wall_s": round(wall, 1), "command": " ".join(cmd),  # the curve: summary["curve"]
            "log_dir": str(version)}
     keys = ("efficacy", "generalization", "specificity", "specificity_unedited", "retention", "retention_known",
             "probe_logprob_drop", "perplexity_after", "next_word_accuracy_after")
