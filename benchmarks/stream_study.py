@@ -52,6 +52,7 @@ PLANS: dict[str, dict] = {
     "fixes": {"config": PAPER, "offset": 5400, "limit": 200, "variants": {
         "alphaedit": [],
         "alphaedit_mpes": ["--model.residual.mpes=1"],
+        "alphaedit_mpes4": ["--model.residual.mpes=4"],
         "alphaedit_norm": ["--editor.init_args.norm_lambda=10"],
         "alphaedit_nas": ["--model.residual.nas=true", "--model.residual.nas_samples=200"],
         "memit": MEMIT,
