@@ -188,14 +188,12 @@ def fact_texts(model_name: str, per_text: int = 6, seed: int = 0, exclude: Seque
         if rel is not None and d["subject"] not in held:
             sentences.append({"text": rng.choice(rel.templates).replace("{}", d["subject"], 1) + " " + d["object"] + "."})
     sentences, _ = drop_mentions(sentences, sorted(held | set(exclude)))  # nor one naming a probe's or an edited subject
-    sentences = [(None, x["text"]) for x in sentences]
     rng.shuffle(sentences)
     out = []
     for i in range(0, len(sentences), per_text):
         part = sentences[i:i + per_text]
-        # one text per group; dropped as a whole by ``exclude`` when it names an edited subject, so
-        # keep groups small
-        out.append({"text": " ".join(t for _, t in part), "source": f"facts:{model_name}"})
+        # edited subjects are gone already, so the corpus's own ``exclude`` pass drops none of these
+        out.append({"text": " ".join(x["text"] for x in part), "source": f"facts:{model_name}"})
     return out
 
 

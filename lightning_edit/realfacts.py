@@ -317,11 +317,7 @@ def known_facts(model, tokenizer, facts: Sequence[tuple[str, str, str]], objects
     from .scoring import target_scores
 
     if objects is None:
-        objects = {}
-        for rid, _, o in facts:
-            objects.setdefault(rid, [])
-            if o not in objects[rid]:
-                objects[rid].append(o)
+        objects = objects_of(facts)
     prompts = []
     for i, (rid, subj, _) in enumerate(facts):
         if isinstance(templates, dict):

@@ -156,7 +156,7 @@ def test_packer_separates_documents_not_turns():
     assert ids.count(doc) == 2
 
 
-def test_cache_entries_record_their_corpus(tokenizer, tmp_path):
+def test_cache_entries_record_their_corpus(tokenizer, tmp_path, monkeypatch):
     """Each cached moment says which corpus it came from: the config's spec and, for a built
     corpus, its manifest (kind, exclusions, texts)."""
     from safetensors import safe_open
@@ -164,13 +164,8 @@ def test_cache_entries_record_their_corpus(tokenizer, tmp_path):
     model = make_model("gpt2", len(tokenizer), n_layer=2, width=32)
     cfg = StatsConfig(corpus="corpus:pydoc", n_samples=20, max_length=32, batch_size=4, cache_dir=str(tmp_path / "stats"),
                       save_every=0)
-    import os
-
-    os.environ["LIGHTNING_EDIT_CORPORA"] = str(tmp_path / "corpora")
-    try:
-        second_moments(ModelAdapter(model), tokenizer, [1], cfg, show_progress=False)
-    finally:
-        del os.environ["LIGHTNING_EDIT_CORPORA"]
+    monkeypatch.setenv("LIGHTNING_EDIT_CORPORA", str(tmp_path / "corpora"))
+    second_moments(ModelAdapter(model), tokenizer, [1], cfg, show_progress=False)
     (entry,) = (tmp_path / "stats").glob("*.moment.*.safetensors")
     with safe_open(str(entry), "pt") as f:
         meta = f.metadata()
