@@ -53,7 +53,8 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
 
 from lightning_edit.arch import ModelAdapter  # noqa: E402
 from lightning_edit.closed_form import ThresholdMode, null_space_projector  # noqa: E402
-from lightning_edit.module import generate_prefixes, load_pretrained  # noqa: E402
+from lightning_edit.loading import load_pretrained
+from lightning_edit.prefixes import generate_prefixes  # noqa: E402
 from lightning_edit.residuals import ResidualConfig, build_residual_batch, optimize_residuals  # noqa: E402
 from lightning_edit.scoring import target_scores  # noqa: E402
 from lightning_edit.stats import StatsConfig, accumulate_moments, iter_corpus_texts, packed_blocks  # noqa: E402

@@ -33,7 +33,8 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
 
 from lightning_edit.arch import ModelAdapter  # noqa: E402
 from lightning_edit.data.datamodule import _requests  # noqa: E402
-from lightning_edit.module import generate_prefixes, load_pretrained  # noqa: E402
+from lightning_edit.loading import load_pretrained
+from lightning_edit.prefixes import generate_prefixes  # noqa: E402
 from lightning_edit.residuals import ResidualConfig, build_residual_batch, optimize_residuals, trimmed_mean_norm  # noqa: E402
 from lightning_edit.tokens import flatten_targets  # noqa: E402
 

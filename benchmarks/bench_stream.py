@@ -36,7 +36,8 @@ if str(REPO) not in sys.path:
 
 from lightning_edit.arch import ModelAdapter  # noqa: E402
 from lightning_edit.data.formats import records_to_requests  # noqa: E402
-from lightning_edit.module import generate_prefixes, load_pretrained  # noqa: E402
+from lightning_edit.loading import load_pretrained
+from lightning_edit.prefixes import generate_prefixes  # noqa: E402
 from lightning_edit.profiling import PhaseTimer  # noqa: E402
 from lightning_edit.residuals import ResidualConfig, build_residual_batch, optimize_residuals  # noqa: E402
 from lightning_edit.stats import StatsConfig, projectors, second_moments  # noqa: E402

@@ -17,7 +17,7 @@ import torch
 def main(argv=None) -> dict:
     from lightning_edit.arch import ModelAdapter
     from lightning_edit.closed_form import null_space_projector
-    from lightning_edit.module import load_pretrained
+    from lightning_edit.loading import load_pretrained
     from lightning_edit.stats import StatsConfig, second_moments
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

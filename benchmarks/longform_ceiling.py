@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:
 from lightning_edit.arch import ModelAdapter  # noqa: E402
 from lightning_edit.longform import ChunkingConfig, load_longform  # noqa: E402
 from lightning_edit.longform.edit import LongFormConfig, build_longform_batch  # noqa: E402
-from lightning_edit.module import load_pretrained  # noqa: E402
+from lightning_edit.loading import load_pretrained  # noqa: E402
 from lightning_edit.residuals import ResidualConfig, optimize_residuals  # noqa: E402
 from lightning_edit.resources import resolve  # noqa: E402
 from lightning_edit.tokens import flatten_targets  # noqa: E402

@@ -19,12 +19,17 @@ from typing import Any
 from torch import nn
 
 from .callbacks import MEMIT, AlphaEdit, ClosedFormUpdate
+from .checkpointing import export_pretrained, load_edits
+from .data.datamodule import _requests
 from .data.requests import EditRequest, RequestError
 from .errors import InputError
-from .module import EditModule, load_pretrained
+from .loading import load_pretrained
+from .longform.records import LongFormRequest
+from .module import EditModule
+from .peft_export import export_lora
 from .residuals import ResidualConfig
 from .stats import StatsConfig
-from .update import apply_update
+from .stream import EditStream
 
 METHODS = {"alphaedit": AlphaEdit, "memit": MEMIT}
 
@@ -41,9 +46,6 @@ def _as_requests(requests: Sequence[EditRequest | Mapping[str, Any]], seen: Mapp
     ``case_id``, as the CLI names them by their position in the stream."""
     if isinstance(requests, (Mapping, EditRequest, str)):
         raise TypeError("pass a list of requests (records or EditRequest objects), not a single one")
-    from .data.datamodule import _requests
-    from .longform.records import LongFormRequest
-
     out: list = []
     for i, r in enumerate(requests):
         if isinstance(r, (EditRequest, LongFormRequest)):
@@ -100,10 +102,9 @@ class Editor:
                 raise InputError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
             st = stats if isinstance(stats, StatsConfig) else StatsConfig(**(stats or {}))
             self.callback = METHODS[method](stats=st, **dict(method_kwargs or {}))
-        self.callback._module = self.module
+        self.callback.attach(self.module)
         if ledger_dir is not None:
             self.module.ledger.directory = Path(ledger_dir)
-        self._base: dict[int, Any] | None = None  # unedited edit-layer weights (CPU), for exact undo
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, layers: Sequence[int] | str = "auto", dtype: str = "float32", device: str | None = None,
@@ -129,15 +130,18 @@ class Editor:
         return self.module.num_edits
 
     @property
+    def stream(self) -> EditStream:
+        """The :class:`~lightning_edit.stream.EditStream` that applies the batches."""
+        return self.module.stream
+
+    @property
     def ledger(self):
         """The :class:`~lightning_edit.ledger.EditLedger`: every batch applied, in order."""
         return self.module.ledger
 
     def prepare(self) -> None:
         """Compute (or load from cache) statistics and projectors; done on first :meth:`apply`."""
-        if self._base is None:
-            ad = self.module.adapter
-            self._base = {l: ad.weight_as_linear(l).detach().cpu().clone() for l in self.module.layers}
+        self.stream.keep_base()  # the unedited edit-layer weights (CPU), for exact undo
         self.callback.prepare(self.module)
 
     def apply(self, requests: Sequence[EditRequest | Mapping[str, Any]]) -> dict[str, float]:
@@ -152,32 +156,15 @@ class Editor:
         self.prepare()
         # residual.nas: the norm anchor from this first batch on the unedited model (or residual.nas_anchor)
         self.module.ensure_norm_anchor(reqs, batch_size=len(reqs))
-        rb, res = self.module.compute_residuals(reqs)
-        ledger, cb = self.module.ledger, self.callback
-        info = apply_update(self.module.adapter, rb, res.z_target, self.module.layers, cb.method,
-                            max_rows=self.module.max_rows, master=cb.master, record={}, context=self.module.update_context,
-                            on_record=lambda t, inf: ledger.append(cb.batch_record(ledger.position, [r.case_id for r in reqs], inf, t,
-                                                                                   requests=reqs)))
-        applied.extend(reqs)
-        info.update({"z/loss": float(res.loss.mean()), "z/nll": float(res.nll.mean())})
-        return info
+        record = self.stream.apply(reqs, progress=self.module.progress_enabled())
+        res = self.stream.last_residuals
+        return {**record.info, "z/loss": float(res.loss.mean()), "z/nll": float(res.nll.mean())}
 
     def undo(self, n: int = 1) -> list[dict]:
         """Take the last ``n`` batches back: weights rebuilt from the unedited ones plus the kept
         batches (bit-identical to never having applied the others, also in bf16), ``K_p K_p^T``
         without their keys, ledger and history rewound. Returns the removed batches' rows."""
-        ledger = self.module.ledger
-        if not 0 <= n <= ledger.position:
-            raise InputError(f"cannot undo {n} batches: {ledger.position} are applied")
-        if n == 0:
-            return []
-        rows = ledger.history()[ledger.position - n:]
-        ledger.truncate(ledger.position - n)
-        ad = self.module.adapter
-        base = {l: t.to(ad.weight_as_linear(l).device) for l, t in self._base.items()}
-        self.callback.rebuild(self.module, base)
-        del self.module.edit_history[ledger.num_edits:]
-        return rows
+        return self.stream.undo(n)
 
     def history(self) -> list[dict]:
         """What the model carries: one row per applied batch (request ids, method, hyper-parameters,
@@ -205,16 +192,12 @@ class Editor:
         :mod:`lightning_edit.peft_export`; raises :class:`~lightning_edit.peft_export.PeftExportError`
         when PEFT cannot express the edits."""
         if peft:
-            from .peft_export import export_lora
-
             name = self.module.ledger.meta.get("model")  # a path or hub id; the class name for an in-memory model
             out, _ = export_lora(self.module.adapter, self.module.ledger, directory, self.module.layers, batches, rank,
                                  base_model=None if name in (None, "None", type(self.model).__name__) else name)
             return out
         if batches is not None or rank is not None:
             raise ValueError("batches and rank apply to peft=True exports; a full export carries every batch (undo first)")
-        from .checkpointing import export_pretrained
-
         return export_pretrained(self.module.lm, self.module.tokenizer, self.module.ledger, directory)
 
     def config(self) -> dict:
@@ -224,8 +207,6 @@ class Editor:
 
 def load_edited(name_or_path: str, edits: str | Path, dtype: str = "float32", device: str | None = None):
     """Load a base model and apply exported edits onto it; returns ``(model, tokenizer)``."""
-    from .checkpointing import load_edits
-
     model, tok = load_pretrained(name_or_path, dtype)  # type: ignore[arg-type]
     load_edits(model, edits)
     if device is not None:

@@ -1,10 +1,11 @@
-"""The editing methods as Lightning callbacks: after each batch's residuals are optimized
-(``EditModule.training_step``), compute and apply the closed-form update layer by layer.
+"""The editing methods as Lightning callbacks: statistics and checkpoint glue around the
+:class:`~lightning_edit.stream.EditStream`, which applies every batch (``EditModule.training_step``).
 
-The callback owns the edit state that goes into checkpoints: the edited weights, AlphaEdit's
-accumulated ``K_p K_p^T``, and how many batches are applied. The frozen LM itself is never
-checkpointed. On resume, the statistics are taken from the *unedited* base model first, then
-the saved edits are put back, so a resumed run continues exactly where it stopped.
+At fit start the callback computes (or loads) the preserved-key statistics on the *unedited*
+model, builds the method's math object (MEMIT's moments, AlphaEdit's projectors) and gives it to
+the stream; on resume it then checks the checkpoint (method, layers, base-model fingerprint) and
+has the stream rebuild the saved edits from its ledger, so a resumed run continues exactly where
+it stopped. The frozen LM itself is never checkpointed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .errors import CheckpointError, InputError
 from .module import EditModule
 from .progress import show_progress
 from .stats import StatsConfig, projectors, second_moments
-from .update import AlphaEditMethod, MemitMethod, apply_update, master_copies
+from .update import AlphaEditMethod, MemitMethod
 
 SolveDType = Literal["float32", "float64"]
 _SOLVE = {"float32": torch.float32, "float64": torch.float64}
@@ -45,10 +46,15 @@ class ClosedFormUpdate(L.Callback):
         self.solve_dtype = _SOLVE[solve_dtype]
         self.export_path = export_path
         self.method = None
-        self.master: dict[int, torch.Tensor] = {}
         self.base_fingerprint: str | None = None
         self._stash: dict | None = None
-        self.last_info: dict[str, float] = {}
+        self._stash_path: str | None = None
+        self._module: EditModule | None = None
+
+    def attach(self, module: EditModule) -> None:
+        """The module whose stream this callback prepares and checkpoints (Lightning's ``setup``
+        does it in a run; the notebook :class:`~lightning_edit.api.Editor` calls it)."""
+        self._module = module
 
     # ---- method-specific -------------------------------------------------------------------
     def build_method(self, module: EditModule, moments: dict[int, torch.Tensor], trainer=None):
@@ -72,8 +78,8 @@ class ClosedFormUpdate(L.Callback):
             dm = trainer.datamodule
             module.ensure_norm_anchor(getattr(dm, "requests", None), batch_size=getattr(dm, "batch_size", None) or 100,
                                       broadcast=(lambda x: trainer.strategy.broadcast(x, src=0)) if world > 1 else None)
-        self.master = master_copies(module.adapter, module.layers)  # float32 masters of bf16/fp16 edit layers
         self.method = self.build_method(module, moments, trainer)
+        module.stream.set_method(self.method, self.method_name)  # and the float32 masters of bf16/fp16 edit layers
         self._restore_edits(module)
 
     def _check_stash(self, module: EditModule) -> None:
@@ -104,33 +110,16 @@ class ClosedFormUpdate(L.Callback):
         self._check_stash(module)
         st = self._stash
         ledger = module.ledger
-        if int(st.get("batches_applied", ledger.position)) != ledger.position:
+        if "batches_applied" in st and int(st["batches_applied"]) != ledger.position:  # written by earlier versions
             raise CheckpointError(f"checkpoint {self._stash_path or ''}: its edit state says {st.get('batches_applied')} batches, "
                              f"its ledger holds {ledger.position}")
-        self.rebuild(module)
+        module.stream.rebuild()  # the unedited weights + the ledger's batches; K_p K_p^T from their keys
         self._stash = None
-
-    def rebuild(self, module: EditModule, base: dict[int, torch.Tensor] | None = None) -> None:
-        """Weights := ``base`` (default: the model's current, unedited weights) + the ledger's
-        batches; ``K_p K_p^T`` from the ledger's keys."""
-        ad = module.adapter
-        if base is None:
-            base = {l: ad.weight_as_linear(l).detach().clone() for l in module.layers}
-        if not self.master:
-            self.master = master_copies(ad, module.layers)
-        module.ledger.replay(ad, module.layers, base, self.master)
-        if self.method is not None and hasattr(self.method, "reset"):
-            self.method.reset(module.ledger.keys_per_batch(module.layers, device=module.device_))
-
-    @property
-    def batches_applied(self) -> int:
-        """Batches applied (the ledger's position)."""
-        return self._module.ledger.position if self._module is not None else 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not isinstance(pl_module, EditModule):
             raise TypeError(f"{type(self).__name__} needs an EditModule, got {type(pl_module).__name__}")
-        self._module = pl_module
+        self.attach(pl_module)
         ckpt = trainer.checkpoint_callback
         if stage == "fit" and pl_module.ledger.directory is None and ckpt is not None and getattr(ckpt, "dirpath", None):
             pl_module.ledger.directory = Path(ckpt.dirpath) / "ledger"  # batch files appended beside the checkpoints
@@ -142,12 +131,6 @@ class ClosedFormUpdate(L.Callback):
         # runs after the checkpoint (if any) is restored into self._stash
         self.prepare(pl_module, trainer)
 
-    def on_train_start(self, trainer, pl_module: EditModule) -> None:
-        # the stream loader exists (and has its restored position) only from here on
-        loader = trainer.train_dataloader
-        if loader is not None and hasattr(loader, "applied") and loader.applied != self.batches_applied:
-            raise CheckpointError(f"edit stream position ({loader.applied} batches) disagrees with the edit state ({self.batches_applied} batches applied)")
-
     def on_validation_start(self, trainer, pl_module: EditModule) -> None:
         if trainer.state.fn != "fit":
             self._restore_edits(pl_module)
@@ -155,47 +138,10 @@ class ClosedFormUpdate(L.Callback):
     def on_test_start(self, trainer, pl_module: EditModule) -> None:
         self._restore_edits(pl_module)
 
-    # ---- the update --------------------------------------------------------------------------
-    def on_train_batch_end(self, trainer, pl_module: EditModule, outputs, batch, batch_idx: int) -> None:
-        edit_batch, rb, res = pl_module._pending
-        if edit_batch.index != self.batches_applied:
-            raise RuntimeError(f"batch {edit_batch.index} arrived but {self.batches_applied} batches are applied: the stream is out of order")
-        tensors: dict = {}
-        world = trainer.world_size
-        info = apply_update(
-            # rb / res are None on a process with no request of this batch (it still joins the gathers)
-            pl_module.adapter, rb, None if res is None else res.z_target, pl_module.layers, self.method,
-            gather=lambda t: pl_module.gather_rows(t, len(edit_batch.requests)), max_rows=pl_module.max_rows,
-            master=self.master, record=tensors, context=pl_module.update_context,
-            # every process applies rank 0's update: processes can never drift apart
-            broadcast=(lambda obj: trainer.strategy.broadcast(obj, src=0)) if world > 1 else None,
-            on_record=lambda t, inf: pl_module.ledger.append(
-                self.batch_record(edit_batch.index, [r.case_id for r in edit_batch.requests], inf, t, requests=edit_batch.requests),
-                write=trainer.is_global_zero),
-        )
-        pl_module._pending = None
-        loader = trainer.train_dataloader
-        if hasattr(loader, "applied"):
-            loader.applied = self.batches_applied
-        self.last_info = info
-        pl_module.log_dict(info, on_step=True, batch_size=len(edit_batch.requests))
-        pl_module.log("edits_applied", float(pl_module.num_edits), on_step=True, prog_bar=True, batch_size=1)
-        pl_module.record_applied(edit_batch)  # history + mid-stream evaluation, before this batch's checkpoint
-
-    def batch_record(self, index: int, request_ids: list[str], info: dict, tensors: dict, requests=None):
-        """The ledger's record of an applied batch; ``requests`` (the batch's requests, in the
-        order of ``request_ids``) give each request's one-line description."""
-        from .ledger import BatchRecord, describe_request
-
-        hp = self.method.hparams() if self.method is not None and hasattr(self.method, "hparams") else {}
-        return BatchRecord(index=index, request_ids=list(request_ids), method=self.method_name, hparams=hp,
-                           info={k: float(v) for k, v in info.items()}, tensors=tensors,
-                           descriptions=[describe_request(r) for r in requests] if requests is not None else [])
-
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        # small: the edits themselves are in the module's ledger (one file per batch), the
-        # weights and K_p K_p^T are rebuilt from it on load
+        # small: what the edits were made with; the edits themselves are the module's ledger (one
+        # file per batch), the weights and K_p K_p^T are rebuilt from it on load
         if self._module is None:
             return {}
         m = self._module
@@ -204,8 +150,6 @@ class ClosedFormUpdate(L.Callback):
             "base_fingerprint": self.base_fingerprint,
             "model_name": str(m.model_name),
             "layers": list(m.layers),
-            "batches_applied": self.batches_applied,
-            "num_edits": m.num_edits,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -216,12 +160,8 @@ class ClosedFormUpdate(L.Callback):
                              f"this run uses {self.method_name!r}")
         self._stash = state_dict
 
-    _stash_path: str | None = None
-
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         self._stash_path = str(trainer.ckpt_path) if trainer.ckpt_path else None
-
-    _module: EditModule | None = None
 
     def on_fit_end(self, trainer, pl_module: EditModule) -> None:
         path = self._default_export_path(trainer)  # on every rank: trainer.log_dir is a broadcast under DDP

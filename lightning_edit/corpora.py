@@ -314,7 +314,7 @@ def _kind_texts(kind: str, model_name: str | None, samples_dir: str | None, n_te
         raise InputError(f"statistics corpus '{kind}' needs the model (corpus:{kind}@<model>)")
     if kind == "facts":
         return fact_texts(model_name, seed=seed, exclude=subjects)
-    from .module import load_pretrained
+    from .loading import load_pretrained
 
     model, tok = load_pretrained(model_name, "float32")
     print(f"[lightning-edit] sampling {n_texts} texts from {model_name} for the statistics corpus (once)", file=sys.stderr)

@@ -135,7 +135,7 @@ def ensure_model(name: str, root: str | Path | None = None) -> Path:
         except (OSError, json.JSONDecodeError):
             pass
     gguf_path = locate_gguf(spec, root)
-    from .module import load_pretrained, require_gguf
+    from .loading import load_pretrained, require_gguf
 
     require_gguf(f"the built-in model {PREFIX}{name}")
     print(f"[lightning-edit] converting {gguf_path.name} to a Hugging Face directory (once): {out}", file=sys.stderr)

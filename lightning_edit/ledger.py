@@ -305,28 +305,30 @@ def _read_checkpoint(path: str) -> tuple[dict, "EditLedger"]:
     return ckpt, ledger
 
 
+def base_fingerprint(ckpt: dict) -> str | None:
+    """The base model's fingerprint an edit checkpoint was made on (the editing callback's state)."""
+    return next((cb.get("base_fingerprint") for cb in ckpt.get("callbacks", {}).values()
+                 if isinstance(cb, dict) and "base_fingerprint" in cb), None)
+
+
 def rewind_checkpoint(ckpt: dict, ledger: "EditLedger", position: int) -> dict:
-    """A checkpoint dict rewound to ``position`` batches: ledger, edit state, report history,
-    the stream loader's position and Lightning's loop counters (as a checkpoint written after
+    """A checkpoint dict rewound to ``position`` batches: the ledger (which is the stream's
+    position and evaluation history) and Lightning's loop counters (as a checkpoint written after
     batch ``position`` holds them), so ``fit --ckpt_path`` continues from there."""
     n = ledger.position - position
     ledger.truncate(position)
     num_edits = ledger.num_edits
     ckpt["edit_module"]["ledger"] = ledger.state_dict()
-    ckpt["edit_module"]["num_edits"] = num_edits
+    ckpt["edit_module"].pop("num_edits", None)  # a copy kept by earlier versions
     for cb in ckpt.get("callbacks", {}).values():
         if not isinstance(cb, dict):
             continue
-        if "batches_applied" in cb:
-            cb["batches_applied"], cb["num_edits"] = position, num_edits
-        for key in ("history", "stream"):  # the report's curves
+        cb.pop("batches_applied", None), cb.pop("num_edits", None)  # copies kept by earlier versions
+        for key in ("history", "stream"):  # the report's curves (earlier versions kept them here)
             if isinstance(cb.get(key), str):
                 cb[key] = json.dumps([h for h in json.loads(cb[key]) if int(h.get("num_edits", 0)) <= num_edits])
     ckpt["global_step"] = max(0, int(ckpt.get("global_step", 0)) - n)
     fit = ckpt.get("loops", {}).get("fit_loop", {})
-    for st in fit.get("state_dict", {}).get("combined_loader", []) or []:
-        if isinstance(st, dict) and "applied" in st:
-            st["applied"] = position
     # Lightning's loop state: flat keys with dotted names ("epoch_loop.batch_progress", ...)
     stepped = fit.get("epoch_loop.state_dict", {})
     if "_batches_that_stepped" in stepped:
@@ -420,7 +422,7 @@ def export_main(argv: list[str] | None = None) -> int:
 
     from .arch import ModelAdapter
     from .checkpointing import export_pretrained, full_model_fingerprint
-    from .module import load_pretrained
+    from .loading import load_pretrained
     from .update import master_copies
 
     ap = argparse.ArgumentParser(prog="lightning-edit export", description="write the edited model of a checkpoint as a "
@@ -447,8 +449,7 @@ def export_main(argv: list[str] | None = None) -> int:
     model, tok = load_pretrained(m["model"], m.get("dtype", "float32"), bool(m.get("trust_remote_code")), m.get("tokenizer"))
     adapter = ModelAdapter(model, m.get("layer_template"), m.get("mlp_down_template"))
     layers = [int(l) for l in m["layers"]]
-    saved = next((cb.get("base_fingerprint") for cb in ckpt.get("callbacks", {}).values()
-                  if isinstance(cb, dict) and "batches_applied" in cb), None)
+    saved = base_fingerprint(ckpt)
     if saved is not None and saved != full_model_fingerprint(model):
         raise SystemExit(f"{a.ckpt_path} was made on another base model than {m['model']!r} (model fingerprint differs)")
     base = {l: adapter.weight_as_linear(l).detach().clone() for l in layers}
@@ -466,8 +467,7 @@ def _export_peft(a, ckpt: dict, ledger: "EditLedger") -> int:
     try:
         model, name = structure_model(m)  # module names and types only, on the meta device
         adapter = ModelAdapter(model, m.get("layer_template"), m.get("mlp_down_template"))
-        fingerprint = next((cb.get("base_fingerprint") for cb in ckpt.get("callbacks", {}).values()
-                            if isinstance(cb, dict) and "batches_applied" in cb), None)
+        fingerprint = base_fingerprint(ckpt)
         out, lora = export_lora(adapter, ledger, a.out, batches=a.batches, rank=a.rank, base_model=name,
                                 extra={"base_fingerprint": fingerprint} if fingerprint else None)
     except PeftExportError as err:

@@ -1,8 +1,10 @@
 """The LightningModule: wraps the frozen LM, optimizes the residual vectors of each edit batch
 (``training_step``), and evaluates (``validation_step`` / ``test_step``).
 
-The weight update itself happens in a callback (:mod:`lightning_edit.callbacks`), which runs
-after ``training_step`` and before the checkpoint of the same batch is written.
+A thin shell over :class:`~lightning_edit.stream.EditStream`: ``training_step`` hands each batch
+to :meth:`EditStream.apply` (z, keys, solve, apply, ledger record), then logs and evaluates. The
+editing callback (:mod:`lightning_edit.callbacks`) computes the statistics, gives the stream its
+method and restores checkpoints.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import math
 import random
 import warnings
-from pathlib import Path
 from collections.abc import Sequence
 from typing import Literal
 
@@ -20,114 +21,26 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from .arch import ModelAdapter
+from .chat import wrap_request
 from .data.datamodule import EditBatch
-from .data.requests import EditRequest
-from .errors import CheckpointError, DependencyError, InputError, MissingFileError, require_local_path
+from .data.requests import EditRequest, RequestError, target_text
+from .errors import CheckpointError, InputError
+from .evaluate import evaluate_requests, make_edit_metrics, update_edit_metrics
 from .ledger import EditLedger
-from .longform.edit import LongFormConfig, build_longform_batch, is_longform
-from .residuals import ResidualConfig, build_residual_batch, optimize_residuals
-
-DType = Literal["float32", "bfloat16", "float16"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
+from .loading import DType, load_pretrained
+from .longform.chunking import check_all_fit
+from .longform.edit import LongFormConfig, evaluate_longform, is_longform
+from .prefixes import PREFIX_STARTS
+from .progress import show_progress
+from .residuals import ResidualConfig
+from .stream import Collective, EditStream
+from .tblog import close_edit_axis, log_edit_axis
 
 # Expected with a frozen model and manual optimization; not actionable for users.
 for _msg in (r".*configure_optimizers.*returned.*None.*", r".*module\(s\) in eval mode.*", r".*no pre-optimization state was saved.*",
              r".*compute.*method of metric.*was called before.*", r".*isinstance\(treespec, LeafSpec\).*", r".*smaller than the logging interval.*",
              r".*logger=True.*but have no logger configured.*"):  # validate's table needs logger=True, with or without a logger
     warnings.filterwarnings("ignore", message=_msg)
-
-
-GGUF_INSTALL = "pip install gguf accelerate   (or: pip install 'lightning-edit[gguf]')"
-
-
-def split_gguf(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
-    """``(directory or hub id, GGUF file name or None)``: a path to a ``.gguf`` file is split into
-    its directory and name; ``gguf_file`` names the file inside ``name_or_path``."""
-    if gguf_file:
-        return name_or_path, gguf_file
-    if isinstance(name_or_path, str) and name_or_path.lower().endswith(".gguf"):
-        p = Path(name_or_path)
-        if not p.is_file():
-            raise MissingFileError(f"GGUF file {name_or_path!r} not found")
-        return str(p.parent), p.name
-    return name_or_path, None
-
-
-def require_gguf(what: str) -> None:
-    """Raise a :class:`~lightning_edit.errors.DependencyError` (an ``ImportError``) naming the pip
-    command when GGUF support is not installed."""
-    import importlib.util
-
-    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise DependencyError(f"loading {what} needs the optional package(s) {', '.join(missing)}: {GGUF_INSTALL}")
-
-
-def load_pretrained(name_or_path: str, dtype: DType = "float32", trust_remote_code: bool = False, tokenizer: str | None = None,
-                    gguf_file: str | None = None):
-    """Load a causal LM and its (fast) tokenizer from a hub id, a local directory, a built-in
-    resource name (``factworld:...``, ``smollm2:...``) or a GGUF file (a ``.gguf`` path, or a
-    directory plus ``gguf_file``; dequantized to ``dtype`` by transformers)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .resources import resolve
-
-    if dtype not in DTYPES:
-        raise InputError(f"model dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    name_or_path, gguf_file = split_gguf(resolve(name_or_path), gguf_file)
-    tokenizer = resolve(tokenizer) if tokenizer else None
-    kw = {}
-    if gguf_file:
-        require_gguf(f"GGUF file {gguf_file!r}")
-        kw["gguf_file"] = gguf_file
-    model = _from_pretrained(AutoModelForCausalLM, name_or_path, "model", dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **kw)
-    if tokenizer:
-        tok_name, tok_kw = split_gguf(tokenizer)
-        tok = _from_pretrained(AutoTokenizer, tok_name, "tokenizer", trust_remote_code=trust_remote_code,
-                               **({"gguf_file": tok_kw} if tok_kw else {}))
-    else:
-        tok = _from_pretrained(AutoTokenizer, name_or_path, "tokenizer", trust_remote_code=trust_remote_code, **kw)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
-
-
-def _from_pretrained(auto_class, name: str, what: str, **kwargs):
-    """``auto_class.from_pretrained(name)``; a name that looks like a local path but does not exist,
-    or that is no local path and fails to load from the hub (transformers' message does not name
-    it), raises :class:`~lightning_edit.errors.MissingFileError` naming it."""
-    require_local_path(name, what)
-    try:
-        return auto_class.from_pretrained(name, **kwargs)
-    except OSError as err:
-        if not isinstance(name, str) or Path(name).expanduser().exists():
-            raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MissingFileError(f"{what} {name!r} is not a local directory, and loading it from the Hugging Face hub "
-                               f"failed ({first})") from err
-
-
-@torch.no_grad()
-def generate_prefixes(model: nn.Module, tokenizer, n: int, length: int, seed: int = 0) -> list[str]:
-    """MEMIT's context prefixes: ``n`` short texts sampled (top-5) from the unedited model from
-    the starts "The", "Therefore", ..., each followed by ". ". Seeded, no global RNG state."""
-    if n <= 0:
-        return []
-    device = next(model.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    out = []
-    for i in range(n):
-        ids = tokenizer(PREFIX_STARTS[i % len(PREFIX_STARTS)], return_tensors="pt")["input_ids"].to(device)
-        for _ in range(length):
-            logits = model(input_ids=ids, use_cache=False).logits[0, -1].float()
-            top = logits.topk(min(5, logits.numel()))
-            probs = torch.softmax(top.values, -1).cpu()
-            nxt = top.indices[torch.multinomial(probs, 1, generator=gen).to(device)]
-            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-        text = tokenizer.decode(ids[0], skip_special_tokens=True)
-        out.append(text.replace("{", " ").replace("}", " ") + ". ")
-    return out
 
 
 class EditModule(L.LightningModule):
@@ -204,14 +117,13 @@ class EditModule(L.LightningModule):
         if longform is None or isinstance(longform, dict):
             longform = LongFormConfig(**(longform or {}))
         self.longform_cfg = longform
-        self._pending_longform = False
         self.n_prefixes, self.prefix_length, self.seed = context_prefixes, context_length, seed
         self.eval_every, self.eval_batch_size, self.max_rows = eval_every, eval_batch_size, max_rows_per_forward
         if eval_sample < 0:
             raise InputError(f"eval_sample must be >= 0 (0 = every edited request), got {eval_sample}")
         self.eval_sample = eval_sample
         self.eval_indices: list[int] | None = None  # the stream positions the last mid-stream evaluation scored (None: all)
-        self._templates = (layer_template, mlp_down_template)
+        self.templates = (layer_template, mlp_down_template)
         self._tokenizer_name, self._trust_remote_code = tokenizer, trust_remote_code
         self.chat_template, self.system_prompt = chat_template, system_prompt
         self.lm, self.tokenizer = load_pretrained(model, dtype, trust_remote_code, tokenizer, gguf_file) if isinstance(model, str) else model
@@ -231,32 +143,51 @@ class EditModule(L.LightningModule):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.lm.requires_grad_(False)
         self.lm.eval()
-        self.adapter = ModelAdapter(self.lm, *self._templates)
+        self.adapter = ModelAdapter(self.lm, *self.templates)
         if not self.layers:  # layers: auto
             self.layers = self.adapter.default_edit_layers()
             rank_zero_info(f"edit layers (auto): {self.layers} of {self.adapter.n_layers} decoder blocks")
         self.adapter.check_layers(self.layers)
-        self.prefixes: list[str] | None = None
-        # NAS's norm anchor (residual.nas), from the unedited model; checkpointed like the prefixes
-        cfg = self.residual_cfg
-        self.norm_anchor: float | None = float(cfg.nas_anchor) if cfg.nas and cfg.nas_anchor > 0 else None
-        self._pending = None
-        # the requests applied so far, in stream order (their ids are the ledger's)
-        self.edit_history: list[EditRequest] = []
-        # the stream's state: every applied batch, the position, the evaluation history
-        self.ledger = EditLedger(meta=self.ledger_meta())
+        # the stream's state: the ledger (every applied batch, the position, the evaluation
+        # history), the method, the masters, the prefixes, NAS's norm anchor
+        self.stream = EditStream(self.adapter, self.tokenizer, self.layers, self.residual_cfg, self.longform_cfg,
+                                 EditLedger(meta=self.ledger_meta()), n_prefixes=self.n_prefixes, prefix_length=self.prefix_length,
+                                 seed=self.seed, max_rows=self.max_rows, chat_template=self.chat_template,
+                                 system_prompt=self.system_prompt)
 
     def ledger_meta(self) -> dict:
         """What the edit stream edits (written into checkpoints and exports)."""
         p = next(self.lm.parameters())
         return {"model": str(self.model_name), "dtype": str(p.dtype).removeprefix("torch."), "layers": list(self.layers),
-                "layer_template": self._templates[0], "mlp_down_template": self._templates[1],
+                "layer_template": self.templates[0], "mlp_down_template": self.templates[1],
                 "tokenizer": self._tokenizer_name, "trust_remote_code": self._trust_remote_code}
+
+    @property
+    def ledger(self) -> EditLedger:
+        """The stream's :class:`~lightning_edit.ledger.EditLedger`."""
+        return self.stream.ledger
 
     @property
     def num_edits(self) -> int:
         """Requests applied so far (from the ledger)."""
-        return self.ledger.num_edits
+        return self.stream.num_edits
+
+    @property
+    def edit_history(self) -> list[EditRequest]:
+        """The requests applied so far, in stream order (the stream's)."""
+        return self.stream.requests
+
+    @property
+    def prefixes(self) -> list[str] | None:
+        return self.stream.prefixes
+
+    @property
+    def norm_anchor(self) -> float | None:
+        return self.stream.norm_anchor
+
+    @property
+    def last_z_loss(self) -> float | None:
+        return self.stream.last_z_loss
 
     @property
     def stream_history(self) -> list[dict]:
@@ -283,14 +214,16 @@ class EditModule(L.LightningModule):
         requests = getattr(dm, "requests", None)
         if requests:
             self.check_lengths(requests, prefixes=stage == "fit")
+        if stage == "fit" and dm is not None and hasattr(dm, "train_dataloader"):
+            loader = dm.train_dataloader()
+            if hasattr(loader, "follow"):
+                loader.follow(self.ledger)  # the stream starts after the ledger's last batch
 
     def prepare_requests(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
         """The requests as this module edits them (chat turns when ``chat_template`` is on; a
         long-form question is rendered with the template when it is chunked, not here)."""
         if not self.chat_template or is_longform(requests):
             return list(requests)
-        from .chat import wrap_request
-
         return [wrap_request(self.tokenizer, r, self.system_prompt) for r in requests]
 
     def on_train_start(self) -> None:
@@ -299,10 +232,10 @@ class EditModule(L.LightningModule):
         dm = self.trainer.datamodule
         requests = getattr(dm, "requests", None)
         if requests and len(self.edit_history) < self.num_edits:
-            self.edit_history = list(requests[: self.num_edits])
-            if [r.case_id for r in self.edit_history] != self.ledger.request_ids():
+            if [r.case_id for r in requests[: self.num_edits]] != self.ledger.request_ids():
                 raise CheckpointError("the checkpoint's edit ledger holds other requests than the first "
                                  f"{self.num_edits} of this stream (check dataset, limit, offset, batch_size)")
+            self.stream.requests[:] = requests[: self.num_edits]
 
     def on_validation_model_train(self) -> None:
         self.lm.eval()
@@ -312,66 +245,26 @@ class EditModule(L.LightningModule):
         return {}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["edit_module"] = {"prefixes": self.prefixes, "num_edits": self.num_edits, "ledger": self.ledger.state_dict()}
-        if self.norm_anchor is not None:
-            checkpoint["edit_module"]["norm_anchor"] = self.norm_anchor
+        checkpoint["edit_module"] = self.stream.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("edit_module", {})
-        self.prefixes = state.get("prefixes")
-        if state.get("norm_anchor") is not None and self.residual_cfg.nas and not self.residual_cfg.nas_anchor:
-            self.norm_anchor = float(state["norm_anchor"])  # the stream's anchor, not one of the edited model
-        if "ledger" not in state:
-            raise CheckpointError("the checkpoint holds no edit ledger (written by an older lightning-edit); it cannot be resumed")
-        self.ledger.load_state_dict(state["ledger"])
+        self.stream.load_state_dict(checkpoint.get("edit_module", {}))
 
     @property
     def device_(self) -> torch.device:
         return next(self.lm.parameters()).device
 
     def ensure_prefixes(self) -> list[str]:
-        if self.prefixes is None:
-            self.prefixes = generate_prefixes(self.lm, self.tokenizer, self.n_prefixes, self.prefix_length, self.seed)
-        return self.prefixes
+        return self.stream.ensure_prefixes()
 
     def ensure_norm_anchor(self, requests: Sequence[EditRequest] | None, batch_size: int = 100,
                            broadcast=None) -> float | None:
-        """NAS's norm anchor (``residual.nas``): the mean ``||v*||`` (top 5% dropped) of a seeded
-        sample of ``residual.nas_samples`` of ``requests``, optimized in batches of ``batch_size``
-        with this run's residual settings on the model as it is now, which must be unedited (a
-        resumed run takes the anchor from its checkpoint; ``residual.nas_anchor`` sets it).
-        ``broadcast`` (DDP): every process takes rank 0's value. None without ``residual.nas``."""
-        cfg = self.residual_cfg
-        if not cfg.nas or self.norm_anchor is not None:
-            return self.norm_anchor
-        if self.ledger.position > 0:
-            raise CheckpointError("residual.nas: the norm anchor must come from the unedited model, but edits are applied "
-                                  "and no anchor was saved with them; set residual.nas_anchor")
-        if not requests:
-            raise InputError("residual.nas: no requests to calibrate the norm anchor on; set residual.nas_anchor")
-        if is_longform(requests):
-            raise InputError("residual.nas rescales single-fact targets; it does not apply to long-form requests")
-        from .progress import ResidualProgress, show_progress
-        from .residuals import trimmed_mean_norm
-
-        reqs = list(requests)
-        if len(reqs) > cfg.nas_samples:
-            gen = torch.Generator().manual_seed(self.seed)
-            keep = torch.randperm(len(reqs), generator=gen)[: cfg.nas_samples].sort().values.tolist()
-            reqs = [reqs[i] for i in keep]
-        norms = []
-        for i in range(0, len(reqs), max(1, batch_size)):
-            part = reqs[i : i + max(1, batch_size)]
-            rb = build_residual_batch(self.tokenizer, part, self.ensure_prefixes(), cfg.anchor, kl=cfg.kl_factor > 0)
-            with ResidualProgress(f"NAS norm anchor: z ({i + len(part)}/{len(reqs)} requests)", cfg.steps,
-                                  enabled=show_progress(self._trainer)) as bar:
-                res = optimize_residuals(self.adapter, rb, self.layers[-1], cfg, on_step=bar)
-            norms.append(res.v_star_norm.detach().cpu())
-        anchor = trimmed_mean_norm(torch.cat(norms))
-        if broadcast is not None:
-            anchor = float(broadcast(anchor))
-        self.norm_anchor = anchor
-        rank_zero_info(f"NAS norm anchor: mean ||v*|| = {anchor:.4g} over {len(reqs)} requests (top 5% dropped)")
+        """NAS's norm anchor (:meth:`EditStream.ensure_norm_anchor`), reported once set."""
+        had = self.stream.norm_anchor
+        anchor = self.stream.ensure_norm_anchor(requests, batch_size, broadcast, progress=self.progress_enabled())
+        if had is None and anchor is not None:
+            rank_zero_info(f"NAS norm anchor: mean ||v*|| = {anchor:.4g} over {min(len(requests), self.residual_cfg.nas_samples)} "
+                           "requests (top 5% dropped)")
         return anchor
 
     # ---- input lengths ----------------------------------------------------------------------
@@ -389,15 +282,11 @@ class EditModule(L.LightningModule):
         longest context prefix when ``prefixes``; paraphrases, locality and generation prompts
         with their answers) do not fit the model's positions. Raises :class:`RequestError`
         naming the record and the field."""
-        from .data.requests import RequestError, target_text
-
         limit = self.max_positions()
         if limit is None or not requests:
             return
         if is_longform(requests):
-            from .longform.chunking import check_all_fit
-
-            check_all_fit(self.tokenizer, requests, limit, getattr(self, "chat_template", False), getattr(self, "system_prompt", None))
+            check_all_fit(self.tokenizer, requests, limit, self.chat_template, self.system_prompt)
             return
         # a generated prefix is a start word + context_length sampled tokens + ". " (re-tokenized:
         # bounded by its length in tokens plus a margin for the start word and the period)
@@ -445,67 +334,23 @@ class EditModule(L.LightningModule):
 
     # ---- editing ---------------------------------------------------------------------------
     def compute_residuals(self, requests: Sequence[EditRequest], label: str | None = None):
-        """Encode and optimize the residual vectors of ``requests`` (one padded batch): one per
-        fact, or one per chunk of each long-form answer (``residual.mode`` joint or autoregressive).
-        A progress bar counts the optimization's steps; requests whose target loss stays above
-        ``residual.warn_nll`` are named in an :class:`~lightning_edit.residuals.UnconvergedEditWarning`
-        (``label`` says which batch, e.g. ``"edit batch 3"``)."""
-        from .progress import ResidualProgress, show_progress
+        """The residual vectors of ``requests`` (:meth:`EditStream.residuals`), without applying them."""
+        return self.stream.residuals(requests, label, progress=self.progress_enabled())
 
-        self._pending_longform = is_longform(requests)
-        nas = self.residual_cfg.nas
-        if nas and self._pending_longform:
-            raise InputError("residual.nas rescales single-fact targets; it does not apply to long-form requests")
-        if nas and self.norm_anchor is None:
-            raise InputError("residual.nas: the norm anchor is not set (ensure_norm_anchor runs at fit start on the unedited "
-                             "model; or set residual.nas_anchor)")
-        if self._pending_longform:
-            cfg = self.longform_cfg
-            rb, _ = build_longform_batch(self.tokenizer, requests, cfg, self.ensure_prefixes() if cfg.context_prefixes else (),
-                                         chat_template=getattr(self, "chat_template", False), system=getattr(self, "system_prompt", None))
-        else:
-            rb = build_residual_batch(self.tokenizer, requests, self.ensure_prefixes(), self.residual_cfg.anchor, kl=self.residual_cfg.kl_factor > 0)
-        with ResidualProgress(f"{label or 'edit batch'}: z ({len(requests)} requests)", self.residual_cfg.steps,
-                              enabled=show_progress(self._trainer)) as bar:
-            res = optimize_residuals(self.adapter, rb, self.layers[-1], self.residual_cfg, on_step=bar,
-                                     norm_anchor=self.norm_anchor if nas else None)
-        self.last_z_loss = bar.mean_loss  # read once at the bar's end (None without a bar)
-        self.warn_unconverged(requests, rb, res, label)
-        return rb, res
-
-    def warn_unconverged(self, requests: Sequence[EditRequest], rb, res, label: str | None = None, shown: int = 5) -> None:
-        """One :class:`~lightning_edit.residuals.UnconvergedEditWarning` naming the requests (the
-        first ``shown`` of them) whose target NLL stayed above ``residual.warn_nll``."""
-        from .residuals import UnconvergedEditWarning, unconverged_requests
-
-        bad = unconverged_requests(res, rb, self.residual_cfg.warn_nll)
-        if not bad:
-            return
-        names = []
-        for i, nll in bad[:shown]:
-            r = requests[i]
-            about = getattr(r, "subject", None) or getattr(r, "question", None) or r.rendered_prompt
-            about = about if len(about) <= 40 else about[:37] + "..."
-            names.append(f"case {r.case_id} ({about!r}: NLL {nll:.2f})")
-        more = f" and {len(bad) - shown} more" if len(bad) > shown else ""
-        warnings.warn(f"{label or 'edit batch'}: {len(bad)} of {len(requests)} requests kept a target NLL above "
-                      f"residual.warn_nll={self.residual_cfg.warn_nll:g} after the z optimization, their edits may not take: "
-                      f"{', '.join(names)}{more}. More residual.steps, a larger residual.lr or residual.clamp_norm_factor may help.",
-                      UnconvergedEditWarning, stacklevel=2)
-
-    @property
-    def update_context(self) -> bool:
-        """Whether the pending batch's update keeps the other positions of its texts in place
-        (AnyEdit's zero-residual rows; long-form batches with ``longform.context_keys``)."""
-        return self._pending_longform and self.longform_cfg.context_keys
+    def collective(self) -> Collective:
+        """How this run's processes combine a batch (gather rows, rank 0's factors, rank 0 writes)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return Collective()
+        return Collective(gather=self.gather_rows, broadcast=lambda obj: self.trainer.strategy.broadcast(obj, src=0),
+                          is_writer=self.trainer.is_global_zero)
 
     def training_step(self, batch: EditBatch, batch_idx: int):
         mine = self.shard(batch.requests)
-        if not mine:
-            self._pending = (batch, None, None)
-        else:
-            rb, res = self.compute_residuals(mine, label=f"edit batch {batch.index + 1}")
-            self._pending = (batch, rb, res)
+        record = self.stream.apply(batch.requests, local=mine, index=batch.index, label=f"edit batch {batch.index + 1}",
+                                   collective=self.collective(), progress=self.progress_enabled())
+        res = self.stream.last_residuals
+        if res is not None:
             self.log_dict(
                 {"z/loss": res.loss.mean(), "z/nll": res.nll.mean(), "z/steps": res.steps.float().mean(),
                  "z/delta_norm": (res.z_target - res.z_init).norm(dim=-1).mean()},
@@ -515,14 +360,16 @@ class EditModule(L.LightningModule):
                 self.log_dict({"z/nas_anchor": float(self.norm_anchor), "z/nas_scale": res.nas_scale.mean(),
                                "z/nas_skipped": (res.nas_scale == 0).float().mean()},
                               prog_bar=False, on_step=True, batch_size=len(mine))
+        self.log_dict(record.info, on_step=True, batch_size=len(batch.requests))
+        self.log("edits_applied", float(self.num_edits), on_step=True, prog_bar=True, batch_size=1)
+        self.record_applied(batch)  # mid-stream evaluation, before this batch's checkpoint
         opt = self.optimizers()
         opt.step()  # advances global_step (mock optimizer)
         return None
 
     def record_applied(self, batch: EditBatch) -> None:
-        """Called by the update callback once ``batch`` is applied (before the checkpoint of the
-        same batch is written, so the checkpoint holds this batch's evaluation too)."""
-        self.edit_history.extend(batch.requests)
+        """The mid-stream evaluation after ``batch`` is applied (every ``eval_every`` batches;
+        before the checkpoint of the same batch is written, so it holds this evaluation too)."""
         if self.eval_every and (batch.index + 1) % self.eval_every == 0:
             self.eval_indices = self.mid_stream_sample()
             reqs = self.edit_history if self.eval_indices is None else [self.edit_history[i] for i in self.eval_indices]
@@ -541,8 +388,6 @@ class EditModule(L.LightningModule):
         return sorted(random.Random(f"{self.seed}:{n}").sample(range(n), self.eval_sample))
 
     def evaluate(self, requests: Sequence[EditRequest]) -> dict[str, float]:
-        from .evaluate import evaluate_requests
-
         was = self.lm.training
         self.lm.eval()
         with torch.no_grad():
@@ -550,33 +395,25 @@ class EditModule(L.LightningModule):
                 out = self.evaluate_longform(requests)
             else:
                 out = evaluate_requests(self.lm, self.tokenizer, list(requests), batch_size=self.eval_batch_size,
-                                        progress=self._show_progress())
+                                        progress=self.progress_enabled())
         self.lm.train(was)
         return out
 
     def evaluate_longform(self, requests, return_texts: bool = False):
-        from .longform.edit import evaluate_longform
+        return evaluate_longform(self.lm, self.tokenizer, list(requests), self.longform_cfg, self.chat_template,
+                                 self.system_prompt, batch_size=min(self.eval_batch_size, 32), return_texts=return_texts)
 
-        return evaluate_longform(self.lm, self.tokenizer, list(requests), self.longform_cfg, getattr(self, "chat_template", False),
-                                 getattr(self, "system_prompt", None), batch_size=min(self.eval_batch_size, 32), return_texts=return_texts)
-
-    def _show_progress(self) -> bool:
-        from .progress import show_progress
-
+    def progress_enabled(self) -> bool:
         return show_progress(self._trainer)
 
     def log_edit_metrics(self, metrics: dict[str, float], prefix: str = "") -> None:
         """Log metrics as curves against the number of edits applied (TensorBoard: in the run's
         ``edits`` sub-directory, see :mod:`lightning_edit.tblog`)."""
         if self.logger is not None and self.trainer.is_global_zero:
-            from .tblog import log_edit_axis
-
             log_edit_axis(self.trainer, {prefix + k: float(v) for k, v in metrics.items()}, self.num_edits)
 
     def teardown(self, stage: str) -> None:
         if self._trainer is not None and self.trainer.is_global_zero:
-            from .tblog import close_edit_axis
-
             close_edit_axis(self.trainer)  # flush the edit-axis event file
 
     def on_validation_epoch_start(self) -> None:
@@ -598,8 +435,6 @@ class EditModule(L.LightningModule):
         self._finish_eval()
 
     def _finish_eval(self) -> None:
-        from .evaluate import make_edit_metrics, update_edit_metrics
-
         if self._val_requests and is_longform(self._val_requests):
             results = self.evaluate(self._val_requests)
         else:
@@ -607,7 +442,7 @@ class EditModule(L.LightningModule):
             metrics = make_edit_metrics("all").to(self.device_)
             with torch.no_grad():
                 update_edit_metrics(metrics, self.lm, self.tokenizer, self._val_requests, batch_size=self.eval_batch_size,
-                                    progress=self._show_progress())
+                                    progress=self.progress_enabled())
             results = {k: float(m.compute()) for k, m in metrics.items()}
         results = {k: v for k, v in results.items() if not math.isnan(v)}  # families without data
         self.last_eval = results

@@ -199,7 +199,7 @@ def structure_model(meta: dict):
     shapes, no weights read): all the adapter export needs, at no memory cost for a large model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .module import split_gguf
+    from .loading import split_gguf
     from .resources import resolve
 
     trust = bool(meta.get("trust_remote_code"))

@@ -146,16 +146,15 @@ class EditProgressBar(TQDMProgressBar):
             self.test_progress_bar.initial = 0
 
     def get_metrics(self, trainer, pl_module) -> dict:
-        """``edits``: requests applied once the current batch lands (the bar is drawn just
-        before the update callback applies it); ``z_loss``: the last batch's final mean residual
+        """``edits``: requests applied (the bar is drawn after ``training_step`` applied the
+        batch); ``z_loss``: the last batch's final mean residual
         loss; then any metric logged with ``prog_bar=True``; no ``v_num``."""
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
         items.pop("edits_applied", None)  # shown as the integer ``edits``
         out: dict = {}
         if hasattr(pl_module, "num_edits"):
-            pending = getattr(pl_module, "_pending", None)
-            out["edits"] = pl_module.num_edits + (len(pending[0].requests) if pending else 0)
+            out["edits"] = pl_module.num_edits
         z_loss = getattr(pl_module, "last_z_loss", None)
         if z_loss is not None:
             out["z_loss"] = f"{z_loss:.3f}"

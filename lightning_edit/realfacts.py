@@ -572,7 +572,7 @@ def generate(model_name: str, out: str | Path, seed: int = 0, batch_size: int = 
         got = _stored_results(paths["known"], tier_facts, objects)
         if got is None:
             if model is None:
-                from .module import load_pretrained
+                from .loading import load_pretrained
 
                 model, tokenizer = load_pretrained(model_name, "float32")
             print(f"[realfacts] scoring {len(tier_facts)} candidate facts ({tier} tier) with {model_name} (known-fact filter)",

@@ -25,6 +25,8 @@ checkpoint state, so a resumed run never measures it on an edited model.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 import random
@@ -34,10 +36,15 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from .arch import ModelAdapter
 from .errors import MissingFileError
+from .loading import load_pretrained
+from .longform.edit import evaluate_longform
 from .module import EditModule
 from .progress import progress_bar
 from .resources import resolve
+from .stream import EditStream
+from .update import AlphaEditMethod
 
 SUMMARY_KEYS = ("method", "num_edits", "efficacy", "generalization", "specificity", "retention", "first_batch_efficacy")
 
@@ -200,7 +207,7 @@ class EditReport(L.Callback):
         if ranked:
             res = known_facts(module.lm, module.tokenizer, [(f["relation_id"], f.get("subject", ""), _answer(f)) for f in ranked],
                               objects=self.relation_objects(), templates=[f["prompt"] for f in ranked],
-                              batch_size=module.eval_batch_size, progress=module._show_progress())
+                              batch_size=module.eval_batch_size, progress=module.progress_enabled())
             out["known"] = torch.tensor([r.known for r in res])
         self._probe_cache = (module.num_edits, out)
         return out
@@ -256,7 +263,7 @@ class EditReport(L.Callback):
             return None
         acc = TokenAccuracy(average="token")
         n = len(self.next_word_texts)
-        with progress_bar(f"next-word accuracy ({n} texts)", -(-n // 16), "batch", enabled=module._show_progress()) as bar:
+        with progress_bar(f"next-word accuracy ({n} texts)", -(-n // 16), "batch", enabled=module.progress_enabled()) as bar:
             acc.update(next_word_hits(module.lm, module.tokenizer, self.next_word_texts, batch_size=16, on_batch=bar.update))
         return float(acc.compute())
 
@@ -306,7 +313,7 @@ class EditReport(L.Callback):
             from .evaluate import request_outcomes
 
             self.unedited_rows = request_outcomes(pl_module.lm, pl_module.tokenizer, reqs, batch_size=pl_module.eval_batch_size,
-                                                  progress=pl_module._show_progress(), desc="unedited model: evaluation")
+                                                  progress=pl_module.progress_enabled(), desc="unedited model: evaluation")
         if self.n_next_word > 0:
             from .corpora import docstring_texts
 
@@ -378,7 +385,7 @@ class EditReport(L.Callback):
         if edited and _is_longform(edited):
             return self._longform_end(trainer, pl_module, edited, first)
         final = dict(pl_module.last_eval) if getattr(pl_module, "last_eval", None) else pl_module.evaluate(edited)
-        s: dict = {"method": getattr(trainer, "_edit_method", None) or _method_name(trainer), "num_edits": pl_module.num_edits}
+        s: dict = {"method": _method_name(trainer), "num_edits": pl_module.num_edits}
         unedited = self.unedited_at(pl_module.num_edits)
         for key in ("efficacy", "generalization", "specificity", "margin"):
             if f"edit/{key}" in final:
@@ -452,7 +459,7 @@ class EditReport(L.Callback):
     def _longform_end(self, trainer, pl_module: EditModule, edited: list, first: list) -> None:
         final, texts = pl_module.evaluate_longform(edited, return_texts=True)
         cfg = pl_module.longform_cfg
-        s: dict = {"method": getattr(trainer, "_edit_method", None) or _method_name(trainer), "num_edits": pl_module.num_edits,
+        s: dict = {"method": _method_name(trainer), "num_edits": pl_module.num_edits,
                    "mode": "single_anchor" if cfg.single_anchor else pl_module.residual_cfg.mode}
         for key in ("rouge_l", "rouge_l_recall", "rouge1", "rouge2", "bleu", "exact_match", "token_accuracy",
                     "sub_question_accuracy", "multihop_accuracy"):
@@ -525,33 +532,24 @@ def single_anchor_rouge_l(trainer, pl_module: EditModule, requests: list, batch_
     with one residual vector per answer at the prompt's last token and the same method
     (statistics, projector, L2 / lam, a fresh ``K_p K_p^T``): the plain MEMIT / AlphaEdit way.
     Returns its ROUGE-L F1 (``None`` when the base model cannot be reloaded by name)."""
-    import copy
-    import dataclasses
-
-    from .arch import ModelAdapter
-    from .longform.edit import build_longform_batch, evaluate_longform
-    from .module import load_pretrained
-    from .residuals import optimize_residuals
-    from .update import AlphaEditMethod, apply_update
-
     cb = next((c for c in trainer.callbacks if getattr(c, "method", None) is not None), None)
     if cb is None or not isinstance(pl_module.model_name, str):
         return None
     p = next(pl_module.lm.parameters())
     model, _ = load_pretrained(pl_module.model_name, str(p.dtype).removeprefix("torch."))  # type: ignore[arg-type]
     model.to(p.device).eval()
-    adapter = ModelAdapter(model, *pl_module._templates)
     method = copy.copy(cb.method)
     if isinstance(method, AlphaEditMethod):
         method = dataclasses.replace(method, prev_kkt={}, inverse={})
-    cfg = dataclasses.replace(pl_module.longform_cfg, single_anchor=True, chunking=pl_module.longform_cfg.chunking)
-    chat, system = getattr(pl_module, "chat_template", False), getattr(pl_module, "system_prompt", None)
+    cfg = dataclasses.replace(pl_module.longform_cfg, single_anchor=True)
+    stream = EditStream(ModelAdapter(model, *pl_module.templates), pl_module.tokenizer, pl_module.layers, pl_module.residual_cfg, cfg,
+                        max_rows=pl_module.max_rows, chat_template=pl_module.chat_template, system_prompt=pl_module.system_prompt)
+    stream.set_method(method, cb.method_name)
     for i in range(0, len(requests), batch_size):
-        batch, _ = build_longform_batch(pl_module.tokenizer, requests[i : i + batch_size], cfg, chat_template=chat, system=system)
-        res = optimize_residuals(adapter, batch, pl_module.layers[-1], pl_module.residual_cfg)
-        apply_update(adapter, batch, res.z_target, pl_module.layers, method, max_rows=pl_module.max_rows)
-    out = evaluate_longform(model, pl_module.tokenizer, requests, cfg, chat, system, batch_size=min(pl_module.eval_batch_size, 32), light=True)
-    del model
+        stream.apply(requests[i : i + batch_size], label="single-anchor baseline")
+    out = evaluate_longform(model, pl_module.tokenizer, requests, cfg, pl_module.chat_template, pl_module.system_prompt,
+                            batch_size=min(pl_module.eval_batch_size, 32), light=True)
+    del model, stream
     return out.get("longform/rouge_l")
 
 

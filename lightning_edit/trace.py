@@ -968,7 +968,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``lightning-edit trace``: trace a sample of facts and write the report."""
-    from .module import load_pretrained
+    from .loading import load_pretrained
     from .resources import resolve
 
     args = build_parser().parse_args(argv)

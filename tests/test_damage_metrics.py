@@ -93,9 +93,11 @@ def test_docstring_texts_are_held_out_and_skip_edited_names():
 # ---- the unedited model's efficacy / generalization / specificity ---------------------------------
 def _requests_with_paraphrases(n):
     reqs = counterfactual_requests(n)
-    # a paraphrase: the same fact through another template's wording is not one; use the prompt itself
-    # prefixed with a filler, which the memorized model still answers with the true object
-    return [dataclasses.replace(r, paraphrase_prompts=("Indeed, " + r.rendered_prompt,)) for r in reqs]
+    # the tiny model knows no paraphrase of its facts (another template's wording is not one, and
+    # whether it still answers a prompt behind a filler such as "Indeed, " depends on the CPU's
+    # float rounding in its training); the prompt itself is the one "paraphrase" it surely answers
+    # with the true object, which is all these bookkeeping tests need
+    return [dataclasses.replace(r, paraphrase_prompts=(r.rendered_prompt,)) for r in reqs]
 
 
 def test_request_outcomes_add_up_to_the_metrics(trained_gpt2, tokenizer):
@@ -240,7 +242,8 @@ def test_cli_reports_every_new_metric_and_resume_keeps_the_unedited_values(train
 
     records = counterfact_records(8)
     for r in records:
-        r["paraphrase_prompts"] = ["Indeed, " + r["requested_rewrite"]["prompt"].format(r["requested_rewrite"]["subject"])]
+        # the prompt itself as the paraphrase (see _requests_with_paraphrases)
+        r["paraphrase_prompts"] = [r["requested_rewrite"]["prompt"].format(r["requested_rewrite"]["subject"])]
     dataset = tmp_path / "cf.json"
     dataset.write_text(json.dumps(records))
     probes = _probes_file(tmp_path / "probes.jsonl")
@@ -302,6 +305,7 @@ def test_mid_stream_evaluations_score_a_fixed_size_sample(trained_gpt2, tokenize
     scored = []
     module.evaluate = lambda rs: scored.append(list(rs)) or {"edit/efficacy": 0.5}
     for b in range(3):  # three batches of two, recorded as applied
+        module.stream.requests.extend(reqs[2 * b: 2 * b + 2])
         module.record_applied(SimpleNamespace(requests=reqs[2 * b: 2 * b + 2], index=b))
     assert [len(s) for s in scored] == [2, 3, 3]  # all while there are at most 3, then 3
     idx = module.eval_indices

@@ -33,7 +33,11 @@ def test_batched_residuals_equal_one_at_a_time(trained_gpt2, tokenizer, kl):
     # micro-batching (gradient accumulation over row groups) is the same computation
     cfg_mb = ResidualConfig(anchor="subject_last", steps=8, kl_factor=kl, early_stop_loss=0.0, max_rows_per_forward=4)
     split = optimize_residuals(ad, build_residual_batch(tokenizer, reqs, prefixes, cfg.anchor), 2, cfg_mb)
-    torch.testing.assert_close(split.z_target, alone, rtol=1e-4, atol=1e-4)
+    # summing the gradient over row groups changes it at float32 rounding; Adam divides by
+    # sqrt(v), so on a coordinate whose gradient is near zero that rounding can move a step by a
+    # visible fraction of lr (measured: one of 320 elements off by 5e-4 on some CPUs); a wrong
+    # accumulation would be off by O(lr) = 0.5 on many
+    torch.testing.assert_close(split.z_target, alone, rtol=1e-4, atol=2e-3)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

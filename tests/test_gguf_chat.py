@@ -8,7 +8,8 @@ pytest.importorskip("gguf")
 
 from conftest import counterfactual_requests, make_model, make_tokenizer
 from lightning_edit.chat import chat_prompt, wrap_request
-from lightning_edit.module import EditModule, load_pretrained
+from lightning_edit.loading import load_pretrained
+from lightning_edit.module import EditModule
 from tiny_gguf import CHAT_TEMPLATE, write_tiny_llama_gguf
 
 

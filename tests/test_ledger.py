@@ -45,7 +45,7 @@ def test_undo_equals_a_run_that_stopped_earlier(trained_gpt2, tokenizer, corpus_
     for l in (1, 2):
         assert torch.equal(a.callback.method.prev_kkt[l], b.callback.method.prev_kkt[l])  # K_p K_p^T without the undone keys
         if dtype != torch.float32:
-            assert torch.equal(a.callback.master[l], b.callback.master[l])
+            assert torch.equal(a.stream.master[l], b.stream.master[l])
     # the next batch gives the same update on both
     a.apply(reqs[8:10])
     b.apply(reqs[8:10])

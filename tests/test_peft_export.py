@@ -116,7 +116,7 @@ def test_bf16_model_adapter_holds_the_float32_master_delta(trained_gpt2, tokeniz
         ed.export(tmp_path / "x", batches=1)
     for l in (1, 2):
         name = f"transformer.h.{l}.mlp.c_proj"
-        master_delta = ed.callback.master[l].double() - base.transformer.h[l].mlp.c_proj.weight.T.double()
+        master_delta = ed.stream.master[l].double() - base.transformer.h[l].mlp.c_proj.weight.T.double()
         # the exact float32 delta, not its bf16 rounding (which would be ~1e-3 off)
         torch.testing.assert_close(_delta(out, name), master_delta, atol=1e-6, rtol=0)
     merged = peft.PeftModel.from_pretrained(copy.deepcopy(base), out).merge_and_unload()

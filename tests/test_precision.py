@@ -37,7 +37,7 @@ def test_alphaedit_leak_on_preserved_keys_stays_at_one_rounding_over_20_bf16_bat
             for l in (1, 2):
                 keys[l].append(rec["keys"][l].reshape(-1, rec["keys"][l].shape[-1]).float())
     ed.prepare()
-    assert set(ed.callback.master) == {1, 2} and all(m.dtype == torch.float32 for m in ed.callback.master.values())
+    assert set(ed.stream.master) == {1, 2} and all(m.dtype == torch.float32 for m in ed.stream.master.values())
     w0 = {l: ad.weight_as_linear(l).detach().float().clone() for l in (1, 2)}
     reqs = counterfactual_requests(40)
     for b in range(20):
@@ -47,7 +47,7 @@ def test_alphaedit_leak_on_preserved_keys_stays_at_one_rounding_over_20_bf16_bat
         k0 = torch.cat(keys[l])
         k0 = k0 - k0 @ p  # preserved keys: no component in the null space the updates live in
         w = ad.weight_as_linear(l).detach().float()
-        wm = ed.callback.master[l]
+        wm = ed.stream.master[l]
         assert torch.equal(w, wm.to(torch.bfloat16).float())  # the model holds the master's rounding
         scale = float((w0[l] @ k0.T).norm())
         master_leak = float(((wm - w0[l]) @ k0.T).norm())

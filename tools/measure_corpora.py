@@ -49,7 +49,7 @@ def main():
     args = ap.parse_args()
     from lightning_edit.arch import ModelAdapter
     from lightning_edit.closed_form import null_space_projector
-    from lightning_edit.module import load_pretrained
+    from lightning_edit.loading import load_pretrained
     from lightning_edit.resources import resolve
     from lightning_edit.stats import StatsConfig, second_moments
 

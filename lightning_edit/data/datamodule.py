@@ -4,7 +4,7 @@ Sequential editing (MEMIT / AlphaEdit over thousands of facts) applies one weigh
 of requests, and every update changes the model the next batch is computed on. So the order is
 fixed (no shuffling), and a run resumed from a checkpoint must continue exactly after the last
 *committed* batch: replaying a batch would write its facts twice, skipping one would never write
-them. :class:`EditStreamLoader` carries that position (``applied``) through Lightning checkpoints.
+them. :class:`EditStreamLoader` takes that position (``applied``) from the edit ledger.
 """
 
 from __future__ import annotations
@@ -72,21 +72,26 @@ class _CollateEditBatch:
 
 
 class _StreamBatchSampler(Sampler[list[int]]):
-    """Consecutive index batches ``[b*bs, (b+1)*bs)`` for ``b = start, start+1, ...``; ``start`` is
-    read when iteration begins, so a restored position takes effect on the next ``iter()``."""
+    """Consecutive index batches ``[b*bs, (b+1)*bs)`` for ``b = start, start+1, ...``; ``start`` (or
+    ``source.position``, when a source is followed) is read when iteration begins, so a restored
+    position takes effect on the next ``iter()``."""
 
     def __init__(self, num_requests: int, batch_size: int) -> None:
         self.num_requests = num_requests
         self.batch_size = batch_size
         self.num_batches = -(-num_requests // batch_size)  # ceil: the last batch may be short
         self.start = 0
+        self.source = None  # an object with ``position`` (the edit ledger) that sets the start
+
+    def first(self) -> int:
+        return self.source.position if self.source is not None else self.start
 
     def __iter__(self) -> Iterator[list[int]]:
-        for b in range(self.start, self.num_batches):
+        for b in range(self.first(), self.num_batches):
             yield list(range(b * self.batch_size, min((b + 1) * self.batch_size, self.num_requests)))
 
     def __len__(self) -> int:
-        return self.num_batches - self.start
+        return self.num_batches - self.first()
 
 
 LONGFORM_FORMATS_ALIASES = ("unkebench", "editeverything", "akew", "longform", "generic")
@@ -129,9 +134,10 @@ class EditStreamLoader(DataLoader):
     """The training stream: :class:`EditBatch` es of ``batch_size`` requests in order, resumable.
 
     Iteration starts at batch :attr:`applied`, the number of batches whose weight update has been
-    committed; the editing callback sets ``loader.applied = batch.index + 1`` after applying a
-    batch. :meth:`state_dict` / :meth:`load_state_dict` carry it through Lightning checkpoints
-    (the fit loop saves and restores the state of a stateful train loader), so a resumed run
+    committed. In an edit run the loader :meth:`follow` s the edit ledger, so the position is the
+    ledger's and nothing else keeps a copy; on its own, :attr:`applied` is set by hand and
+    :meth:`state_dict` / :meth:`load_state_dict` carry it through Lightning checkpoints (the fit
+    loop saves and restores the state of a stateful train loader). Either way a resumed run
     neither re-applies nor skips a batch. ``len(loader)`` is the number of batches of the whole
     stream, whatever ``applied`` is: Lightning restores its own batch counter from the checkpoint
     and counts on from there.
@@ -176,25 +182,34 @@ class EditStreamLoader(DataLoader):
     @property
     def applied(self) -> int:
         """Number of batches whose weight update has been committed; iteration starts here."""
-        return self._stream.start
+        return self._stream.first()
 
     @applied.setter
     def applied(self, value: int) -> None:
+        if self._stream.source is not None:
+            raise ValueError("this stream follows an edit ledger: its position is the ledger's")
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= self.num_batches:
             raise ValueError(f"applied must be an int in [0, {self.num_batches}], got {value!r}")
         self._stream.start = value
+
+    def follow(self, source) -> None:
+        """Take the position from ``source.position`` (the edit ledger) from now on."""
+        self._stream.source = source
 
     def __len__(self) -> int:
         return self.num_batches
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"applied", "num_requests", "batch_size", "fingerprint"}`` (see :func:`stream_fingerprint`)."""
-        return {
-            "applied": self.applied,
+        """``{"applied", "num_requests", "batch_size", "fingerprint"}`` (see :func:`stream_fingerprint`);
+        without ``applied`` while the loader follows an edit ledger."""
+        state = {
             "num_requests": self.num_requests,
             "batch_size": self.edit_batch_size,
             "fingerprint": self.fingerprint,
         }
+        if self._stream.source is None:  # following a ledger, the ledger (in the same checkpoint) is the position
+            state = {"applied": self.applied, **state}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :attr:`applied` from a :meth:`state_dict`.
@@ -211,7 +226,8 @@ class EditStreamLoader(DataLoader):
             raise CheckpointError(f"checkpoint stream has batch_size {saved_bs}, this one {self.edit_batch_size}: {hint}")
         if "fingerprint" in state and state["fingerprint"] != self.fingerprint:
             raise CheckpointError(f"checkpoint stream holds other requests (fingerprint differs): {hint}")
-        self.applied = state["applied"]
+        if self._stream.source is None:  # following a ledger: the position is the ledger's (restored with it)
+            self.applied = state["applied"]
 
 
 class EditDataModule(L.LightningDataModule):

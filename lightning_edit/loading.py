@@ -1,0 +1,80 @@
+"""Loading a causal LM and its tokenizer: hub ids, local directories, built-in resource names
+(``factworld:...``, ``smollm2:...``) and GGUF files."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .errors import DependencyError, InputError, MissingFileError, require_local_path
+from .resources import resolve
+
+DType = Literal["float32", "bfloat16", "float16"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+GGUF_INSTALL = "pip install gguf accelerate   (or: pip install 'lightning-edit[gguf]')"
+
+
+def split_gguf(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """``(directory or hub id, GGUF file name or None)``: a path to a ``.gguf`` file is split into
+    its directory and name; ``gguf_file`` names the file inside ``name_or_path``."""
+    if gguf_file:
+        return name_or_path, gguf_file
+    if isinstance(name_or_path, str) and name_or_path.lower().endswith(".gguf"):
+        p = Path(name_or_path)
+        if not p.is_file():
+            raise MissingFileError(f"GGUF file {name_or_path!r} not found")
+        return str(p.parent), p.name
+    return name_or_path, None
+
+
+def require_gguf(what: str) -> None:
+    """Raise a :class:`~lightning_edit.errors.DependencyError` (an ``ImportError``) naming the pip
+    command when GGUF support is not installed."""
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise DependencyError(f"loading {what} needs the optional package(s) {', '.join(missing)}: {GGUF_INSTALL}")
+
+
+def load_pretrained(name_or_path: str, dtype: DType = "float32", trust_remote_code: bool = False, tokenizer: str | None = None,
+                    gguf_file: str | None = None):
+    """Load a causal LM and its (fast) tokenizer from a hub id, a local directory, a built-in
+    resource name (``factworld:...``, ``smollm2:...``) or a GGUF file (a ``.gguf`` path, or a
+    directory plus ``gguf_file``; dequantized to ``dtype`` by transformers)."""
+    if dtype not in DTYPES:
+        raise InputError(f"model dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    name_or_path, gguf_file = split_gguf(resolve(name_or_path), gguf_file)
+    tokenizer = resolve(tokenizer) if tokenizer else None
+    kw = {}
+    if gguf_file:
+        require_gguf(f"GGUF file {gguf_file!r}")
+        kw["gguf_file"] = gguf_file
+    model = _from_pretrained(AutoModelForCausalLM, name_or_path, "model", dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **kw)
+    if tokenizer:
+        tok_name, tok_kw = split_gguf(tokenizer)
+        tok = _from_pretrained(AutoTokenizer, tok_name, "tokenizer", trust_remote_code=trust_remote_code,
+                               **({"gguf_file": tok_kw} if tok_kw else {}))
+    else:
+        tok = _from_pretrained(AutoTokenizer, name_or_path, "tokenizer", trust_remote_code=trust_remote_code, **kw)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def _from_pretrained(auto_class, name: str, what: str, **kwargs):
+    """``auto_class.from_pretrained(name)``; a name that looks like a local path but does not exist,
+    or that is no local path and fails to load from the hub (transformers' message does not name
+    it), raises :class:`~lightning_edit.errors.MissingFileError` naming it."""
+    require_local_path(name, what)
+    try:
+        return auto_class.from_pretrained(name, **kwargs)
+    except OSError as err:
+        if not isinstance(name, str) or Path(name).expanduser().exists():
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MissingFileError(f"{what} {name!r} is not a local directory, and loading it from the Hugging Face hub "
+                               f"failed ({first})") from err
