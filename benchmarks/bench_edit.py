@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import platform
-
 import shlex
 import statistics
 import sys
@@ -51,15 +50,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from lightning_edit.arch import ModelAdapter  # noqa: E402
-from lightning_edit.closed_form import ThresholdMode, null_space_projector  # noqa: E402
-from lightning_edit.loading import load_pretrained
-from lightning_edit.prefixes import generate_prefixes  # noqa: E402
-from lightning_edit.residuals import ResidualConfig, build_residual_batch, optimize_residuals  # noqa: E402
-from lightning_edit.scoring import target_scores  # noqa: E402
-from lightning_edit.stats import StatsConfig, accumulate_moments, iter_corpus_texts, packed_blocks  # noqa: E402
-from lightning_edit.toy import corpus_sentences, counterfactual_requests, make_tokenizer, train_tiny  # noqa: E402
-from lightning_edit.update import AlphaEditMethod, MemitMethod, apply_update  # noqa: E402
+from lightning_edit.builtin.toy import corpus_sentences, counterfactual_requests, make_tokenizer, train_tiny  # noqa: E402
+from lightning_edit.engine.arch import ModelAdapter  # noqa: E402
+from lightning_edit.engine.closed_form import ThresholdMode, null_space_projector  # noqa: E402
+from lightning_edit.engine.loading import load_pretrained  # noqa: E402
+from lightning_edit.engine.prefixes import generate_prefixes  # noqa: E402
+from lightning_edit.engine.residuals import ResidualConfig, build_residual_batch, optimize_residuals  # noqa: E402
+from lightning_edit.engine.stats import StatsConfig, accumulate_moments, iter_corpus_texts, packed_blocks  # noqa: E402
+from lightning_edit.engine.update import AlphaEditMethod, MemitMethod, apply_update  # noqa: E402
+from lightning_edit.evaluation.scoring import target_scores  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # Timing helpers
@@ -137,7 +136,7 @@ def bench_residuals(adapter, tok, requests, prefixes, z_layer, cfg, repeats, dev
     log(f"    one-by-one: {t_s:.3f} s  (runs: {', '.join(f'{t:.3f}' for t in all_s)})")
 
     # baseline: the same batched run computing the LM head (and softmax) on every position
-    import lightning_edit.residuals as residuals_mod
+    import lightning_edit.engine.residuals as residuals_mod
 
     keep_fn = residuals_mod.supports_logits_to_keep
     residuals_mod.supports_logits_to_keep = lambda model: False

@@ -31,12 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from lightning_edit.arch import ModelAdapter  # noqa: E402
 from lightning_edit.data.datamodule import _requests  # noqa: E402
-from lightning_edit.loading import load_pretrained
-from lightning_edit.prefixes import generate_prefixes  # noqa: E402
-from lightning_edit.residuals import ResidualConfig, build_residual_batch, optimize_residuals, trimmed_mean_norm  # noqa: E402
-from lightning_edit.tokens import flatten_targets  # noqa: E402
+from lightning_edit.engine.arch import ModelAdapter  # noqa: E402
+from lightning_edit.engine.loading import load_pretrained  # noqa: E402
+from lightning_edit.engine.prefixes import generate_prefixes  # noqa: E402
+from lightning_edit.engine.residuals import ResidualConfig, build_residual_batch, optimize_residuals, trimmed_mean_norm  # noqa: E402
+from lightning_edit.engine.tokens import flatten_targets  # noqa: E402
 
 
 @torch.no_grad()

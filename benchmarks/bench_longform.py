@@ -28,11 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from lightning_edit.arch import ModelAdapter  # noqa: E402
+from lightning_edit.engine.arch import ModelAdapter  # noqa: E402
+from lightning_edit.engine.loading import load_pretrained  # noqa: E402
+from lightning_edit.engine.residuals import ResidualConfig, build_chunked_batch, optimize_residuals  # noqa: E402
 from lightning_edit.longform import ChunkingConfig, load_longform  # noqa: E402
 from lightning_edit.longform.edit import LongFormConfig, build_longform_batch  # noqa: E402
-from lightning_edit.loading import load_pretrained  # noqa: E402
-from lightning_edit.residuals import ResidualConfig, build_chunked_batch, optimize_residuals  # noqa: E402
 
 
 def _rss_mb() -> float:

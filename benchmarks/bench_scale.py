@@ -47,13 +47,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from lightning_edit.arch import ModelAdapter, supports_packed_rows  # noqa: E402
-from lightning_edit.closed_form import alphaedit_update  # noqa: E402
 from lightning_edit.data.requests import EditRequest  # noqa: E402
-from lightning_edit.profiling import PhaseTimer  # noqa: E402
-from lightning_edit.residuals import ResidualConfig, build_residual_batch, optimize_residuals  # noqa: E402
-from lightning_edit.stats import accumulate_moments  # noqa: E402
-from lightning_edit.update import AlphaEditMethod, anchor_keys_and_outputs, apply_update  # noqa: E402
+from lightning_edit.engine.arch import ModelAdapter, supports_packed_rows  # noqa: E402
+from lightning_edit.engine.closed_form import alphaedit_update  # noqa: E402
+from lightning_edit.engine.profiling import PhaseTimer  # noqa: E402
+from lightning_edit.engine.residuals import ResidualConfig, build_residual_batch, optimize_residuals  # noqa: E402
+from lightning_edit.engine.stats import accumulate_moments  # noqa: E402
+from lightning_edit.engine.update import AlphaEditMethod, anchor_keys_and_outputs, apply_update  # noqa: E402
 
 
 @dataclass
@@ -208,7 +208,7 @@ def longform_batch(adapter, tok, method, layers, n_tok: int, s: Settings, device
     other positions' keys as zero-residual rows: configs/anyedit_llama3_8b_instruct.yaml), in
     ``joint`` and ``autoregressive`` mode: seconds per request (residuals + update, all steps)
     and the peak device memory of each."""
-    from lightning_edit.residuals import build_chunked_batch
+    from lightning_edit.engine.residuals import build_chunked_batch
 
     vocab = adapter.model.config.vocab_size
     g = torch.Generator().manual_seed(n_tok)
@@ -356,7 +356,8 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
             + ", ".join(f"{k} {v:.2f}" for k, v in best["phases_s_per_100_edits"].items()))
     profile = None
     if s.profile_steps:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with torch_profile(activities=acts) as prof:
@@ -418,7 +419,7 @@ def bench_shape(name: str, s: Settings, device: torch.device, dtype: torch.dtype
             alphaedit_update(keys[z_layer], resid, projs[z_layer], method.prev_kkt[z_layer], s.l2, dt)
         solve_s[dname] = tt.seconds["s"]
     # the factored solve as the engine runs it: direct vs the maintained inverse (Woodbury)
-    from lightning_edit.closed_form import alphaedit_factors, alphaedit_factors_woodbury
+    from lightning_edit.engine.closed_form import alphaedit_factors, alphaedit_factors_woodbury
 
     base_inv = method._base_inverse(z_layer, device) if s.solver == "woodbury" else None
     for dname, fn in (("factors_direct", lambda: alphaedit_factors(keys[z_layer], resid, projs[z_layer], method.prev_kkt[z_layer], s.l2, solve)),

@@ -34,14 +34,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from lightning_edit.arch import ModelAdapter  # noqa: E402
 from lightning_edit.data.formats import records_to_requests  # noqa: E402
-from lightning_edit.loading import load_pretrained
-from lightning_edit.prefixes import generate_prefixes  # noqa: E402
-from lightning_edit.profiling import PhaseTimer  # noqa: E402
-from lightning_edit.residuals import ResidualConfig, build_residual_batch, optimize_residuals  # noqa: E402
-from lightning_edit.stats import StatsConfig, projectors, second_moments  # noqa: E402
-from lightning_edit.update import AlphaEditMethod, apply_update  # noqa: E402
+from lightning_edit.engine.arch import ModelAdapter  # noqa: E402
+from lightning_edit.engine.loading import load_pretrained  # noqa: E402
+from lightning_edit.engine.prefixes import generate_prefixes  # noqa: E402
+from lightning_edit.engine.profiling import PhaseTimer  # noqa: E402
+from lightning_edit.engine.residuals import ResidualConfig, build_residual_batch, optimize_residuals  # noqa: E402
+from lightning_edit.engine.stats import StatsConfig, projectors, second_moments  # noqa: E402
+from lightning_edit.engine.update import AlphaEditMethod, apply_update  # noqa: E402
 
 
 def rotated_requests(requests, passes: int):

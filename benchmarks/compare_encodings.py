@@ -15,10 +15,10 @@ import torch
 
 
 def main(argv=None) -> dict:
-    from lightning_edit.arch import ModelAdapter
-    from lightning_edit.closed_form import null_space_projector
-    from lightning_edit.loading import load_pretrained
-    from lightning_edit.stats import StatsConfig, second_moments
+    from lightning_edit.engine.arch import ModelAdapter
+    from lightning_edit.engine.closed_form import null_space_projector
+    from lightning_edit.engine.loading import load_pretrained
+    from lightning_edit.engine.stats import StatsConfig, second_moments
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)

@@ -29,9 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from lightning_edit.factworld.build import ensure_factworld  # noqa: E402
-from lightning_edit.factworld.pretrain import CorpusDataModule, PretrainModule  # noqa: E402
-from lightning_edit.factworld.world import read_jsonl  # noqa: E402
+from lightning_edit.builtin.factworld.build import ensure_factworld  # noqa: E402
+from lightning_edit.builtin.factworld.pretrain import CorpusDataModule, PretrainModule  # noqa: E402
+from lightning_edit.builtin.factworld.world import read_jsonl  # noqa: E402
 
 QUESTIONS = ("Tell me about {s}.", "Tell me something about {s}.", "What can you tell me about {s}?")
 

@@ -29,8 +29,8 @@ def main(argv=None) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from lightning_edit.builtin.toy import corpus_sentences, counterfact_records, make_tokenizer
     from lightning_edit.cli import main as cli
-    from lightning_edit.toy import corpus_sentences, counterfact_records, make_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="/tmp/ledger_bytes")

@@ -32,13 +32,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from lightning_edit.arch import ModelAdapter  # noqa: E402
+from lightning_edit.engine.arch import ModelAdapter  # noqa: E402
+from lightning_edit.engine.loading import load_pretrained  # noqa: E402
+from lightning_edit.engine.residuals import ResidualConfig, optimize_residuals  # noqa: E402
+from lightning_edit.engine.tokens import flatten_targets  # noqa: E402
 from lightning_edit.longform import ChunkingConfig, load_longform  # noqa: E402
 from lightning_edit.longform.edit import LongFormConfig, build_longform_batch  # noqa: E402
-from lightning_edit.loading import load_pretrained  # noqa: E402
-from lightning_edit.residuals import ResidualConfig, optimize_residuals  # noqa: E402
 from lightning_edit.resources import resolve  # noqa: E402
-from lightning_edit.tokens import flatten_targets  # noqa: E402
 
 
 @torch.no_grad()
@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
               f"optimization {dt:.1f} s", flush=True)
         layers = [int(x) for x in a.update_layers.split(",") if x.strip()]
         if layers:
-            from lightning_edit.update import MemitMethod, apply_update
+            from lightning_edit.engine.update import MemitMethod, apply_update
 
             saved = {l: ad.down_proj(l).weight.detach().clone() for l in layers}
             eye = {l: torch.eye(ad.dims(l)[1]) for l in layers}

@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_scale as B  # noqa: E402
 
-from lightning_edit.arch import ModelAdapter  # noqa: E402
-from lightning_edit.residuals import ResidualConfig, build_residual_batch, optimize_residuals  # noqa: E402
+from lightning_edit.engine.arch import ModelAdapter  # noqa: E402
+from lightning_edit.engine.residuals import ResidualConfig, build_residual_batch, optimize_residuals  # noqa: E402
 
 
 def main(argv=None) -> dict:

@@ -18,18 +18,18 @@ from typing import Any
 
 from torch import nn
 
-from .callbacks import MEMIT, AlphaEdit, ClosedFormUpdate
-from .checkpointing import export_pretrained, load_edits
-from .data.datamodule import _requests
-from .data.requests import EditRequest, RequestError
-from .errors import InputError
-from .loading import load_pretrained
-from .longform.records import LongFormRequest
-from .module import EditModule
-from .peft_export import export_lora
-from .residuals import ResidualConfig
-from .stats import StatsConfig
-from .stream import EditStream
+from lightning_edit.callbacks import MEMIT, AlphaEdit, ClosedFormUpdate
+from lightning_edit.checkpointing import export_pretrained, load_edits
+from lightning_edit.data.datamodule import _requests
+from lightning_edit.data.requests import EditRequest, RequestError
+from lightning_edit.engine.loading import load_pretrained
+from lightning_edit.engine.residuals import ResidualConfig
+from lightning_edit.engine.stats import StatsConfig
+from lightning_edit.errors import InputError
+from lightning_edit.longform.records import LongFormRequest
+from lightning_edit.module import EditModule
+from lightning_edit.stream.edit_stream import EditStream
+from lightning_edit.stream.peft_export import export_lora
 
 METHODS = {"alphaedit": AlphaEdit, "memit": MEMIT}
 
@@ -70,7 +70,7 @@ class Editor:
     Args:
         model, tokenizer: a Hugging Face causal LM and its fast tokenizer.
         layers: edit layers, or ``"auto"`` (five consecutive blocks from depth / 8; see
-            :meth:`~lightning_edit.arch.ModelAdapter.default_edit_layers`).
+            :meth:`~lightning_edit.engine.arch.ModelAdapter.default_edit_layers`).
         method: ``"alphaedit"``, ``"memit"``, or a configured :class:`ClosedFormUpdate`.
         residual: residual-optimization settings (:class:`ResidualConfig` or a dict).
         stats: key-statistics settings (:class:`StatsConfig` or a dict); ignored when ``method``
@@ -131,12 +131,12 @@ class Editor:
 
     @property
     def stream(self) -> EditStream:
-        """The :class:`~lightning_edit.stream.EditStream` that applies the batches."""
+        """The :class:`~lightning_edit.stream.edit_stream.EditStream` that applies the batches."""
         return self.module.stream
 
     @property
     def ledger(self):
-        """The :class:`~lightning_edit.ledger.EditLedger`: every batch applied, in order."""
+        """The :class:`~lightning_edit.stream.ledger.EditLedger`: every batch applied, in order."""
         return self.module.ledger
 
     def prepare(self) -> None:
@@ -189,7 +189,7 @@ class Editor:
         base model (``PeftModel.from_pretrained(base, directory)``, vLLM ``--enable-lora``), of every
         batch or of the last ``batches``; ``rank`` truncates each layer's update by SVD (the
         relative error is in ``edit_ledger.json``'s ``lora`` section). See
-        :mod:`lightning_edit.peft_export`; raises :class:`~lightning_edit.peft_export.PeftExportError`
+        :mod:`lightning_edit.stream.peft_export`; raises :class:`~lightning_edit.stream.peft_export.PeftExportError`
         when PEFT cannot express the edits."""
         if peft:
             name = self.module.ledger.meta.get("model")  # a path or hub id; the class name for an in-memory model

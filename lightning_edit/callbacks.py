@@ -1,5 +1,5 @@
 """The editing methods as Lightning callbacks: statistics and checkpoint glue around the
-:class:`~lightning_edit.stream.EditStream`, which applies every batch (``EditModule.training_step``).
+:class:`~lightning_edit.stream.edit_stream.EditStream`, which applies every batch (``EditModule.training_step``).
 
 At fit start the callback computes (or loads) the preserved-key statistics on the *unedited*
 model, builds the method's math object (MEMIT's moments, AlphaEdit's projectors) and gives it to
@@ -16,12 +16,12 @@ from typing import Literal
 import lightning as L
 import torch
 
-from .checkpointing import config_fingerprint, full_model_fingerprint, save_edits
-from .errors import CheckpointError, InputError
-from .module import EditModule
-from .progress import show_progress
-from .stats import StatsConfig, projectors, second_moments
-from .update import AlphaEditMethod, MemitMethod
+from lightning_edit.checkpointing import config_fingerprint, full_model_fingerprint, save_edits
+from lightning_edit.engine.stats import StatsConfig, projectors, second_moments
+from lightning_edit.engine.update import AlphaEditMethod, MemitMethod
+from lightning_edit.errors import CheckpointError, InputError
+from lightning_edit.module import EditModule
+from lightning_edit.progress import show_progress
 
 SolveDType = Literal["float32", "float64"]
 _SOLVE = {"float32": torch.float32, "float64": torch.float64}

@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -23,13 +25,17 @@ from collections.abc import Callable
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from .strategies import FROZEN_DDP_ALIASES, frozen_alias  # importing registers trainer.strategy: ddp_frozen, ...
-from .callbacks import ClosedFormUpdate
-from .data.datamodule import EditDataModule
-from .errors import EditError
-from .module import EditModule
-from .progress import drop_disabled_progress_bar
-from .report import EditReport
+from lightning_edit.builtin.factworld.build import main as fw_main
+from lightning_edit.builtin.realfacts import main as rf_main
+from lightning_edit.callbacks import ClosedFormUpdate
+from lightning_edit.data.datamodule import EditDataModule
+from lightning_edit.errors import EditError
+from lightning_edit.ledger_cli import export_main, ledger_main, undo_main
+from lightning_edit.module import EditModule
+from lightning_edit.progress import drop_disabled_progress_bar
+from lightning_edit.report import EditReport
+from lightning_edit.strategies import FROZEN_DDP_ALIASES, frozen_alias  # importing registers trainer.strategy: ddp_frozen, ...
+from lightning_edit.trace import main as trace_main
 
 
 class EditCheckpoint(ModelCheckpoint):
@@ -134,33 +140,21 @@ class EditCLI(LightningCLI):
 
 def _tool_commands() -> dict[str, tuple[Callable[[list[str]], object], str]]:
     def trace(argv):
-        from .trace import main as trace_main
-
         return trace_main(argv)
 
     def factworld(argv):
-        from .factworld.build import main as fw_main
-
         return fw_main(argv)
 
     def ledger(argv):
-        from .ledger import ledger_main
-
         return ledger_main(argv)
 
     def undo(argv):
-        from .ledger import undo_main
-
         return undo_main(argv)
 
     def export(argv):
-        from .ledger import export_main
-
         return export_main(argv)
 
     def realfacts(argv):
-        from .realfacts import main as rf_main
-
         return rf_main(argv)
 
     return {
@@ -256,9 +250,6 @@ def user_error_message(exc: BaseException) -> str | None:
 def _edit_error_in_traceback(text: str) -> str | None:
     """``"<message>"`` when the last exception line of a formatted traceback names an
     ``EditError`` subclass of this package (``lightning_edit.x.SomeError: <message>``)."""
-    import importlib
-    import re
-
     found = None
     for m in re.finditer(r"^(lightning_edit(?:\.\w+)*)\.(\w+): (.*)$", text, re.MULTILINE):
         found = m

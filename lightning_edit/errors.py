@@ -25,10 +25,10 @@ class                       also a                     raised for
 ==========================  =========================  ==================================================
 
 Subclasses defined next to their raise sites: :class:`~lightning_edit.data.requests.RequestError`,
-:class:`~lightning_edit.tokens.TokenizationError`, :class:`~lightning_edit.arch.ArchitectureError`,
+:class:`~lightning_edit.engine.tokens.TokenizationError`, :class:`~lightning_edit.engine.arch.ArchitectureError`,
 :class:`~lightning_edit.longform.chunking.ChatTemplateError` (input errors),
 :class:`~lightning_edit.checkpointing.CorruptFileError` (a checkpoint error) and
-:class:`~lightning_edit.closed_form.NonFiniteUpdateError` (also a ``FloatingPointError``).
+:class:`~lightning_edit.engine.closed_form.NonFiniteUpdateError` (also a ``FloatingPointError``).
 """
 
 from __future__ import annotations

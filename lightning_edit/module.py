@@ -1,7 +1,7 @@
 """The LightningModule: wraps the frozen LM, optimizes the residual vectors of each edit batch
 (``training_step``), and evaluates (``validation_step`` / ``test_step``).
 
-A thin shell over :class:`~lightning_edit.stream.EditStream`: ``training_step`` hands each batch
+A thin shell over :class:`~lightning_edit.stream.edit_stream.EditStream`: ``training_step`` hands each batch
 to :meth:`EditStream.apply` (z, keys, solve, apply, ledger record), then logs and evaluates. The
 editing callback (:mod:`lightning_edit.callbacks`) computes the statistics, gives the stream its
 method and restores checkpoints.
@@ -20,21 +20,21 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from .arch import ModelAdapter
-from .chat import wrap_request
-from .data.datamodule import EditBatch
-from .data.requests import EditRequest, RequestError, target_text
-from .errors import CheckpointError, InputError
-from .evaluate import evaluate_requests, make_edit_metrics, update_edit_metrics
-from .ledger import EditLedger
-from .loading import DType, load_pretrained
-from .longform.chunking import check_all_fit
-from .longform.edit import LongFormConfig, evaluate_longform, is_longform
-from .prefixes import PREFIX_STARTS
-from .progress import show_progress
-from .residuals import ResidualConfig
-from .stream import Collective, EditStream
-from .tblog import close_edit_axis, log_edit_axis
+from lightning_edit.data.chat import wrap_request
+from lightning_edit.data.datamodule import EditBatch
+from lightning_edit.data.requests import EditRequest, RequestError, target_text
+from lightning_edit.engine.arch import ModelAdapter
+from lightning_edit.engine.loading import DType, load_pretrained
+from lightning_edit.engine.prefixes import PREFIX_STARTS
+from lightning_edit.engine.residuals import ResidualConfig
+from lightning_edit.errors import CheckpointError, InputError
+from lightning_edit.evaluation.evaluate import evaluate_requests, make_edit_metrics, update_edit_metrics
+from lightning_edit.longform.chunking import check_all_fit
+from lightning_edit.longform.edit import LongFormConfig, evaluate_longform, is_longform
+from lightning_edit.progress import show_progress
+from lightning_edit.stream.edit_stream import Collective, EditStream
+from lightning_edit.stream.ledger import EditLedger
+from lightning_edit.tblog import close_edit_axis, log_edit_axis
 
 # Expected with a frozen model and manual optimization; not actionable for users.
 for _msg in (r".*configure_optimizers.*returned.*None.*", r".*module\(s\) in eval mode.*", r".*no pre-optimization state was saved.*",
@@ -79,7 +79,7 @@ class EditModule(L.LightningModule):
             ``.gguf`` works too); needs ``pip install gguf accelerate``.
         chat_template: render every prompt of the edit requests as a user turn of the tokenizer's
             chat template followed by the assistant's opening (instruct models; see
-            :mod:`lightning_edit.chat`); long-form questions are rendered the same way.
+            :mod:`lightning_edit.data.chat`); long-form questions are rendered the same way.
         system_prompt: an optional system message for ``chat_template``.
     """
 
@@ -164,7 +164,7 @@ class EditModule(L.LightningModule):
 
     @property
     def ledger(self) -> EditLedger:
-        """The stream's :class:`~lightning_edit.ledger.EditLedger`."""
+        """The stream's :class:`~lightning_edit.stream.ledger.EditLedger`."""
         return self.stream.ledger
 
     @property

@@ -5,7 +5,7 @@
 * :func:`progress_bar`: the bars of the steps inside a batch or before the stream (key
   statistics, each batch's residual optimization, evaluation), with a total and an ETA.
 * :class:`ResidualProgress`: the ``on_step`` callback of
-  :func:`lightning_edit.residuals.optimize_residuals`: one tick per Adam step, the mean loss
+  :func:`lightning_edit.engine.residuals.optimize_residuals`: one tick per Adam step, the mean loss
   in the postfix, read from the device at most once per :attr:`ResidualProgress.read_every_s`
   (never a synchronization per step) and once at the end.
 
@@ -40,7 +40,7 @@ def progress_bar(desc: str, total: int | None, unit: str, enabled: bool = True, 
 
 
 class ResidualProgress:
-    """``on_step(done, total, loss, chunks)`` for :func:`~lightning_edit.residuals.optimize_residuals`:
+    """``on_step(done, total, loss, chunks)`` for :func:`~lightning_edit.engine.residuals.optimize_residuals`:
     the bar counts Adam steps (``done`` of ``total``); the postfix is the mean of ``loss`` (a
     per-chunk device tensor) over ``chunks`` (the chunks optimized in the current phase). The
     loss is read when :attr:`read_every_s` seconds have passed since the last read (a GPU

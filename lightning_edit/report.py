@@ -4,9 +4,9 @@
 :class:`~lightning_edit.module.EditModule`:
 
 * ``retention``: share of never-edited facts whose answer fingerprint (teacher-forced top-1
-  tokens, :func:`~lightning_edit.scoring.top1_tokens`) is unchanged from the unedited model;
+  tokens, :func:`~lightning_edit.evaluation.scoring.top1_tokens`) is unchanged from the unedited model;
 * ``retention_known``: share of those facts still *known* by the criterion that selected the
-  real-facts probes (:func:`~lightning_edit.realfacts.known_facts`: the true object is the most
+  real-facts probes (:func:`~lightning_edit.builtin.realfacts.known_facts`: the true object is the most
   likely of its relation's objects), with ``retention_known_unedited``, the unedited model's;
 * ``probe_logprob_drop``: mean drop of the true object's log-probability on those facts (nats);
 * ``efficacy_unedited`` / ``generalization_unedited`` / ``specificity_unedited``: the unedited
@@ -15,7 +15,7 @@
 * ``fluency`` / ``consistency``: n-gram entropy and TF-IDF consistency of generations;
 * ``perplexity_before`` / ``perplexity_after`` on held-out corpus text;
 * ``next_word_accuracy_before`` / ``_after``: top-1 next-word accuracy on held-out prose from the
-  standard library's docstrings (:func:`~lightning_edit.corpora.docstring_texts`);
+  standard library's docstrings (:func:`~lightning_edit.builtin.corpora.docstring_texts`);
 
 logs the probe metrics and the unedited values as curves against edits applied, and writes
 ``summary.json``, ``summary.md`` and ``summary.png`` into the run's log directory, printing the
@@ -36,15 +36,21 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from .arch import ModelAdapter
-from .errors import MissingFileError
-from .loading import load_pretrained
-from .longform.edit import evaluate_longform
-from .module import EditModule
-from .progress import progress_bar
-from .resources import resolve
-from .stream import EditStream
-from .update import AlphaEditMethod
+from lightning_edit.builtin.corpora import docstring_texts
+from lightning_edit.builtin.realfacts import known_facts
+from lightning_edit.engine.arch import ModelAdapter
+from lightning_edit.engine.loading import load_pretrained
+from lightning_edit.engine.update import AlphaEditMethod
+from lightning_edit.errors import MissingFileError
+from lightning_edit.evaluation.evaluate import evaluate_generation, outcome_metrics, request_outcomes
+from lightning_edit.evaluation.metrics import KnownShare, LogProbDrop, Perplexity, Retention, TokenAccuracy
+from lightning_edit.evaluation.scoring import greedy_generate, next_word_hits, pad_rows, target_scores, text_token_nll
+from lightning_edit.longform.edit import evaluate_longform, is_longform, rouge_l_of
+from lightning_edit.module import EditModule
+from lightning_edit.progress import progress_bar
+from lightning_edit.resources import resolve
+from lightning_edit.stream.edit_stream import EditStream
+from lightning_edit.tblog import add_image_file, add_text, log_hparams, run_settings
 
 SUMMARY_KEYS = ("method", "num_edits", "efficacy", "generalization", "specificity", "retention", "first_batch_efficacy")
 
@@ -187,14 +193,11 @@ class EditReport(L.Callback):
     @torch.no_grad()
     def measure_probes(self, module: EditModule) -> dict | None:
         """The probes on the model as it is now: ``fingerprint`` ``(n, max_answer_tokens)``
-        (:func:`~lightning_edit.scoring.top1_tokens`), ``logp`` ``(n,)`` (float64; the sum of the
+        (:func:`~lightning_edit.evaluation.scoring.top1_tokens`), ``logp`` ``(n,)`` (float64; the sum of the
         true object's token log-probabilities) and, for the probes that name their
-        ``relation_id``, ``known`` ``(m,)`` bool (:func:`~lightning_edit.realfacts.known_facts`
+        ``relation_id``, ``known`` ``(m,)`` bool (:func:`~lightning_edit.builtin.realfacts.known_facts`
         over :meth:`relation_objects`, each probe on its own prompt). Measured once per number
         of edits applied (the model only changes when a batch lands)."""
-        from .realfacts import known_facts
-        from .scoring import pad_rows, target_scores
-
         facts = self._probes()
         if not facts:
             return None
@@ -219,8 +222,6 @@ class EditReport(L.Callback):
     def probe_metrics(self, module: EditModule) -> dict[str, float]:
         """``retention``, ``retention_known`` and ``probe_logprob_drop`` of the model as it is now
         (each only where the probes and the unedited measurement allow)."""
-        from .metrics import KnownShare, LogProbDrop, Retention
-
         if self.baseline is None:
             return {}
         now = self.measure_probes(module)
@@ -246,8 +247,6 @@ class EditReport(L.Callback):
         ``num_edits`` requests of the stream, or on those of them at ``indices`` (the sample a
         mid-stream evaluation scored), as ``{"efficacy_unedited": ...}``, from the counts
         measured at fit start."""
-        from .evaluate import outcome_metrics
-
         if self.unedited_rows is None:
             return {}
         rows = self.unedited_rows[:num_edits] if indices is None else self.unedited_rows[torch.tensor(indices, dtype=torch.long)]
@@ -256,9 +255,6 @@ class EditReport(L.Callback):
     @torch.no_grad()
     def next_word_accuracy(self, module: EditModule) -> float | None:
         """Top-1 next-word accuracy of the model on :attr:`next_word_texts` (None without texts)."""
-        from .metrics import TokenAccuracy
-        from .scoring import next_word_hits
-
         if not self.next_word_texts:
             return None
         acc = TokenAccuracy(average="token")
@@ -269,9 +265,6 @@ class EditReport(L.Callback):
 
     @torch.no_grad()
     def perplexity(self, module: EditModule) -> float | None:
-        from .metrics import Perplexity
-        from .scoring import text_token_nll
-
         texts = self._ppl_texts()
         if not texts:
             return None
@@ -310,13 +303,9 @@ class EditReport(L.Callback):
                 self.known_unedited = float(probes["known"].float().mean())
         self.ppl_before = self.perplexity(pl_module)
         if self.unedited_metrics and reqs and not _is_longform(reqs):
-            from .evaluate import request_outcomes
-
             self.unedited_rows = request_outcomes(pl_module.lm, pl_module.tokenizer, reqs, batch_size=pl_module.eval_batch_size,
                                                   progress=pl_module.progress_enabled(), desc="unedited model: evaluation")
         if self.n_next_word > 0:
-            from .corpora import docstring_texts
-
             # never a text that names an edited subject or target
             terms = {t for r in reqs for t in (getattr(r, "subject", None), getattr(r, "target_new", None),
                                                  getattr(r, "target_true", None)) if isinstance(t, str)}
@@ -372,13 +361,9 @@ class EditReport(L.Callback):
         self.examples = json.loads(state.get("examples", "[]"))
 
     def continuations(self, module: EditModule, prompts: list[str]) -> list[str]:
-        from .scoring import greedy_generate
-
         return greedy_generate(module.lm, module.tokenizer, prompts, max_new_tokens=self.example_tokens)
 
     def on_fit_end(self, trainer, pl_module: EditModule) -> None:
-        from .evaluate import evaluate_generation
-
         dm = trainer.datamodule
         edited = list(dm.requests[: pl_module.num_edits]) if dm is not None else list(pl_module.edit_history)
         first = edited[: getattr(dm, "batch_size", len(edited))]
@@ -438,8 +423,6 @@ class EditReport(L.Callback):
         edits applied; call on rank 0): the summary table and ``texts`` (tag -> Markdown) as text,
         ``summary.png`` as an image, the run's settings as hparams with the summary's numbers as
         ``final/<key>`` metrics."""
-        from .tblog import add_image_file, add_text, log_hparams, run_settings
-
         if pl_module.logger is None:
             return
         n = pl_module.num_edits
@@ -468,7 +451,6 @@ class EditReport(L.Callback):
         for key in ("rouge_l", "bleu", "exact_match"):
             if f"longform/paraphrase_{key}" in final:
                 s[f"{key}_paraphrase"] = final[f"longform/paraphrase_{key}"]
-        from .longform.edit import rouge_l_of
 
         first_ids = {r.case_id for r in first}
         s["first_batch_rouge_l"] = rouge_l_of([t for t in texts if t["case_id"] in first_ids])
@@ -509,8 +491,6 @@ def _answer(fact: dict) -> str:
 
 
 def _is_longform(requests) -> bool:
-    from .longform.edit import is_longform
-
     return is_longform(requests)
 
 

@@ -16,6 +16,7 @@ as before (``log_metrics(..., step=num_edits)``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,6 @@ def run_settings(trainer, module) -> dict[str, int | float | str | bool]:
     for cb in getattr(trainer, "callbacks", []):
         if isinstance(cb, SaveConfigCallback) and getattr(cb, "config", None) is not None:
             return flatten_settings(cb.config)
-    import dataclasses
 
     settings: dict[str, Any] = {"model": {"model": str(getattr(module, "model_name", "")), "layers": list(getattr(module, "layers", []))}}
     if dataclasses.is_dataclass(getattr(module, "residual_cfg", None)):

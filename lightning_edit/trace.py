@@ -46,10 +46,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .arch import ModelAdapter, supports_logits_to_keep
-from .data.requests import EditRequest, target_text
-from .errors import InputError
-from .tokens import Segment, TokenizationError, encode_segments
+from lightning_edit.data.chat import chat_prompt
+from lightning_edit.data.formats import records_to_requests
+from lightning_edit.data.requests import EditRequest, target_text
+from lightning_edit.data.sources import load_records
+from lightning_edit.engine.arch import ModelAdapter, supports_logits_to_keep
+from lightning_edit.engine.loading import load_pretrained
+from lightning_edit.engine.tokens import Segment, TokenizationError, encode_segments
+from lightning_edit.errors import InputError
+from lightning_edit.resources import resolve
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +188,7 @@ def _model_device(model: nn.Module) -> torch.device:
 def prepare_fact(
     adapter: ModelAdapter, tokenizer, fact: Fact, answer: AnswerMode = "greedy", score: Score = "prob", greedy_tokens: int = 1
 ) -> PreparedFact:
-    """Tokenize ``fact`` once (prompt + answer, with offsets; :mod:`lightning_edit.tokens`)
+    """Tokenize ``fact`` once (prompt + answer, with offsets; :mod:`lightning_edit.engine.tokens`)
     and locate the subject, the last prompt token and the answer tokens.
 
     ``answer="true"`` scores ``fact.answer``; ``answer="greedy"`` scores the model's own
@@ -895,9 +900,6 @@ def load_facts(path: str | Path) -> list[EditRequest | Fact]:
     as :class:`EditRequest` s when :func:`~lightning_edit.data.formats.records_to_requests`
     recognizes them (CounterFact, flat CounterFact, ZsRE, factworld), else as simple dicts with
     ``prompt`` / ``subject`` / ``target`` (see :func:`as_fact`)."""
-    from .data.formats import records_to_requests
-    from .data.sources import load_records
-
     records = load_records(str(path))
     try:
         return records_to_requests(records)
@@ -968,9 +970,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``lightning-edit trace``: trace a sample of facts and write the report."""
-    from .loading import load_pretrained
-    from .resources import resolve
-
     args = build_parser().parse_args(argv)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_pretrained(args.model, "float32" if args.dtype == "auto" else args.dtype, gguf_file=args.gguf_file)
@@ -978,8 +977,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     adapter = ModelAdapter(model, args.layer_template, args.mlp_down_template)
     facts = load_facts(resolve(args.dataset))
     if args.chat_template:
-        from .chat import chat_prompt
-
         facts = [dataclasses.replace(f, prompt=chat_prompt(tokenizer, f.prompt)) for f in (as_fact(x, i) for i, x in enumerate(facts))]
     roles = [r.strip() for r in args.roles.split(",") if r.strip()] if args.roles else None
     result = run_trace(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import lightning as L
 import pytest
 import torch
@@ -11,9 +10,21 @@ import torch
 # two cores are shared (measured here: 18 s vs 251 s for the same training).
 torch.set_num_threads(1)
 
-from lightning_edit.toy import (ARCHS, EDIT_NAMES, FILLER, NAMES, OBJECTS, TEMPLATES,  # noqa: F401
-                                counterfact_records, counterfactual_requests, corpus_sentences, facts,
-                                make_model, make_tokenizer, train_tiny)
+from lightning_edit.builtin.toy import (  # noqa: F401
+    ARCHS,
+    EDIT_NAMES,
+    FILLER,
+    NAMES,
+    OBJECTS,
+    TEMPLATES,
+    corpus_sentences,
+    counterfact_records,
+    counterfactual_requests,
+    facts,
+    make_model,
+    make_tokenizer,
+    train_tiny,
+)
 
 
 @pytest.fixture(scope="session")

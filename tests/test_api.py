@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import FAST_RESIDUAL, counterfactual_requests
+
 from lightning_edit import Editor, load_edited
 from lightning_edit.checkpointing import load_edits
 from lightning_edit.data.requests import RequestError

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
 from conftest import ARCHS, make_model
-from lightning_edit.arch import ArchitectureError, ModelAdapter
+
+from lightning_edit.engine.arch import ArchitectureError, ModelAdapter
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -76,8 +76,8 @@ def test_auto_edit_layers_follow_the_papers_choice_scaled_by_depth(tokenizer):
     from types import SimpleNamespace
 
     from lightning_edit.api import Editor
-    from lightning_edit.arch import ModelAdapter
-    from lightning_edit.toy import make_model
+    from lightning_edit.builtin.toy import make_model
+    from lightning_edit.engine.arch import ModelAdapter
 
     def auto(n):
         return ModelAdapter.default_edit_layers(SimpleNamespace(n_layers=n))

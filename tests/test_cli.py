@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import cli_args, counterfact_records
+
 from lightning_edit.checkpointing import load_nested, read_edits
 from lightning_edit.cli import main
 

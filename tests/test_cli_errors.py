@@ -12,11 +12,17 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-
 from conftest import counterfact_records, make_model, make_tokenizer
+
 from lightning_edit.cli import EditCLI, cli_kwargs, main, user_error_message
-from lightning_edit.errors import (CheckpointError, EditError, InputError, MissingFileError, looks_like_local_path,
-                                   require_local_path)
+from lightning_edit.errors import (
+    CheckpointError,
+    EditError,
+    InputError,
+    MissingFileError,
+    looks_like_local_path,
+    require_local_path,
+)
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -148,12 +154,12 @@ def test_tool_errors_are_one_line(work, monkeypatch, capsys):
     (line,) = _error_lines(capsys.readouterr().err)
     assert line.startswith("lightning-edit: error: ") and "missing.safetensors" in line
 
-    import lightning_edit.ledger
+    import lightning_edit.cli
 
     def refuse(argv):
         raise SystemExit("cannot undo 3 batches: the checkpoint holds 1")
 
-    monkeypatch.setattr(lightning_edit.ledger, "undo_main", refuse)
+    monkeypatch.setattr(lightning_edit.cli, "undo_main", refuse)
     monkeypatch.setattr(sys, "argv", ["lightning-edit", "undo", "--batches", "3"])
     assert main() == 1
     assert _error_lines(capsys.readouterr().err) == ["lightning-edit: error: cannot undo 3 batches: the checkpoint holds 1"]
@@ -174,12 +180,12 @@ def test_spawned_process_error_is_recognized():
 
 
 def test_error_classes_keep_builtin_bases():
-    from lightning_edit.arch import ArchitectureError
     from lightning_edit.checkpointing import CorruptFileError
-    from lightning_edit.closed_form import NonFiniteUpdateError
     from lightning_edit.data.requests import RequestError
+    from lightning_edit.engine.arch import ArchitectureError
+    from lightning_edit.engine.closed_form import NonFiniteUpdateError
+    from lightning_edit.engine.tokens import TokenizationError
     from lightning_edit.longform.chunking import ChatTemplateError
-    from lightning_edit.tokens import TokenizationError
 
     for cls in (RequestError, ArchitectureError, TokenizationError, ChatTemplateError):
         assert issubclass(cls, InputError) and issubclass(cls, ValueError)

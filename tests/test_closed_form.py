@@ -3,8 +3,14 @@
 import pytest
 import torch
 
-from lightning_edit.closed_form import (NonFiniteUpdateError, alphaedit_update, memit_update, normalized_moment,
-                                        null_space_projector, spread_residual)
+from lightning_edit.engine.closed_form import (
+    NonFiniteUpdateError,
+    alphaedit_update,
+    memit_update,
+    normalized_moment,
+    null_space_projector,
+    spread_residual,
+)
 
 
 def _random_problem(d_k=24, d_v=16, n=7, n0=200, seed=0, noise=1e-3):
@@ -106,8 +112,12 @@ def _stream(batches=40, d_k=48, d_v=16, n=6, seed=3):
 
 
 def test_woodbury_factors_match_the_direct_solve_over_a_stream():
-    from lightning_edit.closed_form import (alphaedit_base_inverse, alphaedit_factors, alphaedit_factors_woodbury,
-                                            alphaedit_inverse_commit)
+    from lightning_edit.engine.closed_form import (
+        alphaedit_base_inverse,
+        alphaedit_factors,
+        alphaedit_factors_woodbury,
+        alphaedit_inverse_commit,
+    )
 
     proj, stream = _stream()
     l2 = 10.0
@@ -130,7 +140,7 @@ def test_woodbury_factors_match_the_direct_solve_over_a_stream():
 
 
 def test_alphaedit_method_solvers_agree_and_reset_is_bit_identical():
-    from lightning_edit.update import AlphaEditMethod
+    from lightning_edit.engine.update import AlphaEditMethod
 
     proj, stream = _stream(batches=12)
     proj = proj.float()

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lightning_edit.corpora import build_corpus, drop_mentions, generated_texts, pydoc_texts
+from lightning_edit.builtin.corpora import build_corpus, drop_mentions, generated_texts, pydoc_texts
 from lightning_edit.resources import resolve
 
 
@@ -49,9 +49,9 @@ def test_unknown_corpus_kind_and_option(tmp_path):
 def test_facts_corpus_states_true_facts_never_about_probes_and_combines_with_pydoc(tmp_path):
     """corpus:facts@<model>: statements of the real-facts set's candidate facts in the relations'
     phrasings, never about a probe's subject; edited subjects dropped; kinds combine with '+'."""
-    from lightning_edit.corpora import fact_texts
-    from lightning_edit.realfacts import RELATIONS
-    from lightning_edit.realfacts import resolve as rf_resolve
+    from lightning_edit.builtin.corpora import fact_texts
+    from lightning_edit.builtin.realfacts import RELATIONS
+    from lightning_edit.builtin.realfacts import resolve as rf_resolve
 
     model = "smollm2:135m-instruct"
     texts = fact_texts(model)
@@ -61,7 +61,7 @@ def test_facts_corpus_states_true_facts_never_about_probes_and_combines_with_pyd
     known = json.load(open(rf_resolve(f"realfacts:{model}/known")))["facts_detail"]
     statements = {t.replace("{}", d["subject"], 1) + " " + d["object"] + "."
                   for d in known if d["subject"] not in held for t in RELATIONS[d["relation_id"]].templates}
-    from lightning_edit.corpora import drop_mentions
+    from lightning_edit.builtin.corpora import drop_mentions
 
     assert drop_mentions(texts, sorted(held))[1] == 0  # no text names a probe's subject, even as an object
     for t in texts[:40]:  # each text is six of the true statements, joined by spaces

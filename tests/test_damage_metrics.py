@@ -13,10 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import FAST_RESIDUAL, CrashAfterBatch, cli_args, counterfact_records, counterfactual_requests  # noqa: F401
-from lightning_edit.metrics import KnownShare, LogProbDrop
-from lightning_edit.toy import EDIT_NAMES, TEMPLATES, facts
+
+from lightning_edit.builtin.toy import EDIT_NAMES, TEMPLATES, facts
+from lightning_edit.evaluation.metrics import KnownShare, LogProbDrop
 
 NEW_KEYS = ("efficacy_unedited", "generalization_unedited", "specificity_unedited", "retention_known",
             "retention_known_unedited", "probe_logprob_drop", "next_word_accuracy_before", "next_word_accuracy_after")
@@ -45,7 +45,7 @@ def test_known_share_and_logprob_drop_hand_computed():
 
 # ---- next-word accuracy on held-out prose --------------------------------------------------------
 def test_word_starts_hand_checked():
-    from lightning_edit.scoring import word_starts
+    from lightning_edit.evaluation.scoring import word_starts
 
     text = "Use it, then 2 more."
     # byte-level BPE folds the space into the token; other tokenizers leave it outside the span
@@ -57,7 +57,7 @@ def test_word_starts_hand_checked():
 
 
 def test_next_word_hits_equal_a_full_forward(trained_gpt2, tokenizer):
-    from lightning_edit.scoring import next_word_hits, word_starts
+    from lightning_edit.evaluation.scoring import next_word_hits, word_starts
 
     world = facts()[:12]
     texts = [t.format(n) + " " + o + "." for t, n, o in world] + ["Some say Paris matters most to the people who live there."]
@@ -76,7 +76,7 @@ def test_next_word_hits_equal_a_full_forward(trained_gpt2, tokenizer):
 def test_docstring_texts_are_held_out_and_skip_edited_names():
     from pydoc_data.topics import topics
 
-    from lightning_edit.corpora import docstring_texts
+    from lightning_edit.builtin.corpora import docstring_texts
 
     texts = docstring_texts(40)
     assert len(texts) == 40 and len({t["text"] for t in texts}) == 40 and texts == docstring_texts(40)
@@ -101,7 +101,7 @@ def _requests_with_paraphrases(n):
 
 
 def test_request_outcomes_add_up_to_the_metrics(trained_gpt2, tokenizer):
-    from lightning_edit.evaluate import evaluate_requests, outcome_metrics, request_outcomes
+    from lightning_edit.evaluation.evaluate import evaluate_requests, outcome_metrics, request_outcomes
 
     reqs = _requests_with_paraphrases(8)
     rows = request_outcomes(trained_gpt2, tokenizer, reqs, batch_size=7)
@@ -121,7 +121,7 @@ def test_request_outcomes_add_up_to_the_metrics(trained_gpt2, tokenizer):
 # ---- retention_known and probe_logprob_drop on a probe edited on purpose --------------------------
 def _brute_force_known(model, tokenizer, probes, objects):
     """Every object of the relation scored in full: is the true object the most likely?"""
-    from lightning_edit.scoring import target_scores
+    from lightning_edit.evaluation.scoring import target_scores
 
     out = []
     for p in probes:
@@ -133,7 +133,7 @@ def _brute_force_known(model, tokenizer, probes, objects):
 
 
 def _true_logp(model, tokenizer, probes):
-    from lightning_edit.scoring import target_scores
+    from lightning_edit.evaluation.scoring import target_scores
 
     ts = target_scores(model, tokenizer, [p["prompt"] for p in probes], [p["object"] for p in probes])
     return torch.tensor([float(x.double().sum()) for x in ts.token_logprobs], dtype=torch.float64)
@@ -238,7 +238,7 @@ def test_cli_reports_every_new_metric_and_resume_keeps_the_unedited_values(train
 
     from lightning_edit.cli import main
     from lightning_edit.data.formats import records_to_requests
-    from lightning_edit.evaluate import evaluate_requests
+    from lightning_edit.evaluation.evaluate import evaluate_requests
 
     records = counterfact_records(8)
     for r in records:
@@ -313,7 +313,7 @@ def test_mid_stream_evaluations_score_a_fixed_size_sample(trained_gpt2, tokenize
     assert module.mid_stream_sample() == idx  # seeded: the same sample for the same stream position
     report = EditReport(n_generation=0, n_examples=0, next_word_texts=0)
     report.measure_unedited(SimpleNamespace(datamodule=SimpleNamespace(requests=reqs)), module)
-    from lightning_edit.evaluate import outcome_metrics
+    from lightning_edit.evaluation.evaluate import outcome_metrics
 
     sample = outcome_metrics(report.unedited_rows[torch.tensor(idx)])
     assert report.unedited_at(6, idx)["specificity_unedited"] == pytest.approx(sample["edit/specificity"])

@@ -227,7 +227,8 @@ def test_block_shards_partition_the_blocks(tokenizer):
     """The statistics shards of all processes are exactly the single-process blocks (the
     packing, and so every key's context, is the same whatever the number of processes)."""
     from conftest import corpus_sentences
-    from lightning_edit.stats import packed_blocks
+
+    from lightning_edit.engine.stats import packed_blocks
 
     texts = corpus_sentences(120, seed=3)
     whole = [row for b in packed_blocks(tokenizer, iter(texts), 32, 4) for row in b.tolist()]

@@ -11,13 +11,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
 from conftest import cli_args, counterfact_records, make_model
-from lightning_edit.arch import ModelAdapter
+
 from lightning_edit.checkpointing import CorruptFileError, load_nested, save_nested
 from lightning_edit.cli import main
 from lightning_edit.data.requests import RequestError
-from lightning_edit.stats import StatsCache, StatsConfig, corpus_fingerprint, projectors, second_moments
+from lightning_edit.engine.arch import ModelAdapter
+from lightning_edit.engine.stats import StatsCache, StatsConfig, corpus_fingerprint, projectors, second_moments
 
 FLAT = Path(__file__).parent / "fixtures" / "counterfact_flat_sample.json"
 
@@ -201,7 +201,7 @@ def test_glob_corpus_hashes_every_matched_file(tokenizer, tmp_path):
     fp2 = corpus_fingerprint(cfg)
     (d / "part2.jsonl").write_text(json.dumps({"text": "new shard"}) + "\n")
     assert corpus_fingerprint(cfg) != fp2  # the pattern matches one more file
-    from lightning_edit.stats import iter_corpus_texts
+    from lightning_edit.engine.stats import iter_corpus_texts
 
     assert sorted(iter_corpus_texts(cfg)) == sorted([f"text 0 {j}" for j in range(5)] + ["changed", "new shard"])
 

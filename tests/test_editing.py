@@ -6,14 +6,14 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import ARCHS, FAST_RESIDUAL, counterfactual_requests, make_model
+
 from lightning_edit.api import Editor
-from lightning_edit.arch import ModelAdapter
-from lightning_edit.closed_form import NonFiniteUpdateError
-from lightning_edit.residuals import ResidualConfig, build_residual_batch, optimize_residuals
-from lightning_edit.stats import StatsConfig, packed_blocks, iter_corpus_texts
-from lightning_edit.update import MemitMethod, apply_update
+from lightning_edit.engine.arch import ModelAdapter
+from lightning_edit.engine.closed_form import NonFiniteUpdateError
+from lightning_edit.engine.residuals import ResidualConfig, build_residual_batch, optimize_residuals
+from lightning_edit.engine.stats import StatsConfig, iter_corpus_texts, packed_blocks
+from lightning_edit.engine.update import MemitMethod, apply_update
 
 
 def _stats(corpus_file, tmp_path):
@@ -44,7 +44,7 @@ def test_batched_residuals_equal_one_at_a_time(trained_gpt2, tokenizer, kl):
 def test_head_on_scored_positions_only_is_the_same_computation(arch, tokenizer, monkeypatch):
     """``logits_to_keep`` (the LM head only where a loss reads it) changes nothing but speed,
     on every supported architecture."""
-    import lightning_edit.residuals as residuals
+    import lightning_edit.engine.residuals as residuals
 
     model = make_model(arch, vocab_size=len(tokenizer), n_layer=3, width=32)
     ad = ModelAdapter(model)
@@ -229,7 +229,7 @@ def test_body_and_head_refuses_a_model_with_scaled_logits(tokenizer):
 
 
 def test_prefix_cache_layout_puts_every_anchor_at_the_split(tokenizer):
-    from lightning_edit.residuals import _layout
+    from lightning_edit.engine.residuals import _layout
 
     reqs = counterfactual_requests(3)
     batch = build_residual_batch(tokenizer, reqs, ["The cat sat on the mat today. ", "Because. "], "subject_last")
@@ -249,7 +249,7 @@ def test_keys_passes_start_where_the_last_update_ends_and_keys_after_need_no_pas
     """Each layer's keys pass skips the blocks below the previous edit layer (their output kept
     from that pass): the same keys as a pass from the embeddings. And the keys the ledger stores
     as 'after the update' are what a fresh pass over the edited model reads."""
-    from lightning_edit.update import AlphaEditMethod, anchor_keys_and_outputs
+    from lightning_edit.engine.update import AlphaEditMethod, anchor_keys_and_outputs
 
     model = make_model(arch, vocab_size=len(tokenizer), n_layer=4, width=32)
     ad = ModelAdapter(model)
@@ -276,7 +276,7 @@ def test_keys_passes_start_where_the_last_update_ends_and_keys_after_need_no_pas
 
 
 def test_sdpa_backends_option_is_checked_before_any_work():
-    from lightning_edit.residuals import _sdpa_backends
+    from lightning_edit.engine.residuals import _sdpa_backends
 
     assert _sdpa_backends("auto") is None
     assert len(_sdpa_backends("efficient, math")) == 2

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import random
 from collections import Counter
+from pathlib import Path
 
 import pytest
-
-import random
-
 import torch
 
-from lightning_edit.factworld.build import PRESETS, FactworldPaths, build_dir_name, ensure_factworld
-from lightning_edit.factworld.pretrain import (
+from lightning_edit.builtin.factworld.build import PRESETS, FactworldPaths, build_dir_name, ensure_factworld
+from lightning_edit.builtin.factworld.pretrain import (
     CorpusDataModule,
     ModelSpec,
     TrainSpec,
@@ -22,8 +20,8 @@ from lightning_edit.factworld.pretrain import (
     recall,
     subject_label_mask,
 )
-from lightning_edit.factworld.tokenizer import train_tokenizer
-from lightning_edit.factworld.world import RELATION_BY_ID, RELATIONS, WorldConfig, build_world, read_jsonl
+from lightning_edit.builtin.factworld.tokenizer import train_tokenizer
+from lightning_edit.builtin.factworld.world import RELATION_BY_ID, RELATIONS, WorldConfig, build_world, read_jsonl
 
 SMALL = WorldConfig(n_subjects=120, n_edits=12, n_general=50)
 
@@ -335,7 +333,7 @@ def test_tiny_build_reaches_recall_and_is_cached(tiny_build):
 
 
 def test_shipped_model_is_installed_without_training(tiny_build, tmp_path, monkeypatch):
-    import lightning_edit.factworld.build as build
+    import lightning_edit.builtin.factworld.build as build
 
     _, paths = tiny_build
     shipped_root = tmp_path / "shipped"
@@ -360,7 +358,7 @@ def test_shipped_model_is_installed_without_training(tiny_build, tmp_path, monke
 
 
 def test_shipped_tokenizer_declares_the_models_context():
-    import lightning_edit.factworld.build as build
+    import lightning_edit.builtin.factworld.build as build
 
     for model_dir in sorted(Path(build.SHIPPED_ROOT).glob("*/model")):
         tok_cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
@@ -373,7 +371,7 @@ def test_the_shipped_default_model_matches_the_world_code(tmp_path, monkeypatch)
     """The quickstart's model ships in the package. If the world code changes, the regenerated
     corpus no longer matches the one the model learned and a fresh clone would silently spend
     an hour retraining: this fails first (re-ship with ``--ship_model true``)."""
-    import lightning_edit.factworld.build as build
+    import lightning_edit.builtin.factworld.build as build
 
     def no_training(*a, **k):
         raise AssertionError("the shipped default model no longer matches the world: retrain and re-ship it")
@@ -388,7 +386,7 @@ def test_the_shipped_default_model_matches_the_world_code(tmp_path, monkeypatch)
 
 def test_half_built_directory_is_rebuilt(tmp_path, monkeypatch):
     """A directory without a matching manifest is not mistaken for a finished build."""
-    import lightning_edit.factworld.build as build
+    import lightning_edit.builtin.factworld.build as build
 
     final = FactworldPaths.at(tmp_path / build_dir_name(0, "tiny", PRESETS["tiny"]))
     final.root.mkdir(parents=True)
@@ -413,7 +411,7 @@ def test_cli_parses_the_shipped_config():
 
     from jsonargparse import CLI
 
-    from lightning_edit.factworld.build import build_factworld
+    from lightning_edit.builtin.factworld.build import build_factworld
 
     cfg = Path(__file__).resolve().parents[1] / "configs" / "factworld_pretrain.yaml"
     seen = {}

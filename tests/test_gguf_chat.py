@@ -7,10 +7,11 @@ import torch
 pytest.importorskip("gguf")
 
 from conftest import counterfactual_requests, make_model, make_tokenizer
-from lightning_edit.chat import chat_prompt, wrap_request
-from lightning_edit.loading import load_pretrained
-from lightning_edit.module import EditModule
 from tiny_gguf import CHAT_TEMPLATE, write_tiny_llama_gguf
+
+from lightning_edit.data.chat import chat_prompt, wrap_request
+from lightning_edit.engine.loading import load_pretrained
+from lightning_edit.module import EditModule
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_module_evaluates_chat_wrapped_requests(tiny_gguf):
 
 
 def _tiny_spec(path, sha=None):
-    from lightning_edit.hfmodels import GGUFModelSpec, sha256_file
+    from lightning_edit.builtin.hfmodels import GGUFModelSpec, sha256_file
 
     return GGUFModelSpec(name="tiny-test", package="tiny-gguf-wheel", version="0.0.1", module="tiny_gguf_wheel_not_installed",
                          filename="tiny_gguf_wheel/tiny.gguf", sha256=sha or sha256_file(path))
@@ -105,7 +106,7 @@ def test_builtin_model_from_a_cached_wheel_converts_once(tiny_gguf, chat_tokeniz
     download cache so nothing is fetched) -> SHA-256 check -> a normal HF directory, reused."""
     import zipfile
 
-    from lightning_edit import hfmodels
+    from lightning_edit.builtin import hfmodels
     from lightning_edit.resources import resolve
 
     original, path = tiny_gguf
@@ -128,7 +129,7 @@ def test_builtin_model_from_a_cached_wheel_converts_once(tiny_gguf, chat_tokeniz
 def test_builtin_model_refuses_a_file_with_the_wrong_sha256(tiny_gguf, tmp_path, monkeypatch):
     import zipfile
 
-    from lightning_edit import hfmodels
+    from lightning_edit.builtin import hfmodels
 
     _, path = tiny_gguf
     spec = _tiny_spec(path, sha="0" * 64)

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import FAST_RESIDUAL, cli_args, counterfact_records, counterfactual_requests
+
 from lightning_edit import Editor
 from lightning_edit.checkpointing import load_nested
 from lightning_edit.cli import main
@@ -152,8 +152,9 @@ def test_cli_undo_ledger_and_export(tiny_model_dir, corpus_file, tmp_path, capsy
 
 def test_describe_request_one_line_per_fact_and_long_form_request():
     from lightning_edit.data.requests import EditRequest
-    from lightning_edit.ledger import _cell, describe_batch, describe_request
+    from lightning_edit.ledger_cli import _cell, describe_batch
     from lightning_edit.longform.records import LongFormRequest
+    from lightning_edit.stream.ledger import describe_request
 
     fact = EditRequest(case_id="7", prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new=" English",
                        target_true=" French")
@@ -172,7 +173,7 @@ def test_describe_request_one_line_per_fact_and_long_form_request():
 
 def test_cli_ledger_shows_what_each_batch_changed_and_reads_older_ledgers(tiny_model_dir, corpus_file, tmp_path, capsys):
     from lightning_edit.checkpointing import save_nested
-    from lightning_edit.ledger import BatchRecord, describe_request
+    from lightning_edit.stream.ledger import BatchRecord, describe_request
 
     p = tmp_path / "cf.json"
     p.write_text(json.dumps(counterfact_records(10)))

@@ -14,17 +14,24 @@ import copy
 
 import pytest
 import torch
-
 from conftest import ARCHS, FAST_RESIDUAL, cli_args, counterfact_records, counterfactual_requests, make_model
+
 from lightning_edit import Editor
-from lightning_edit.arch import ModelAdapter
 from lightning_edit.checkpointing import load_nested, read_edits
-from lightning_edit.closed_form import alphaedit_factors, alphaedit_update, memit_factors, memit_update
+from lightning_edit.engine.arch import ModelAdapter
+from lightning_edit.engine.closed_form import alphaedit_factors, alphaedit_update, memit_factors, memit_update
+from lightning_edit.engine.residuals import (
+    ResidualConfig,
+    block_outputs_at_anchors,
+    build_residual_batch,
+    norm_anchor_targets,
+    optimize_residuals,
+    trimmed_mean_norm,
+    unconverged_requests,
+)
+from lightning_edit.engine.tokens import flatten_targets
+from lightning_edit.engine.update import AlphaEditMethod, MemitMethod
 from lightning_edit.errors import InputError
-from lightning_edit.residuals import (ResidualConfig, block_outputs_at_anchors, build_residual_batch, norm_anchor_targets,
-                                      optimize_residuals, trimmed_mean_norm, unconverged_requests)
-from lightning_edit.tokens import flatten_targets
-from lightning_edit.update import AlphaEditMethod, MemitMethod
 
 PREFIXES = ["The cat sat. ", "Because of this. "]
 
@@ -283,7 +290,7 @@ def test_undo_is_exact_with_every_option_on(trained_gpt2, tokenizer, corpus_file
 def test_resume_after_kill_is_exact_with_every_option_on(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
     import json
 
-    import lightning_edit.residuals as residuals
+    import lightning_edit.stream.edit_stream as residuals  # where the stream calls trimmed_mean_norm
     from lightning_edit.cli import main
 
     dataset = tmp_path / "cf.json"

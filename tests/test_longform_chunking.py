@@ -8,11 +8,20 @@ import pytest
 from transformers import AutoTokenizer
 
 from lightning_edit.data.requests import RequestError
-from lightning_edit.longform.chunking import (ChatTemplateError, ChunkingConfig, check_all_fit, check_fits, chunk_answer,
-                                              end_text_for, model_max_positions, prompt_and_answer, render_question,
-                                              sentence_starts)
+from lightning_edit.engine.tokens import encode_segments
+from lightning_edit.longform.chunking import (
+    ChatTemplateError,
+    ChunkingConfig,
+    check_all_fit,
+    check_fits,
+    chunk_answer,
+    end_text_for,
+    model_max_positions,
+    prompt_and_answer,
+    render_question,
+    sentence_starts,
+)
 from lightning_edit.longform.records import LongFormRequest, load_longform
-from lightning_edit.tokens import encode_segments
 
 FIXTURES = Path(__file__).parent / "fixtures" / "longform"
 FACTWORLD_TOKENIZER = Path(__file__).parents[1] / "lightning_edit" / "factworld" / "pretrained" / "default-seed0" / "model"

@@ -5,15 +5,21 @@ import copy
 
 import pytest
 import torch
-
 from conftest import counterfactual_requests, make_model
-from lightning_edit.arch import ModelAdapter
+
 from lightning_edit.data.requests import target_text
-from lightning_edit.residuals import (MultiAnchorError, ResidualBatch, ResidualConfig, build_chunked_batch,
-                                      build_residual_batch, optimize_residuals)
-from lightning_edit.scoring import greedy_generate
-from lightning_edit.tokens import Segment, encode_segments
-from lightning_edit.update import MemitMethod, apply_update
+from lightning_edit.engine.arch import ModelAdapter
+from lightning_edit.engine.residuals import (
+    MultiAnchorError,
+    ResidualBatch,
+    ResidualConfig,
+    build_chunked_batch,
+    build_residual_batch,
+    optimize_residuals,
+)
+from lightning_edit.engine.tokens import Segment, encode_segments
+from lightning_edit.engine.update import MemitMethod, apply_update
+from lightning_edit.evaluation.scoring import greedy_generate
 
 PREFIXES = ["The cat sat on the mat. ", "Because. "]
 

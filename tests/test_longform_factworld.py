@@ -9,10 +9,16 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from lightning_edit.factworld.build import PRESETS, FactworldPaths
-from lightning_edit.factworld.longform import (LONGFORM_FILE, LONGFORM_SPECS, LongformSpec, ensure_longform,
-                                               longform_records, write_longform)
-from lightning_edit.factworld.world import RELATION_BY_ID, build_world
+from lightning_edit.builtin.factworld.build import PRESETS, FactworldPaths
+from lightning_edit.builtin.factworld.longform import (
+    LONGFORM_FILE,
+    LONGFORM_SPECS,
+    LongformSpec,
+    ensure_longform,
+    longform_records,
+    write_longform,
+)
+from lightning_edit.builtin.factworld.world import RELATION_BY_ID, build_world
 from lightning_edit.longform.chunking import ChunkingConfig, check_fits, chunk_answer, prompt_and_answer
 from lightning_edit.longform.records import load_longform
 
@@ -126,20 +132,20 @@ def test_ensure_longform_and_resource_name(tmp_path, monkeypatch):
     """``factworld:<preset>/longform`` resolves to longform.json next to the build, written once
     from the build's world (here: the tiny preset's world, from its manifest)."""
     from lightning_edit import resources
-    from lightning_edit.factworld import build
-    from lightning_edit.factworld.build import _config_record
+    from lightning_edit.builtin.factworld import resource
+    from lightning_edit.builtin.factworld.build import _config_record
 
     root = tmp_path / "tiny-seed0"
     root.mkdir()
     (root / "manifest.json").write_text(json.dumps({"config": _config_record(0, "tiny", PRESETS["tiny"])}))
-    monkeypatch.setattr(build, "ensure_factworld", lambda *a, **k: FactworldPaths.at(root))
+    monkeypatch.setattr(resource, "ensure_factworld", lambda *a, **k: FactworldPaths.at(root))
     path = resources.resolve("factworld:tiny/longform")
     assert Path(path) == root / LONGFORM_FILE
     expected = longform_records(build_world(0, PRESETS["tiny"].world), LONGFORM_SPECS["tiny"])
     assert json.loads(Path(path).read_text()) == expected
     mtime = Path(path).stat().st_mtime_ns
     assert ensure_longform(root, 0, "tiny") == Path(path) and Path(path).stat().st_mtime_ns == mtime
-    assert "longform" in resources.ITEMS
+    assert "longform" in resource.ITEMS
     requests = load_longform("factworld:tiny/longform")
     assert len(requests) == len(expected)
 
@@ -149,7 +155,7 @@ def test_documents_style_states_the_new_facts_in_the_corpus_own_sentences(defaul
     opening line and both document sentences of every relation, each with the new object."""
     import dataclasses
 
-    from lightning_edit.factworld.world import RELATION_BY_ID
+    from lightning_edit.builtin.factworld.world import RELATION_BY_ID
 
     recs = longform_records(default_world, dataclasses.replace(LONGFORM_SPECS["default"], style="documents"))
     assert len(recs) >= 100

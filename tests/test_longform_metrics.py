@@ -7,8 +7,17 @@ import math
 import pytest
 import torch
 
-from lightning_edit.longform.metrics import (AnswerContained, CorpusBLEU, ExactReproduction, LongFormMetrics, RougeScores,
-                                             SentenceBLEU, TeacherForcedAccuracy, normalize_text, token_correct)
+from lightning_edit.longform.metrics import (
+    AnswerContained,
+    CorpusBLEU,
+    ExactReproduction,
+    LongFormMetrics,
+    RougeScores,
+    SentenceBLEU,
+    TeacherForcedAccuracy,
+    normalize_text,
+    token_correct,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``compute`` method of metric")
 

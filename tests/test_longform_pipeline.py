@@ -41,7 +41,7 @@ def test_api_applies_plain_question_answer_records(trained_gpt2, tokenizer, corp
     import copy
 
     from lightning_edit.api import Editor
-    from lightning_edit.scoring import greedy_generate
+    from lightning_edit.evaluation.scoring import greedy_generate
 
     model = copy.deepcopy(trained_gpt2)
     ed = Editor(model, tokenizer, layers=[1, 2], method="memit", method_kwargs={"lam": 0.01},

@@ -9,8 +9,13 @@ from pathlib import Path
 import pytest
 
 from lightning_edit.data.requests import RequestError
-from lightning_edit.longform.records import (LongFormRequest, detect_longform_format, is_longform_record,
-                                             load_longform, longform_records_to_requests)
+from lightning_edit.longform.records import (
+    LongFormRequest,
+    detect_longform_format,
+    is_longform_record,
+    load_longform,
+    longform_records_to_requests,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "longform"
 UNKE = FIXTURES / "unkebench_v2.json"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_edit.metrics import (
+from lightning_edit.evaluation.metrics import (
     KnownShare,
     LogProbDrop,
     NeighborhoodSuccess,

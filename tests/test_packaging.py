@@ -48,3 +48,21 @@ def test_every_range_stops_below_a_next_release():
     for req in _requirements():
         assert any(s.operator in ("<", "<=", "==", "~=") for s in req.specifier), \
             f"{req} has no upper bound: a new major release could change behaviour unnoticed"
+
+
+def test_imports_point_down_without_a_circle():
+    """The package's import graph has no circle (imports inside functions count too), and no
+    module imports one of the package's own modules, or the standard library, inside a function
+    (only optional or heavy third-party packages are imported lazily)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "import_graph.py"
+    out = subprocess.run([sys.executable, str(tool), "-v"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "cycles (incl. function-level imports): []" in out.stdout
+    inner = [line.split(":", 1)[1].strip() for line in out.stdout.splitlines() if line.startswith("  inner ")]
+    own = [s for s in inner if "lightning_edit" in s]
+    stdlib = [s for s in inner if s.split()[1].split(".")[0] in sys.stdlib_module_names]
+    assert not own and not stdlib, own + stdlib

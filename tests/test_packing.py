@@ -8,12 +8,18 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from conftest import counterfactual_requests, make_model
-from lightning_edit import residuals as residuals_mod
-from lightning_edit.arch import ModelAdapter, supports_packed_rows
-from lightning_edit.residuals import ResidualConfig, build_chunked_batch, build_residual_batch, optimize_residuals, pack_rows
 from test_longform_engine import PREFIXES, _items
+
+from lightning_edit.engine import residuals as residuals_mod
+from lightning_edit.engine.arch import ModelAdapter, supports_packed_rows
+from lightning_edit.engine.residuals import (
+    ResidualConfig,
+    build_chunked_batch,
+    build_residual_batch,
+    optimize_residuals,
+    pack_rows,
+)
 
 
 def test_pack_rows_places_every_row_once_within_capacity():

@@ -13,13 +13,13 @@ import json
 
 import pytest
 import torch
-
 from conftest import FAST_RESIDUAL, cli_args, counterfact_records, counterfactual_requests, make_model, train_tiny
+
 from lightning_edit import Editor
-from lightning_edit.arch import ModelAdapter
 from lightning_edit.cli import main
-from lightning_edit.ledger import BatchRecord, EditLedger
-from lightning_edit.peft_export import PeftExportError, export_lora, truncate_rank
+from lightning_edit.engine.arch import ModelAdapter
+from lightning_edit.stream.ledger import BatchRecord, EditLedger
+from lightning_edit.stream.peft_export import PeftExportError, export_lora, truncate_rank
 
 peft = pytest.importorskip("peft")
 

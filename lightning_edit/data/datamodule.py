@@ -22,6 +22,8 @@ from lightning_edit.data.formats import iter_requests
 from lightning_edit.data.requests import EditRequest
 from lightning_edit.data.sources import load_records
 from lightning_edit.errors import CheckpointError, InputError
+from lightning_edit.longform.records import detect_longform_format, iter_longform_requests
+from lightning_edit.resources import resolve
 
 
 @dataclass
@@ -103,8 +105,6 @@ def _requests(records: list, fmt: str, start_index: int) -> list:
     ``{prompt|question, answer}``); ``auto`` reads records with an ``answer`` and no fact fields
     (UnKEBench, EditEverything, generic) as long-form, everything else (MQuAKE / AKEW included)
     as facts."""
-    from lightning_edit.longform.records import detect_longform_format, iter_longform_requests
-
     if fmt in LONGFORM_FORMATS_ALIASES:
         return list(iter_longform_requests(records, "auto" if fmt == "longform" else fmt, start_index=start_index))
     first = records[0] if records else None
@@ -304,7 +304,6 @@ class EditDataModule(L.LightningDataModule):
         """
         if self._loaded:
             return
-        from ..resources import resolve
 
         records = load_records(
             resolve(self.dataset), split=self.split, data_files=self.data_files, name=self.config_name, field=self.field

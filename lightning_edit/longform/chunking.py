@@ -7,7 +7,7 @@ misplaces anchors wherever the tokenizer merges across a boundary. Here the whol
 ``prompt + answer + end_text`` is tokenized once with character offsets, and everything (which
 tokens are the answer's, where chunks start and end) is read from those offsets.
 
-Conventions (shared with :func:`lightning_edit.tokens.encode_segments`):
+Conventions (shared with :func:`lightning_edit.engine.tokens.encode_segments`):
 
 * A token belongs to the span in which it *ends*: token ``t`` with offsets ``(s, e)`` is in chunk
   ``(cs, ce)`` iff ``cs < e <= ce``. So a token that straddles the prompt/answer boundary is the
@@ -29,7 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from lightning_edit.data.requests import RequestError
+from lightning_edit.data.requests import RequestError, target_text
+from lightning_edit.engine.tokens import Segment
 from lightning_edit.errors import InputError
 
 __all__ = [
@@ -110,7 +111,7 @@ class Chunks:
         token_spans: per chunk, token indices ``[first, last + 1)`` in :attr:`input_ids`.
         chunk_tokens: per chunk, its target token indices (those of ``token_spans`` less any
             zero-width token a tokenizer may emit inside the answer), exactly what
-            :func:`lightning_edit.tokens.encode_segments` finds from :attr:`spans`.
+            :func:`lightning_edit.engine.tokens.encode_segments` finds from :attr:`spans`.
         anchors: per chunk, the token whose output predicts the chunk's first token
             (``token_spans[k][0] - 1``).
         input_ids: the token ids of :attr:`text` (with the special tokens the tokenizer adds
@@ -144,12 +145,10 @@ class Chunks:
         return [self.text[s:e] for s, e in self.spans]
 
     def segment(self, prefix: str = ""):
-        """The :class:`lightning_edit.tokens.Segment` of ``prefix + text``: one target per chunk
+        """The :class:`lightning_edit.engine.tokens.Segment` of ``prefix + text``: one target per chunk
         (spans shifted by ``len(prefix)``), each anchored at the token before its first token.
         With a prefix (a context prefix) the text is tokenized anew by the encoder; the chunks keep
         their characters."""
-        from lightning_edit.tokens import Segment
-
         k = len(prefix)
         return Segment(text=prefix + self.text, targets=[(a + k, b + k) for a, b in self.spans],
                        anchors=[None] * len(self.spans))
@@ -255,8 +254,6 @@ def prompt_and_answer(tokenizer, question: str, answer: str, chat_template: bool
     (:func:`lightning_edit.data.requests.target_text`), as running text would have it
     (``"Tell me about X." + " X is ..."``).
     """
-    from lightning_edit.data.requests import target_text
-
     if chat_template:
         return render_question(tokenizer, question, system), answer
     return question, target_text(question, answer)

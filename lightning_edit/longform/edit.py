@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import InputError
-from ..residuals import ResidualBatch, build_chunked_batch
-from .chunking import ChunkingConfig, Chunks, chunk_answer, prompt_and_answer
-from .records import LongFormRequest
+from lightning_edit.engine.residuals import ResidualBatch, build_chunked_batch
+from lightning_edit.errors import InputError
+from lightning_edit.evaluation.scoring import greedy_generate
+from lightning_edit.longform.chunking import ChunkingConfig, Chunks, chunk_answer, end_text_for, prompt_and_answer
+from lightning_edit.longform.metrics import AnswerContained, LongFormMetrics, TeacherForcedAccuracy, token_correct
+from lightning_edit.longform.records import LongFormRequest
 
 
 @dataclass
@@ -91,10 +93,6 @@ def evaluate_longform(model: nn.Module, tokenizer, requests: Sequence[LongFormRe
     the target; sub-question answers (UnKEBench) and multi-hop answers (AKEW) where present.
     Keys are ``longform/...``. With ``return_texts`` also the generations; ``light``: only the
     generation from the question (no paraphrase, token accuracy, sub- or multi-hop questions)."""
-    from ..scoring import greedy_generate
-    from .chunking import end_text_for
-    from .metrics import AnswerContained, LongFormMetrics, TeacherForcedAccuracy, token_correct
-
     requests = list(requests)
     # Under DDP every process evaluates its shard and the metrics' compute() sums the states
     # across processes: every process must then reach every compute(), even with an empty shard
@@ -153,8 +151,6 @@ def _texts(requests, pa, gens, para, para_gens) -> list[dict]:
 
 def rouge_l_of(texts: Sequence[dict]) -> float | None:
     """ROUGE-L F1 of already generated ``texts`` (``{"generation", "target"}``), no new generation."""
-    from .metrics import LongFormMetrics
-
     if not texts:
         return None
     m = LongFormMetrics()

@@ -34,7 +34,7 @@ from torchmetrics.functional.text import rouge_score, sacre_bleu_score
 from torchmetrics.text import SacreBLEUScore
 
 from lightning_edit.errors import InputError
-from lightning_edit.metrics import TokenAccuracy
+from lightning_edit.evaluation.metrics import TokenAccuracy
 
 __all__ = [
     "ROUGE_KEYS",

@@ -42,7 +42,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_edit.data.requests import RequestError
+from lightning_edit.data.sources import load_records
 from lightning_edit.errors import InputError
+from lightning_edit.resources import resolve
 
 __all__ = [
     "LONGFORM_FORMATS",
@@ -276,9 +278,6 @@ def load_longform(
     Returns:
         The validated requests, in file order.
     """
-    from lightning_edit.data.sources import load_records
-    from lightning_edit.resources import resolve
-
     records = load_records(resolve(path), split=split, data_files=data_files, name=name, field=field, cache_dir=cache_dir)
     if limit is not None:
         records = records[: max(0, int(limit))]

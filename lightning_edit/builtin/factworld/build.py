@@ -1,7 +1,7 @@
 """Build (once) and cache the factworld: world files, tokenizer, pretrained model.
 
-    python -m lightning_edit.factworld.build --root checkpoints/factworld --preset default
-    python -m lightning_edit.factworld.build --config configs/factworld_pretrain.yaml
+    python -m lightning_edit.builtin.factworld.build --root checkpoints/factworld --preset default
+    python -m lightning_edit.builtin.factworld.build --config configs/factworld_pretrain.yaml
 
 :func:`ensure_factworld` returns the paths of a finished build, building it on first use
 (or installing the pretrained model shipped in ``factworld/pretrained/`` when one matches the
@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
-from .pretrain import ModelSpec, TrainSpec, pretrain_model, recall
-from .tokenizer import train_tokenizer
-from .world import FILES, WorldConfig, build_world
+from lightning_edit.builtin.factworld.pretrain import ModelSpec, TrainSpec, pretrain_model, recall
+from lightning_edit.builtin.factworld.tokenizer import train_tokenizer
+from lightning_edit.builtin.factworld.world import FILES, WorldConfig, build_world
+from lightning_edit.errors import InputError
+from lightning_edit.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,6 @@ def _versions() -> dict:
     import lightning
     import tokenizers
     import transformers
-
-    from .. import __version__
 
     return {"lightning_edit": __version__, "torch": torch.__version__, "lightning": lightning.__version__,
             "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,

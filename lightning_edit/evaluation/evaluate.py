@@ -5,7 +5,7 @@ Two levels:
 - :func:`update_edit_metrics` feeds metric objects (e.g. the :class:`MetricCollection` from
   :func:`make_edit_metrics` kept on a LightningModule, so they sync across processes and can be
   logged); every (prompt, target) pair needed by the requested metrics is collected first,
-  de-duplicated, and scored in one :func:`~lightning_edit.scoring.target_scores` call.
+  de-duplicated, and scored in one :func:`~lightning_edit.evaluation.scoring.target_scores` call.
 - :func:`evaluate_requests` does the same with fresh metrics and returns plain floats, only for
   metrics that received data.
 
@@ -34,7 +34,7 @@ from torchmetrics import Metric, MetricCollection
 
 from lightning_edit.data.requests import EditRequest
 from lightning_edit.errors import InputError
-from lightning_edit.metrics import (
+from lightning_edit.evaluation.metrics import (
     NeighborhoodSuccess,
     NgramEntropy,
     ProbabilityMargin,
@@ -43,7 +43,8 @@ from lightning_edit.metrics import (
     TfidfVectorizer,
     TokenAccuracy,
 )
-from lightning_edit.scoring import greedy_generate, target_scores
+from lightning_edit.evaluation.scoring import greedy_generate, target_scores
+from lightning_edit.progress import progress_bar
 
 __all__ = [
     "COUNTERFACT_KEYS",
@@ -145,7 +146,6 @@ def update_edit_metrics(
             raise ValueError(f"request {req.case_id!r}: unknown metric family {req.family!r}")
     if not pairs.prompts:
         return
-    from lightning_edit.progress import progress_bar
 
     n_batches = -(-len(pairs.prompts) // max(1, batch_size))
     with progress_bar(f"evaluation ({len(requests)} requests)", n_batches, "batch", enabled=progress) as bar:
@@ -160,7 +160,7 @@ def update_edit_metrics(
 
 
 def _has_data(metric: Metric) -> bool:
-    """Whether ``metric`` has counted any item (its ``total`` state, see :mod:`lightning_edit.metrics`)."""
+    """Whether ``metric`` has counted any item (its ``total`` state, see :mod:`lightning_edit.evaluation.metrics`)."""
     return int(metric.total) > 0
 
 
@@ -202,7 +202,6 @@ def request_outcomes(model: nn.Module, tokenizer, requests: Sequence[EditRequest
     out = torch.zeros(len(requests), 6, dtype=torch.float64)
     if not pairs.prompts:
         return out
-    from lightning_edit.progress import progress_bar
 
     n_batches = -(-len(pairs.prompts) // max(1, batch_size))
     with progress_bar(f"{desc} ({len(requests)} requests)", n_batches, "batch", enabled=progress) as bar:
@@ -224,8 +223,8 @@ def outcome_metrics(rows: torch.Tensor) -> dict[str, float]:
 
 def locality_probes(requests: Sequence[EditRequest]) -> tuple[list[str], list[str]]:
     """All locality ``(prompts, answers)`` of ``requests``, flattened in order; feed them to
-    :func:`lightning_edit.scoring.top1_tokens` before and after editing and compare with
-    :class:`lightning_edit.metrics.Retention`."""
+    :func:`lightning_edit.evaluation.scoring.top1_tokens` before and after editing and compare with
+    :class:`lightning_edit.evaluation.metrics.Retention`."""
     prompts = [p for r in requests for p, _ in r.locality]
     answers = [a for r in requests for _, a in r.locality]
     return prompts, answers
@@ -242,7 +241,7 @@ def evaluate_generation(
 ) -> dict[str, float]:
     """Fluency and consistency of greedy generations on the requests' ``generation_prompts``.
 
-    ``edit/fluency``: :class:`~lightning_edit.metrics.NgramEntropy` over the generated texts
+    ``edit/fluency``: :class:`~lightning_edit.evaluation.metrics.NgramEntropy` over the generated texts
     (prompt included, as in ROME). ``edit/consistency``: per request with reference texts in
     ``references`` (keyed by ``case_id``), the TF-IDF cosine between its joined generations and
     its joined references, with ``vectorizer`` (fitted, or a corpus to fit on); only computed

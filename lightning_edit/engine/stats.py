@@ -12,6 +12,7 @@ add up exactly; an interrupted run resumes from its last partial file.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -23,8 +24,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .arch import ModelAdapter
-from .errors import InputError, MissingFileError, require_local_path
+from lightning_edit.checkpointing import CorruptFileError, atomic_save_file, read_verified
+from lightning_edit.engine.arch import ModelAdapter
+from lightning_edit.engine.closed_form import null_space_projector
+from lightning_edit.engine.files import short_hash, tensor_fingerprint
+from lightning_edit.errors import InputError, MissingFileError, require_local_path
+from lightning_edit.progress import progress_bar
+from lightning_edit.resources import resolve
 
 STATS_FORMAT_VERSION = 2  # 2: entries carry a content hash per tensor
 
@@ -70,27 +76,6 @@ class StatsConfig:
     save_every: int = 50
 
 
-def _hash(*parts) -> str:
-    h = hashlib.blake2b(digest_size=12)
-    for p in parts:
-        h.update(p if isinstance(p, bytes) else str(p).encode())
-        h.update(b"\x00")
-    return h.hexdigest()
-
-
-@torch.no_grad()
-def tensor_fingerprint(t: torch.Tensor, max_elems: int = 1 << 16) -> str:
-    """Hash of shape, dtype and an evenly strided sample of the values (fast on any size;
-    any fine-tune or edit changes the sampled values)."""
-    flat = t.detach().reshape(-1)
-    if flat.numel() > max_elems:
-        # integer arithmetic: a float32 linspace rounds past the last index above 2^24 elements
-        idx = torch.arange(max_elems, dtype=torch.int64, device=flat.device) * (flat.numel() - 1) // (max_elems - 1)
-        flat = flat[idx]
-    data = flat.float().cpu().numpy().tobytes()
-    return _hash(tuple(t.shape), t.dtype, data)
-
-
 def model_fingerprint(adapter: ModelAdapter, layer: int) -> str:
     """Identity of everything that determines layer ``layer``'s keys: the config and every
     parameter outside the blocks after ``layer``."""
@@ -101,12 +86,10 @@ def model_fingerprint(adapter: ModelAdapter, layer: int) -> str:
     for name, p in adapter.embedding_and_layer_params(layer):
         parts.append(name)
         parts.append(tensor_fingerprint(p))
-    return _hash(*parts)
+    return short_hash(*parts)
 
 
 def _corpus_path(cfg: StatsConfig) -> str:
-    from .resources import resolve
-
     return resolve(cfg.corpus)
 
 
@@ -116,8 +99,6 @@ _CORPUS_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet", ".csv")
 def corpus_files(cfg: StatsConfig) -> list[Path] | None:
     """The local files of the corpus, sorted: a file, a directory's files, or the files a glob
     pattern (``data/*.jsonl``, ``shards/**/*.parquet``) matches; None for a hub dataset id."""
-    import glob
-
     raw = _corpus_path(cfg)
     path = Path(raw)
     if path.exists():
@@ -151,7 +132,7 @@ def corpus_fingerprint(cfg: StatsConfig) -> str:
                     parts.append(hashlib.blake2b(fh.read(), digest_size=12).hexdigest())
     else:
         parts.append(cfg.corpus)
-    return _hash(*parts)
+    return short_hash(*parts)
 
 
 def corpus_provenance(cfg: StatsConfig) -> dict[str, str]:
@@ -373,13 +354,11 @@ class StatsCache:
         }
 
     def path(self, key: dict[str, str], kind: str = "moment", extra: str = "") -> Path:
-        return self.root / f"{key['layer']}.{kind}.{_hash(*sorted(key.items()), extra)}.safetensors"
+        return self.root / f"{key['layer']}.{kind}.{short_hash(*sorted(key.items()), extra)}.safetensors"
 
     def load(self, key: dict[str, str], kind: str = "moment", extra: str = "") -> dict[str, torch.Tensor] | None:
         """The cached tensors, or None (then they are recomputed). A truncated, garbled or
         non-finite entry is reported by path (a warning) and treated as missing."""
-        from .checkpointing import CorruptFileError, read_verified
-
         p = self.path(key, kind, extra)
         if not p.exists():
             return None
@@ -393,8 +372,6 @@ class StatsCache:
         return tensors
 
     def save(self, key: dict[str, str], tensors: dict[str, torch.Tensor], kind: str = "moment", extra: str = "", meta: dict | None = None) -> Path:
-        from .checkpointing import atomic_save_file
-
         p = self.path(key, kind, extra)
         # atomic (a kill never leaves a half-written entry), with a content hash per tensor
         atomic_save_file(tensors, p, metadata={**key, **{k: str(v) for k, v in (meta or {}).items()}})
@@ -460,7 +437,6 @@ def second_moments(
 
         # the bar counts the texts read (known up front: n_samples, or this process's share of
         # them), the keys counted so far in its postfix
-        from .progress import progress_bar
 
         per_text = cfg.encoding == "per_text"
         bar = progress_bar(f"key statistics (layers {missing})", len(range(shard, cfg.n_samples, num_shards)) if per_text else cfg.n_samples,
@@ -507,8 +483,6 @@ def projectors(
     is_writer: bool = True,
 ) -> tuple[dict[int, torch.Tensor], dict[int, dict]]:
     """AlphaEdit's null-space projector per layer from its moment, cached beside it."""
-    from .closed_form import null_space_projector
-
     cache = StatsCache(cfg)
     out, infos = {}, {}
     for l, m in moments.items():

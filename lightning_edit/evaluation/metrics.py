@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from .errors import InputError
+from lightning_edit.errors import InputError
 
 __all__ = [
     "RewriteSuccess",
@@ -160,7 +160,7 @@ class Retention(_SumMetric):
     """Share of probes whose answer is unchanged.
 
     ``update(pred_after, pred_before)``: tensors of equal shape ``(n, ...)``, one row per
-    probe (token ids, e.g. from :func:`lightning_edit.scoring.top1_tokens`, or per-probe
+    probe (token ids, e.g. from :func:`lightning_edit.evaluation.scoring.top1_tokens`, or per-probe
     bools). A probe counts as retained when every entry of its row is equal.
     """
 
@@ -177,7 +177,7 @@ class Retention(_SumMetric):
 
 class KnownShare(_SumMetric):
     """Share of probes that are known: ``update(known)``, a BoolTensor with one entry per probe
-    (e.g. from :func:`lightning_edit.realfacts.known_facts`: the true object is the most likely
+    (e.g. from :func:`lightning_edit.builtin.realfacts.known_facts`: the true object is the most likely
     of its relation's objects)."""
 
     def update(self, known: Tensor) -> None:
@@ -344,7 +344,7 @@ class Perplexity(_SumMetric):
     """Perplexity ``exp(sum NLL / n_tokens)`` of a model on held-out text.
 
     ``update(token_nll, mask=None)``: per-token NLLs in nats (any shape, e.g. from
-    :func:`lightning_edit.scoring.text_token_nll`); ``mask`` (same shape, bool) selects the
+    :func:`lightning_edit.evaluation.scoring.text_token_nll`); ``mask`` (same shape, bool) selects the
     tokens that count.
     """
 

@@ -30,18 +30,28 @@ under ``checkpoints/corpora``), with ``corpus:<kind>?exclude=<edit file resource
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
 import random
 import re
 import sys
+import sysconfig
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import torch
 
-from .errors import InputError, MissingFileError
+from lightning_edit import resources
+from lightning_edit.builtin.realfacts import RELATIONS
+from lightning_edit.builtin.realfacts import resolve as realfacts_resolve
+from lightning_edit.data.formats import records_to_requests
+from lightning_edit.data.sources import load_records
+from lightning_edit.engine.loading import load_pretrained
+from lightning_edit.errors import InputError, MissingFileError
+from lightning_edit.evaluation.scoring import _inference, model_device
 
 PREFIX = "corpus:"
 KINDS = ("generated", "samples", "pydoc", "facts", "docstrings")
@@ -69,11 +79,8 @@ def subjects_of(edit_file: str | None) -> list[str]:
     """The subjects of the edit records in ``edit_file`` (any supported format)."""
     if not edit_file:
         return []
-    from .data.formats import records_to_requests
-    from .data.sources import load_records
-    from .resources import resolve
 
-    return sorted({r.subject for r in records_to_requests(load_records(resolve(edit_file)))})
+    return sorted({r.subject for r in records_to_requests(load_records(resources.resolve(edit_file)))})
 
 
 def drop_mentions(texts: Iterable[dict], subjects: Sequence[str]) -> tuple[list[dict], int]:
@@ -92,8 +99,6 @@ def drop_mentions(texts: Iterable[dict], subjects: Sequence[str]) -> tuple[list[
 
 def pydoc_texts(min_chars: int = 200) -> list[dict]:
     """Paragraphs of the Python language reference that CPython ships (``pydoc_data.topics``)."""
-    from pydoc_data.topics import topics
-
     out = []
     for name in sorted(topics):
         for para in re.split(r"\n\s*\n", topics[name]):
@@ -130,16 +135,12 @@ def docstring_texts(n_texts: int, exclude: Sequence[str] = (), min_chars: int = 
       subjects and targets) is dropped, so the check never reads the edited facts.
     * At most ``per_file`` paragraphs per source file, files in a seeded order (``seed``):
       deterministic for a Python version. ``{"text", "source": "stdlib:<path>"}``."""
-    import ast
-    import sysconfig
-
     if n_texts <= 0:
         return []
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in [*root.glob("*.py"), *root.glob("*/*.py")]
                    if not _SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
     _stable_rng("docstrings", seed).shuffle(files)
-    from pydoc_data.topics import topics
 
     held = set()  # every sentence of the pydoc corpus's source, whitespace as the paragraphs below join it
     for raw in topics.values():
@@ -175,9 +176,6 @@ def fact_texts(model_name: str, per_text: int = 6, seed: int = 0, exclude: Seque
     statement that names a subject of the set's probes (the retention probes stay unseen). The edited
     subjects (``exclude``) are dropped statement by statement, before the grouping (a statement
     naming one, as subject or as object, is left out; the rest of its group stays)."""
-    from .realfacts import RELATIONS
-    from .realfacts import resolve as realfacts_resolve
-
     detail = json.loads(Path(realfacts_resolve(f"realfacts:{model_name}/known")).read_text()).get("facts_detail", [])
     probes = Path(realfacts_resolve(f"realfacts:{model_name}/probes"))
     held = {json.loads(line)["subject"] for line in probes.read_text().splitlines() if line.strip()}
@@ -222,8 +220,6 @@ def generated_texts(model, tokenizer, n_texts: int = 200, max_new_tokens: int = 
                     top_k: int = 40) -> list[dict]:
     """``n_texts`` continuations sampled (top-k, seeded generator, no global RNG state) by the
     model from :data:`OPENINGS`, batched with left padding and a KV cache."""
-    from .scoring import _inference, model_device
-
     device = model_device(model)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -314,7 +310,6 @@ def _kind_texts(kind: str, model_name: str | None, samples_dir: str | None, n_te
         raise InputError(f"statistics corpus '{kind}' needs the model (corpus:{kind}@<model>)")
     if kind == "facts":
         return fact_texts(model_name, seed=seed, exclude=subjects)
-    from .loading import load_pretrained
 
     model, tok = load_pretrained(model_name, "float32")
     print(f"[lightning-edit] sampling {n_texts} texts from {model_name} for the statistics corpus (once)", file=sys.stderr)

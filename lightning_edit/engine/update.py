@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .arch import ModelAdapter
-from .errors import InputError
-from .closed_form import (
+from lightning_edit.engine.arch import ModelAdapter
+from lightning_edit.engine.closed_form import (
     alphaedit_base_inverse,
     alphaedit_factors,
     alphaedit_factors_woodbury,
@@ -25,8 +24,9 @@ from .closed_form import (
     memit_update,
     spread_residual,
 )
-from .profiling import PhaseTimer, phase
-from .residuals import ResidualBatch
+from lightning_edit.engine.profiling import PhaseTimer, phase
+from lightning_edit.engine.residuals import ResidualBatch
+from lightning_edit.errors import InputError
 
 
 def _rows_device(adapter: ModelAdapter):
@@ -173,7 +173,7 @@ class AlphaEditMethod:
     matrix per layer in memory); ``direct`` solves the full system every batch, as the reference.
     Both give the same update up to rounding (tests/test_closed_form.py).
     ``norm_lambda`` > 0: ENCORE's norm term on the applied update, i.e. the ridge ``l2 + norm_lambda``
-    (:func:`~lightning_edit.closed_form.alphaedit_ridge`)."""
+    (:func:`~lightning_edit.engine.closed_form.alphaedit_ridge`)."""
 
     l2: float
     projectors: dict[int, torch.Tensor]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .data.requests import EditRequest, RequestError
-from .errors import InputError
+from lightning_edit.data.requests import EditRequest, RequestError
+from lightning_edit.errors import InputError
 
 CHAT_MARK = "chat_template"
 

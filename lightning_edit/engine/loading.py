@@ -10,8 +10,8 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .errors import DependencyError, InputError, MissingFileError, require_local_path
-from .resources import resolve
+from lightning_edit.errors import DependencyError, InputError, MissingFileError, require_local_path
+from lightning_edit.resources import resolve
 
 DType = Literal["float32", "bfloat16", "float16"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

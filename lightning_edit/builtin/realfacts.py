@@ -37,12 +37,17 @@ import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .errors import DependencyError, InputError
+from lightning_edit.data.requests import target_text
+from lightning_edit.engine.arch import logits_at
+from lightning_edit.engine.loading import load_pretrained
+from lightning_edit.errors import DependencyError, InputError
+from lightning_edit.evaluation.scoring import _inference, model_device, target_scores
 
 GENERATOR_VERSION = 2  # of candidate_facts (the first tier); extended_facts has its own
 EXTENDED_VERSION = 1
@@ -259,9 +264,6 @@ def extended_facts(base: Sequence[tuple[str, str, str]], min_population: int = 1
 @torch.no_grad()
 def _next_token_logprobs(model, tokenizer, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
     """``(n, vocab)`` log-probabilities of the token after each prompt (right-padded batches)."""
-    from .arch import logits_at
-    from .scoring import _inference, model_device
-
     device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = []
@@ -283,8 +285,6 @@ def _next_token_logprobs(model, tokenizer, prompts: Sequence[str], batch_size: i
 
 def _object_tokens(tokenizer, prompt: str, objs: Sequence[str]) -> list[list[int] | None]:
     """Each object's token ids after ``prompt`` (``None`` when the prompt's own tokens change)."""
-    from .data.requests import target_text
-
     p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     fulls = tokenizer([prompt + target_text(prompt, o) for o in objs], add_special_tokens=True)["input_ids"]
     return [f[len(p):] if f[:len(p)] == p and len(f) > len(p) else None for f in fulls]
@@ -314,8 +314,6 @@ def known_facts(model, tokenizer, facts: Sequence[tuple[str, str, str]], objects
     default the relation's first phrasing. Objects are scored ``step`` at a time per fact, in
     order of their first token's probability, until no unscored object can beat the best
     (its first-token log-probability bounds its full log-likelihood)."""
-    from .scoring import target_scores
-
     if objects is None:
         objects = objects_of(facts)
     prompts = []
@@ -466,8 +464,6 @@ REQUIRED = ("counterfact", "probes", "known", "facts")  # a one-tier set (built 
 
 def package_versions() -> dict[str, str | None]:
     """Installed versions of the packages the candidate facts come from (None: not installed)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for name in KNOWLEDGE_PACKAGES:
         try:
@@ -572,8 +568,6 @@ def generate(model_name: str, out: str | Path, seed: int = 0, batch_size: int = 
         got = _stored_results(paths["known"], tier_facts, objects)
         if got is None:
             if model is None:
-                from .loading import load_pretrained
-
                 model, tokenizer = load_pretrained(model_name, "float32")
             print(f"[realfacts] scoring {len(tier_facts)} candidate facts ({tier} tier) with {model_name} (known-fact filter)",
                   file=sys.stderr)

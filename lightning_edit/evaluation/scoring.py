@@ -1,7 +1,7 @@
 """Batched scoring of (prompt, target) pairs, text perplexity and greedy generation.
 
 All pairs are scored with one tokenization of ``prompt + target`` (see
-:mod:`lightning_edit.tokens`) and one right-padded forward pass per batch; targets are
+:mod:`lightning_edit.engine.tokens`) and one right-padded forward pass per batch; targets are
 joined onto prompts with :func:`lightning_edit.data.requests.target_text`. Functions run
 under ``torch.no_grad`` with the model temporarily in eval mode (dropout off), on the
 model's own device, and return CPU tensors.
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lightning_edit.arch import logits_at
 from lightning_edit.data.requests import target_text
-from lightning_edit.tokens import encode_segments, flatten_targets, prompt_target_segment
+from lightning_edit.engine.arch import logits_at
+from lightning_edit.engine.tokens import encode_segments, flatten_targets, prompt_target_segment
 
 __all__ = ["TargetScores", "target_scores", "top1_tokens", "pad_rows", "text_token_nll", "word_starts", "next_word_hits",
            "greedy_generate", "model_device"]
@@ -104,8 +104,8 @@ def target_scores(model: nn.Module, tokenizer, prompts: Sequence[str], targets: 
     ``batch_size`` at a time in one right-padded forward (attention mask, ``use_cache=False``).
     Only the logits of the positions that predict target tokens are computed and log-softmaxed
     (``(m, vocab)`` for ``m`` target tokens, never ``(batch, seq, vocab)``; the LM head runs at
-    those positions only, :func:`lightning_edit.arch.logits_at`); this is what
-    :func:`lightning_edit.tokens.gather_target_logprobs` computes, restricted to those rows.
+    those positions only, :func:`lightning_edit.engine.arch.logits_at`); this is what
+    :func:`lightning_edit.engine.tokens.gather_target_logprobs` computes, restricted to those rows.
     ``on_batch()`` is called after each of the ``ceil(len(prompts) / batch_size)`` forwards (progress).
     """
     if len(prompts) != len(targets):
@@ -153,7 +153,7 @@ def pad_rows(rows: Sequence[Tensor], fill: int = -1) -> Tensor:
 
 
 def top1_tokens(model: nn.Module, tokenizer, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 64) -> Tensor:
-    """Answer fingerprint of probe prompts, for :class:`lightning_edit.metrics.Retention`.
+    """Answer fingerprint of probe prompts, for :class:`lightning_edit.evaluation.metrics.Retention`.
 
     Returns ``(n, max_answer_tokens)`` LongTensor: the teacher-forced top-1 token at every
     position of the probe's reference answer (padded with -1). Two models give equal rows iff
@@ -167,7 +167,7 @@ def top1_tokens(model: nn.Module, tokenizer, prompts: Sequence[str], answers: Se
 
 def text_token_nll(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int | None = None) -> list[Tensor]:
     """Per-token NLL (nats) of each text under the model, for
-    :class:`lightning_edit.metrics.Perplexity`.
+    :class:`lightning_edit.evaluation.metrics.Perplexity`.
 
     Each text is tokenized with the tokenizer's special tokens (so a BOS, when added, lets the
     first word be scored) and truncated to ``max_length`` tokens (default: the model's context

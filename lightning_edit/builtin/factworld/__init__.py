@@ -4,7 +4,7 @@ On machines where no pretrained weights or benchmark files can be downloaded, th
 lightning-edit a model with real (invented) knowledge to edit, and edit datasets about it in
 the CounterFact and ZsRE formats.
 
-    from lightning_edit.factworld import ensure_factworld
+    from lightning_edit.builtin.factworld import ensure_factworld
     paths = ensure_factworld("checkpoints/factworld", seed=0, preset="default")
     paths.model_dir, paths.corpus, paths.counterfact, paths.zsre, paths.facts
 
@@ -16,8 +16,8 @@ the CounterFact and ZsRE formats.
 
 import importlib
 
-# name -> submodule; imported on first use, so that `python -m lightning_edit.factworld.build`
-# does not import the module twice and `import lightning_edit.factworld` stays cheap
+# name -> submodule; imported on first use, so that `python -m lightning_edit.builtin.factworld.build`
+# does not import the module twice and `import lightning_edit.builtin.factworld` stays cheap
 _EXPORTS = {
     "PRESETS": "build", "FactworldPaths": "build", "Preset": "build", "build_factworld": "build",
     "ensure_factworld": "build", "ship": "build",

@@ -1,9 +1,9 @@
 """The edit stream: the one place a batch of edit requests becomes a weight update (no Lightning).
 
 :class:`EditStream` holds everything an edit stream is: the model adapter and tokenizer, the
-edit layers, the method's math object (:class:`~lightning_edit.update.MemitMethod` /
-:class:`~lightning_edit.update.AlphaEditMethod`), the float32 masters of low-precision edit
-layers, the context prefixes, NAS's norm anchor, and the :class:`~lightning_edit.ledger.EditLedger`
+edit layers, the method's math object (:class:`~lightning_edit.engine.update.MemitMethod` /
+:class:`~lightning_edit.engine.update.AlphaEditMethod`), the float32 masters of low-precision edit
+layers, the context prefixes, NAS's norm anchor, and the :class:`~lightning_edit.stream.ledger.EditLedger`
 (the record of every applied batch). :meth:`EditStream.apply` runs one batch top to bottom:
 
     requests -> residual vectors z (Adam on the target log-likelihood)
@@ -27,14 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .arch import ModelAdapter
-from .data.requests import EditRequest
-from .errors import CheckpointError, InputError
-from .ledger import BatchRecord, EditLedger, describe_request
-from .longform.edit import LongFormConfig, build_longform_batch, is_longform
-from .prefixes import generate_prefixes
-from .progress import ResidualProgress
-from .residuals import (
+from lightning_edit.data.requests import EditRequest
+from lightning_edit.engine.arch import ModelAdapter
+from lightning_edit.engine.prefixes import generate_prefixes
+from lightning_edit.engine.residuals import (
     ResidualConfig,
     ResidualResult,
     UnconvergedEditWarning,
@@ -43,7 +39,11 @@ from .residuals import (
     trimmed_mean_norm,
     unconverged_requests,
 )
-from .update import apply_update, master_copies
+from lightning_edit.engine.update import apply_update, master_copies
+from lightning_edit.errors import CheckpointError, InputError
+from lightning_edit.longform.edit import LongFormConfig, build_longform_batch, is_longform
+from lightning_edit.progress import ResidualProgress
+from lightning_edit.stream.ledger import BatchRecord, EditLedger, describe_request
 
 
 def _same(t):
@@ -72,7 +72,7 @@ class EditStream:
     """The state of one edit stream and its :meth:`apply` (see the module docstring).
 
     Args:
-        adapter: the model (wrapped by :class:`~lightning_edit.arch.ModelAdapter`).
+        adapter: the model (wrapped by :class:`~lightning_edit.engine.arch.ModelAdapter`).
         tokenizer: its fast tokenizer.
         layers: the edit layers, ascending; ``z`` is defined at the last.
         residual: the z optimization's settings.
@@ -183,7 +183,7 @@ class EditStream:
         """Encode and optimize the residual vectors of ``requests`` (one padded batch): one per
         fact, or one per chunk of each long-form answer. A progress bar counts the optimization's
         steps; requests whose target loss stays above ``residual.warn_nll`` are named in an
-        :class:`~lightning_edit.residuals.UnconvergedEditWarning`. Returns ``(batch, result)``."""
+        :class:`~lightning_edit.engine.residuals.UnconvergedEditWarning`. Returns ``(batch, result)``."""
         longform = is_longform(requests)
         nas = self.residual.nas
         if nas and longform:
@@ -205,7 +205,7 @@ class EditStream:
         return rb, res
 
     def warn_unconverged(self, requests: Sequence, rb, res, label: str | None = None, shown: int = 5) -> None:
-        """One :class:`~lightning_edit.residuals.UnconvergedEditWarning` naming the requests (the
+        """One :class:`~lightning_edit.engine.residuals.UnconvergedEditWarning` naming the requests (the
         first ``shown`` of them) whose target NLL stayed above ``residual.warn_nll``."""
         bad = unconverged_requests(res, rb, self.residual.warn_nll)
         if not bad:

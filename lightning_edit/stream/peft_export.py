@@ -1,7 +1,7 @@
 """The edit ledger's updates as a PEFT LoRA adapter (``lightning-edit export --peft``).
 
 Every applied batch changed each edit layer's down projection by ``U_i V_i`` (``U_i``
-``(d_model, n_i)``, ``V_i`` ``(n_i, d_k)``, :mod:`lightning_edit.ledger`). The sum over batches is
+``(d_model, n_i)``, ``V_i`` ``(n_i, d_k)``, :mod:`lightning_edit.stream.ledger`). The sum over batches is
 one low-rank product ``B A`` with ``B = [U_1 ... U_k]`` ``(d_model, r)`` and ``A = [V_1; ...; V_k]``
 ``(r, d_k)``, ``r`` = the rows of those batches: exactly a LoRA ``lora_B`` / ``lora_A`` pair of
 that module (``out_features x r``, ``r x in_features``; GPT-2's ``Conv1D`` has the same shapes,
@@ -37,7 +37,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import InputError
+from lightning_edit.checkpointing import atomic_save_file
+from lightning_edit.engine.loading import split_gguf
+from lightning_edit.errors import InputError
+from lightning_edit.resources import resolve
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
 ADAPTER_CONFIG = "adapter_config.json"
@@ -122,12 +125,10 @@ def export_lora(adapter, ledger, directory: str | os.PathLike, layers: Sequence[
     ``edit_ledger.json`` (the ledger summary plus a ``lora`` section: batches, ``r``, per layer
     module, rank and, with ``rank``, the relative error of the truncation).
 
-    ``adapter`` gives module names and types (a :class:`~lightning_edit.arch.ModelAdapter` of the
+    ``adapter`` gives module names and types (a :class:`~lightning_edit.engine.arch.ModelAdapter` of the
     model, whose weights are not read: a model on the ``meta`` device will do). Written into a
     temporary sibling and renamed, like the full export. Returns ``(directory, lora section)``.
     Raises :class:`PeftExportError` (one message naming the problem) when PEFT cannot express it."""
-    from .checkpointing import atomic_save_file
-
     layers = sorted(int(l) for l in (layers if layers is not None else ledger.meta["layers"]))
     if rank is not None and int(rank) < 1:
         raise PeftExportError(f"--rank must be >= 1, got {rank}")
@@ -198,9 +199,6 @@ def structure_model(meta: dict):
     """The ledger's model built from its config on the ``meta`` device (module names, types and
     shapes, no weights read): all the adapter export needs, at no memory cost for a large model."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .loading import split_gguf
-    from .resources import resolve
 
     trust = bool(meta.get("trust_remote_code"))
     name, gguf = split_gguf(resolve(meta["model"]), None)

@@ -22,7 +22,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DownloadError, InputError
+from lightning_edit.engine.loading import load_pretrained, require_gguf
+from lightning_edit.errors import DownloadError, InputError
 
 PREFIX = "smollm2:"
 
@@ -135,7 +136,6 @@ def ensure_model(name: str, root: str | Path | None = None) -> Path:
         except (OSError, json.JSONDecodeError):
             pass
     gguf_path = locate_gguf(spec, root)
-    from .loading import load_pretrained, require_gguf
 
     require_gguf(f"the built-in model {PREFIX}{name}")
     print(f"[lightning-edit] converting {gguf_path.name} to a Hugging Face directory (once): {out}", file=sys.stderr)

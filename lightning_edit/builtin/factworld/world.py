@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import InputError
+from lightning_edit.errors import InputError
 
 # --------------------------------------------------------------------------------------------
 # Relations: object vocabularies and surface templates

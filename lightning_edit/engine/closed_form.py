@@ -2,7 +2,7 @@
 
 Shapes follow the rows-are-samples convention: ``keys`` is ``(n, d_k)`` (one key per row),
 ``resid`` is ``(n, d_model)``; an update is returned as ``(d_model, d_k)`` (``nn.Linear``
-layout; :class:`lightning_edit.arch.ModelAdapter` transposes it for ``Conv1D``).
+layout; :class:`lightning_edit.engine.arch.ModelAdapter` transposes it for ``Conv1D``).
 In the papers' column notation ``K = keys.T`` and ``R = resid.T``.
 """
 

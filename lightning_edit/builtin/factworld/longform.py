@@ -17,7 +17,7 @@ Deterministic: the same world (seed and sizes) and spec give the same records, b
 People without a CounterFact edit in the world come first, so the long-form stream and the fact
 edit set touch different people where the world allows.
 
-    from lightning_edit.factworld.world import build_world
+    from lightning_edit.builtin.factworld.world import build_world
     records = longform_records(build_world(0))      # or the file: factworld:default/longform
 """
 
@@ -31,8 +31,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
-from .world import RELATION_BY_ID, RELATIONS, FactWorld, WorldConfig, build_world
+from lightning_edit.builtin.factworld.build import resolve_preset
+from lightning_edit.builtin.factworld.world import RELATION_BY_ID, RELATIONS, FactWorld, WorldConfig, build_world
+from lightning_edit.errors import InputError
 
 __all__ = ["LONGFORM_FILE", "LONGFORM_SPECS", "LongformSpec", "ensure_longform", "longform_records", "write_longform"]
 
@@ -240,8 +241,6 @@ def ensure_longform(root: str | Path, seed: int, preset: str = "default", style:
         if isinstance(settings.get("world"), dict):
             world_cfg = WorldConfig(**settings["world"])
     if world_cfg is None:
-        from .build import resolve_preset
-
         world_cfg = resolve_preset(preset).world
     spec = dataclasses.replace(LONGFORM_SPECS.get(preset, LongformSpec()), style=style)
     return write_longform(build_world(seed, world_cfg), path, spec)

@@ -26,7 +26,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
 
-from ..errors import InputError
+from lightning_edit.builtin.factworld.world import read_jsonl
+from lightning_edit.errors import InputError
 
 # --------------------------------------------------------------------------------------------
 # Model
@@ -208,8 +209,6 @@ class CorpusDataModule(L.LightningDataModule):
             return
         records = self.records
         if records is None:
-            from .world import read_jsonl
-
             records = read_jsonl(self.corpus_path)
         records = [r if isinstance(r, dict) else {"text": r} for r in records]
         bos = self.tokenizer.bos_token_id

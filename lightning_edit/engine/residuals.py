@@ -26,11 +26,18 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .arch import (ModelAdapter, additive_mask, cache_layers, make_cache, prefix_cache_kwarg, supports_logits_to_keep,
-                   supports_packed_rows)
-from .data.requests import EditRequest, target_text
-from .errors import InputError
-from .tokens import Encoded, Segment, encode_segments, flatten_targets
+from lightning_edit.data.requests import EditRequest, target_text
+from lightning_edit.engine.arch import (
+    ModelAdapter,
+    additive_mask,
+    cache_layers,
+    make_cache,
+    prefix_cache_kwarg,
+    supports_logits_to_keep,
+    supports_packed_rows,
+)
+from lightning_edit.engine.tokens import Encoded, Segment, encode_segments, flatten_targets
+from lightning_edit.errors import InputError
 
 AnchorRule = Literal["subject_last", "prompt_last"]
 # progress of the optimization: (Adam steps done, steps at most, per-chunk loss on the device

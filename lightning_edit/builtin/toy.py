@@ -8,6 +8,8 @@ import random
 
 import torch
 
+from lightning_edit.data.requests import EditRequest
+
 NAMES = ["Danielle Darrieux", "Toko Yasuda", "Apple A5", "Kotora Vanu", "Mirel Oshan", "Belkor Stith",
          "Anaya Roven", "Teodor Plum", "Sarin Wexley", "Oma Greti", "Paolo Chenz", "Riva Luntis"]
 OBJECTS = ["French", "English", "Paris", "London", "guitar", "piano", "Google", "Nokia", "Tokyo", "Rome",
@@ -58,8 +60,16 @@ def make_tokenizer(vocab_size: int = 1000):
 
 
 def make_model(arch: str, vocab_size: int, n_layer: int = 4, width: int = 48, seed: int = 0):
-    from transformers import (GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM, LlamaConfig,
-                              LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTJConfig,
+        GPTJForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0)
@@ -109,8 +119,6 @@ def counterfactual_requests(n: int, start: int = 0):
     """Requests ``start .. start+n`` of a fixed shuffled list of distinct facts about
     :data:`EDIT_NAMES`: new target = another object, one neighbourhood prompt (same template,
     a subject that is never edited)."""
-    from lightning_edit.data.requests import EditRequest
-
     world = facts()
     editable = [f for f in world if f[1] in EDIT_NAMES]
     order = random.Random(0).sample(range(len(editable)), len(editable))
