@@ -136,7 +136,7 @@ def bench_residuals(adapter, tok, requests, prefixes, z_layer, cfg, repeats, dev
     log(f"    one-by-one: {t_s:.3f} s  (runs: {', '.join(f'{t:.3f}' for t in all_s)})")
 
     # baseline: the same batched run computing the LM head (and softmax) on every position
-    import lightning_edit.engine.residuals as residuals_mod
+    import lightning_edit.engine.forward_plan as residuals_mod  # where the plan asks for logits_to_keep
 
     keep_fn = residuals_mod.supports_logits_to_keep
     residuals_mod.supports_logits_to_keep = lambda model: False

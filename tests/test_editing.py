@@ -44,7 +44,7 @@ def test_batched_residuals_equal_one_at_a_time(trained_gpt2, tokenizer, kl):
 def test_head_on_scored_positions_only_is_the_same_computation(arch, tokenizer, monkeypatch):
     """``logits_to_keep`` (the LM head only where a loss reads it) changes nothing but speed,
     on every supported architecture."""
-    import lightning_edit.engine.residuals as residuals
+    import lightning_edit.engine.forward_plan as residuals  # where the plan asks for logits_to_keep
 
     model = make_model(arch, vocab_size=len(tokenizer), n_layer=3, width=32)
     ad = ModelAdapter(model)
@@ -229,7 +229,7 @@ def test_body_and_head_refuses_a_model_with_scaled_logits(tokenizer):
 
 
 def test_prefix_cache_layout_puts_every_anchor_at_the_split(tokenizer):
-    from lightning_edit.engine.residuals import _layout
+    from lightning_edit.engine.forward_plan import layout_rows as _layout
 
     reqs = counterfactual_requests(3)
     batch = build_residual_batch(tokenizer, reqs, ["The cat sat on the mat today. ", "Because. "], "subject_last")
@@ -276,7 +276,7 @@ def test_keys_passes_start_where_the_last_update_ends_and_keys_after_need_no_pas
 
 
 def test_sdpa_backends_option_is_checked_before_any_work():
-    from lightning_edit.engine.residuals import _sdpa_backends
+    from lightning_edit.engine.forward_plan import sdpa_backends as _sdpa_backends
 
     assert _sdpa_backends("auto") is None
     assert len(_sdpa_backends("efficient, math")) == 2

@@ -11,14 +11,14 @@ import torch
 from conftest import counterfactual_requests, make_model
 from test_longform_engine import PREFIXES, _items
 
-from lightning_edit.engine import residuals as residuals_mod
+from lightning_edit.engine import forward_plan as residuals_mod
 from lightning_edit.engine.arch import ModelAdapter, supports_packed_rows
+from lightning_edit.engine.forward_plan import pack_rows
 from lightning_edit.engine.residuals import (
     ResidualConfig,
     build_chunked_batch,
     build_residual_batch,
     optimize_residuals,
-    pack_rows,
 )
 
 

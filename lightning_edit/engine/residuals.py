@@ -13,13 +13,15 @@ early stopping once ``loss_c < early_stop_loss``. All chunks of a batch are opti
 one forward per step over every row's suffix, packed end to end (or padded rows; optionally split
 into micro-batches with gradient accumulation), no Python loop over requests. Because the loss
 is a sum of per-chunk terms and Adam is element-wise, this equals optimizing each request alone.
+
+This module is the objective (the loss, Adam, the clamp, early stopping, joint / autoregressive
+phases); how each step's forwards are laid out is :mod:`lightning_edit.engine.forward_plan`.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from types import SimpleNamespace
 from typing import Literal
 
@@ -27,15 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_edit.data.requests import EditRequest, target_text
-from lightning_edit.engine.arch import (
-    ModelAdapter,
-    additive_mask,
-    cache_layers,
-    make_cache,
-    prefix_cache_kwarg,
-    supports_logits_to_keep,
-    supports_packed_rows,
-)
+from lightning_edit.engine.arch import ModelAdapter
+from lightning_edit.engine.forward_plan import PhasePlan, PlanConfig, attention_kernels
 from lightning_edit.engine.tokens import Encoded, Segment, encode_segments, flatten_targets
 from lightning_edit.errors import InputError
 
@@ -162,9 +157,7 @@ class ResidualConfig:
             raise InputError("steps must be >= 1 and lr > 0")
         if self.mode not in ("joint", "autoregressive"):
             raise InputError(f"mode must be 'joint' or 'autoregressive', got {self.mode!r}")
-        _sdpa_backends(self.sdpa_backends)  # names checked before any work
-        if self.max_tokens_per_forward < 0 or self.max_rows_per_forward < 0:
-            raise InputError("max_tokens_per_forward and max_rows_per_forward must be >= 0 (0 = no limit)")
+        self.plan  # the forward plan's settings checked before any work
         if self.warn_nll < 0:
             raise InputError(f"warn_nll must be >= 0 (0 = never warn), got {self.warn_nll}")
         if isinstance(self.mpes, bool) or self.mpes < 0:
@@ -172,6 +165,14 @@ class ResidualConfig:
         if self.nas_samples < 1 or self.nas_max_ratio < 0 or self.nas_anchor < 0:
             raise InputError(f"nas_samples must be >= 1, nas_max_ratio and nas_anchor >= 0; got {self.nas_samples}, "
                              f"{self.nas_max_ratio}, {self.nas_anchor}")
+
+    @property
+    def plan(self) -> PlanConfig:
+        """The forward plan's settings (speed and memory; :mod:`lightning_edit.engine.forward_plan`).
+        The others (``lr``, ``steps``, ``weight_decay``, ``clamp_norm_factor``, ``kl_factor``,
+        ``early_stop_loss``, ``anchor``, ``mode``, ``mpes``, ``nas*``, ``warn_nll``) are the
+        objective's. One flat object, so a config keeps its keys under ``model.residual``."""
+        return PlanConfig(**{f.name: getattr(self, f.name) for f in fields(PlanConfig)})
 
 
 class UnconvergedEditWarning(UserWarning):
@@ -190,32 +191,6 @@ def unconverged_requests(res: "ResidualResult", batch: "ResidualBatch", threshol
     owner = batch.chunk_request.long()
     per_request = torch.full((int(owner.max()) + 1,), float("-inf")).scatter_reduce(0, owner, nll, reduce="amax")
     return [(i, float(v)) for i, v in enumerate(per_request.tolist()) if v > threshold]
-
-
-_SDPA = {"efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
-
-
-def _sdpa_backends(spec: str) -> list | None:
-    """``auto`` -> ``None``; else the ``torch.nn.attention.SDPBackend`` members named."""
-    if spec.strip() == "auto":
-        return None
-    from torch.nn.attention import SDPBackend
-
-    names = [x.strip() for x in spec.split(",") if x.strip()]
-    bad = [x for x in names if x not in _SDPA]
-    if bad or not names:
-        raise InputError(f"sdpa_backends: unknown {bad or spec!r}; use 'auto' or a comma list of {sorted(_SDPA)}")
-    return [getattr(SDPBackend, _SDPA[x]) for x in names]
-
-
-def _attention_kernels(cfg: ResidualConfig, device: torch.device):
-    """The context that restricts attention to ``cfg.sdpa_backends`` (GPU only)."""
-    backends = _sdpa_backends(cfg.sdpa_backends)
-    if backends is None or device.type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import sdpa_kernel
-
-    return sdpa_kernel(backends)
 
 
 class MultiAnchorError(ValueError):
@@ -433,47 +408,6 @@ def trimmed_mean_norm(norms: torch.Tensor, trim: float = NAS_TRIM) -> float:
     return float(x[: x.numel() - drop].mean() if drop < x.numel() else x.mean())
 
 
-def _row_groups(suffix_len: torch.Tensor, max_rows: int, buckets: int) -> list[torch.Tensor]:
-    """Rows of one padded forward each: with ``buckets > 1`` the rows sorted by suffix length
-    and cut into that many equal parts (less padding, more forwards), each part further cut
-    into forwards of at most ``max_rows`` rows (0 = no limit)."""
-    n = len(suffix_len)
-    if buckets <= 1 and (max_rows <= 0 or n <= max_rows):
-        return [torch.arange(n)]
-    order = torch.argsort(suffix_len, stable=True) if buckets > 1 else torch.arange(n)
-    groups = []
-    for part in order.tensor_split(max(1, min(buckets, n))):
-        groups.extend(part.split(max_rows) if max_rows > 0 else [part])
-    return [g for g in groups if len(g)]
-
-
-def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Best-fit decreasing bin packing: the indices of ``lengths`` grouped into bins whose
-    lengths sum to at most ``capacity`` (every length must be ``<= capacity``). Deterministic;
-    ``O(n * capacity)``. Used to lay short suffixes end to end in shared rows."""
-    if any(x > capacity for x in lengths):
-        raise ValueError(f"a length exceeds the capacity {capacity}")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    free: list[list[int]] = [[] for _ in range(capacity + 1)]  # free[c]: bins with c slots left
-    bins: list[list[int]] = []
-    left: list[int] = []
-    for i in order:
-        need = lengths[i]
-        b = -1
-        for c in range(need, capacity + 1):  # the fullest bin it fits in
-            if free[c]:
-                b = free[c].pop()
-                break
-        if b < 0:
-            b = len(bins)
-            bins.append([])
-            left.append(capacity)
-        bins[b].append(i)
-        left[b] -= need
-        free[left[b]].append(b)
-    return bins
-
-
 @dataclass
 class ResidualResult:
     z_target: torch.Tensor  # (n_chunks, d_model) float32
@@ -488,130 +422,6 @@ class ResidualResult:
     v_init: torch.Tensor | None = None  # (n_chunks, d_model)
     v_star_norm: torch.Tensor | None = None  # (n_chunks,)
     nas_scale: torch.Tensor | None = None  # (n_chunks,)
-
-
-@dataclass
-class _Layout:
-    """Rows re-laid so every row's first read position sits in column ``width``: the columns
-    before it (left-padded) are the *prefix*, computed once; the columns from it on the *suffix*,
-    the only part a residual vector can change (attention is causal and every delta sits at or
-    after the split). ``shift[r]`` maps an original position ``p`` of row ``r`` to ``p - shift[r]``
-    in suffix coordinates."""
-
-    ids: torch.Tensor  # (rows, width + suffix) left/right padded
-    mask: torch.Tensor
-    position_ids: torch.Tensor
-    width: int  # prefix columns
-    split: torch.Tensor  # (rows,) original position of each row's first suffix token
-    suffix_len: torch.Tensor  # (rows,) suffix tokens a forward must run (up to the last one read)
-
-
-def _layout(enc: Encoded, split: torch.Tensor, end: torch.Tensor | None = None) -> _Layout:
-    """``end[r]``: one past the last position of row ``r`` whose output is read (default: the
-    row's length); later tokens are kept (as labels) but never run."""
-    n, _ = enc.input_ids.shape
-    lengths = enc.attention_mask.sum(1)
-    width = int(split.max()) if n else 0
-    suffix_len = (lengths if end is None else torch.minimum(end, lengths)) - split
-    total = width + int((lengths - split).max())
-    ids = torch.zeros((n, total), dtype=torch.long)  # padding slots are masked: any id will do
-    mask = torch.zeros((n, total), dtype=torch.long)
-    pos = torch.zeros((n, total), dtype=torch.long)
-    for r in range(n):
-        sh = width - int(split[r])
-        L = int(lengths[r])
-        ids[r, sh : sh + L] = enc.input_ids[r, :L]
-        mask[r, sh : sh + L] = 1
-        pos[r, sh : sh + L] = torch.arange(L)
-    return _Layout(ids, mask, pos, width, split, suffix_len)
-
-
-@torch.no_grad()
-def _prefix_kv(
-    adapter: ModelAdapter, lay: _Layout, groups: list[torch.Tensor], z_layer: int | None = None, add=None
-) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Keys and values of every layer at the prefix columns of all rows (one no-grad pass per
-    row group), with left-padding slots zeroed so nothing undefined can leak into attention.
-    ``add = (rows, columns, vectors)``: fixed vectors added to block ``z_layer``'s output at
-    those prefix columns (earlier chunks' deltas in autoregressive editing)."""
-    if lay.width == 0:
-        return None
-    model = adapter.model
-    device = next(model.parameters()).device
-    parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-    n_rows = lay.ids.shape[0]
-    for rows in groups:
-        mask = lay.mask[rows, : lay.width].to(device)
-        hook = contextlib.nullcontext()
-        if add is not None and len(add[0]):
-            local = torch.full((n_rows,), -1, dtype=torch.long)
-            local[rows] = torch.arange(len(rows))
-            sel = local[add[0]] >= 0
-            if bool(sel.any()):
-                hook = adapter.add_at_positions(z_layer, local[add[0][sel]].to(device), add[1][sel].to(device),
-                                                add[2][sel.to(add[2].device)])
-        body_head = adapter.body_and_head()
-        run, extra = (body_head[0], {}) if body_head is not None else \
-            (model, {"logits_to_keep": 1} if supports_logits_to_keep(model) else {})  # no LM head over the prefix
-        with hook:
-            out = run(
-                input_ids=lay.ids[rows, : lay.width].to(device),
-                attention_mask=mask,
-                position_ids=lay.position_ids[rows, : lay.width].to(device),
-                use_cache=True,
-                **extra,
-            )
-        cache = getattr(out, "cache", None)
-        cache = cache if cache is not None else out.past_key_values
-        keep = mask.bool()[:, None, :, None]
-        layer_kv = [(torch.where(keep, k, 0), torch.where(keep, v, 0)) for k, v in cache_layers(cache)]
-        if not all(bool(torch.isfinite(k).all() and torch.isfinite(v).all()) for k, v in layer_kv):
-            raise FloatingPointError(
-                "the prefix key/value cache has non-finite values (the attention kernel mishandles "
-                "left padding?); set residual.prefix_cache: false"
-            )
-        parts.append(layer_kv)
-    if len(parts) == 1 and len(groups[0]) == n_rows and bool((groups[0] == torch.arange(n_rows)).all()):
-        return parts[0]
-    # scatter the groups' rows back to row order (rows outside every group stay zero)
-    out = []
-    for i in range(len(parts[0])):
-        k0, v0 = parts[0][i]
-        k = torch.zeros((n_rows, *k0.shape[1:]), dtype=k0.dtype, device=k0.device)
-        v = torch.zeros((n_rows, *v0.shape[1:]), dtype=v0.dtype, device=v0.device)
-        for rows, part in zip(groups, parts):
-            k[rows.to(device)] = part[i][0]
-            v[rows.to(device)] = part[i][1]
-        out.append((k, v))
-    return out
-
-
-@torch.no_grad()
-def _lower_outputs(
-    adapter: ModelAdapter, lay: _Layout, kv, groups: list[torch.Tensor], z_layer: int, cache_kw: str | None
-) -> tuple[torch.Tensor, int]:
-    """Block ``z_layer``'s output at every suffix column of every row (no delta: nothing up to
-    that block depends on one), and the block's output structure (see ``ModelAdapter.trace``)."""
-    model = adapter.model
-    device = next(model.parameters()).device
-    W = lay.width
-    S = int(lay.suffix_len.max())
-    out: torch.Tensor | None = None
-    tuple_len = 0
-    for rows in groups:
-        d_rows = rows.to(device)
-        kw = {}
-        if kv is not None:
-            kw = {cache_kw: make_cache(model, [(k[d_rows], v[d_rows]) for k, v in kv]),
-                  "position_ids": lay.position_ids[rows, W : W + S].to(device), "use_cache": True}
-        with adapter.trace(output_layers=[z_layer], stop_after=z_layer) as rec:
-            adapter.forward(lay.ids[rows, W : W + S].to(device), lay.mask[rows, : W + S].to(device), **kw)
-        h = rec["outputs"][z_layer]
-        tuple_len = rec["tuple_len"][z_layer]
-        if out is None:
-            out = torch.zeros(lay.ids.shape[0], S, h.shape[-1], dtype=h.dtype, device=device)
-        out[d_rows] = h
-    return out, tuple_len
 
 
 def optimize_residuals(
@@ -640,7 +450,7 @@ def optimize_residuals(
     (:func:`norm_anchor_targets`) and records the factor in ``nas_scale``.
     """
     device = next(adapter.model.parameters()).device
-    with _attention_kernels(cfg, device):
+    with attention_kernels(cfg.plan, device):
         res = _optimize_residuals(adapter, batch, z_layer, cfg, device, on_step)
     if cfg.nas and norm_anchor is not None and norm_anchor > 0:
         z, scale = norm_anchor_targets(res.z_init, res.v_init, res.z_target - res.z_init, float(norm_anchor), cfg.nas_max_ratio)
@@ -708,76 +518,13 @@ def _optimize_phase(
     Returns ``(delta, loss, nll, steps, most_probable)`` per chunk (meaningful for ``train``
     chunks; ``most_probable``: stopped by MPES, None without it).
     ``on_step(steps done, per-chunk loss)`` after each step's loss (progress only)."""
-    model = adapter.model
-    device = next(model.parameters()).device
+    device = z0.device
     n = batch.n_chunks
-    d_model = z0.shape[-1]
     z0_norm = z0.norm(dim=-1)
-    frozen = torch.zeros(n, dtype=torch.bool) if frozen is None else frozen
-    fixed = torch.zeros(n, d_model, device=device) if fixed is None else fixed.detach()
-    delta = torch.zeros(n, d_model, device=device, requires_grad=True)
+    delta = torch.zeros(n, z0.shape[-1], device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
-
-    a_rows, a_pos, a_chunk = batch.anchors()
-    keep_a = train[a_chunk] | frozen[a_chunk]
-    a_rows, a_pos, a_chunk = a_rows[keep_a], a_pos[keep_a], a_chunk[keep_a]
-    a_train = train[a_chunk]
-    t_rows, t_pos, t_chunk = batch.target_chunks()
-    keep_t = train[t_chunk]
-    t_rows, t_pos, t_chunk = t_rows[keep_t], t_pos[keep_t], t_chunk[keep_t]
-    n_rows = batch.enc.input_ids.shape[0]
-    # target NLL: per (row, chunk) mean over its tokens, per chunk mean over the rows holding it
-    pair = t_rows * n + t_chunk
-    pair_u, pair_inv, pair_count = pair.unique(return_inverse=True, return_counts=True)
-    rows_per_chunk = torch.bincount(pair_u % n, minlength=n).clamp_min(1).float()
-    t_weight = (1.0 / pair_count[pair_inv].float() / rows_per_chunk[t_chunk]).to(device)
-    kl_rows_all = torch.nonzero(batch.is_kl & train[batch.row_chunk]).flatten() if cfg.kl_factor > 0 else torch.zeros(0, dtype=torch.long)
-    kl_slot = torch.full((n_rows,), -1, dtype=torch.long)  # KL row -> its row of kl_init
-    kl_slot[kl_rows_all] = torch.arange(len(kl_rows_all))
-    kl_init: torch.Tensor | None = None  # (KL rows, vocab): the step-0 distributions
-    keep_kw = supports_logits_to_keep(model)
-    cache_kw = prefix_cache_kwarg(model) if cfg.prefix_cache else None
-    body_head = adapter.body_and_head()
-    if body_head is not None and cache_kw is not None and prefix_cache_kwarg(body_head[0]) != cache_kw:
-        body_head = None  # the body names its cache differently: keep to the whole model
-
-    # the rows this phase runs: those with targets (or a KL term) of an optimized chunk
-    in_phase = torch.zeros(n_rows, dtype=torch.bool)
-    in_phase[t_rows] = True
-    in_phase[kl_rows_all] = True
-    big = torch.iinfo(torch.long).max
-    kl_pos = batch.enc.anchor_pos[:, 0]
-    # where each row's suffix starts: its first optimized anchor, or an earlier position read
-    if cache_kw is not None:
-        split = torch.full((n_rows,), big, dtype=torch.long)
-        split = split.scatter_reduce(0, a_rows[a_train], a_pos[a_train], reduce="amin")
-        split = split.scatter_reduce(0, t_rows, t_pos - 1, reduce="amin")
-        split[kl_rows_all] = torch.minimum(split[kl_rows_all], kl_pos[kl_rows_all])
-        split = torch.where(split == big, torch.zeros_like(split), split).clamp_min(0)
-    else:
-        split = torch.zeros(n_rows, dtype=torch.long)
-    # one past the last position a loss or an optimized delta reads: later tokens never run
-    end = torch.zeros(n_rows, dtype=torch.long)
-    end = end.scatter_reduce(0, a_rows[a_train], a_pos[a_train] + 1, reduce="amax")
-    end = end.scatter_reduce(0, t_rows, t_pos, reduce="amax")  # predicted at t_pos - 1
-    end[kl_rows_all] = torch.maximum(end[kl_rows_all], kl_pos[kl_rows_all] + 1)
-    end = torch.maximum(end, split + 1)
-    lay = _layout(batch.enc, split, end)
-    groups = [g[in_phase[g]] for g in _row_groups(lay.suffix_len, cfg.max_rows_per_forward, cfg.length_buckets)]
-    groups = [g for g in groups if len(g)]
-    W = lay.width
-    # frozen deltas before the split act inside the cached prefix; the rest in every step
-    in_prefix = (~a_train) & (a_pos < split[a_rows])
-    pre_add = (a_rows[in_prefix], a_pos[in_prefix] - split[a_rows[in_prefix]] + W, fixed[a_chunk[in_prefix].to(device)])
-    a_rows, a_pos, a_chunk, a_train = a_rows[~in_prefix], a_pos[~in_prefix], a_chunk[~in_prefix], a_train[~in_prefix]
-    kv = _prefix_kv(adapter, lay, groups, z_layer, pre_add) if cache_kw is not None else None
-    lower = _lower_outputs(adapter, lay, kv, groups, z_layer, cache_kw) if cfg.skip_lower_blocks else None
-    a_suf = a_pos - split[a_rows]  # positions in suffix coordinates
-    t_suf = t_pos - split[t_rows]
-    kl_suf = kl_pos - split
-    # a row runs while any optimized chunk it holds is still optimizing
-    row_of = torch.cat([t_rows, kl_rows_all])
-    chunk_of = torch.cat([t_chunk, batch.row_chunk[kl_rows_all]])
+    plan = PhasePlan(adapter, batch, z_layer, cfg.plan, cfg.kl_factor > 0, train, frozen, fixed, z0.shape[-1])
+    kl_init: dict = {}  # "p": (KL rows, vocab), the step-0 distributions
 
     active = train.to(device).clone()
     steps = torch.zeros(n, dtype=torch.long, device=device)
@@ -785,226 +532,18 @@ def _optimize_phase(
     nll_c = torch.zeros(n, device=device)
     kl_c = torch.zeros(n, device=device)
     loss_c = torch.zeros(n, device=device)
-
-    plans: dict[int, tuple[torch.Tensor, list[SimpleNamespace]]] = {}
-    mcfg = getattr(model, "config", None)
-    heads = int(getattr(mcfg, "num_attention_heads", None) or getattr(mcfg, "n_head", None) or 1)
-    # packed rows: one forward over all rows of the phase, suffixes laid end to end
-    pack = cfg.pack_rows and supports_packed_rows(model)
-    step_groups = [torch.cat(groups).sort().values] if pack and groups else groups
-    mask_dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
-
-    def _loss_fields(row_of: torch.Tensor, off_of: torch.Tensor) -> dict:
-        """The device tensors every forward's deltas and losses read, given where each original
-        row sits in the forward's input: row ``row_of[r]`` (-1: not in it), from column
-        ``off_of[r]`` on (its suffix coordinates shifted). Shared by padded and packed forwards."""
-        sel_a, sel_t = row_of[a_rows] >= 0, row_of[t_rows] >= 0
-        tr, tp = row_of[t_rows[sel_t]], off_of[t_rows[sel_t]] + t_suf[sel_t]
-        kl_rows = kl_rows_all[row_of[kl_rows_all] >= 0]
-        kr, kp = row_of[kl_rows], off_of[kl_rows] + kl_suf[kl_rows]
-        # the LM head and softmax only where a loss reads them: at the (row, position) pairs
-        # (body + head split), else at the positions any row reads (``logits_to_keep``)
-        need = torch.cat([tp - 1, kp]).unique()
-        d_need = need.to(device)
-        by_column = keep_kw and body_head is None
-        return dict(
-            kw={"logits_to_keep": d_need} if by_column else {},
-            ar=row_of[a_rows[sel_a]].to(device), ap=(off_of[a_rows[sel_a]] + a_suf[sel_a]).to(device),
-            vec_chunk=a_chunk[sel_a].to(device), a_train=a_train[sel_a].to(device).unsqueeze(1),
-            tr=tr.to(device), tp=tp.to(device), t_label=lay.ids[t_rows[sel_t], W + t_suf[sel_t]].to(device),
-            t_chunk=t_chunk[sel_t].to(device), t_weight=t_weight[sel_t.to(t_weight.device)],
-            kl_rows=kl_rows, kr=kr.to(device), kp=kp.to(device),
-            kl_slots=kl_slot[kl_rows].to(device), kl_chunk=batch.row_chunk[kl_rows].to(device),
-            col=(lambda p: torch.searchsorted(d_need, p)) if by_column else (lambda p: p),
-        )
-
-    def _group_plan(rows: torch.Tensor) -> SimpleNamespace:
-        """The device tensors of one padded row group's forward and loss (all but the deltas)."""
-        local = torch.full((n_rows,), -1, dtype=torch.long)
-        local[rows] = torch.arange(len(rows))
-        fields = _loss_fields(local, torch.zeros(n_rows, dtype=torch.long))
-        width = int(lay.suffix_len[rows].max())  # right padding: trim the tail
-        d_rows = rows.to(device)
-        if kv is not None:
-            fields["kw"]["position_ids"] = lay.position_ids[rows, W : W + width].to(device)
-        score_mb = len(rows) * heads * width * (W + width) * 4 / 2**20
-        return SimpleNamespace(
-            attention="eager" if score_mb <= cfg.eager_attention_mb else None,
-            ids=lay.ids[rows, W : W + width].to(device),
-            mask=lay.mask[rows, : W + width].to(device),
-            kv=[(k[d_rows], v[d_rows]) for k, v in kv] if kv is not None else None,
-            lower=lower[0][d_rows, :width] if lower is not None else None,
-            **fields,
-        )
-
-    def _packed_units(rows: torch.Tensor) -> list[SimpleNamespace]:
-        """``rows``' suffixes packed end to end (:func:`pack_rows`) into rows as long as the
-        longest suffix (or up to twice that); each packed row's keys are its segments' cached
-        prefixes, then its suffix columns; a 4-D mask lets a token see only its own segment (prefix + causal
-        suffix). Split into equal forwards of at most ``max_tokens_per_forward`` slots and
-        ``max_rows_per_forward`` packed rows."""
-        lens = lay.suffix_len[rows].tolist()
-        # the row length: the longest suffix or a little more, whichever leaves the fewest
-        # empty slots (short suffixes then fill the gaps); ties go to the shorter row
-        longest = max(lens)
-        packings = [(pack_rows(lens, c), c) for c in sorted({longest, -(-5 * longest // 4), -(-3 * longest // 2), 2 * longest})]
-        bins, cap = min(packings, key=lambda bc: (len(bc[0]) * bc[1], bc[1]))
-        parts = 1
-        if cfg.max_tokens_per_forward > 0:
-            parts = max(parts, -(-len(bins) * cap // cfg.max_tokens_per_forward))
-        if cfg.max_rows_per_forward > 0:
-            parts = max(parts, -(-len(bins) // cfg.max_rows_per_forward))
-        parts = min(parts, len(bins))
-        size, extra = divmod(len(bins), parts)  # equal parts (the first ``extra`` one bin longer)
-        units, b0 = [], 0
-        for i in range(parts):
-            b1 = b0 + size + (1 if i < extra else 0)
-            units.append(_packed_unit([[int(rows[j]) for j in b] for b in bins[b0:b1]], cap))
-            b0 = b1
-        return units
-
-    def _packed_unit(bins: list[list[int]], cap: int) -> SimpleNamespace:
-        nb = len(bins)
-        seg = torch.tensor([r for b in bins for r in b], dtype=torch.long)  # original row per segment
-        seg_bin = torch.tensor([i for i, b in enumerate(bins) for _ in b], dtype=torch.long)
-        slen = lay.suffix_len[seg]
-        plen = split[seg] if kv is not None else torch.zeros_like(seg)
-        # offsets of each segment inside its packed row (suffix columns, prefix key columns)
-        first = torch.ones(len(seg), dtype=torch.bool)
-        first[1:] = seg_bin[1:] != seg_bin[:-1]
-
-        def offsets(x: torch.Tensor) -> torch.Tensor:
-            c = torch.cumsum(x, 0) - x
-            start = c[first]  # cumulative value at each bin's first segment
-            return c - start[torch.cumsum(first.long(), 0) - 1]
-
-        q_off, k_off = offsets(slen), offsets(plen)
-        wp = int((k_off + plen).max()) if kv is not None else 0
-        # one entry per suffix token: its segment, packed (row, column), original suffix index
-        tok_seg = torch.repeat_interleave(torch.arange(len(seg)), slen)
-        j = torch.arange(len(tok_seg)) - torch.repeat_interleave(torch.cumsum(slen, 0) - slen, slen)
-        qb, qc = seg_bin[tok_seg], q_off[tok_seg] + j
-        src = seg[tok_seg]
-        ids = torch.zeros(nb, cap, dtype=torch.long)
-        ids[qb, qc] = lay.ids[src, W + j]
-        pos = torch.zeros(nb, cap, dtype=torch.long)
-        pos[qb, qc] = lay.position_ids[src, W + j]
-        q_seg = torch.full((nb, cap), -1, dtype=torch.long)
-        q_seg[qb, qc] = tok_seg
-        k_seg = torch.full((nb, wp), -2, dtype=torch.long)  # -2: an empty prefix slot, nobody's
-        pk_seg = torch.repeat_interleave(torch.arange(len(seg)), plen)
-        pk_j = torch.arange(len(pk_seg)) - torch.repeat_interleave(torch.cumsum(plen, 0) - plen, plen)
-        kb, kc = seg_bin[pk_seg], k_off[pk_seg] + pk_j
-        k_seg[kb, kc] = pk_seg
-        col = torch.arange(cap)
-        causal = col[None, :] <= col[:, None]  # (query, key) within the suffix
-        allowed = torch.cat([q_seg[:, :, None] == k_seg[:, None, :],
-                             (q_seg[:, :, None] == q_seg[:, None, :]) & causal[None]], dim=2)  # padding sees itself
-        d_kb, d_kc = kb.to(device), kc.to(device)
-        d_pr, d_pc = seg[pk_seg].to(device), (W - plen[pk_seg] + pk_j).to(device)
-        packed_kv = None
-        if kv is not None:
-            packed_kv = []
-            for li, (k, v) in enumerate(kv):
-                if lower is not None and li <= z_layer:  # skipped blocks never read their cache
-                    packed_kv.append((k[:nb, :, :0], v[:nb, :, :0]))
-                    continue
-                pk = k.new_zeros(nb, k.shape[1], wp, k.shape[3])
-                pv = v.new_zeros(nb, v.shape[1], wp, v.shape[3])
-                pk[d_kb, :, d_kc] = k[d_pr, :, d_pc]
-                pv[d_kb, :, d_kc] = v[d_pr, :, d_pc]
-                packed_kv.append((pk, pv))
-        packed_lower = None
-        if lower is not None:
-            packed_lower = lower[0].new_zeros(nb, cap, lower[0].shape[-1])
-            packed_lower[qb.to(device), qc.to(device)] = lower[0][src.to(device), j.to(device)]
-        # original row -> (packed row, column offset)
-        bin_of = torch.full((n_rows,), -1, dtype=torch.long)
-        off_of = torch.zeros(n_rows, dtype=torch.long)
-        bin_of[seg], off_of[seg] = seg_bin, q_off
-        fields = _loss_fields(bin_of, off_of)
-        fields["kw"]["position_ids"] = pos.to(device)
-        score_mb = nb * heads * cap * (wp + cap) * 4 / 2**20
-        return SimpleNamespace(
-            attention="eager" if score_mb <= cfg.packed_eager_attention_mb else None,
-            ids=ids.to(device),
-            mask=additive_mask(allowed[:, None].to(device), mask_dtype),
-            kv=packed_kv,
-            lower=packed_lower,
-            **fields,
-        )
-
-    def _unit_step(plan: SimpleNamespace, step: int, wd_pending, nll_step: torch.Tensor, kl_step: torch.Tensor,
-                   miss_step: torch.Tensor | None = None):
-        """One forward + backward of one prepared row unit; adds its per-chunk NLL and KL terms
-        to ``nll_step`` / ``kl_step`` (and, for MPES, its per-chunk count of target tokens that
-        are not the argmax of their logits to ``miss_step``); the weight-decay term rides on the
-        first unit's loss."""
-        nonlocal kl_init
-        vecs = torch.where(plan.a_train, delta[plan.vec_chunk], fixed[plan.vec_chunk])
-        kw = dict(plan.kw)
-        if kv is not None:
-            kw[cache_kw] = make_cache(model, plan.kv)
-        skip = contextlib.nullcontext()
-        if lower is not None:
-            skip = adapter.skip_blocks(z_layer, plan.lower, lower[1])
-        with torch.enable_grad(), skip, adapter.attention_implementation(plan.attention), \
-                adapter.add_at_positions(z_layer, plan.ar, plan.ap, vecs):
-            if body_head is not None:
-                hidden = body_head[0](input_ids=plan.ids, attention_mask=plan.mask, use_cache=kv is not None, **kw).last_hidden_state
-                logits_at = lambda r, p: body_head[1](hidden[r, p])  # noqa: E731
-            else:
-                logits = model(input_ids=plan.ids, attention_mask=plan.mask, use_cache=kv is not None, **kw).logits
-                logits_at = lambda r, p: logits[r, plan.col(p)]  # noqa: E731
-        tr, tp, kl_rows = plan.tr, plan.tp, plan.kl_rows
-        t_logp = logits_at(tr, tp - 1).float().log_softmax(-1)
-        lp = t_logp.gather(-1, plan.t_label.unsqueeze(-1)).squeeze(-1)
-        part_nll = torch.zeros(n, device=device).index_add(0, plan.t_chunk, -lp * plan.t_weight)
-        if miss_step is not None:  # MPES: the logits this loss already has, no extra forward
-            miss = (t_logp.detach().argmax(-1) != plan.t_label).long()
-            miss_step.index_add_(0, plan.t_chunk, miss)
-        part_kl = torch.zeros(n, device=device)
-        if len(kl_rows):
-            kl_logp = logits_at(plan.kr, plan.kp).float().log_softmax(-1)
-            slots = plan.kl_slots
-            if kl_init is None:
-                kl_init = torch.zeros(len(kl_rows_all), kl_logp.shape[-1], device=device)
-            if step == 0:
-                kl_init[slots] = kl_logp.detach()
-            kl = F.kl_div(kl_init[slots], kl_logp, log_target=True, reduction="none").sum(-1)
-            part_kl = part_kl.index_add(0, plan.kl_chunk, cfg.kl_factor * kl)
-        loss = part_nll.sum() + part_kl.sum()
-        if wd_pending is not None:
-            loss = loss + wd_pending
-            wd_pending = None
-        loss.backward()
-        nll_step += part_nll.detach()
-        kl_step += part_kl.detach()
-        return wd_pending
-
     for step in range(cfg.steps + 1):
         opt.zero_grad(set_to_none=True)
-        active_cpu = active.cpu()  # the step's one device -> host synchronization
-        row_active = torch.zeros(n_rows, dtype=torch.bool)
-        row_active[row_of[active_cpu[chunk_of]]] = True
+        row_active = plan.rows_running(active.cpu())  # the step's one device -> host synchronization
         wd = cfg.weight_decay * delta.norm(dim=-1) / z0_norm.pow(2)
-        # the loss is a sum of per-row terms (+ one weight-decay term per chunk): groups may
+        # the loss is a sum of per-row terms (+ one weight-decay term per chunk): forwards may
         # split a chunk's rows, their gradients and losses add up
         wd_pending = torch.where(active, wd, torch.zeros_like(wd)).sum()
         nll_step = torch.zeros(n, device=device)
         kl_step = torch.zeros(n, device=device)
         miss_step = torch.zeros(n, dtype=torch.long, device=device) if mpes_hits is not None else None
-        for gi, rows in enumerate(step_groups):
-            # only the rows of chunks still optimizing: converged chunks cost nothing more
-            rows = rows[row_active[rows]]
-            if len(rows) == 0:
-                continue
-            # everything but the deltas is the same every step: prepared once per row set
-            cached = plans.get(gi)
-            if cached is None or not torch.equal(cached[0], rows):
-                cached = plans[gi] = (rows, _packed_units(rows) if pack else [_group_plan(rows)])
-            for plan in cached[1]:
-                wd_pending = _unit_step(plan, step, wd_pending, nll_step, kl_step, miss_step)
+        for unit in plan.units(row_active):
+            wd_pending = _unit_step(plan, unit, delta, cfg.kl_factor, step, kl_init, wd_pending, nll_step, kl_step, miss_step)
         nll_c = torch.where(active, nll_step, nll_c)
         kl_c = torch.where(active, kl_step, kl_c)
         loss_c = torch.where(active, nll_c + kl_c + wd.detach(), loss_c)
@@ -1029,3 +568,38 @@ def _optimize_phase(
             delta.mul_(scale.unsqueeze(-1))
     top = None if mpes_hits is None else mpes_hits >= cfg.mpes
     return delta.detach(), loss_c.detach(), nll_c.detach(), steps, top
+
+
+def _unit_step(plan: PhasePlan, unit: SimpleNamespace, delta: torch.Tensor, kl_factor: float, step: int, kl_init: dict,
+               wd_pending, nll_step: torch.Tensor, kl_step: torch.Tensor, miss_step: torch.Tensor | None = None):
+    """One forward + backward of one prepared unit of the plan; adds its per-chunk NLL and KL
+    terms to ``nll_step`` / ``kl_step`` (and, for MPES, its per-chunk count of target tokens that
+    are not the argmax of their logits to ``miss_step``); the weight-decay term rides on the
+    first unit's loss."""
+    n, device = plan.n, delta.device
+    vecs = torch.where(unit.a_train, delta[unit.vec_chunk], plan.fixed[unit.vec_chunk])
+    logits_at = plan.forward(unit, vecs)
+    t_logp = logits_at(unit.tr, unit.tp - 1).float().log_softmax(-1)
+    lp = t_logp.gather(-1, unit.t_label.unsqueeze(-1)).squeeze(-1)
+    part_nll = torch.zeros(n, device=device).index_add(0, unit.t_chunk, -lp * unit.t_weight)
+    if miss_step is not None:  # MPES: the logits this loss already has, no extra forward
+        miss = (t_logp.detach().argmax(-1) != unit.t_label).long()
+        miss_step.index_add_(0, unit.t_chunk, miss)
+    part_kl = torch.zeros(n, device=device)
+    if len(unit.kl_rows):
+        kl_logp = logits_at(unit.kr, unit.kp).float().log_softmax(-1)
+        slots = unit.kl_slots
+        if "p" not in kl_init:
+            kl_init["p"] = torch.zeros(len(plan.kl_rows_all), kl_logp.shape[-1], device=device)
+        if step == 0:
+            kl_init["p"][slots] = kl_logp.detach()
+        kl = F.kl_div(kl_init["p"][slots], kl_logp, log_target=True, reduction="none").sum(-1)
+        part_kl = part_kl.index_add(0, unit.kl_chunk, kl_factor * kl)
+    loss = part_nll.sum() + part_kl.sum()
+    if wd_pending is not None:
+        loss = loss + wd_pending
+        wd_pending = None
+    loss.backward()
+    nll_step += part_nll.detach()
+    kl_step += part_kl.detach()
+    return wd_pending
