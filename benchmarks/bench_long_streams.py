@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from lightning_edit.data.datamodule import _requests  # noqa: E402
+from lightning_edit.data.loaders import requests_from_records  # noqa: E402
 from lightning_edit.engine.arch import ModelAdapter  # noqa: E402
 from lightning_edit.engine.loading import load_pretrained  # noqa: E402
 from lightning_edit.engine.prefixes import generate_prefixes  # noqa: E402
@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
     model.eval()
     adapter = ModelAdapter(model)
     records = json.loads(Path(args.requests).read_text())[: args.num_edits]
-    reqs = _requests(records, "auto", 0)
+    reqs = requests_from_records(records, "auto", 0)
     prefixes = generate_prefixes(model, tok, args.prefixes, 10, 0)
     base = ResidualConfig(lr=args.lr, steps=args.steps, clamp_norm_factor=args.clamp_norm_factor, kl_factor=args.kl_factor,
                           early_stop_loss=args.early_stop_loss, anchor=args.anchor, nas=True)

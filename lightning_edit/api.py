@@ -20,13 +20,12 @@ from torch import nn
 
 from lightning_edit.callbacks import MEMIT, AlphaEdit, ClosedFormUpdate
 from lightning_edit.checkpointing import export_pretrained, load_edits
-from lightning_edit.data.datamodule import _requests
-from lightning_edit.data.requests import EditRequest, RequestError
+from lightning_edit.data.loaders import requests_from_records
+from lightning_edit.data.requests import EditRequest, Request, RequestError
 from lightning_edit.engine.loading import load_pretrained
 from lightning_edit.engine.residuals import ResidualConfig
 from lightning_edit.engine.stats import StatsConfig
 from lightning_edit.errors import InputError
-from lightning_edit.longform.records import LongFormRequest
 from lightning_edit.module import EditModule
 from lightning_edit.stream.edit_stream import EditStream
 from lightning_edit.stream.peft_export import export_lora
@@ -48,11 +47,11 @@ def _as_requests(requests: Sequence[EditRequest | Mapping[str, Any]], seen: Mapp
         raise TypeError("pass a list of requests (records or EditRequest objects), not a single one")
     out: list = []
     for i, r in enumerate(requests):
-        if isinstance(r, (EditRequest, LongFormRequest)):
+        if isinstance(r, Request):
             out.append(r.validate())
         else:
             # long-form records ({question|prompt, answer}, UnKEBench, EditEverything) or facts
-            out.extend(_requests([r], "auto", start + i))
+            out.extend(requests_from_records([r], "auto", start + i))
     first: dict[str, int] = {}
     for i, r in enumerate(out):
         rec = r.record_index if r.record_index >= 0 else start + i

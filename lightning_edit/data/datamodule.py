@@ -18,11 +18,10 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lightning_edit.data.formats import iter_requests
+from lightning_edit.data.loaders import requests_from_records
 from lightning_edit.data.requests import EditRequest
 from lightning_edit.data.sources import load_records
 from lightning_edit.errors import CheckpointError, InputError
-from lightning_edit.longform.records import detect_longform_format, iter_longform_requests
 from lightning_edit.resources import resolve
 
 
@@ -96,36 +95,13 @@ class _StreamBatchSampler(Sampler[list[int]]):
         return self.num_batches - self.first()
 
 
-LONGFORM_FORMATS_ALIASES = ("unkebench", "editeverything", "akew", "longform", "generic")
-
-
-def _requests(records: list, fmt: str, start_index: int) -> list:
-    """Fact requests, or long-form ones (AnyEdit) for ``format`` unkebench / editeverything /
-    akew (the long ``fact_new_uns`` answers) / longform (any of them, or generic
-    ``{prompt|question, answer}``); ``auto`` reads records with an ``answer`` and no fact fields
-    (UnKEBench, EditEverything, generic) as long-form, everything else (MQuAKE / AKEW included)
-    as facts."""
-    if fmt in LONGFORM_FORMATS_ALIASES:
-        return list(iter_longform_requests(records, "auto" if fmt == "longform" else fmt, start_index=start_index))
-    first = records[0] if records else None
-    if fmt == "auto" and isinstance(first, dict) and "answer" in first and not {"requested_rewrite", "target_new", "src", "answers"} & set(first):
-        try:
-            detect_longform_format(records[0], start_index)
-        except ValueError:
-            pass
-        else:
-            return list(iter_longform_requests(records, "auto", start_index=start_index))
-    return list(iter_requests(records, fmt, start_index=start_index))
-
-
 def stream_fingerprint(requests: Sequence[EditRequest]) -> str:
-    """SHA-1 over each request's ``(case_id, prompt, subject, target_new)``, in order: two
-    streams with the same size and batch size but other facts (another offset, an edited file)
-    get different fingerprints."""
+    """SHA-1 over each request's :meth:`~lightning_edit.data.requests.Request.fingerprint` (a
+    fact's ``(case_id, prompt, subject, target_new)``), in order: two streams with the same size
+    and batch size but other facts (another offset, an edited file) get different fingerprints."""
     digest = hashlib.sha1()
     for r in requests:
-        fields = (r.case_id, r.prompt, r.subject, r.target_new) if isinstance(r, EditRequest) else (r.case_id, r.question, r.answer)
-        digest.update("\x1f".join(fields).encode("utf-8"))
+        digest.update("\x1f".join(r.fingerprint()).encode("utf-8"))
         digest.update(b"\x1e")
     return digest.hexdigest()
 
@@ -312,7 +288,7 @@ class EditDataModule(L.LightningDataModule):
         # is kept or dropped whole
         stop = None if self.limit is None else self.offset + self.limit
         window = list(itertools.islice(records, self.offset, stop))
-        self.requests = list(_requests(window, self.format, self.offset))
+        self.requests = requests_from_records(window, self.format, self.offset)
         if not self.requests:
             raise InputError(
                 f"no edit requests in {self.dataset!r} (split {self.split!r}) after offset={self.offset}, "

@@ -1,18 +1,22 @@
-"""The one in-memory shape of an edit request, whatever file format it came from.
+"""Edit requests in memory, whatever file format they came from.
 
-Every loader (CounterFact nested / flat, ZsRE, factworld) turns its records into
-:class:`EditRequest`; everything downstream (residual optimization, the closed-form
-update, evaluation) reads only this type.
+Every fact loader (CounterFact nested / flat, ZsRE, MQuAKE / AKEW, factworld) turns its records
+into :class:`EditRequest`; the long-form loaders (UnKEBench, AKEW's long answers,
+EditEverything) into :class:`~lightning_edit.longform.records.LongFormRequest`. Both follow the
+:class:`Request` protocol, which is all the stream, the ledger and the loader read of a request
+besides its own kind's fields.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 from lightning_edit.errors import InputError
 
 Family = Literal["counterfact", "zsre"]
+Kind = Literal["fact", "longform"]
 
 
 class RequestError(InputError):
@@ -22,6 +26,49 @@ class RequestError(InputError):
         self.record = record
         self.field = field_name
         super().__init__(f"edit record {record!r}, field {field_name!r}: {problem}")
+
+
+@runtime_checkable
+class Request(Protocol):
+    """What every kind of edit request provides.
+
+    Attributes:
+        kind: ``"fact"`` (one target after a prompt, one residual vector) or ``"longform"`` (an
+            answer of many tokens, one residual vector per chunk). A batch holds one kind.
+        case_id: the request's unique name in its stream.
+        record_index: its record's position in the dataset (-1: not from a dataset).
+    """
+
+    kind: ClassVar[str]
+    case_id: str
+    record_index: int
+
+    def validate(self) -> "Request":
+        """The request itself, or a :class:`RequestError` naming the record and the field."""
+        ...
+
+    def describe(self) -> str:
+        """One short line saying what the request changes (ledgers, logs)."""
+        ...
+
+    def fingerprint(self) -> tuple[str, ...]:
+        """The fields that identify the request in a stream (a resumed stream must hold the same)."""
+        ...
+
+
+def request_kind(requests: Sequence[Request]) -> Kind | None:
+    """The kind of a batch's requests (None for an empty batch); a batch that mixes kinds is an
+    :class:`~lightning_edit.errors.InputError`."""
+    kinds = {r.kind for r in requests}
+    if len(kinds) > 1:
+        raise InputError("a batch mixes long-form and single-fact requests; edit them in separate streams")
+    return next(iter(kinds), None)
+
+
+def short(text, limit: int) -> str:
+    """``text`` on one line (whitespace runs collapsed), cut to ``limit`` characters with "..."."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: max(limit - 3, 1)].rstrip() + "..."
 
 
 @dataclass(frozen=True)
@@ -49,6 +96,16 @@ class EditRequest:
     family: Family = "counterfact"
     record_index: int = -1
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    kind: ClassVar[str] = "fact"
+
+    def describe(self) -> str:
+        """``Danielle Darrieux: French -> English`` (``?`` when the old target is unknown)."""
+        old = short(self.target_true, 40) if self.target_true is not None and str(self.target_true).strip() else "?"
+        return f"{short(self.subject, 60)}: {old} -> {short(self.target_new, 40)}"
+
+    def fingerprint(self) -> tuple[str, ...]:
+        return (self.case_id, self.prompt, self.subject, self.target_new)
 
     @property
     def rendered_prompt(self) -> str:

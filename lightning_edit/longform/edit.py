@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lightning_edit.data.requests import request_kind
 from lightning_edit.engine.residuals import ResidualBatch, build_chunked_batch
 from lightning_edit.errors import InputError
 from lightning_edit.evaluation.scoring import greedy_generate
@@ -54,11 +55,9 @@ class LongFormConfig:
 
 
 def is_longform(requests: Sequence) -> bool:
-    """True when the requests are long-form; a mix of long-form and fact requests is an error."""
-    kinds = {isinstance(r, LongFormRequest) for r in requests}
-    if len(kinds) > 1:
-        raise InputError("a batch mixes long-form and single-fact requests; edit them in separate streams")
-    return kinds == {True}
+    """True when the requests are long-form (:func:`~lightning_edit.data.requests.request_kind`);
+    a mix of long-form and fact requests is an error."""
+    return request_kind(requests) == "longform"
 
 
 def chunk_requests(tokenizer, requests: Sequence[LongFormRequest], cfg: LongFormConfig, chat_template: bool = False,

@@ -39,9 +39,9 @@ import ast
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from lightning_edit.data.requests import RequestError
+from lightning_edit.data.requests import RequestError, short
 from lightning_edit.data.sources import load_records
 from lightning_edit.errors import InputError
 from lightning_edit.resources import resolve
@@ -105,6 +105,15 @@ class LongFormRequest:
     record_index: int = -1
     extra: dict = field(default_factory=dict, compare=False, hash=False)
     raw_fields: dict = field(default_factory=dict, compare=False, hash=False)
+
+    kind: ClassVar[str] = "longform"
+
+    def describe(self) -> str:
+        """``"<question>" -> "<start of the answer>"``."""
+        return f'"{short(self.question, 80)}" -> "{short(self.answer, 48)}"'
+
+    def fingerprint(self) -> tuple[str, ...]:
+        return (self.case_id, self.question, self.answer)
 
     @property
     def record(self) -> int | str:

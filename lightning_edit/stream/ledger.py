@@ -81,23 +81,11 @@ class BatchRecord:
                 "info": self.info, "file": self.file, "digest": self.digest, "descriptions": list(self.descriptions)}
 
 
-def _short(text, limit: int) -> str:
-    """``text`` on one line (whitespace runs collapsed), cut to ``limit`` characters with "..."."""
-    s = " ".join(str(text).split())
-    return s if len(s) <= limit else s[: max(limit - 3, 1)].rstrip() + "..."
-
-
 def describe_request(request) -> str:
-    """One short line saying what a request changes, for ledgers and logs:
-    ``Danielle Darrieux: French -> English`` for a fact (``?`` when the old target is unknown),
-    ``"<question>" -> "<start of the answer>"`` for a long-form request; the case id otherwise."""
-    if hasattr(request, "subject") and hasattr(request, "target_new"):
-        old = getattr(request, "target_true", None)
-        old = _short(old, 40) if old is not None and str(old).strip() else "?"
-        return f"{_short(request.subject, 60)}: {old} -> {_short(request.target_new, 40)}"
-    if hasattr(request, "question") and hasattr(request, "answer"):
-        return f'"{_short(request.question, 80)}" -> "{_short(request.answer, 48)}"'
-    return str(getattr(request, "case_id", request))
+    """One short line saying what a request changes, for ledgers and logs (the request's
+    :meth:`~lightning_edit.data.requests.Request.describe`; its case id for other objects)."""
+    describe = getattr(request, "describe", None)
+    return describe() if callable(describe) else str(getattr(request, "case_id", request))
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
