@@ -35,7 +35,7 @@ from lightning_edit.module import EditModule
 from lightning_edit.progress import drop_disabled_progress_bar
 from lightning_edit.report import EditReport
 from lightning_edit.strategies import FROZEN_DDP_ALIASES, frozen_alias  # importing registers trainer.strategy: ddp_frozen, ...
-from lightning_edit.trace import main as trace_main
+from lightning_edit.trace.cli import main as trace_main
 
 
 class EditCheckpoint(ModelCheckpoint):

@@ -11,21 +11,21 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from lightning_edit.data.requests import EditRequest
 from lightning_edit.engine.arch import ModelAdapter
-from lightning_edit.trace import (
+from lightning_edit.trace.cli import main
+from lightning_edit.trace.core import (
     ROLES,
     Fact,
     as_fact,
     best_window,
     clean_states,
     embedding_noise_std,
-    main,
     prepare_fact,
     recommend,
     restored_scores,
-    run_trace,
     sample_noise,
     trace_fact,
 )
+from lightning_edit.trace.run import run_trace
 
 CORPUS = [
     "The mother tongue of Zorblax Quintavel is French",
@@ -302,7 +302,7 @@ def test_cli_main(model, tokenizer, tmp_path):
 def test_load_facts_reads_benchmark_files(tmp_path):
     from pathlib import Path
 
-    from lightning_edit.trace import load_facts
+    from lightning_edit.trace.cli import load_facts
 
     facts = load_facts(Path(__file__).parent / "fixtures" / "counterfact_flat_sample.json")
     assert facts and all(isinstance(f, EditRequest) for f in facts)
@@ -359,7 +359,7 @@ def test_recommend_only_when_clear_of_noise():
 
 
 def test_parse_layers():
-    from lightning_edit.trace import parse_layers
+    from lightning_edit.trace.cli import parse_layers
 
     assert parse_layers("0-3") == [0, 1, 2, 3]
     assert parse_layers("2,4,6") == [2, 4, 6]

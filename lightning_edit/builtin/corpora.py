@@ -51,7 +51,7 @@ from lightning_edit.data.formats import records_to_requests
 from lightning_edit.data.sources import load_records
 from lightning_edit.engine.loading import load_pretrained
 from lightning_edit.errors import InputError, MissingFileError
-from lightning_edit.evaluation.scoring import _inference, model_device
+from lightning_edit.evaluation.scoring import inference, model_device
 
 PREFIX = "corpus:"
 KINDS = ("generated", "samples", "pydoc", "facts", "docstrings")
@@ -225,7 +225,7 @@ def generated_texts(model, tokenizer, n_texts: int = 200, max_new_tokens: int = 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = {tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>") if t in tokenizer.get_vocab())}
     out = []
-    with _inference(model):
+    with inference(model):
         for a in range(0, n_texts, batch_size):
             starts = [OPENINGS[i % len(OPENINGS)] for i in range(a, min(a + batch_size, n_texts))]
             rows = [tokenizer(s, add_special_tokens=True)["input_ids"] for s in starts]

@@ -47,7 +47,7 @@ from lightning_edit.data.requests import target_text
 from lightning_edit.engine.arch import logits_at
 from lightning_edit.engine.loading import load_pretrained
 from lightning_edit.errors import DependencyError, InputError
-from lightning_edit.evaluation.scoring import _inference, model_device, target_scores
+from lightning_edit.evaluation.scoring import inference, model_device, target_scores
 
 GENERATOR_VERSION = 2  # of candidate_facts (the first tier); extended_facts has its own
 EXTENDED_VERSION = 1
@@ -267,7 +267,7 @@ def _next_token_logprobs(model, tokenizer, prompts: Sequence[str], batch_size: i
     device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = []
-    with _inference(model):
+    with inference(model):
         for a in range(0, len(prompts), batch_size):
             rows = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts[a:a + batch_size]]
             width = max(map(len, rows))

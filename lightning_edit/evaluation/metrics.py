@@ -272,7 +272,7 @@ class TfidfVectorizer:
         n = len(documents)
         self.vocabulary_ = {t: i for i, t in enumerate(terms)}
         self.idf_ = torch.tensor([math.log((1 + n) / (1 + df[t])) + 1.0 for t in terms], dtype=torch.float64)
-        self._idf = self.idf_.tolist()
+        self._idf = []
         return self
 
     @classmethod
@@ -284,12 +284,13 @@ class TfidfVectorizer:
         vec.idf_ = torch.as_tensor(idf, dtype=torch.float64).reshape(-1)
         if len(vec.vocabulary_) and max(vec.vocabulary_.values()) >= vec.idf_.numel():
             raise ValueError("vocabulary indices exceed the idf length")
-        vec._idf = vec.idf_.tolist()
         return vec
 
     def _weights(self, text: str) -> dict[int, float]:
         """Sparse l2-normalized tf-idf vector ``{term index: weight}``."""
         counts = Counter(self.vocabulary_[t] for t in self.tokenize(text) if t in self.vocabulary_)
+        if len(self._idf) != self.idf_.numel():  # a plain-float copy of idf_ (fast indexing), made once
+            self._idf = self.idf_.tolist()
         w = {i: c * self._idf[i] for i, c in counts.items()}
         norm = math.sqrt(sum(v * v for v in w.values()))
         return {i: v / norm for i, v in w.items()} if norm > 0 else {}

@@ -63,7 +63,7 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def _inference(model: nn.Module) -> Iterator[None]:
+def inference(model: nn.Module) -> Iterator[None]:
     """Eval mode and no grad for the duration; the previous training flag is restored."""
     was_training = model.training
     model.eval()
@@ -119,7 +119,7 @@ def target_scores(model: nn.Module, tokenizer, prompts: Sequence[str], targets: 
     ids_out: list[Tensor | None] = [None] * n
     device = model_device(model)
     order = sorted(range(n), key=lambda i: len(segments[i].text))
-    with _inference(model):
+    with inference(model):
         for idx in _batches(order, batch_size):
             enc = encode_segments(tokenizer, [segments[i] for i in idx])
             input_ids = enc.input_ids.to(device)
@@ -185,7 +185,7 @@ def text_token_nll(model: nn.Module, tokenizer, texts: Sequence[str], batch_size
     out: list[Tensor | None] = [None] * len(ids_list)
     device = model_device(model)
     order = sorted(range(len(ids_list)), key=lambda i: len(ids_list[i]))
-    with _inference(model):
+    with inference(model):
         for idx in _batches(order, batch_size):
             ids, mask, lens = _padded([ids_list[i] for i in idx], pad_id, left=False)
             ids, mask = ids.to(device), mask.to(device)
@@ -227,7 +227,7 @@ def next_word_hits(model: nn.Module, tokenizer, texts: Sequence[str], batch_size
     out: list[Tensor] = [torch.zeros(0, dtype=torch.bool) for _ in texts]
     device = model_device(model)
     order = sorted((i for i in range(len(ids_list)) if starts[i]), key=lambda i: len(ids_list[i]))
-    with _inference(model):
+    with inference(model):
         for idx in _batches(order, batch_size):
             ids, mask, _ = _padded([ids_list[i] for i in idx], pad_id, left=False)
             rows = torch.tensor([r for r, i in enumerate(idx) for _ in starts[i]])
@@ -272,7 +272,7 @@ def greedy_generate(
     out: list[str | None] = [None] * len(ids_list)
     device = model_device(model)
     order = sorted(range(len(ids_list)), key=lambda i: len(ids_list[i]))
-    with _inference(model):
+    with inference(model):
         for idx in _batches(order, batch_size):
             ids, mask, lens = _padded([ids_list[i] for i in idx], pad_id, left=True)
             T = ids.shape[1]

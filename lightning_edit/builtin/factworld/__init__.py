@@ -16,8 +16,8 @@ the CounterFact and ZsRE formats.
 
 import importlib
 
-# name -> submodule; imported on first use, so that `python -m lightning_edit.builtin.factworld.build`
-# does not import the module twice and `import lightning_edit.builtin.factworld` stays cheap
+# name -> submodule, imported on first use (the package itself stays light; the resource
+# resolver, lightning_edit.builtin.factworld.resource, imports what it needs)
 _EXPORTS = {
     "PRESETS": "build", "FactworldPaths": "build", "Preset": "build", "build_factworld": "build",
     "ensure_factworld": "build", "ship": "build",

@@ -1,7 +1,7 @@
 """Build (once) and cache the factworld: world files, tokenizer, pretrained model.
 
-    python -m lightning_edit.builtin.factworld.build --root checkpoints/factworld --preset default
-    python -m lightning_edit.builtin.factworld.build --config configs/factworld_pretrain.yaml
+    lightning-edit factworld --root checkpoints/factworld --preset default
+    lightning-edit factworld --config configs/factworld_pretrain.yaml
 
 :func:`ensure_factworld` returns the paths of a finished build, building it on first use
 (or installing the pretrained model shipped in ``factworld/pretrained/`` when one matches the
