@@ -25,7 +25,6 @@ checkpoint state, so a resumed run never measures it on an edited model.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -40,7 +39,6 @@ from lightning_edit.builtin.corpora import docstring_texts
 from lightning_edit.builtin.realfacts import known_facts
 from lightning_edit.engine.arch import ModelAdapter
 from lightning_edit.engine.loading import load_pretrained
-from lightning_edit.engine.update import AlphaEditMethod
 from lightning_edit.errors import MissingFileError
 from lightning_edit.evaluation.evaluate import evaluate_generation, outcome_metrics, request_outcomes
 from lightning_edit.evaluation.metrics import KnownShare, LogProbDrop, Perplexity, Retention, TokenAccuracy
@@ -49,7 +47,6 @@ from lightning_edit.longform.edit import evaluate_longform, is_longform, rouge_l
 from lightning_edit.module import EditModule
 from lightning_edit.progress import progress_bar
 from lightning_edit.resources import resolve
-from lightning_edit.stream.edit_stream import EditStream
 from lightning_edit.tblog import add_image_file, add_text, log_hparams, run_settings
 
 SUMMARY_KEYS = ("method", "num_edits", "efficacy", "generalization", "specificity", "retention", "first_batch_efficacy")
@@ -508,25 +505,19 @@ def longform_samples_markdown(samples: list[dict]) -> str:
 
 
 def single_anchor_rouge_l(trainer, pl_module: EditModule, requests: list, batch_size: int) -> float | None:
-    """The same long-form requests edited batch for batch on a fresh copy of the base model,
-    with one residual vector per answer at the prompt's last token and the same method
-    (statistics, projector, L2 / lam, a fresh ``K_p K_p^T``): the plain MEMIT / AlphaEdit way.
-    Returns its ROUGE-L F1 (``None`` when the base model cannot be reloaded by name)."""
-    cb = next((c for c in trainer.callbacks if getattr(c, "method", None) is not None), None)
-    if cb is None or not isinstance(pl_module.model_name, str):
+    """ROUGE-L F1 of the same long-form requests edited batch for batch by a replica of the run's
+    stream (:meth:`EditStream.replica`: the same method, statistics, projector, L2 / lam, a fresh
+    ``K_p K_p^T``) on a fresh copy of the base model, with one residual vector per answer at the
+    prompt's last token: the plain MEMIT / AlphaEdit way. ``None`` when the base model cannot be
+    reloaded by name."""
+    if pl_module.stream.method is None or not isinstance(pl_module.model_name, str):
         return None
     p = next(pl_module.lm.parameters())
     model, _ = load_pretrained(pl_module.model_name, str(p.dtype).removeprefix("torch."))  # type: ignore[arg-type]
     model.to(p.device).eval()
-    method = copy.copy(cb.method)
-    if isinstance(method, AlphaEditMethod):
-        method = dataclasses.replace(method, prev_kkt={}, inverse={})
     cfg = dataclasses.replace(pl_module.longform_cfg, single_anchor=True)
-    stream = EditStream(ModelAdapter(model, *pl_module.templates), pl_module.tokenizer, pl_module.layers, pl_module.residual_cfg, cfg,
-                        max_rows=pl_module.max_rows, chat_template=pl_module.chat_template, system_prompt=pl_module.system_prompt)
-    stream.set_method(method, cb.method_name)
-    for i in range(0, len(requests), batch_size):
-        stream.apply(requests[i : i + batch_size], label="single-anchor baseline")
+    stream = pl_module.stream.replica(ModelAdapter(model, *pl_module.templates), longform=cfg)
+    stream.apply_all(requests, batch_size, label="single-anchor baseline")
     out = evaluate_longform(model, pl_module.tokenizer, requests, cfg, pl_module.chat_template, pl_module.system_prompt,
                             batch_size=min(pl_module.eval_batch_size, 32), light=True)
     del model, stream

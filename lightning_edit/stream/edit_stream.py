@@ -21,6 +21,8 @@ applies.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -255,6 +257,27 @@ class EditStream:
         self.requests.extend(requests)
         self.last_residuals = res
         return applied[0]
+
+    def replica(self, adapter: ModelAdapter, longform: LongFormConfig | None = None) -> "EditStream":
+        """A new, empty stream over another copy of the base model (``adapter``) with this one's
+        settings and method, the method's running state reset (AlphaEdit: a fresh ``K_p K_p^T``);
+        ``longform`` replaces the long-form settings (e.g. ``single_anchor=True`` for the
+        single-anchor baseline). Nothing is shared that an edit of either stream changes."""
+        if self.method is None:
+            raise RuntimeError("the edit stream has no method yet (statistics not prepared)")
+        other = EditStream(adapter, self.tokenizer, self.layers, self.residual, longform or self.longform, n_prefixes=self.n_prefixes,
+                           prefix_length=self.prefix_length, seed=self.seed, max_rows=self.max_rows,
+                           chat_template=self.chat_template, system_prompt=self.system_prompt)
+        method = copy.copy(self.method)
+        if hasattr(method, "reset"):
+            method = dataclasses.replace(method, prev_kkt={}, inverse={})
+        other.set_method(method, self.method_name)
+        other.prefixes, other.norm_anchor = self.prefixes, self.norm_anchor
+        return other
+
+    def apply_all(self, requests: Sequence, batch_size: int, label: str | None = None, progress: bool = False) -> list[BatchRecord]:
+        """Apply ``requests`` in batches of ``batch_size``, in order (a whole stream in one call)."""
+        return [self.apply(requests[i : i + batch_size], label=label, progress=progress) for i in range(0, len(requests), batch_size)]
 
     # ---- rebuilding and undo -------------------------------------------------------------------
     def rebuild(self, base: dict[int, torch.Tensor] | None = None) -> None:
