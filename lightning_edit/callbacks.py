@@ -50,6 +50,7 @@ class ClosedFormUpdate(L.Callback):
         self._stash: dict | None = None
         self._stash_path: str | None = None
         self._module: EditModule | None = None
+        self._synced = False  # the model holds exactly the ledger's edits (restored, or applied live)
 
     def attach(self, module: EditModule) -> None:
         """The module whose stream this callback prepares and checkpoints (Lightning's ``setup``
@@ -106,6 +107,16 @@ class ClosedFormUpdate(L.Callback):
         """Rebuild the edited weights (and AlphaEdit's ``K_p K_p^T``) from the restored ledger on
         the unedited model: the same additions in the same order as the live run."""
         if self._stash is None:
+            ledger = module.ledger
+            if ledger.position > 0 and not self._synced:
+                # a restored ledger, but no state of this callback in the checkpoint: it was written
+                # with another editor, whose edits this one would silently leave out
+                made = sorted({r.method for r in ledger.records})
+                where = f"checkpoint {self._stash_path}" if self._stash_path else "the checkpoint"
+                raise CheckpointError(f"{where} holds {ledger.position} edit batches made with {', '.join(made)}, and no state of "
+                                      f"this run's editor {type(self).__name__} ({self.method_name}): resume or validate it with the "
+                                      "editor that wrote it (--editor=lightning_edit.callbacks.AlphaEdit or .MEMIT)")
+            self._synced = True
             return
         self._check_stash(module)
         st = self._stash
@@ -115,6 +126,7 @@ class ClosedFormUpdate(L.Callback):
                              f"its ledger holds {ledger.position}")
         module.stream.rebuild()  # the unedited weights + the ledger's batches; K_p K_p^T from their keys
         self._stash = None
+        self._synced = True
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not isinstance(pl_module, EditModule):

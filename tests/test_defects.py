@@ -269,3 +269,24 @@ def test_resume_keeps_curves_and_wall_time_of_the_whole_stream(tiny_model_dir, d
     # the 4 s spent before the crash count
     assert s_res["wall_time_s"] >= 4.0
     assert resumed.model.num_edits == 12
+
+
+def test_resume_or_validate_with_another_editor_is_refused(tiny_model_dir, corpus_file, tmp_path):
+    """A checkpoint's edits made with AlphaEdit are never silently dropped by a run that names
+    another editor: fit --ckpt_path and validate --ckpt_path with MEMIT are refused, naming the
+    method that made the edits, before any batch is applied."""
+    from conftest import cli_args, counterfact_records
+
+    from lightning_edit.cli import main
+    from lightning_edit.errors import CheckpointError
+
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(counterfact_records(8)))
+    run = tmp_path / "run"
+    main(["fit", *cli_args(tiny_model_dir, data, corpus_file, run, extra=["--trainer.max_steps=1"])])
+    ckpt = f"--ckpt_path={run}/ckpt/last.safetensors"
+    other = cli_args(tiny_model_dir, data, corpus_file, tmp_path / "memit", method="memit")
+    for command in ("fit", "validate"):
+        with pytest.raises(CheckpointError, match="1 edit batches made with alphaedit"):
+            main([command, *other, ckpt])
+    assert not (tmp_path / "memit" / "ckpt" / "ledger").exists()  # nothing applied
