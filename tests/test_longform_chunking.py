@@ -24,7 +24,7 @@ from lightning_edit.longform.chunking import (
 from lightning_edit.longform.records import LongFormRequest, load_longform
 
 FIXTURES = Path(__file__).parent / "fixtures" / "longform"
-FACTWORLD_TOKENIZER = Path(__file__).parents[1] / "lightning_edit" / "factworld" / "pretrained" / "default-seed0" / "model"
+FACTWORLD_TOKENIZER = Path(__file__).parents[1] / "lightning_edit" / "builtin" / "factworld" / "pretrained" / "default-seed0" / "model"
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")

@@ -22,7 +22,7 @@ from lightning_edit.builtin.factworld.world import RELATION_BY_ID, build_world
 from lightning_edit.longform.chunking import ChunkingConfig, check_fits, chunk_answer, prompt_and_answer
 from lightning_edit.longform.records import load_longform
 
-SHIPPED = Path(__file__).parents[1] / "lightning_edit" / "factworld" / "pretrained" / "default-seed0" / "model"
+SHIPPED = Path(__file__).parents[1] / "lightning_edit" / "builtin" / "factworld" / "pretrained" / "default-seed0" / "model"
 
 
 @pytest.fixture(scope="module")
