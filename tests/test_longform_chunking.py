@@ -322,3 +322,38 @@ def test_check_all_fit_stops_at_the_first_too_long(tok):
     with pytest.raises(RequestError) as err:
         check_all_fit(tok, reqs, cut)
     assert err.value.record == reqs[longest].record_index and err.value.field == "answer"
+
+
+@pytest.mark.parametrize("mode", ["window", "sentence"])
+def test_the_engine_reuses_the_chunkers_tokenization(tok, samples, mode):
+    """A long-form batch takes each answer's tokenization from the chunker (the bare rows are not
+    tokenized again) and is exactly the batch built by tokenizing every row anew."""
+    import torch
+
+    from lightning_edit.engine.residuals import build_chunked_batch
+    from lightning_edit.longform.edit import LongFormConfig, build_longform_batch
+
+    cfg = LongFormConfig(chunking=ChunkingConfig(mode=mode, window=16), context_prefixes=True)
+    prefixes = ["The cat sat. ", "Because of this, "]
+    seen: list[str] = []
+
+    class Counting:  # the tokenizer, recording every text it is asked to tokenize
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, text, *a, **k):
+            seen.extend([text] if isinstance(text, str) else list(text))
+            return self.inner(text, *a, **k)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    reqs = list(samples)
+    got, chunks = build_longform_batch(Counting(tok), reqs, cfg, prefixes)
+    fresh = build_chunked_batch(tok, [(c.text, c.spans) for c in chunks], prefixes)
+    for name in ("input_ids", "attention_mask", "anchor_pos", "lengths"):
+        assert torch.equal(getattr(got.enc, name), getattr(fresh.enc, name)), name
+    assert all(torch.equal(a, b) for ra, rb in zip(got.enc.target_tokens, fresh.enc.target_tokens) for a, b in zip(ra, rb))
+    assert torch.equal(got.anchor_chunk, fresh.anchor_chunk) and torch.equal(got.bare_row_of_chunk, fresh.bare_row_of_chunk)
+    assert all(seen.count(c.text) == 1 for c in chunks)  # each answer's full text tokenized once, by the chunker
+    assert sum(t.startswith(tuple(prefixes)) for t in seen) == len(prefixes) * len(chunks)  # prefixed rows: once each

@@ -305,26 +305,27 @@ def build_residual_batch(
     return ResidualBatch(enc, torch.tensor(chunk), torch.tensor(is_kl), len(requests), len(all_prefixes))
 
 
-def build_chunked_batch(
-    tokenizer, items: Sequence[tuple[str, Sequence[tuple[int, int]]]], prefixes: Sequence[str] = ()
-) -> ResidualBatch:
+def build_chunked_batch(tokenizer, items: Sequence[tuple], prefixes: Sequence[str] = ()) -> ResidualBatch:
     """Long-form requests: ``items[i] = (text, spans)`` with the full text (prompt + answer) and
-    the character spans of its target chunks in order. One row per request and context prefix
-    (bare first); each chunk's anchor is the token before its first token, so chunk ``k`` is
-    predicted from the prompt and the gold chunks before it. Chunks are numbered request by
-    request; one residual vector per chunk, shared by the request's rows."""
+    the character spans of its target chunks in order, or ``(text, spans, (input_ids, offsets))``
+    with the text's tokenization already made (the chunker's: the bare row is not tokenized
+    again). One row per request and context prefix (bare first); each chunk's anchor is the token
+    before its first token, so chunk ``k`` is predicted from the prompt and the gold chunks before
+    it. Chunks are numbered request by request; one residual vector per chunk, shared by the
+    request's rows."""
     segments: list[Segment] = []
     row_chunk, anchor_chunk, order, request, bare = [], [], [], [], []
     all_prefixes = [""] + [p for p in prefixes if p]
     c0 = 0
-    for i, (text, spans) in enumerate(items):
+    for i, (text, spans, *tokens) in enumerate(items):
         if not spans:
             raise ValueError(f"long-form request {i}: no target chunks")
         k = len(spans)
         for j, pre in enumerate(all_prefixes):
             if j == 0:
                 bare.extend([len(segments)] * k)
-            segments.append(Segment(pre + text, [(len(pre) + s, len(pre) + e) for s, e in spans], [None] * k))
+            segments.append(Segment(pre + text, [(len(pre) + s, len(pre) + e) for s, e in spans], [None] * k,
+                                    tokens=tokens[0] if tokens and j == 0 else None))
             row_chunk.append(c0)
             anchor_chunk.append(list(range(c0, c0 + k)))
         order.extend(range(k))

@@ -27,11 +27,15 @@ class Segment:
             token just before the chunk's first token" (the position whose output predicts the
             chunk), an ``int`` means "the token that contains this character" (e.g. the
             subject's last character). With no targets, ``None`` means the last token.
+        tokens: ``(input_ids, offsets)`` of ``text`` when the caller has tokenized it already
+            (with ``add_special_tokens=True``, e.g. :class:`~lightning_edit.longform.chunking.Chunks`),
+            so it is not tokenized a second time; None: tokenized here.
     """
 
     text: str
     targets: Sequence[tuple[int, int]] = ()
     anchors: Sequence[int | None] = ()
+    tokens: tuple[Sequence[int], Sequence[tuple[int, int]]] | None = None
 
 
 @dataclass
@@ -75,10 +79,14 @@ def encode_segments(tokenizer, segments: Sequence[Segment], pad_id: int | None =
     """Tokenize ``segments`` once each (with offsets) and locate anchors and target tokens."""
     if not getattr(tokenizer, "is_fast", False):
         raise TokenizationError("a fast (Rust) tokenizer is needed for character offsets")
-    texts = [s.text for s in segments]
-    enc = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=True)
+    todo = [i for i, s in enumerate(segments) if s.tokens is None]  # the segments not tokenized yet, in one call
+    enc = tokenizer([segments[i].text for i in todo], return_offsets_mapping=True, add_special_tokens=True) if todo else None
+    tokenized = [s.tokens for s in segments]
+    for j, i in enumerate(todo):
+        tokenized[i] = (enc["input_ids"][j], enc["offset_mapping"][j])
     rows_ids, rows_anchor, rows_targets = [], [], []
-    for seg, ids, offsets in zip(segments, enc["input_ids"], enc["offset_mapping"]):
+    for seg, (ids, offsets) in zip(segments, tokenized):
+        ids = list(ids)
         offsets = [tuple(o) for o in offsets]
         if max_length is not None and len(ids) > max_length:
             raise TokenizationError(f"text of {len(ids)} tokens exceeds max_length {max_length}: {seg.text[:80]!r}...")

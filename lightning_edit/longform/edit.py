@@ -79,7 +79,9 @@ def build_longform_batch(tokenizer, requests: Sequence[LongFormRequest], cfg: Lo
     """The residual batch of long-form requests: one row per request (and context prefix when
     ``cfg.context_prefixes``), one anchor and residual vector per chunk."""
     chunks = chunk_requests(tokenizer, requests, cfg, chat_template, system)
-    batch = build_chunked_batch(tokenizer, [(c.text, c.spans) for c in chunks], prefixes if cfg.context_prefixes else ())
+    # the chunker's tokenization of each answer goes to the engine: the bare rows are not tokenized twice
+    items = [(c.text, c.spans, (c.input_ids, c.offsets)) if c.add_special_tokens else (c.text, c.spans) for c in chunks]
+    batch = build_chunked_batch(tokenizer, items, prefixes if cfg.context_prefixes else ())
     return batch, chunks
 
 
