@@ -343,32 +343,12 @@ def apply_update(
                     kc = gather(context_keys(adapter, batch, l) if batch is not None else _no_rows(adapter, [l])[l])
                     k_all = torch.cat([k_all, kc])
                     r_all = torch.cat([r_all, r_all.new_zeros(kc.shape[0], r_all.shape[1])])
-            with phase(timer, "solve"):
-                if hasattr(method, "factors"):
-                    u, v = method.factors(l, k_all, r_all)
-                    if broadcast is not None:  # via CPU: pickled device tensors would land on rank 0's device
-                        u, v = (t.to(k_all.device) for t in broadcast((u.cpu(), v.cpu())))
-                    if record is not None:
-                        record[f"u.{l}"], record[f"v.{l}"] = u.detach(), v.detach()
-                else:
-                    u, v = None, None
-                    delta = method.delta(l, k_all, r_all)
-            with phase(timer, "apply"):
-                if u is not None:
-                    delta = u @ v
-                if l in master:
-                    master[l].add_(delta.to(device=master[l].device, dtype=torch.float32))
-                    write_master(adapter, l, master[l])
-                else:
-                    adapter.add_to_weight(l, delta)
+            delta = _solve_and_add(adapter, method, l, k_all, r_all, master, broadcast, record, timer)
             w = snapshot[l]
             info[f"update_norm/layer_{l}"] = float(delta.norm() / w.float().norm())
         with phase(timer, "state"):
             if getattr(method, "needs_keys_after", False) or record is not None:
-                keys_after = {l: gather(own_keys[l]) for l in layers}
-                if broadcast is not None:
-                    dev = {l: k.device for l, k in keys_after.items()}
-                    keys_after = {l: k.to(dev[l]) for l, k in broadcast({l: k.cpu() for l, k in keys_after.items()}).items()}
+                keys_after = _gathered_keys(own_keys, gather, broadcast)
                 if record is not None:
                     record.update({f"keys.{l}": k.detach() for l, k in keys_after.items()})
             if on_record is not None:
@@ -383,3 +363,39 @@ def apply_update(
                 master[l].copy_(m)
         raise
     return info
+
+
+def _solve_and_add(adapter: ModelAdapter, method, layer: int, k_all: torch.Tensor, r_all: torch.Tensor,
+                   master: dict[int, torch.Tensor], broadcast: Callable | None, record: dict | None,
+                   timer: PhaseTimer | None) -> torch.Tensor:
+    """One layer's closed-form update from all processes' keys and residuals, added to its weight
+    (through the float32 master where one exists); returns ``Delta``. Factored methods give
+    ``Delta = U @ V``; ``broadcast`` makes every process use rank 0's factors; ``record`` gets them."""
+    with phase(timer, "solve"):
+        if hasattr(method, "factors"):
+            u, v = method.factors(layer, k_all, r_all)
+            if broadcast is not None:  # via CPU: pickled device tensors would land on rank 0's device
+                u, v = (t.to(k_all.device) for t in broadcast((u.cpu(), v.cpu())))
+            if record is not None:
+                record[f"u.{layer}"], record[f"v.{layer}"] = u.detach(), v.detach()
+        else:
+            u, v = None, None
+            delta = method.delta(layer, k_all, r_all)
+    with phase(timer, "apply"):
+        if u is not None:
+            delta = u @ v
+        if layer in master:
+            master[layer].add_(delta.to(device=master[layer].device, dtype=torch.float32))
+            write_master(adapter, layer, master[layer])
+        else:
+            adapter.add_to_weight(layer, delta)
+    return delta
+
+
+def _gathered_keys(own_keys: dict[int, torch.Tensor], gather: Gather, broadcast: Callable | None) -> dict[int, torch.Tensor]:
+    """Every process's keys after the update per layer (rank 0's under ``broadcast``)."""
+    keys_after = {l: gather(k) for l, k in own_keys.items()}
+    if broadcast is not None:
+        dev = {l: k.device for l, k in keys_after.items()}
+        keys_after = {l: k.to(dev[l]) for l, k in broadcast({l: k.cpu() for l, k in keys_after.items()}).items()}
+    return keys_after
