@@ -13,8 +13,10 @@ from lightning_edit.checkpointing import load_nested, read_edits
 from lightning_edit.cli import main
 
 ALL_CONFIGS = sorted(glob.glob(str(Path(__file__).parent.parent / "configs" / "*.yaml")))
-# run configs of the editing CLI (the factworld build config is checked in test_factworld.py)
-CONFIGS = [c for c in ALL_CONFIGS if Path(c).read_text().startswith("# lightning-edit ")]
+# run configs of the editing CLI: fit / validate / test (the factworld build config, run by
+# `lightning-edit factworld --config`, is checked in test_factworld.py)
+CONFIGS = [c for c in ALL_CONFIGS if Path(c).read_text().split("\n", 1)[0].split()[1:3] in (
+    ["lightning-edit", "fit"], ["lightning-edit", "validate"], ["lightning-edit", "test"])]
 
 
 def test_configs_found():
