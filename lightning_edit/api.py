@@ -179,7 +179,8 @@ class Editor:
         """Export the edited weights (safetensors, only the edited tensors + metadata)."""
         return self.callback.export(self.module, path)
 
-    def export(self, directory: str | Path, peft: bool = False, batches: int | None = None, rank: int | None = None) -> Path:
+    def export(self, directory: str | Path, peft: bool = False, batches: int | None = None, rank: int | None = None,
+               overwrite: bool = False) -> Path:
         """Write the edited model as a full ``save_pretrained`` directory (safetensors, config,
         tokenizer) plus ``edit_ledger.json`` (what it carries), loadable by
         ``AutoModelForCausalLM.from_pretrained`` and serving engines.
@@ -189,15 +190,16 @@ class Editor:
         batch or of the last ``batches``; ``rank`` truncates each layer's update by SVD (the
         relative error is in ``edit_ledger.json``'s ``lora`` section). See
         :mod:`lightning_edit.stream.peft_export`; raises :class:`~lightning_edit.stream.peft_export.PeftExportError`
-        when PEFT cannot express the edits."""
+        when PEFT cannot express the edits. A ``directory`` that exists and is not empty is refused
+        unless ``overwrite`` (then replaced only once the new export is complete)."""
         if peft:
             name = self.module.ledger.meta.get("model")  # a path or hub id; the class name for an in-memory model
             out, _ = export_lora(self.module.adapter, self.module.ledger, directory, self.module.layers, batches, rank,
-                                 base_model=None if name in (None, "None", type(self.model).__name__) else name)
+                                 base_model=None if name in (None, "None", type(self.model).__name__) else name, overwrite=overwrite)
             return out
         if batches is not None or rank is not None:
             raise ValueError("batches and rank apply to peft=True exports; a full export carries every batch (undo first)")
-        return export_pretrained(self.module.lm, self.module.tokenizer, self.module.ledger, directory)
+        return export_pretrained(self.module.lm, self.module.tokenizer, self.module.ledger, directory, overwrite=overwrite)
 
     def config(self) -> dict:
         return {"layers": self.module.layers, "residual": asdict(self.module.residual_cfg),

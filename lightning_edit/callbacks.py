@@ -17,11 +17,11 @@ import lightning as L
 import torch
 
 from lightning_edit.checkpointing import config_fingerprint, full_model_fingerprint, save_edits
+from lightning_edit.engine.bars import show_progress
 from lightning_edit.engine.stats import StatsConfig, projectors, second_moments
 from lightning_edit.engine.update import AlphaEditMethod, MemitMethod
 from lightning_edit.errors import CheckpointError, InputError
 from lightning_edit.module import EditModule
-from lightning_edit.progress import show_progress
 
 SolveDType = Literal["float32", "float64"]
 _SOLVE = {"float32": torch.float32, "float64": torch.float64}
@@ -220,6 +220,9 @@ class MEMIT(ClosedFormUpdate):
         super().__init__(stats, solve_dtype, export_path)
         if norm_lambda < 0:
             raise InputError(f"norm_lambda must be >= 0 (0 = off), got {norm_lambda}")
+        if not lam > 0:  # (also refuses NaN) lam C_0 is what keeps the solve definite and the preserved keys in place
+            raise InputError(f"MEMIT lam must be > 0 (the weight of the preserved keys' second moment; the reference uses "
+                             f"15000-20000), got {lam}")
         self.lam, self.norm_lambda = lam, norm_lambda
 
     def build_method(self, module, moments, trainer=None):
@@ -269,6 +272,8 @@ class AlphaEdit(ClosedFormUpdate):
             raise InputError(f"AlphaEdit solver must be 'woodbury' or 'direct', got {solver!r}")
         if norm_lambda < 0:
             raise InputError(f"norm_lambda must be >= 0 (0 = off), got {norm_lambda}")
+        if not l2 > 0:  # (also refuses NaN) the ridge keeps P K_p K_p^T + K K^T P + l2 I definite
+            raise InputError(f"AlphaEdit l2 must be > 0 (the ridge of the solve; the reference uses 10), got {l2}")
         self.threshold, self.threshold_mode, self.l2, self.solver = nullspace_threshold, threshold_mode, l2, solver
         self.norm_lambda = norm_lambda
         self.projector_info: dict[int, dict] = {}

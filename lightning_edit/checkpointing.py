@@ -26,8 +26,10 @@ from lightning_edit.engine.files import (  # noqa: F401  (re-exported: this modu
     atomic_save_file,
     check_finite,
     config_fingerprint,
+    finish_export_dir,
     full_model_fingerprint,
     load_nested,
+    new_export_dir,
     read_verified,
     save_nested,
     tensor_digest,
@@ -85,21 +87,22 @@ def load_edits(model: torch.nn.Module, path: str | os.PathLike, strict_fingerpri
     return meta
 
 
-def export_pretrained(model: torch.nn.Module, tokenizer, ledger, directory: str | os.PathLike) -> Path:
+def export_pretrained(model: torch.nn.Module, tokenizer, ledger, directory: str | os.PathLike, overwrite: bool = False) -> Path:
     """The edited model as a full ``save_pretrained`` directory (safetensors weights, config,
     generation config, tokenizer) with ``edit_ledger.json`` beside it; written into a temporary
-    sibling and renamed, so a kill never leaves a half-written export. Under DDP only rank 0 writes."""
+    sibling and renamed, so a kill never leaves a half-written export. A non-empty ``directory``
+    is refused unless ``overwrite`` (then replaced only once the new export is complete). Under
+    DDP only rank 0 writes."""
     out = Path(directory)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return out  # one writer under DDP: every process holds the same weights
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    (tmp / "edit_ledger.json").write_text(json.dumps(ledger.summary(), indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    tmp = new_export_dir(out, overwrite)
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        (tmp / "edit_ledger.json").write_text(json.dumps(ledger.summary(), indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return finish_export_dir(tmp, out)

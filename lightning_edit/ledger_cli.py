@@ -9,6 +9,7 @@ import json
 
 from lightning_edit.checkpointing import export_pretrained, full_model_fingerprint, load_nested, save_nested
 from lightning_edit.engine.arch import ModelAdapter
+from lightning_edit.engine.files import check_export_target
 from lightning_edit.engine.loading import load_pretrained
 from lightning_edit.engine.update import master_copies
 from lightning_edit.stream.ledger import EditLedger
@@ -137,6 +138,10 @@ def export_main(argv: list[str] | None = None) -> int:
                                  "--peft its edits as a PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors)")
     ap.add_argument("--ckpt_path", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--overwrite", action="store_true", help="replace --out when it exists and is not empty (it is "
+                    "replaced only once the new export is complete; default: refuse)")
+    ap.add_argument("--trust_remote_code", action="store_true", help="allow the base model's own modelling code (from "
+                    "its repository) to run while it is loaded; never taken from the checkpoint")
     ap.add_argument("--peft", action="store_true", help="write the edits as a PEFT LoRA adapter for the base model "
                     "(PeftModel.from_pretrained(base, OUT), vLLM --enable-lora) instead of the edited model")
     ap.add_argument("--batches", type=int, default=None, metavar="N",
@@ -149,11 +154,16 @@ def export_main(argv: list[str] | None = None) -> int:
     if not a.peft and (a.batches is not None or a.rank is not None):
         raise SystemExit("--batches and --rank apply to --peft exports; a full export carries every batch "
                          "(take batches back with `lightning-edit undo` first)")
+    check_export_target(a.out, a.overwrite)  # before any loading: an export never replaces what a user keeps there
     ckpt, ledger = _read_checkpoint(a.ckpt_path)
     m = ledger.meta
+    if m.get("trust_remote_code") and not a.trust_remote_code:
+        # the checkpoint's record is only a hint: running a repository's code is the user's decision
+        raise SystemExit(f"{a.ckpt_path}: its base model {m.get('model')!r} was loaded with trust_remote_code; pass "
+                         "--trust_remote_code if you trust that repository's code to run here")
     if a.peft:
         return _export_peft(a, ckpt, ledger)
-    model, tok = load_pretrained(m["model"], m.get("dtype", "float32"), bool(m.get("trust_remote_code")), m.get("tokenizer"))
+    model, tok = load_pretrained(m["model"], m.get("dtype", "float32"), a.trust_remote_code, m.get("tokenizer"))
     adapter = ModelAdapter(model, m.get("layer_template"), m.get("mlp_down_template"))
     layers = [int(l) for l in m["layers"]]
     saved = base_fingerprint(ckpt)
@@ -161,7 +171,7 @@ def export_main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{a.ckpt_path} was made on another base model than {m['model']!r} (model fingerprint differs)")
     base = {l: adapter.weight_as_linear(l).detach().clone() for l in layers}
     ledger.replay(adapter, layers, base, master_copies(adapter, layers))
-    out = export_pretrained(model, tok, ledger, a.out)
+    out = export_pretrained(model, tok, ledger, a.out, overwrite=a.overwrite)
     print(f"exported {ledger.num_edits} edits ({ledger.position} batches) of {m['model']} to {out}")
     return 0
 
@@ -169,11 +179,11 @@ def export_main(argv: list[str] | None = None) -> int:
 def _export_peft(a, ckpt: dict, ledger: EditLedger) -> int:
     m = ledger.meta
     try:
-        model, name = structure_model(m)  # module names and types only, on the meta device
+        model, name = structure_model({**m, "trust_remote_code": a.trust_remote_code})  # names and types only, meta device
         adapter = ModelAdapter(model, m.get("layer_template"), m.get("mlp_down_template"))
         fingerprint = base_fingerprint(ckpt)
         out, lora = export_lora(adapter, ledger, a.out, batches=a.batches, rank=a.rank, base_model=name,
-                                extra={"base_fingerprint": fingerprint} if fingerprint else None)
+                                extra={"base_fingerprint": fingerprint} if fingerprint else None, overwrite=a.overwrite)
     except PeftExportError as err:
         raise SystemExit(f"{a.ckpt_path}: {err}") from None
     print(describe_export(out, lora, m.get("model")))

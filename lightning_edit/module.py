@@ -24,6 +24,7 @@ from lightning_edit.data.chat import wrap_request
 from lightning_edit.data.datamodule import EditBatch
 from lightning_edit.data.requests import EditRequest, RequestError, target_text
 from lightning_edit.engine.arch import ModelAdapter
+from lightning_edit.engine.bars import show_progress
 from lightning_edit.engine.loading import DType, load_pretrained
 from lightning_edit.engine.prefixes import PREFIX_STARTS
 from lightning_edit.engine.residuals import ResidualConfig
@@ -31,7 +32,6 @@ from lightning_edit.errors import CheckpointError, InputError
 from lightning_edit.evaluation.evaluate import evaluate_requests, make_edit_metrics, update_edit_metrics
 from lightning_edit.longform.chunking import check_all_fit
 from lightning_edit.longform.edit import LongFormConfig, evaluate_longform, is_longform
-from lightning_edit.progress import show_progress
 from lightning_edit.stream.edit_stream import Collective, EditStream
 from lightning_edit.stream.ledger import EditLedger
 from lightning_edit.tblog import close_edit_axis, log_edit_axis

@@ -38,6 +38,7 @@ import torch
 from lightning_edit.builtin.corpora import docstring_texts
 from lightning_edit.builtin.realfacts import known_facts
 from lightning_edit.engine.arch import ModelAdapter
+from lightning_edit.engine.bars import progress_bar
 from lightning_edit.engine.loading import load_pretrained
 from lightning_edit.errors import MissingFileError
 from lightning_edit.evaluation.evaluate import evaluate_generation, outcome_metrics, request_outcomes
@@ -45,7 +46,6 @@ from lightning_edit.evaluation.metrics import KnownShare, LogProbDrop, Perplexit
 from lightning_edit.evaluation.scoring import greedy_generate, next_word_hits, pad_rows, target_scores, text_token_nll
 from lightning_edit.longform.edit import evaluate_longform, is_longform, rouge_l_of
 from lightning_edit.module import EditModule
-from lightning_edit.progress import progress_bar
 from lightning_edit.resources import resolve
 from lightning_edit.tblog import add_image_file, add_text, log_hparams, run_settings
 

@@ -18,6 +18,7 @@ from lightning_edit.cli import main
 from lightning_edit.data.requests import RequestError
 from lightning_edit.engine.arch import ModelAdapter
 from lightning_edit.engine.stats import StatsCache, StatsConfig, corpus_fingerprint, projectors, second_moments
+from lightning_edit.errors import InputError
 
 FLAT = Path(__file__).parent / "fixtures" / "counterfact_flat_sample.json"
 
@@ -290,3 +291,67 @@ def test_resume_or_validate_with_another_editor_is_refused(tiny_model_dir, corpu
         with pytest.raises(CheckpointError, match="1 edit batches made with alphaedit"):
             main([command, *other, ckpt])
     assert not (tmp_path / "memit" / "ckpt" / "ledger").exists()  # nothing applied
+
+
+@pytest.mark.parametrize("method,kwargs,field", [("memit", {"lam": 0.0}, "lam"), ("memit", {"lam": -5.0}, "lam"),
+                                                 ("alphaedit", {"l2": -10.0}, "l2"), ("alphaedit", {"l2": 0.0}, "l2"),
+                                                 ("alphaedit", {"l2": float("nan")}, "l2")])
+def test_solver_settings_that_make_the_solve_singular_are_refused_up_front(method, kwargs, field):
+    """MEMIT lam <= 0 and AlphaEdit l2 <= 0 (or NaN) leave the system singular or indefinite:
+    refused when the editor is built, before any statistics or edit, naming the setting."""
+    from lightning_edit.callbacks import MEMIT, AlphaEdit
+    from lightning_edit.errors import InputError
+
+    with pytest.raises(InputError, match=rf"{field} must be > 0"):
+        {"memit": MEMIT, "alphaedit": AlphaEdit}[method](**kwargs)
+
+
+def test_export_never_replaces_a_directory_unless_asked(trained_gpt2, tokenizer, corpus_file, tmp_path):
+    """An export into an existing, non-empty directory is refused (its files stay); with
+    overwrite it is replaced, and only once the new export is complete (no stray temporary
+    directories left beside it)."""
+    from lightning_edit import Editor
+    from lightning_edit.errors import InputError
+
+    ed = Editor(copy.deepcopy(trained_gpt2), tokenizer, layers=[1, 2], method="memit", method_kwargs={"lam": 1.0},
+                context_prefixes=0, stats={"corpus": str(corpus_file), "corpus_name": None, "n_samples": 600,
+                                           "max_length": 64, "cache_dir": str(tmp_path / "stats")})
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    for peft in (False, True):
+        with pytest.raises(InputError, match="exists and is not an empty directory"):
+            ed.export(out, peft=peft)
+        assert (out / "notes.txt").read_text() == "keep me"
+    ed.export(out, overwrite=True)
+    assert (out / "edit_ledger.json").is_file() and not (out / "notes.txt").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary sibling left
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert ed.export(empty) == empty and (empty / "config.json").is_file()  # an empty directory is fine
+
+
+def test_export_never_runs_code_because_a_checkpoint_says_so(tiny_model_dir, corpus_file, tmp_path):
+    """A checkpoint's record that its model needs trust_remote_code is only a hint: export refuses
+    unless the user passes --trust_remote_code, and refuses a non-empty --out before loading anything."""
+    run = tmp_path / "run"
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(counterfact_records(4)))
+    main(["fit", *cli_args(tiny_model_dir, data, corpus_file, run, extra=["--trainer.max_steps=1"])])
+    ckpt = load_nested(run / "ckpt" / "last.safetensors")
+    meta = json.loads(ckpt["edit_module"]["ledger"]["meta"])
+    meta["trust_remote_code"] = True
+    ckpt["edit_module"]["ledger"]["meta"] = json.dumps(meta)
+    crafted = tmp_path / "crafted.safetensors"
+    save_nested(ckpt, crafted)
+    for extra in ([], ["--peft"]):
+        with pytest.raises(SystemExit, match="pass --trust_remote_code"):
+            main(["export", "--ckpt_path", str(crafted), "--out", str(tmp_path / "out"), *extra])
+    assert not (tmp_path / "out").exists()
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    with pytest.raises(InputError, match="exists and is not an empty directory"):
+        main(["export", "--ckpt_path", str(run / "ckpt" / "last.safetensors"), "--out", str(busy)])
+    assert main(["export", "--ckpt_path", str(run / "ckpt" / "last.safetensors"), "--out", str(busy), "--overwrite"]) == 0
+    assert (busy / "edit_ledger.json").is_file() and not (busy / "x").exists()

@@ -51,7 +51,8 @@ def test_every_range_stops_below_a_next_release():
 
 
 def test_imports_point_down_without_a_circle():
-    """The package's import graph has no circle (imports inside functions count too), and no
+    """The package's import graph has no circle (imports inside functions count too), no import
+    points up a layer (docs/architecture.md), and no
     module imports one of the package's own modules, or the standard library, inside a function
     (only optional or heavy third-party packages are imported lazily)."""
     import subprocess
@@ -62,6 +63,7 @@ def test_imports_point_down_without_a_circle():
     out = subprocess.run([sys.executable, str(tool), "-v"], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "cycles (incl. function-level imports): []" in out.stdout
+    assert "imports pointing up: []" in out.stdout  # engine < data / evaluation / longform < stream / builtin / trace < shell
     inner = [line.split(":", 1)[1].strip() for line in out.stdout.splitlines() if line.startswith("  inner ")]
     own = [s for s in inner if "lightning_edit" in s]
     stdlib = [s for s in inner if s.split()[1].split(".")[0] in sys.stdlib_module_names]

@@ -79,4 +79,23 @@ cyc_top = [c for c in sccs({m: top[m] for m in mods}) if len(c) > 1]
 print("cycles (top-level only):", [sorted(c) for c in cyc_top])
 if "-v" in sys.argv:
     for m, s in inner_list: print("  inner", m, ":", s)
-sys.exit(1 if cyc else 0)
+# layers: a module imports only modules of its own layer or below (the package's __init__ and
+# the Lightning shell at the root sit on top)
+# (the request types, data/requests.py, are the vocabulary every layer speaks: at the bottom)
+LAYERS = [("errors", "resources", "version", "data.requests"), ("engine",), ("data", "evaluation", "longform"),
+          ("stream", "builtin", "trace")]
+
+
+def layer(m):
+    rel = m.split(".", 1)[1] if "." in m else ""
+    if not rel:
+        return len(LAYERS)  # the package's __init__
+    for i, names in enumerate(LAYERS):
+        if any(rel == n or rel.startswith(n + ".") for n in names):
+            return i
+    return len(LAYERS)  # the shell: cli, module, callbacks, report, api, ...
+
+
+upward = sorted((m, t) for m in mods for t in graph[m] if layer(t) > layer(m))
+print("imports pointing up:", [f"{m} -> {t}" for m, t in upward])
+sys.exit(1 if cyc or upward else 0)

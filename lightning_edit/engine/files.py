@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lightning_edit.errors import CheckpointError, MissingFileError
+from lightning_edit.errors import CheckpointError, InputError, MissingFileError
 
 SKELETON_KEY = "lightning_edit.skeleton"
 DIGEST_KEY = "lightning_edit.sha256"  # JSON {tensor name: sha256 of its bytes}, in every file we write
@@ -194,3 +196,37 @@ def full_model_fingerprint(model: torch.nn.Module) -> str:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         parts += [name, tensor_fingerprint(t)]
     return short_hash(*parts)
+
+
+def check_export_target(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse to export into ``out`` when it exists and is not an empty directory, unless
+    ``overwrite``: an export never deletes what a user keeps there."""
+    out = Path(out)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"export: {out} exists and is not an empty directory; choose a new path, or pass --overwrite "
+                         "(Editor.export(..., overwrite=True)) to replace it")
+    return out
+
+
+def new_export_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """A fresh temporary directory beside ``out`` to write an export into, after checking that
+    ``out`` may be written: a path that exists and is not an empty directory is refused unless
+    ``overwrite`` (nothing is touched before the check). Finish with :func:`finish_export_dir`."""
+    out = check_export_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def finish_export_dir(tmp: Path, out: str | os.PathLike) -> Path:
+    """Put the finished export ``tmp`` at ``out``. An existing ``out`` (allowed by
+    :func:`new_export_dir`) is moved aside first and deleted only once the new export is in
+    place, so a kill at any point leaves the old or the new export at ``out``."""
+    out = Path(out)
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out

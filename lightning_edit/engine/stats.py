@@ -24,12 +24,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lightning_edit.checkpointing import CorruptFileError, atomic_save_file, read_verified
 from lightning_edit.engine.arch import ModelAdapter
+from lightning_edit.engine.bars import progress_bar
 from lightning_edit.engine.closed_form import null_space_projector
-from lightning_edit.engine.files import short_hash, tensor_fingerprint
+from lightning_edit.engine.files import CorruptFileError, atomic_save_file, read_verified, short_hash, tensor_fingerprint
 from lightning_edit.errors import InputError, MissingFileError, require_local_path
-from lightning_edit.progress import progress_bar
 from lightning_edit.resources import resolve
 
 STATS_FORMAT_VERSION = 2  # 2: entries carry a content hash per tensor

@@ -33,6 +33,7 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 
 from lightning_edit.data.requests import EditRequest
+from lightning_edit.engine.bars import progress_bar
 from lightning_edit.errors import InputError
 from lightning_edit.evaluation.metrics import (
     NeighborhoodSuccess,
@@ -44,7 +45,6 @@ from lightning_edit.evaluation.metrics import (
     TokenAccuracy,
 )
 from lightning_edit.evaluation.scoring import greedy_generate, target_scores
-from lightning_edit.progress import progress_bar
 
 __all__ = [
     "COUNTERFACT_KEYS",

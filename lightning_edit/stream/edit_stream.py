@@ -31,6 +31,7 @@ import torch
 
 from lightning_edit.data.requests import EditRequest
 from lightning_edit.engine.arch import ModelAdapter
+from lightning_edit.engine.bars import ResidualProgress
 from lightning_edit.engine.prefixes import generate_prefixes
 from lightning_edit.engine.residuals import (
     ResidualConfig,
@@ -44,7 +45,6 @@ from lightning_edit.engine.residuals import (
 from lightning_edit.engine.update import apply_update, master_copies
 from lightning_edit.errors import CheckpointError, InputError
 from lightning_edit.longform.edit import LongFormConfig, build_longform_batch, is_longform
-from lightning_edit.progress import ResidualProgress
 from lightning_edit.stream.ledger import BatchRecord, EditLedger, describe_request
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_edit.checkpointing import atomic_save_file
+from lightning_edit.engine.files import atomic_save_file, check_export_target, finish_export_dir, new_export_dir
 from lightning_edit.engine.loading import split_gguf
 from lightning_edit.errors import InputError
 from lightning_edit.resources import resolve
@@ -118,7 +118,8 @@ def vllm_rank(r: int) -> int | None:
 
 
 def export_lora(adapter, ledger, directory: str | os.PathLike, layers: Sequence[int] | None = None, batches: int | None = None,
-                rank: int | None = None, base_model: str | None = None, extra: dict | None = None) -> tuple[Path, dict]:
+                rank: int | None = None, base_model: str | None = None, extra: dict | None = None,
+                overwrite: bool = False) -> tuple[Path, dict]:
     """Write the ledger's edits (all batches or the last ``batches``) as a PEFT LoRA adapter
     directory: ``adapter_config.json``, ``adapter_model.safetensors`` (standard PEFT key names
     ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``, float32) and
@@ -127,8 +128,10 @@ def export_lora(adapter, ledger, directory: str | os.PathLike, layers: Sequence[
 
     ``adapter`` gives module names and types (a :class:`~lightning_edit.engine.arch.ModelAdapter` of the
     model, whose weights are not read: a model on the ``meta`` device will do). Written into a
-    temporary sibling and renamed, like the full export. Returns ``(directory, lora section)``.
+    temporary sibling and renamed, like the full export; a non-empty ``directory`` is refused
+    unless ``overwrite``. Returns ``(directory, lora section)``.
     Raises :class:`PeftExportError` (one message naming the problem) when PEFT cannot express it."""
+    check_export_target(directory, overwrite)  # before any work
     layers = sorted(int(l) for l in (layers if layers is not None else ledger.meta["layers"]))
     if rank is not None and int(rank) < 1:
         raise PeftExportError(f"--rank must be >= 1, got {rank}")
@@ -182,17 +185,15 @@ def export_lora(adapter, ledger, directory: str | os.PathLike, layers: Sequence[
             "layers": {str(l): v for l, v in info.items()}, "vllm_max_lora_rank": vllm_rank(r)}
     summary = {**ledger.summary(), **(extra or {}), "lora": lora}  # the stream it was cut from, and which part
 
-    out = Path(directory)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    atomic_save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
-    (tmp / "edit_ledger.json").write_text(json.dumps(summary, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out, lora
+    tmp = new_export_dir(directory, overwrite)
+    try:
+        atomic_save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+        (tmp / "edit_ledger.json").write_text(json.dumps(summary, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return finish_export_dir(tmp, directory), lora
 
 
 def structure_model(meta: dict):
