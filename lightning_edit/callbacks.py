@@ -61,6 +61,18 @@ class ClosedFormUpdate(L.Callback):
     def build_method(self, module: EditModule, moments: dict[int, torch.Tensor], trainer=None):
         raise NotImplementedError
 
+    # the settings that shape the edits (a resumed stream must keep them); evaluation and logging
+    # options are not among them
+    SHAPING: tuple[str, ...] = ()
+    STATS_SHAPING = ("corpus", "corpus_name", "split", "text_field", "n_samples", "max_length", "dtype", "encoding")
+
+    def settings(self) -> dict:
+        """The method's and the statistics' settings that shape the edits, as JSON values."""
+        out = {k: getattr(self, k) for k in self.SHAPING}
+        out["solve_dtype"] = str(self.solve_dtype).removeprefix("torch.")
+        out.update({f"stats.{k}": getattr(self.stats, k) for k in self.STATS_SHAPING})
+        return out
+
     # ---- setup -------------------------------------------------------------------------------
     def prepare(self, module: EditModule, trainer: L.Trainer | None = None) -> None:
         """Statistics and method objects from the unedited model, then re-apply saved edits."""
@@ -102,6 +114,14 @@ class ClosedFormUpdate(L.Callback):
             raise CheckpointError(f"{where} was made on another base model (model fingerprint {st.get('base_fingerprint')} of "
                              f"{st.get('model_name', '?')!r}; this model {str(module.model_name)!r} has {self.base_fingerprint}): "
                              "its config or some weight differs; refusing to apply its edits")
+        saved = st.get("settings")  # absent in checkpoints of earlier versions
+        if isinstance(saved, dict):
+            now = self.settings()
+            changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+            if changed:
+                what = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in changed)
+                raise CheckpointError(f"{where}: its edits were made with other settings ({what}); a resumed stream keeps the "
+                                      "settings that shape its edits: resume with the checkpoint's values")
 
     def _restore_edits(self, module: EditModule) -> None:
         """Rebuild the edited weights (and AlphaEdit's ``K_p K_p^T``) from the restored ledger on
@@ -162,6 +182,7 @@ class ClosedFormUpdate(L.Callback):
             "base_fingerprint": self.base_fingerprint,
             "model_name": str(m.model_name),
             "layers": list(m.layers),
+            "settings": self.settings(),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -214,6 +235,7 @@ class MEMIT(ClosedFormUpdate):
     """
 
     method_name = "memit"
+    SHAPING = ("lam", "norm_lambda")
 
     def __init__(self, lam: float = 15000.0, stats: StatsConfig = StatsConfig(), solve_dtype: SolveDType = "float64", export_path: str | None = None,
                  norm_lambda: float = 0.0):
@@ -255,6 +277,7 @@ class AlphaEdit(ClosedFormUpdate):
     """
 
     method_name = "alphaedit"
+    SHAPING = ("threshold", "threshold_mode", "l2", "solver", "norm_lambda")
 
     def __init__(
         self,

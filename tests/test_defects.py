@@ -355,3 +355,25 @@ def test_export_never_runs_code_because_a_checkpoint_says_so(tiny_model_dir, cor
         main(["export", "--ckpt_path", str(run / "ckpt" / "last.safetensors"), "--out", str(busy)])
     assert main(["export", "--ckpt_path", str(run / "ckpt" / "last.safetensors"), "--out", str(busy), "--overwrite"]) == 0
     assert (busy / "edit_ledger.json").is_file() and not (busy / "x").exists()
+
+
+def test_resume_with_a_setting_that_shapes_the_edits_changed_is_refused(tiny_model_dir, corpus_file, tmp_path):
+    """A resumed stream keeps the settings its edits were made with: a changed l2, threshold or
+    statistics corpus size is refused before any batch, naming the setting and both values; an
+    evaluation option may change."""
+    from lightning_edit.errors import CheckpointError
+
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(counterfact_records(12)))
+    run = tmp_path / "run"
+    args = cli_args(tiny_model_dir, data, corpus_file, run, extra=["--trainer.max_steps=1"])
+    main(["fit", *args])
+    ckpt = f"--ckpt_path={run}/ckpt/last.safetensors"
+    for change, named in (("--editor.l2=2", "l2: 1.0 in the checkpoint, 2.0 now"),
+                          ("--editor.nullspace_threshold=0.05", "threshold: 0.02 in the checkpoint, 0.05 now"),
+                          ("--editor.stats.n_samples=300", "stats.n_samples: 600 in the checkpoint, 300 now")):
+        with pytest.raises(CheckpointError, match=named):
+            main(["fit", *args, change, "--trainer.max_steps=2", ckpt])
+    assert len(list((run / "ckpt" / "ledger").iterdir())) == 1  # nothing applied
+    cli = main(["fit", *args, "--model.eval_batch_size=8", "--trainer.max_steps=2", ckpt])  # not a shaping setting
+    assert cli.model.num_edits == 8
