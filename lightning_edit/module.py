@@ -317,12 +317,11 @@ class EditModule(L.LightningModule):
         rank = self.trainer.global_rank if self._trainer is not None else 0
         return list(requests[rank::world])
 
-    def gather_rows(self, t: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate every process's rows ``(n_i, d)`` into ``(sum_i n_i, d)``, rank by rank,
         identical on all processes. ``n_i`` may differ (an uneven or empty shard, a request with
         several chunks): the counts are gathered first, rows are padded to the largest count for
-        the collective (gloo / NCCL need equal shapes) and the padding is dropped again.
-        ``batch_size`` is unused (kept for callers of the older signature)."""
+        the collective (gloo / NCCL need equal shapes) and the padding is dropped again."""
         world = self.trainer.world_size if self._trainer is not None else 1
         if world == 1:
             return t

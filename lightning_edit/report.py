@@ -299,7 +299,7 @@ class EditReport(L.Callback):
             if "known" in probes:
                 self.known_unedited = float(probes["known"].float().mean())
         self.ppl_before = self.perplexity(pl_module)
-        if self.unedited_metrics and reqs and not _is_longform(reqs):
+        if self.unedited_metrics and reqs and not is_longform(reqs):
             self.unedited_rows = request_outcomes(pl_module.lm, pl_module.tokenizer, reqs, batch_size=pl_module.eval_batch_size,
                                                   progress=pl_module.progress_enabled(), desc="unedited model: evaluation")
         if self.n_next_word > 0:
@@ -308,7 +308,7 @@ class EditReport(L.Callback):
                                                  getattr(r, "target_true", None)) if isinstance(t, str)}
             self.next_word_texts = [t["text"] for t in docstring_texts(self.n_next_word, exclude=sorted(terms), seed=self.seed)]
             self.next_word_before = self.next_word_accuracy(pl_module)
-        if reqs and _is_longform(reqs):
+        if reqs and is_longform(reqs):
             _, texts = pl_module.evaluate_longform(reqs[: self.n_text_samples], return_texts=True)
             self.text_before = [{"question": t["question"], "target": t["target"], "before": t["generation"]} for t in texts]
         elif self.n_examples and reqs:
@@ -364,7 +364,7 @@ class EditReport(L.Callback):
         dm = trainer.datamodule
         edited = list(dm.requests[: pl_module.num_edits]) if dm is not None else list(pl_module.edit_history)
         first = edited[: getattr(dm, "batch_size", len(edited))]
-        if edited and _is_longform(edited):
+        if edited and is_longform(edited):
             return self._longform_end(trainer, pl_module, edited, first)
         final = dict(pl_module.last_eval) if getattr(pl_module, "last_eval", None) else pl_module.evaluate(edited)
         s: dict = {"method": _method_name(trainer), "num_edits": pl_module.num_edits}
@@ -485,10 +485,6 @@ _FINAL_SCALARS = ("retention", "retention_known", "retention_known_unedited", "p
 
 def _answer(fact: dict) -> str:
     return fact.get("object", fact.get("answer"))
-
-
-def _is_longform(requests) -> bool:
-    return is_longform(requests)
 
 
 def longform_samples_markdown(samples: list[dict]) -> str:

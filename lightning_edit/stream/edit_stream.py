@@ -22,7 +22,6 @@ applies.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -268,9 +267,9 @@ class EditStream:
         other = EditStream(adapter, self.tokenizer, self.layers, self.residual, longform or self.longform, n_prefixes=self.n_prefixes,
                            prefix_length=self.prefix_length, seed=self.seed, max_rows=self.max_rows,
                            chat_template=self.chat_template, system_prompt=self.system_prompt)
-        method = copy.copy(self.method)
+        method = copy.copy(self.method)  # shares the statistics (moments, projectors)
         if hasattr(method, "reset"):
-            method = dataclasses.replace(method, prev_kkt={}, inverse={})
+            method.reset()  # AlphaEdit: fresh K_p K_p^T and inverse (new dicts: the original's stay)
         other.set_method(method, self.method_name)
         other.prefixes, other.norm_anchor = self.prefixes, self.norm_anchor
         return other
