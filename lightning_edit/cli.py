@@ -21,6 +21,7 @@ import re
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -125,6 +126,10 @@ class EditCLI(LightningCLI):
                 cfg["callbacks"] = list(cfg["callbacks"])  # the parent extends this list in place
             return super(EditCLI, self)._instantiate_trainer(cfg, list(callbacks))
 
+        if config.get("logger") in (False, None) and config.get("default_root_dir") is None:
+            # no logger: config.yaml and the summaries go beside the run's checkpoints, not into the cwd
+            dirpath = (self._get(self.config, "checkpoint") or {}).get("dirpath") or "checkpoints/edit"
+            config = {**config, "default_root_dir": str(Path(dirpath) / (self.subcommand or "run"))}
         trainer = build(frozen_alias(config.get("strategy", "auto")))
         if isinstance(config.get("strategy", "auto"), str) and type(trainer.strategy) is DDPStrategy:
             start = getattr(trainer.strategy, "_start_method", "popen")

@@ -304,11 +304,19 @@ class EditModule(L.LightningModule):
                 texts.append(t)
                 where.append((rec, r.case_id, field_name, extra))
         lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        by_id = {r.case_id: r for r in requests}
         for n, (rec, cid, field_name, extra) in zip(lengths, where):
             if n + extra > limit:
                 ctx = f" plus up to {extra} context-prefix tokens" if extra else ""
-                raise RequestError(rec, field_name, f"{n} tokens with its target{ctx} (case_id {cid!r}) exceed the model's "
-                                                    f"{limit} positions; shorten or drop the record")
+                what = f"{n} tokens with its target{ctx}"
+                if field_name == "prompt":  # name the part that makes it long: the template, the subject or the target
+                    r = by_id[cid]
+                    parts = {"prompt": r.prompt.replace("{}", ""), "subject": r.subject, "target_new": r.target_new}
+                    sizes = {k: len(self.tokenizer(v, add_special_tokens=False)["input_ids"]) for k, v in parts.items()}
+                    field_name = max(sizes, key=sizes.get)
+                    what = f"{sizes[field_name]} tokens (the edit text with prompt, subject and target: {n}{ctx})"
+                raise RequestError(rec, field_name, f"{what} (case_id {cid!r}), more than the model's {limit} positions; "
+                                                    "shorten or drop the record")
 
     # ---- sharding a batch across processes ---------------------------------------------------
     def shard(self, requests: Sequence[EditRequest]) -> list[EditRequest]:

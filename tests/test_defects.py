@@ -377,3 +377,91 @@ def test_resume_with_a_setting_that_shapes_the_edits_changed_is_refused(tiny_mod
     assert len(list((run / "ckpt" / "ledger").iterdir())) == 1  # nothing applied
     cli = main(["fit", *args, "--model.eval_batch_size=8", "--trainer.max_steps=2", ckpt])  # not a shaping setting
     assert cli.model.num_edits == 8
+
+
+# ---- fuzzed records --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda r: r.update(case_id=float("nan")), "case_id"),
+    (lambda r: r.update(case_id=float("inf")), "case_id"),
+    (lambda r: r.update(case_id=True), "case_id"),
+    (lambda r: r.update(case_id=1.5), "case_id"),
+    (lambda r: r.update(case_id="a\x1b[31m"), "case_id"),
+    (lambda r: r["requested_rewrite"].update(subject="Toko\x00Yasuda"), "requested_rewrite.subject"),
+    (lambda r: r["requested_rewrite"].update(subject="Toko\x07Yasuda"), "requested_rewrite.subject"),
+    (lambda r: r["requested_rewrite"]["target_new"].update(str="\x1b[2JGerman"), "requested_rewrite.target_new.str"),
+    (lambda r: r.update(paraphrase_prompts=["ok", "bad\x7f"]), "paraphrase_prompts[1]"),
+])
+def test_fuzzed_records_are_refused_naming_the_field(mutate, field):
+    """Non-finite, boolean or fractional ids and control characters (NUL, BEL, ANSI escapes, DEL)
+    in any text are refused by the loader, naming the record and the raw field; tab and newline
+    stay text."""
+    from lightning_edit.data.formats import records_to_requests
+
+    recs = counterfact_records(3)
+    mutate(recs[1])
+    with pytest.raises(RequestError) as err:
+        records_to_requests(recs)
+    assert (err.value.record, err.value.field) == (1, field), str(err.value)
+    ok = counterfact_records(3)
+    ok[1]["requested_rewrite"]["subject"] = "Toko\tYasuda"
+    ok[1]["case_id"] = 7.0  # an int column Arrow widened
+    assert records_to_requests(ok)[1].case_id == "7"
+
+
+def test_fuzzed_longform_records_are_refused_naming_the_field():
+    from lightning_edit.longform.records import longform_records_to_requests as load_longform_records
+
+    recs = [{"id": 3, "question": "What is it?", "answer": "line one\nline two\tindented"},
+            {"id": float("nan"), "question": "Q?", "answer": "A."}]
+    with pytest.raises(RequestError, match="record 1, field 'id'"):
+        load_longform_records(recs)
+    recs[1] = {"id": 4, "question": "Q?", "answer": "a \x1b[31mred\x1b[0m answer"}
+    with pytest.raises(RequestError, match=r"record 1, field 'answer'.*control character '\\x1b' at position 2"):
+        load_longform_records(recs)
+    assert load_longform_records(recs[:1])[0].answer.count("\n") == 1
+
+
+def test_api_refuses_control_characters_before_any_weight_changes(trained_gpt2, tokenizer, tmp_path):
+    ed = _editor(trained_gpt2, tokenizer, tmp_path)
+    before = {k: v.clone() for k, v in ed.model.state_dict().items()}
+    rec = {"prompt": "{} speaks", "subject": "Toko Yasuda", "target_new": "German\x00", "target_true": "French"}
+    with pytest.raises(RequestError, match="target_new.*control character"):
+        ed.apply([rec])
+    assert all(torch.equal(v, before[k]) for k, v in ed.model.state_dict().items())
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_file_that_is_not_utf8_is_refused_by_name_and_line(tmp_path, suffix):
+    from lightning_edit.data.sources import load_records
+
+    rec = json.dumps(counterfact_records(1)[0]).encode()
+    bad = rec[:-1] + b', "note": "T\xf6ko"}'  # Latin-1
+    raw = (b"[" + rec + b",\n" + bad + b"]") if suffix == ".json" else (rec + b"\n" + bad + b"\n")
+    p = tmp_path / f"latin1{suffix}"
+    p.write_bytes(raw)
+    with pytest.raises(InputError, match=rf"latin1\{suffix}' line 2: not UTF-8 text \(byte b'\\xf6'"):
+        load_records(str(p))
+    p.write_bytes(b"\xef\xbb\xbf" + raw.replace(b"T\xf6ko", "Töko".encode()))  # UTF-8 with a byte-order mark reads
+    assert len(load_records(str(p))) == 2
+
+
+@pytest.mark.parametrize("field", ["subject", "target_new"])
+def test_an_over_long_field_is_named(trained_gpt2, tokenizer, tmp_path, field):
+    ed = _editor(trained_gpt2, tokenizer, tmp_path)
+    rec = {"prompt": "{} speaks", "subject": "Toko Yasuda", "target_new": "German", "target_true": "French"}
+    rec[field] = "very " * 300 + rec[field]
+    with pytest.raises(RequestError, match=rf"record 0, field '{field}': \d+ tokens \(the edit text"):
+        ed.apply([rec])
+
+
+def test_no_logger_writes_beside_the_checkpoints_not_into_the_cwd(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(counterfact_records(4)))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    main(["fit", *cli_args(tiny_model_dir, data, corpus_file, tmp_path, extra=["--trainer.logger=false"])])
+    assert list(cwd.iterdir()) == []
+    assert {"config.yaml", "summary.json"} <= {p.name for p in (tmp_path / "ckpt" / "fit").iterdir()}

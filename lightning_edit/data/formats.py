@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from lightning_edit.data.requests import EditRequest, RequestError
+from lightning_edit.data.requests import EditRequest, RequestError, case_id_text
 from lightning_edit.errors import InputError
 
 FORMATS: tuple[str, ...] = ("counterfact", "counterfact_flat", "zsre")
@@ -184,14 +184,7 @@ def _texts(value: Any, index: int, field_name: str) -> tuple[str, ...]:
 def _case_id(record: Mapping, index: int) -> str:
     """``case_id`` as a string; records without one (ZsRE) are named by their dataset position."""
     value = record.get("case_id")
-    if value is None:
-        return str(index)
-    # Arrow may have widened an int column to float (1 -> 1.0); name the case as it was written.
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, (list, dict)) or (isinstance(value, str) and not value.strip()):
-        raise RequestError(index, "case_id", f"expected a string or a number, got {_describe(value)}")
-    return str(value)
+    return str(index) if value is None else case_id_text(value, index)
 
 
 def _template_from_text(text: str, subject: str, index: int, text_field: str, subject_field: str) -> str:

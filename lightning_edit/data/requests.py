@@ -9,6 +9,8 @@ besides its own kind's fields.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol, runtime_checkable
@@ -63,6 +65,30 @@ def request_kind(requests: Sequence[Request]) -> Kind | None:
     if len(kinds) > 1:
         raise InputError("a batch mixes long-form and single-fact requests; edit them in separate streams")
     return next(iter(kinds), None)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def control_character(text: str) -> str | None:
+    """A description of the first control character in ``text`` (NUL, BEL, an ANSI escape ...;
+    tab, newline and carriage return are text), or None when it has none."""
+    m = _CONTROL.search(text)
+    return None if m is None else f"control character {m.group()!r} at position {m.start()}"
+
+
+def case_id_text(value, record: int | str, field_name: str = "case_id") -> str:
+    """A record's id as a string: a non-empty string or an integer (an integral float, which Arrow
+    makes of an int column, counts as one). Booleans, NaN, infinities, fractions, lists and
+    objects are a :class:`RequestError` naming the record and ``field_name``."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or (isinstance(value, str) and not value.strip()):
+        text = repr(value)
+        raise RequestError(record, field_name, f"expected a non-empty string or an integer, got {text[:77] + '...' if len(text) > 80 else text}")
+    if isinstance(value, str) and (bad := control_character(value)):
+        raise RequestError(record, field_name, bad)
+    return str(value)
 
 
 def short(text, limit: int) -> str:
@@ -142,6 +168,16 @@ class EditRequest:
                 raise RequestError(rec, f"locality[{i}]", f"needs a non-empty (prompt, answer) pair, got {pair!r}")
         if self.family not in ("counterfact", "zsre"):
             raise RequestError(rec, "family", f"unknown metric family {self.family!r}")
+        texts = [("case_id", self.case_id), ("prompt", self.prompt), ("subject", self.subject), ("target_new", self.target_new),
+                 ("target_true", self.target_true or "")]
+        texts += [(f"paraphrase_prompts[{i}]", p) for i, p in enumerate(self.paraphrase_prompts)]
+        texts += [(f"locality[{i}]", " ".join(pair)) for i, pair in enumerate(self.locality)]
+        texts += [(f"generation_prompts[{i}]", g) for i, g in enumerate(self.generation_prompts)]
+        for name, text in texts:
+            if not isinstance(text, str):
+                raise RequestError(rec, name, f"expected a string, got {type(text).__name__}")
+            if bad := control_character(text):
+                raise RequestError(rec, name, bad)
         return self
 
 

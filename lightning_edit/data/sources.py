@@ -143,29 +143,38 @@ def _read_files(
         raise InputError(f"field={field!r} only applies to JSON files, not {kind}")
     import datasets
 
-    dataset = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir)
+    try:
+        dataset = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir)
+    except UnicodeDecodeError as err:
+        raise InputError(f"{[str(f) for f in files]} cannot be read: not UTF-8 text ({err.reason} at byte {err.start}); "
+                         "save it as UTF-8") from None
     return [_drop_nulls(r) for r in dataset.to_list()]
 
 
 def _read_json_file(path: Path, field: str | None) -> list[dict[str, Any]]:
     """A ``.json`` file (array, or object with ``field``) or a ``.jsonl`` file (one object per
     line, blank lines skipped), parsed exactly."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise InputError(f"{str(path)!r} line {line}: not UTF-8 text (byte {raw[err.start:err.start + 1]!r} at offset "
+                         f"{err.start}); save the file as UTF-8") from None
     if path.suffix == ".jsonl":
         records = []
-        with path.open(encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise InputError(f"{str(path)!r} line {line_no}: invalid JSON ({err.msg})") from None
+        for line_no, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 is valid inside JSON
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise InputError(f"{str(path)!r} line {line_no}: invalid JSON ({err.msg})") from None
         if field is not None:
             raise InputError(f"field={field!r} applies to a .json file holding one object, not to .jsonl {str(path)!r}")
     else:
         try:
-            with path.open(encoding="utf-8") as fh:
-                data = json.load(fh)
+            data = json.loads(text)
         except json.JSONDecodeError as err:
             raise InputError(f"{str(path)!r}: invalid JSON ({err.msg} at line {err.lineno})") from None
         if field is not None:

@@ -41,7 +41,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from lightning_edit.data.requests import RequestError, short
+from lightning_edit.data.requests import RequestError, case_id_text, control_character, short
 from lightning_edit.data.sources import load_records
 from lightning_edit.errors import InputError
 from lightning_edit.resources import resolve
@@ -157,6 +157,14 @@ class LongFormRequest:
             for i, value in enumerate(getattr(self, name)):
                 if not isinstance(value, str) or not value.strip():
                     raise self.error(f"{name}[{i}]", f"expected a non-empty string, got {value!r}")
+        texts = [("case_id", self.case_id), ("question", self.question), ("answer", self.answer),
+                 ("paraphrase_question", self.paraphrase_question or ""), ("multihop_answer", self.multihop_answer or ""),
+                 ("subject", self.subject or ""), ("category", self.category or "")]
+        for name in ("sub_questions", "sub_answers", "multihop_questions", "multihop_answer_aliases"):
+            texts += [(f"{name}[{i}]", v) for i, v in enumerate(getattr(self, name))]
+        for name, text in texts:
+            if isinstance(text, str) and (bad := control_character(text)):
+                raise self.error(name, bad)
         if self.multihop_questions and (not isinstance(self.multihop_answer, str) or not self.multihop_answer.strip()):
             raise self.error("multihop_answer", "multi-hop questions are given but no answer")
         if self.source_format not in LONGFORM_FORMATS:
@@ -379,11 +387,7 @@ def _case_id(record: Mapping, index: int, keys: tuple[str, ...] = ("case_id", "i
         value = record.get(key)
         if value is None:
             continue
-        if isinstance(value, float) and value.is_integer():  # Arrow widened an int column
-            value = int(value)
-        if isinstance(value, (list, dict, tuple)) or (isinstance(value, str) and not value.strip()):
-            raise RequestError(index, key, f"expected a string or a number, got {_describe(value)}")
-        return str(value), key
+        return case_id_text(value, index, key), key
     return str(index), None
 
 
