@@ -16,7 +16,7 @@ from typing import Literal
 import lightning as L
 import torch
 
-from lightning_edit.checkpointing import config_fingerprint, full_model_fingerprint, save_edits
+from lightning_edit.checkpointing import full_model_fingerprint, save_edited_layers
 from lightning_edit.engine.bars import show_progress
 from lightning_edit.engine.stats import StatsConfig, projectors, second_moments
 from lightning_edit.engine.update import AlphaEditMethod, MemitMethod
@@ -25,6 +25,7 @@ from lightning_edit.module import EditModule
 
 SolveDType = Literal["float32", "float64"]
 _SOLVE = {"float32": torch.float32, "float64": torch.float64}
+MAX_UPDATE = 1e4  # relative size of one batch's update of one layer: 40x the largest of the shipped configs (docs/design.md)
 
 
 class ClosedFormUpdate(L.Callback):
@@ -35,12 +36,19 @@ class ClosedFormUpdate(L.Callback):
         solve_dtype: precision of the ``d_k x d_k`` solve.
         export_path: where to write the edited weights (safetensors) at the end of ``fit``;
             default: ``edited.safetensors`` in the checkpoint directory.
+        max_update: refuse a batch (nothing applied, the batch named) whose update of some edit
+            layer has a relative size ``||Delta||_F / ||W||_F`` above this; 0 = no bound. The
+            default is far above every update of the measured streams (docs/design.md).
     """
 
     method_name = "closed_form"
 
-    def __init__(self, stats: StatsConfig = StatsConfig(), solve_dtype: SolveDType = "float64", export_path: str | None = None):
+    def __init__(self, stats: StatsConfig = StatsConfig(), solve_dtype: SolveDType = "float64", export_path: str | None = None,
+                 max_update: float = MAX_UPDATE):
         self.stats = stats if isinstance(stats, StatsConfig) else StatsConfig(**stats)
+        if not max_update >= 0:  # also NaN
+            raise InputError(f"max_update must be >= 0 (0 = no bound), got {max_update}")
+        self.max_update = float(max_update)
         if solve_dtype not in _SOLVE:
             raise InputError(f"solve_dtype must be float32 or float64, got {solve_dtype!r}")
         self.solve_dtype = _SOLVE[solve_dtype]
@@ -71,6 +79,8 @@ class ClosedFormUpdate(L.Callback):
         out = {k: getattr(self, k) for k in self.SHAPING}
         out["solve_dtype"] = str(self.solve_dtype).removeprefix("torch.")
         out.update({f"stats.{k}": getattr(self.stats, k) for k in self.STATS_SHAPING})
+        if self._module is not None:  # the z optimization's, the context prefixes', long-form chunking's
+            out.update(self._module.stream.settings())
         return out
 
     # ---- setup -------------------------------------------------------------------------------
@@ -93,6 +103,7 @@ class ClosedFormUpdate(L.Callback):
                                       broadcast=(lambda x: trainer.strategy.broadcast(x, src=0)) if world > 1 else None)
         self.method = self.build_method(module, moments, trainer)
         module.stream.set_method(self.method, self.method_name)  # and the float32 masters of bf16/fp16 edit layers
+        module.stream.max_update = self.max_update
         self._restore_edits(module)
 
     def _check_stash(self, module: EditModule) -> None:
@@ -117,7 +128,7 @@ class ClosedFormUpdate(L.Callback):
         saved = st.get("settings")  # absent in checkpoints of earlier versions
         if isinstance(saved, dict):
             now = self.settings()
-            changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+            changed = [k for k in sorted(set(saved) & set(now)) if saved[k] != now[k]]  # a checkpoint of an earlier version may lack some
             if changed:
                 what = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in changed)
                 raise CheckpointError(f"{where}: its edits were made with other settings ({what}); a resumed stream keeps the "
@@ -210,10 +221,8 @@ class ClosedFormUpdate(L.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "edited.safetensors"
 
     def export(self, module: EditModule, path: str | Path) -> Path:
-        weights = {module.adapter.weight_name(l): module.adapter.down_proj(l).weight for l in module.layers}
-        meta = {"method": self.method_name, "base_model": str(module.model_name), "num_edits": module.num_edits,
-                "layers": module.layers, "config_fingerprint": config_fingerprint(module.lm)}
-        return save_edits(path, weights, meta)
+        return save_edited_layers(path, module.adapter, module.layers, self.method_name, module.model_name, module.num_edits,
+                                  module.ledger.position)
 
 
 
@@ -232,14 +241,15 @@ class MEMIT(ClosedFormUpdate):
             norm from growing over a long stream: ``Delta = R K^T (lam C_0 + norm_lambda I +
             K K^T)^-1``. The reference's ``update_norm_lambda``: 20 for Llama-3-8B, 10 for
             GPT2-XL. 0 = off (plain MEMIT).
+        max_update: see :class:`ClosedFormUpdate`.
     """
 
     method_name = "memit"
     SHAPING = ("lam", "norm_lambda")
 
     def __init__(self, lam: float = 15000.0, stats: StatsConfig = StatsConfig(), solve_dtype: SolveDType = "float64", export_path: str | None = None,
-                 norm_lambda: float = 0.0):
-        super().__init__(stats, solve_dtype, export_path)
+                 norm_lambda: float = 0.0, max_update: float = MAX_UPDATE):
+        super().__init__(stats, solve_dtype, export_path, max_update)
         if norm_lambda < 0:
             raise InputError(f"norm_lambda must be >= 0 (0 = off), got {norm_lambda}")
         if not lam > 0:  # (also refuses NaN) lam C_0 is what keeps the solve definite and the preserved keys in place
@@ -274,6 +284,7 @@ class AlphaEdit(ClosedFormUpdate):
             norm of each batch's applied update ``||Delta P||_F^2``. AlphaEdit's ``l2`` already
             weighs that same norm, so this is exactly a ridge of ``l2 + norm_lambda``; kept as its
             own option so a run says which it meant. 0 = off.
+        max_update: see :class:`ClosedFormUpdate`.
     """
 
     method_name = "alphaedit"
@@ -289,8 +300,9 @@ class AlphaEdit(ClosedFormUpdate):
         export_path: str | None = None,
         solver: Literal["woodbury", "direct"] = "woodbury",
         norm_lambda: float = 0.0,
+        max_update: float = MAX_UPDATE,
     ):
-        super().__init__(stats, solve_dtype, export_path)
+        super().__init__(stats, solve_dtype, export_path, max_update)
         if solver not in ("woodbury", "direct"):
             raise InputError(f"AlphaEdit solver must be 'woodbury' or 'direct', got {solver!r}")
         if norm_lambda < 0:

@@ -21,6 +21,7 @@ from lightning.fabric.plugins import CheckpointIO
 
 from lightning_edit.engine.files import (  # noqa: F401  (re-exported: this module's public names before engine/files.py)
     DIGEST_KEY,
+    HEADER_DIGEST_KEY,
     SKELETON_KEY,
     CorruptFileError,
     atomic_save_file,
@@ -35,19 +36,40 @@ from lightning_edit.engine.files import (  # noqa: F401  (re-exported: this modu
     tensor_digest,
     verify_tensors,
 )
+from lightning_edit.engine.loading import portable_config
 from lightning_edit.errors import CheckpointError, MissingFileError
+from lightning_edit.stream.ledger import anchored_state, portable_state
+
+
+def write_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write an edit checkpoint atomically, its ledger directory relative to ``path`` (so the run
+    directory can be copied or moved whole)."""
+    module = checkpoint.get("edit_module")
+    if isinstance(module, dict) and isinstance(module.get("ledger"), dict):
+        checkpoint = {**checkpoint, "edit_module": {**module, "ledger": portable_state(module["ledger"], path)}}
+    save_nested(checkpoint, path)
+
+
+def read_checkpoint(path: str | os.PathLike, map_location=None) -> dict[str, Any]:
+    """Read and verify an edit checkpoint (every tensor's and the JSON state's digests), its
+    ledger directory anchored at ``path``'s directory."""
+    if not Path(path).exists():
+        raise MissingFileError(f"checkpoint {path} not found")
+    checkpoint = load_nested(path, map_location)
+    module = checkpoint.get("edit_module")
+    if isinstance(module, dict) and isinstance(module.get("ledger"), dict):
+        module["ledger"] = anchored_state(module["ledger"], path)
+    return checkpoint
 
 
 class SafetensorsCheckpointIO(CheckpointIO):
     """Lightning ``CheckpointIO`` writing/reading safetensors (see module docstring)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        save_nested(checkpoint, path)
+        write_checkpoint(checkpoint, path)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
-        if not Path(path).exists():
-            raise MissingFileError(f"checkpoint {path} not found")
-        return load_nested(path, map_location)
+        return read_checkpoint(path, map_location)
 
     def remove_checkpoint(self, path) -> None:
         Path(path).unlink(missing_ok=True)
@@ -60,9 +82,19 @@ def save_edits(path: str | os.PathLike, weights: dict[str, torch.Tensor], metada
     return Path(path)
 
 
+def save_edited_layers(path: str | os.PathLike, adapter, layers, method: str, model_name: str, num_edits: int,
+                       batches: int) -> Path:
+    """Write the edit layers' weights of an edited model (``edited.safetensors``: HF parameter
+    names, the model's dtype) with what they carry (method, base model, edits, batches)."""
+    weights = {adapter.weight_name(l): adapter.down_proj(l).weight for l in layers}
+    meta = {"method": method, "base_model": str(model_name), "num_edits": num_edits, "batches": batches, "layers": list(layers),
+            "config_fingerprint": config_fingerprint(adapter.model)}
+    return save_edits(path, weights, meta)
+
+
 def read_edits(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors, meta = read_verified(path)
-    return tensors, {k: v for k, v in meta.items() if k != DIGEST_KEY}
+    return tensors, {k: v for k, v in meta.items() if k not in (DIGEST_KEY, HEADER_DIGEST_KEY)}
 
 
 @torch.no_grad()
@@ -99,6 +131,9 @@ def export_pretrained(model: torch.nn.Module, tokenizer, ledger, directory: str 
     tmp = new_export_dir(out, overwrite)
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
+        config = tmp / "config.json"
+        if config.is_file():  # readable alike by the transformers 4 releases this package supports
+            config.write_text(json.dumps(portable_config(json.loads(config.read_text())), indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         (tmp / "edit_ledger.json").write_text(json.dumps(ledger.summary(), indent=1))

@@ -31,7 +31,7 @@ from lightning_edit.builtin.realfacts import main as rf_main
 from lightning_edit.callbacks import ClosedFormUpdate
 from lightning_edit.data.datamodule import EditDataModule
 from lightning_edit.errors import EditError
-from lightning_edit.ledger_cli import export_main, ledger_main, undo_main
+from lightning_edit.ledger_cli import export_main, ledger_main, undo_main, verify_main
 from lightning_edit.module import EditModule
 from lightning_edit.progress import drop_disabled_progress_bar
 from lightning_edit.report import EditReport
@@ -162,10 +162,14 @@ def _tool_commands() -> dict[str, tuple[Callable[[list[str]], object], str]]:
     def realfacts(argv):
         return rf_main(argv)
 
+    def verify(argv):
+        return verify_main(argv)
+
     return {
         "ledger": (ledger, "list the edit batches a checkpoint carries (--ckpt_path)"),
         "undo": (undo, "take the last N batches back from a checkpoint (--ckpt_path, --batches N [--out])"),
         "export": (export, "write a checkpoint's edited model as a save_pretrained directory (--ckpt_path, --out)"),
+        "verify": (verify, "check an export directory against its manifest, or a checkpoint and its ledger files (PATH)"),
         "trace": (trace, "causal tracing of where a model stores facts (table + heat-map)"),
         "realfacts": (realfacts, "CounterFact-format edits of real facts the model knows (offline knowledge packages)"),
         "factworld": (factworld, "build (or reuse) the offline fact-world model and datasets"),

@@ -6,18 +6,26 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from lightning_edit.checkpointing import export_pretrained, full_model_fingerprint, load_nested, save_nested
+from lightning_edit.checkpointing import (
+    export_pretrained,
+    full_model_fingerprint,
+    read_checkpoint,
+    save_edited_layers,
+    write_checkpoint,
+)
 from lightning_edit.engine.arch import ModelAdapter
-from lightning_edit.engine.files import check_export_target
+from lightning_edit.engine.files import MANIFEST, check_export_target, verify_manifest
 from lightning_edit.engine.loading import load_pretrained
 from lightning_edit.engine.update import master_copies
+from lightning_edit.errors import EditError, MissingFileError
 from lightning_edit.stream.ledger import EditLedger
 from lightning_edit.stream.peft_export import PeftExportError, describe_export, export_lora, structure_model
 
 
 def _read_checkpoint(path: str) -> tuple[dict, EditLedger]:
-    ckpt = load_nested(path)
+    ckpt = read_checkpoint(path)
     state = ckpt.get("edit_module", {})
     if "ledger" not in state:
         raise SystemExit(f"{path}: no edit ledger in this checkpoint (not written by lightning-edit fit, or by an older version)")
@@ -64,12 +72,38 @@ def rewind_checkpoint(ckpt: dict, ledger: EditLedger, position: int) -> dict:
     return ckpt
 
 
+def _check_trust(path: str, meta: dict, trust_remote_code: bool) -> None:
+    if meta.get("trust_remote_code") and not trust_remote_code:
+        # the checkpoint's record is only a hint: running a repository's code is the user's decision
+        raise SystemExit(f"{path}: its base model {meta.get('model')!r} was loaded with trust_remote_code; pass "
+                         "--trust_remote_code if you trust that repository's code to run here")
+
+
+def edited_model(path: str, ckpt: dict, ledger: EditLedger, trust_remote_code: bool):
+    """The checkpoint's base model (loaded from its record, checked against its fingerprint) with
+    the ledger's batches replayed: ``(model, tokenizer, adapter, layers)``. Remote code runs only
+    when the user says so (``trust_remote_code``), whatever the checkpoint records."""
+    m = ledger.meta
+    _check_trust(path, m, trust_remote_code)
+    model, tok = load_pretrained(m["model"], m.get("dtype", "float32"), trust_remote_code, m.get("tokenizer"))
+    adapter = ModelAdapter(model, m.get("layer_template"), m.get("mlp_down_template"))
+    layers = [int(l) for l in m["layers"]]
+    saved = base_fingerprint(ckpt)
+    if saved is not None and saved != full_model_fingerprint(model):
+        raise SystemExit(f"{path} was made on another base model than {m['model']!r} (model fingerprint differs)")
+    base = {l: adapter.weight_as_linear(l).detach().clone() for l in layers}
+    ledger.replay(adapter, layers, base, master_copies(adapter, layers))
+    return model, tok, adapter, layers
+
+
 def undo_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lightning-edit undo", description="take the last N edit batches back from a checkpoint "
                                  "(weights, K_p K_p^T, ledger and stream position; `fit --ckpt_path` continues from there)")
     ap.add_argument("--ckpt_path", required=True)
     ap.add_argument("--batches", type=int, required=True, help="how many of the last batches to take back")
     ap.add_argument("--out", default=None, help="write the rewound checkpoint here (default: rewrite --ckpt_path atomically)")
+    ap.add_argument("--trust_remote_code", action="store_true", help="when edited.safetensors is rewritten: allow the base "
+                    "model's own modelling code to run while it is loaded; never taken from the checkpoint")
     a = ap.parse_args(argv)
     ckpt, ledger = _read_checkpoint(a.ckpt_path)
     if not 0 <= a.batches <= ledger.position:
@@ -77,10 +111,18 @@ def undo_main(argv: list[str] | None = None) -> int:
     removed = ledger.history()[ledger.position - a.batches:]
     rewind_checkpoint(ckpt, ledger, ledger.position - a.batches)
     out = a.out or a.ckpt_path
-    save_nested(ckpt, out)
+    edited = Path(out).parent / "edited.safetensors"  # what fit wrote beside its checkpoints: kept equal to an export
+    model = None
+    if edited.exists() and a.batches:
+        model, _, adapter, layers = edited_model(a.ckpt_path, ckpt, ledger, a.trust_remote_code)  # before anything is written
+    write_checkpoint(ckpt, out)
     ids = [i for r in removed for i in r["request_ids"]]
     print(f"took back {a.batches} batches ({len(ids)} edits: {', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''}); "
           f"{out} now holds {ledger.num_edits} edits in {ledger.position} batches")
+    if model is not None:
+        method = ledger.records[-1].method if ledger.records else (removed[0]["method"] if removed else "")
+        save_edited_layers(edited, adapter, layers, method, ledger.meta["model"], ledger.num_edits, ledger.position)
+        print(f"rewrote {edited} to match ({ledger.num_edits} edits)")
     return 0
 
 
@@ -157,20 +199,10 @@ def export_main(argv: list[str] | None = None) -> int:
     check_export_target(a.out, a.overwrite)  # before any loading: an export never replaces what a user keeps there
     ckpt, ledger = _read_checkpoint(a.ckpt_path)
     m = ledger.meta
-    if m.get("trust_remote_code") and not a.trust_remote_code:
-        # the checkpoint's record is only a hint: running a repository's code is the user's decision
-        raise SystemExit(f"{a.ckpt_path}: its base model {m.get('model')!r} was loaded with trust_remote_code; pass "
-                         "--trust_remote_code if you trust that repository's code to run here")
     if a.peft:
+        _check_trust(a.ckpt_path, m, a.trust_remote_code)
         return _export_peft(a, ckpt, ledger)
-    model, tok = load_pretrained(m["model"], m.get("dtype", "float32"), a.trust_remote_code, m.get("tokenizer"))
-    adapter = ModelAdapter(model, m.get("layer_template"), m.get("mlp_down_template"))
-    layers = [int(l) for l in m["layers"]]
-    saved = base_fingerprint(ckpt)
-    if saved is not None and saved != full_model_fingerprint(model):
-        raise SystemExit(f"{a.ckpt_path} was made on another base model than {m['model']!r} (model fingerprint differs)")
-    base = {l: adapter.weight_as_linear(l).detach().clone() for l in layers}
-    ledger.replay(adapter, layers, base, master_copies(adapter, layers))
+    model, tok, _, _ = edited_model(a.ckpt_path, ckpt, ledger, a.trust_remote_code)
     out = export_pretrained(model, tok, ledger, a.out, overwrite=a.overwrite)
     print(f"exported {ledger.num_edits} edits ({ledger.position} batches) of {m['model']} to {out}")
     return 0
@@ -187,4 +219,31 @@ def _export_peft(a, ckpt: dict, ledger: EditLedger) -> int:
     except PeftExportError as err:
         raise SystemExit(f"{a.ckpt_path}: {err}") from None
     print(describe_export(out, lora, m.get("model")))
+    return 0
+
+
+def verify_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lightning-edit verify", description="check that an export directory is complete and "
+                                 "unchanged (every file against the SHA-256 of its manifest), or that a checkpoint file, its "
+                                 "JSON state and every ledger batch file it names match their digests; exit status 0 when "
+                                 "everything matches, 1 otherwise")
+    ap.add_argument("path", help="an export directory (lightning-edit export, Editor.export) or a checkpoint .safetensors")
+    a = ap.parse_args(argv)
+    path = Path(a.path)
+    if path.is_dir():
+        problems = verify_manifest(path)
+        if problems:
+            print(f"{path}: {len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in problems))
+            return 1
+        n = len(json.loads((path / MANIFEST).read_text())["files"])
+        print(f"{path}: OK, {n} files match the manifest")
+        return 0
+    if not path.is_file():
+        raise MissingFileError(f"{path}: no such file or directory")
+    try:
+        ckpt, ledger = _read_checkpoint(str(path))
+    except (EditError, SystemExit) as err:  # a corrupt, altered or incomplete checkpoint
+        print(f"{path}: {err}")
+        return 1
+    print(f"{path}: OK, the checkpoint and its {ledger.position} ledger batch files ({ledger.num_edits} edits) match their digests")
     return 0

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import cli_args, counterfact_records, make_model
 
-from lightning_edit.checkpointing import CorruptFileError, load_nested, save_nested
+from lightning_edit.checkpointing import CorruptFileError, load_nested, read_checkpoint, save_nested, write_checkpoint
 from lightning_edit.cli import main
 from lightning_edit.data.requests import RequestError
 from lightning_edit.engine.arch import ModelAdapter
@@ -338,12 +338,12 @@ def test_export_never_runs_code_because_a_checkpoint_says_so(tiny_model_dir, cor
     data = tmp_path / "cf.json"
     data.write_text(json.dumps(counterfact_records(4)))
     main(["fit", *cli_args(tiny_model_dir, data, corpus_file, run, extra=["--trainer.max_steps=1"])])
-    ckpt = load_nested(run / "ckpt" / "last.safetensors")
+    ckpt = read_checkpoint(run / "ckpt" / "last.safetensors")
     meta = json.loads(ckpt["edit_module"]["ledger"]["meta"])
     meta["trust_remote_code"] = True
     ckpt["edit_module"]["ledger"]["meta"] = json.dumps(meta)
     crafted = tmp_path / "crafted.safetensors"
-    save_nested(ckpt, crafted)
+    write_checkpoint(ckpt, crafted)
     for extra in ([], ["--peft"]):
         with pytest.raises(SystemExit, match="pass --trust_remote_code"):
             main(["export", "--ckpt_path", str(crafted), "--out", str(tmp_path / "out"), *extra])
@@ -465,3 +465,145 @@ def test_no_logger_writes_beside_the_checkpoints_not_into_the_cwd(tiny_model_dir
     main(["fit", *cli_args(tiny_model_dir, data, corpus_file, tmp_path, extra=["--trainer.logger=false"])])
     assert list(cwd.iterdir()) == []
     assert {"config.yaml", "summary.json"} <= {p.name for p in (tmp_path / "ckpt" / "fit").iterdir()}
+
+
+# ---- a checkpoint is a verifiable, self-contained record ------------------------------------
+
+
+def _fit(tiny_model_dir, corpus_file, root, n=12, extra=()):
+    data = root.parent / f"{root.name}_cf.json"
+    data.write_text(json.dumps(counterfact_records(n)))
+    args = cli_args(tiny_model_dir, data, corpus_file, root, extra=list(extra))
+    main(["fit", *args])
+    return args, root / "ckpt" / "last.safetensors"
+
+
+def _flip_digit_in_header(path: Path, key: bytes) -> None:
+    import re
+
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    m = re.search(rb"(" + key + rb"[^0-9]{1,12})([0-9])", bytes(raw[8:8 + n]))
+    assert m, key
+    pos = 8 + m.start(2)
+    raw[pos] = ord("7") if raw[pos] != ord("7") else ord("2")
+    path.write_bytes(bytes(raw))
+
+
+def test_a_flipped_digit_in_the_checkpoints_json_state_is_refused(tiny_model_dir, corpus_file, tmp_path, capsys):
+    args, ckpt = _fit(tiny_model_dir, corpus_file, tmp_path / "run", extra=["--trainer.max_steps=2"])
+    assert main(["verify", str(ckpt)]) == 0
+    _flip_digit_in_header(ckpt, b"global_step")
+    with pytest.raises(CorruptFileError, match="its metadata .* does not match its stored hash"):
+        main(["ledger", "--ckpt_path", str(ckpt)])
+    with pytest.raises(CorruptFileError, match="does not match its stored hash"):
+        main(["fit", *args, f"--ckpt_path={ckpt}"])
+    capsys.readouterr()
+    assert main(["verify", str(ckpt)]) == 1
+    assert "does not match its stored hash" in capsys.readouterr().out
+
+
+def test_a_copied_run_directory_reads_its_own_ledger_files(tiny_model_dir, corpus_file, tmp_path):
+    args, _ = _fit(tiny_model_dir, corpus_file, tmp_path / "run", extra=["--trainer.max_steps=2"])
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    shutil.rmtree(tmp_path / "run")  # nothing of the original is left to read
+    ckpt = tmp_path / "copy" / "ckpt" / "last.safetensors"
+    assert main(["ledger", "--ckpt_path", str(ckpt)]) == 0
+    state = load_nested(ckpt)["edit_module"]["ledger"]
+    assert state["directory"] == "ledger" and state["directory_relative"]  # relative to the checkpoint
+    assert all(not Path(json.loads(r["meta"])["file"]).is_absolute() for r in state["records"])
+    keep = [a for a in args if not a.startswith(("--checkpoint.dirpath", "--trainer.max_steps"))]
+    cont = main(["fit", *keep, f"--checkpoint.dirpath={tmp_path / 'copy' / 'ckpt'}", f"--ckpt_path={ckpt}"])
+    assert cont.model.num_edits == 12
+
+
+def test_a_stream_resumed_elsewhere_is_self_contained(tiny_model_dir, corpus_file, tmp_path):
+    args, ckpt = _fit(tiny_model_dir, corpus_file, tmp_path / "a", extra=["--trainer.max_steps=1"])
+    main(["fit", *args, f"--ckpt_path={ckpt}", f"--checkpoint.dirpath={tmp_path / 'b'}", "--trainer.max_steps=2"])
+    shutil.rmtree(tmp_path / "a")
+    assert main(["verify", str(tmp_path / "b" / "last.safetensors")]) == 0  # batch 0 was brought into b's ledger
+
+
+def test_a_backup_survives_undo_and_another_continuation(tiny_model_dir, corpus_file, tmp_path):
+    """Undo never rewrites history in place: a continuation after an undo writes new batch files,
+    so a backup of the earlier checkpoint still verifies and exports its own edits; undo also
+    rewrites edited.safetensors beside the checkpoint, so it always matches an export."""
+    from lightning_edit.checkpointing import read_edits
+
+    args, ckpt = _fit(tiny_model_dir, corpus_file, tmp_path / "run")
+    backup = tmp_path / "run" / "ckpt" / "backup.safetensors"
+    shutil.copyfile(ckpt, backup)
+    assert main(["undo", "--ckpt_path", str(ckpt), "--batches", "1"]) == 0
+    edited, _ = read_edits(tmp_path / "run" / "ckpt" / "edited.safetensors")
+    exp = tmp_path / "exp"
+    assert main(["export", "--ckpt_path", str(ckpt), "--out", str(exp)]) == 0
+    from transformers import AutoModelForCausalLM
+
+    params = dict(AutoModelForCausalLM.from_pretrained(exp).named_parameters())
+    assert all(torch.equal(params[k], v) for k, v in edited.items())
+    # another batch 2 at the same stream position (other requests, or the same ones computed anew)
+    from lightning_edit.checkpointing import read_checkpoint
+    from lightning_edit.stream.ledger import BatchRecord, EditLedger
+
+    ledger = EditLedger()
+    ledger.load_state_dict(read_checkpoint(ckpt)["edit_module"]["ledger"])
+    tensors = {k: v + 1e-3 for k, v in ledger.tensors(ledger.records[1]).items()}
+    ledger.append(BatchRecord(index=2, request_ids=["x"], method="alphaedit", hparams={}, tensors=tensors))
+    assert len(list((tmp_path / "run" / "ckpt" / "ledger").iterdir())) == 4  # a new file beside the undone batch's
+    assert main(["verify", str(backup)]) == 0
+    assert main(["export", "--ckpt_path", str(backup), "--out", str(tmp_path / "exp_backup")]) == 0
+    ids = json.loads((tmp_path / "exp_backup" / "edit_ledger.json").read_text())["history"][2]["request_ids"]
+    assert ids == [str(r["case_id"]) for r in counterfact_records(12)[8:12]]
+
+
+def test_export_carries_a_manifest_that_verify_checks(tiny_model_dir, corpus_file, tmp_path, capsys):
+    _, ckpt = _fit(tiny_model_dir, corpus_file, tmp_path / "run", extra=["--trainer.max_steps=1"])
+    for extra in ([], ["--peft"]):
+        out = tmp_path / f"exp{len(extra)}"
+        assert main(["export", "--ckpt_path", str(ckpt), "--out", str(out), *extra]) == 0
+        assert main(["verify", str(out)]) == 0
+        target = next(p for p in sorted(out.iterdir()) if p.suffix == ".safetensors")
+        raw = bytearray(target.read_bytes())
+        raw[-1] ^= 1
+        target.write_bytes(bytes(raw))
+        (out / "extra.txt").write_text("x")
+        capsys.readouterr()
+        assert main(["verify", str(out)]) == 1
+        said = capsys.readouterr().out
+        assert f"{target.name}: changed" in said and "extra.txt: not in the manifest" in said
+
+
+def test_an_absurd_update_is_refused_before_it_is_applied(trained_gpt2, tokenizer, corpus_file, tmp_path):
+    """An update whose relative size exceeds the editor's bound (or holds NaN) is refused with
+    the batch named; the weights and the ledger stay as they were."""
+    from lightning_edit import Editor
+    from lightning_edit.engine.closed_form import NonFiniteUpdateError, OversizedUpdateError, check_update
+
+    ed = Editor(copy.deepcopy(trained_gpt2), tokenizer, layers=[1, 2], method="memit", method_kwargs={"lam": 1.0, "max_update": 1e-4},
+                context_prefixes=0, stats={"corpus": str(corpus_file), "corpus_name": None, "n_samples": 600, "max_length": 64,
+                                           "cache_dir": str(tmp_path / "s")})
+    before = {k: v.clone() for k, v in ed.model.state_dict().items()}
+    recs = counterfact_records(3)
+    with pytest.raises(OversizedUpdateError, match=r"edit batch 0 \(3 requests: 0, 1, 2\) not applied: layer 1: .* above the bound 0.0001"):
+        ed.apply(recs)
+    assert all(torch.equal(v, before[k]) for k, v in ed.model.state_dict().items())
+    assert ed.module.ledger.position == 0
+    w = torch.ones(4, 4)
+    with pytest.raises(NonFiniteUpdateError, match="layer 3"):
+        check_update(torch.full((4, 4), float("nan")), w, 3, 0.0)
+    assert check_update(torch.ones(4, 4), w, 3, 0.0) == pytest.approx(1.0)
+    from lightning_edit.callbacks import AlphaEdit
+
+    with pytest.raises(InputError, match="max_update must be >= 0"):
+        AlphaEdit(max_update=-1)
+
+
+def test_resume_with_other_z_settings_is_refused(tiny_model_dir, corpus_file, tmp_path):
+    from lightning_edit.errors import CheckpointError
+
+    args, ckpt = _fit(tiny_model_dir, corpus_file, tmp_path / "run", extra=["--trainer.max_steps=1"])
+    for change, named in (("--model.residual.lr=0.1", "residual.lr: 0.5 in the checkpoint, 0.1 now"),
+                          ("--model.residual.steps=3", "residual.steps: .* in the checkpoint, 3 now"),
+                          ("--model.context_prefixes=0", "context_prefixes: 2 in the checkpoint, 0 now")):
+        with pytest.raises(CheckpointError, match=named):
+            main(["fit", *args, change, f"--ckpt_path={ckpt}"])

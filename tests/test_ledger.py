@@ -172,7 +172,7 @@ def test_describe_request_one_line_per_fact_and_long_form_request():
 
 
 def test_cli_ledger_shows_what_each_batch_changed_and_reads_older_ledgers(tiny_model_dir, corpus_file, tmp_path, capsys):
-    from lightning_edit.checkpointing import save_nested
+    from lightning_edit.checkpointing import read_checkpoint, write_checkpoint
     from lightning_edit.stream.ledger import BatchRecord, describe_request
 
     p = tmp_path / "cf.json"
@@ -203,13 +203,13 @@ def test_cli_ledger_shows_what_each_batch_changed_and_reads_older_ledgers(tiny_m
         assert json.loads(f.metadata()["descriptions"]) == summary["history"][0]["descriptions"]
 
     # a ledger written before descriptions existed: listed with its ids, digests still checked
-    state = load_nested(ckpt)
+    state = read_checkpoint(ckpt)
     for rec in state["edit_module"]["ledger"]["records"]:
         m = json.loads(rec["meta"])
         del m["descriptions"]
         rec["meta"] = json.dumps(m)
     old = tmp_path / "old.safetensors"
-    save_nested(state, old)
+    write_checkpoint(state, old)
     assert main(["ledger", "--ckpt_path", str(old)]) == 0
     rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ")]
     assert "| 0, 1, 2, 3 | (not recorded) |" in rows[1] and "| 8, 9 | (not recorded) |" in rows[3]
@@ -223,7 +223,7 @@ def test_cli_ledger_shows_what_each_batch_changed_and_reads_older_ledgers(tiny_m
     m = json.loads(state["edit_module"]["ledger"]["records"][1]["meta"])
     m["descriptions"] = ["x"]
     state["edit_module"]["ledger"]["records"][1]["meta"] = json.dumps(m)
-    save_nested(state, old)
+    write_checkpoint(state, old)
     with pytest.raises(ValueError, match="edit ledger batch 1: 1 request descriptions for 4 requests"):
         main(["ledger", "--ckpt_path", str(old)])
     with pytest.raises(ValueError, match="2 request descriptions for 1 requests"):

@@ -8,6 +8,7 @@ In the papers' column notation ``K = keys.T`` and ``R = resid.T``.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -19,6 +20,28 @@ ThresholdMode = Literal["absolute", "relative", "energy"]
 
 class NonFiniteUpdateError(EditError, FloatingPointError):
     """A solve produced NaN/Inf; the weights must stay untouched."""
+
+
+class OversizedUpdateError(EditError, ArithmeticError):
+    """An update far larger than any a sound edit makes (a near-singular solve, absurd settings);
+    the weights must stay untouched."""
+
+
+def check_update(delta: torch.Tensor, weight: torch.Tensor, layer: int, limit: float) -> float:
+    """The relative size ``||Delta||_F / ||W||_F`` of ``layer``'s update, after checking it.
+
+    Raises:
+        NonFiniteUpdateError: ``Delta`` holds NaN or Inf.
+        OversizedUpdateError: the relative size exceeds ``limit`` (``limit <= 0``: no bound).
+    """
+    size = float(delta.float().norm() / weight.float().norm().clamp_min(1e-30))
+    if not math.isfinite(size) or not bool(torch.isfinite(delta).all()):
+        raise NonFiniteUpdateError(f"layer {layer}: the update holds NaN or Inf values")
+    if limit > 0 and size > limit:
+        raise OversizedUpdateError(f"layer {layer}: the update's relative size ||Delta||/||W|| is {size:.3g}, above the bound "
+                                   f"{limit:g} (editor max_update): refused; a near-singular solve or an absurd setting makes "
+                                   "updates this large")
+    return size
 
 
 def normalized_moment(kkt_sum: torch.Tensor, count: int | float | torch.Tensor) -> torch.Tensor:

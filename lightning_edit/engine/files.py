@@ -27,6 +27,7 @@ from lightning_edit.errors import CheckpointError, InputError, MissingFileError
 
 SKELETON_KEY = "lightning_edit.skeleton"
 DIGEST_KEY = "lightning_edit.sha256"  # JSON {tensor name: sha256 of its bytes}, in every file we write
+HEADER_DIGEST_KEY = "lightning_edit.metadata_sha256"  # SHA-256 of every other metadata entry (the JSON state)
 
 
 class CorruptFileError(CheckpointError):
@@ -43,11 +44,22 @@ def tensor_digest(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def metadata_digest(metadata: dict[str, str]) -> str:
+    """SHA-256 over every metadata entry but :data:`HEADER_DIGEST_KEY` itself (the tensor digests
+    included, so the header's every byte of meaning is covered)."""
+    body = {k: v for k, v in metadata.items() if k != HEADER_DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+
 def verify_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None, path, require_digest: bool = False,
                    finite: bool = True) -> None:
     """Check every tensor against the digests in ``metadata`` and (``finite``) for finiteness;
     raise :class:`CorruptFileError` naming ``path`` and the tensor."""
     raw = (metadata or {}).get(DIGEST_KEY)
+    stored = (metadata or {}).get(HEADER_DIGEST_KEY)
+    if stored is not None and stored != metadata_digest(metadata):
+        raise CorruptFileError(f"{path}: its metadata (the JSON state beside the tensors) does not match its stored hash "
+                               "(the file was edited or is corrupted)")
     if raw is None and require_digest:
         raise CorruptFileError(f"{path}: no content hash stored ({DIGEST_KEY}); written by another tool or an older version")
     digests = json.loads(raw) if raw is not None else {}
@@ -133,6 +145,7 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata = {**(metadata or {}), DIGEST_KEY: json.dumps({k: tensor_digest(v) for k, v in tensors.items()})}
+    metadata[HEADER_DIGEST_KEY] = metadata_digest(metadata)
     save_file(tensors, str(tmp), metadata=metadata)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -217,10 +230,59 @@ def new_export_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
 
 
+MANIFEST = "lightning_edit_manifest.json"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike) -> Path:
+    """``lightning_edit_manifest.json`` in ``directory``: the size and SHA-256 of every file in it
+    (recursively; relative POSIX paths), so :func:`verify_manifest` can tell a complete, unchanged
+    export from a damaged or altered one."""
+    root = Path(directory)
+    files = {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    path = root / MANIFEST
+    path.write_text(json.dumps({"format": 1, "algorithm": "sha256", "files": files}, indent=1))
+    return path
+
+
+def verify_manifest(directory: str | os.PathLike) -> list[str]:
+    """Check a directory against its manifest (:func:`write_manifest`); returns the problems found
+    (empty: every listed file is present with its size and digest, and no other file was added)."""
+    root = Path(directory)
+    path = root / MANIFEST
+    if not path.is_file():
+        return [f"{path}: no manifest (not a lightning-edit export, or written by an older version)"]
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        return [f"{path}: unreadable manifest ({type(err).__name__}: {err})"]
+    problems = []
+    for name, want in files.items():
+        p = root / name
+        if not p.is_file():
+            problems.append(f"{name}: missing")
+        elif p.stat().st_size != want.get("bytes") or file_sha256(p) != want.get("sha256"):
+            problems.append(f"{name}: changed (its size or SHA-256 differs from the manifest)")
+    extra = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST
+                   and p.relative_to(root).as_posix() not in files)
+    problems += [f"{name}: not in the manifest (added after the export)" for name in extra]
+    return problems
+
+
 def finish_export_dir(tmp: Path, out: str | os.PathLike) -> Path:
-    """Put the finished export ``tmp`` at ``out``. An existing ``out`` (allowed by
-    :func:`new_export_dir`) is moved aside first and deleted only once the new export is in
-    place, so a kill at any point leaves the old or the new export at ``out``."""
+    """Put the finished export ``tmp`` at ``out``, with its manifest (:func:`write_manifest`). An
+    existing ``out`` (allowed by :func:`new_export_dir`) is moved aside first and deleted only
+    once the new export is in place, so a kill at any point leaves the old or the new export at
+    ``out``."""
+    write_manifest(tmp)
     out = Path(out)
     old = None
     if out.exists():

@@ -78,3 +78,21 @@ def _from_pretrained(auto_class, name: str, what: str, **kwargs):
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MissingFileError(f"{what} {name!r} is not a local directory, and loading it from the Hugging Face hub "
                                f"failed ({first})") from err
+
+
+def portable_config(cfg: dict) -> dict:
+    """A ``config.json`` written by transformers 5 made readable, unchanged in meaning, by the
+    transformers 4 releases this package supports: transformers 5 keeps the rotary settings only
+    in ``rope_parameters``, which transformers 4 ignores (it would fall back to ``rope_theta``
+    10,000 and unscaled rotary embeddings, and compute other logits without a word). The legacy
+    keys ``rope_theta`` and ``rope_scaling`` are added beside it; transformers 5 reads both forms
+    alike. A config without ``rope_parameters`` (or with per-attention-type parameters, which
+    both versions keep in their own keys) is returned as it is."""
+    params = cfg.get("rope_parameters")
+    if not isinstance(params, dict) or "rope_theta" not in params:
+        return cfg
+    out = dict(cfg)
+    out.setdefault("rope_theta", params["rope_theta"])
+    if params.get("rope_type", "default") != "default" and out.get("rope_scaling") is None:
+        out["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+    return out

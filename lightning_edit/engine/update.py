@@ -14,12 +14,14 @@ import torch
 
 from lightning_edit.engine.arch import ModelAdapter
 from lightning_edit.engine.closed_form import (
+    NonFiniteUpdateError,
     alphaedit_base_inverse,
     alphaedit_factors,
     alphaedit_factors_woodbury,
     alphaedit_inverse_commit,
     alphaedit_ridge,
     alphaedit_update,
+    check_update,
     memit_factors,
     memit_update,
     spread_residual,
@@ -290,6 +292,7 @@ def apply_update(
     on_record: Callable[[dict, dict], None] | None = None,
     timer: PhaseTimer | None = None,
     context: bool = False,
+    max_update: float = 0.0,
 ) -> dict[str, float]:
     """Apply one edit batch's update to every edit layer, in ascending order.
 
@@ -310,6 +313,9 @@ def apply_update(
     ``context``: also ask the update to leave the keys at every other position of the edited
     texts unchanged (zero-residual rows, AnyEdit's option; only the solve uses them, AlphaEdit's
     ``K_p K_p^T`` accumulates the edit keys as for facts).
+    ``max_update`` > 0 bounds each layer's relative update ``||Delta||_F / ||W||_F``: a larger one
+    (or a non-finite one) is refused before it is added, and the layers already updated are
+    restored (:func:`~lightning_edit.engine.closed_form.check_update`).
     ``timer`` (optional) accumulates seconds per phase: ``keys``, ``solve``, ``apply`` and
     ``state`` (AlphaEdit's keys after the update, ``K_p K_p^T`` and the record).
     Returns summary numbers for logging.
@@ -343,9 +349,9 @@ def apply_update(
                     kc = gather(context_keys(adapter, batch, l) if batch is not None else _no_rows(adapter, [l])[l])
                     k_all = torch.cat([k_all, kc])
                     r_all = torch.cat([r_all, r_all.new_zeros(kc.shape[0], r_all.shape[1])])
-            delta = _solve_and_add(adapter, method, l, k_all, r_all, master, broadcast, record, timer)
-            w = snapshot[l]
-            info[f"update_norm/layer_{l}"] = float(delta.norm() / w.float().norm())
+            info[f"update_norm/layer_{l}"] = _solve_and_add(adapter, method, l, k_all, r_all, master, broadcast, record, timer,
+                                                             snapshot[l], max_update)
+            _check_outputs(adapter, l, k_all)
         with phase(timer, "state"):
             if getattr(method, "needs_keys_after", False) or record is not None:
                 keys_after = _gathered_keys(own_keys, gather, broadcast)
@@ -367,10 +373,12 @@ def apply_update(
 
 def _solve_and_add(adapter: ModelAdapter, method, layer: int, k_all: torch.Tensor, r_all: torch.Tensor,
                    master: dict[int, torch.Tensor], broadcast: Callable | None, record: dict | None,
-                   timer: PhaseTimer | None) -> torch.Tensor:
-    """One layer's closed-form update from all processes' keys and residuals, added to its weight
-    (through the float32 master where one exists); returns ``Delta``. Factored methods give
-    ``Delta = U @ V``; ``broadcast`` makes every process use rank 0's factors; ``record`` gets them."""
+                   timer: PhaseTimer | None, weight: torch.Tensor, max_update: float) -> float:
+    """One layer's closed-form update from all processes' keys and residuals, checked against
+    ``weight`` (its value before the batch) and ``max_update``, then added to it (through the
+    float32 master where one exists); returns the relative size ``||Delta|| / ||W||``. Factored
+    methods give ``Delta = U @ V``; ``broadcast`` makes every process use rank 0's factors;
+    ``record`` gets them."""
     with phase(timer, "solve"):
         if hasattr(method, "factors"):
             u, v = method.factors(layer, k_all, r_all)
@@ -384,12 +392,27 @@ def _solve_and_add(adapter: ModelAdapter, method, layer: int, k_all: torch.Tenso
     with phase(timer, "apply"):
         if u is not None:
             delta = u @ v
+        size = check_update(delta, weight, layer, max_update)  # before anything is added
         if layer in master:
             master[layer].add_(delta.to(device=master[layer].device, dtype=torch.float32))
             write_master(adapter, layer, master[layer])
         else:
             adapter.add_to_weight(layer, delta)
-    return delta
+    return size
+
+
+@torch.no_grad()
+def _check_outputs(adapter: ModelAdapter, layer: int, keys: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteUpdateError` when the edited layer's outputs on the batch's keys (all
+    processes' rows, so every process decides alike) are not finite, e.g. a finite update that
+    overflows a half-precision weight."""
+    if keys.numel() == 0:
+        return
+    proj = adapter.down_proj(layer)
+    w = proj.weight
+    out = proj(keys.to(device=w.device, dtype=w.dtype))
+    if not bool(torch.isfinite(out).all()):
+        raise NonFiniteUpdateError(f"layer {layer}: the edited layer's outputs on the batch's keys are not finite (inf/nan)")
 
 
 def _gathered_keys(own_keys: dict[int, torch.Tensor], gather: Gather, broadcast: Callable | None) -> dict[int, torch.Tensor]:

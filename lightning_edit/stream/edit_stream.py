@@ -22,6 +22,8 @@ applies.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ import torch
 from lightning_edit.data.requests import EditRequest
 from lightning_edit.engine.arch import ModelAdapter
 from lightning_edit.engine.bars import ResidualProgress
+from lightning_edit.engine.closed_form import NonFiniteUpdateError, OversizedUpdateError
 from lightning_edit.engine.prefixes import generate_prefixes
 from lightning_edit.engine.residuals import (
     ResidualConfig,
@@ -95,6 +98,7 @@ class EditStream:
         self.n_prefixes, self.prefix_length, self.seed = n_prefixes, prefix_length, seed
         self.max_rows, self.chat_template, self.system_prompt = max_rows, chat_template, system_prompt
         self.method = None  # the update's math object, set by set_method once statistics exist
+        self.max_update = 0.0  # bound on each layer's relative update (0: none); the editor sets it
         self.method_name: str | None = None
         self.master: dict[int, torch.Tensor] = {}
         self.prefixes: list[str] | None = None
@@ -124,6 +128,24 @@ class EditStream:
         return next(self.adapter.model.parameters()).device
 
     # ---- set-up -----------------------------------------------------------------------------
+    # the z settings that shape the edits (a resumed stream keeps them); speed knobs (packing, row
+    # limits, attention kernels) and evaluation options are not among them
+    RESIDUAL_SHAPING = ("lr", "steps", "weight_decay", "clamp_norm_factor", "kl_factor", "early_stop_loss", "anchor", "mode",
+                        "mpes", "nas", "nas_samples", "nas_max_ratio")
+
+    def settings(self) -> dict:
+        """The stream's settings that shape its edits (z optimization, context prefixes, long-form
+        chunking and rendering), as JSON values keyed ``residual.lr``, ``context_prefixes``,
+        ``longform.chunking.size`` ..."""
+        out = {f"residual.{k}": getattr(self.residual, k) for k in self.RESIDUAL_SHAPING}
+        out.update({"context_prefixes": self.n_prefixes, "context_length": self.prefix_length})
+        lf = self.longform
+        out.update({f"longform.chunking.{k}": v for k, v in dataclasses.asdict(lf.chunking).items()})
+        out.update({"longform.single_anchor": lf.single_anchor, "longform.context_keys": lf.context_keys,
+                    "longform.context_prefixes": lf.context_prefixes, "chat_template": self.chat_template,
+                    "system_prompt": self.system_prompt})
+        return json.loads(json.dumps(out, default=str))  # plain JSON values, as a checkpoint gives them back
+
     def set_method(self, method, name: str) -> None:
         """The update's math object (built from statistics of the unedited model) and its name
         in the ledger; the float32 masters of bf16 / fp16 edit layers are taken now."""
@@ -250,9 +272,13 @@ class EditStream:
                               descriptions=[describe_request(r) for r in requests])
             applied.append(self.ledger.append(rec, write=collective.is_writer))
 
-        apply_update(self.adapter, rb, None if res is None else res.z_target, self.layers, self.method,
-                     gather=collective.gather, max_rows=self.max_rows, master=self.master, record={}, context=context,
-                     broadcast=collective.broadcast, on_record=record)
+        try:
+            apply_update(self.adapter, rb, None if res is None else res.z_target, self.layers, self.method,
+                         gather=collective.gather, max_rows=self.max_rows, master=self.master, record={}, context=context,
+                         broadcast=collective.broadcast, on_record=record, max_update=self.max_update)
+        except (NonFiniteUpdateError, OversizedUpdateError) as err:  # name the batch; nothing was applied
+            ids = ", ".join(str(r.case_id) for r in requests[:3]) + (" ..." if len(requests) > 3 else "")
+            raise type(err)(f"edit batch {self.position} ({len(requests)} requests: {ids}) not applied: {err}") from None
         self.requests.extend(requests)
         self.last_residuals = res
         return applied[0]

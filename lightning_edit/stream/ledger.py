@@ -16,8 +16,14 @@ model), ``K_p K_p^T`` (:meth:`EditLedger.prev_kkt`). So
   the undone batches;
 * a resumed run carries the full history (mid-stream evaluations after a resume cover every edit).
 
-Batch files: ``<directory>/batch_<index>.safetensors``, each with a SHA-256 per tensor; the
-checkpoint lists every file's digest, so a stale or damaged file is refused by path.
+Batch files: ``<directory>/batch_<index>-<digest>.safetensors``, each with a SHA-256 per tensor
+and over its metadata; the checkpoint lists every file's name and digest, so a stale or damaged
+file is refused by path. A file is never rewritten: a batch taken back by undo and then replaced
+by another continuation gets a new file (its digest differs), so a backup of an earlier checkpoint
+stays valid. In a checkpoint the directory is stored relative to the checkpoint file
+(:func:`portable_state` / :func:`anchored_state`), so a copied or moved run directory reads its
+own files; a stream resumed into another directory links (or copies) the files it carries there,
+so every checkpoint directory is self-contained.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,8 +146,13 @@ class EditLedger:
         if file is None:
             raise CorruptFileError("ledger batch has neither tensors in memory nor a file")
         p = Path(file)
-        if not p.exists() and self.directory is not None and (self.directory / p.name).exists():
-            return self.directory / p.name  # the run directory was moved
+        if not p.is_absolute():  # a name in the ledger's directory
+            if self.directory is None:
+                raise CorruptFileError(f"ledger batch file {file!r} is named without a ledger directory")
+            return self.directory / p
+        # earlier versions stored absolute paths: the ledger's own directory first (a copied or moved run)
+        if self.directory is not None and (self.directory / p.name).exists():
+            return self.directory / p.name
         return p
 
     def history(self) -> list[dict]:
@@ -177,12 +189,13 @@ class EditLedger:
         record.tensors = {k: v.detach().float().cpu().contiguous() for k, v in (record.tensors or {}).items()}
         record.digest = _digest(record.tensors)
         if self.directory is not None:
-            path = self.directory / f"batch_{record.index:06d}.safetensors"
+            # named by content: another continuation after an undo never overwrites this batch's file
+            path = self.directory / f"batch_{record.index:06d}-{record.digest[:16]}.safetensors"
             if write:
                 atomic_save_file(record.tensors, path, metadata={"lightning_edit.ledger_batch": str(record.index),
                                                                  "request_ids": json.dumps(record.request_ids),
                                                                  "descriptions": json.dumps(record.descriptions)})
-            record.file = str(path.resolve())
+            record.file = path.name
             record.tensors = None  # other processes read rank 0's file when they need it (shared storage, like checkpoints)
         self.records.append(record)
         return record
@@ -249,8 +262,10 @@ class EditLedger:
             raise CheckpointError(f"edit ledger format {state.get('format')!r} is not supported (expected {LEDGER_FORMAT})")
         self.meta = json.loads(state.get("meta", "{}"))
         self.evals = json.loads(state.get("evals", "[]"))
-        if state.get("directory") and self.directory is None:
-            self.directory = Path(state["directory"])
+        stored = Path(state["directory"]) if state.get("directory") else None
+        if stored is not None and self.directory is None:
+            self.directory = stored
+        moved = stored is not None and self.directory is not None and os.path.abspath(stored) != os.path.abspath(self.directory)
         self.records = []
         for i, r in enumerate(state.get("records", [])):
             m = json.loads(r["meta"])
@@ -259,6 +274,8 @@ class EditLedger:
                               descriptions=list(m.get("descriptions") or []))  # absent in ledgers written before them
             if rec.index != i:
                 raise CheckpointError(f"edit ledger is out of order: record {i} is batch {rec.index}")
+            if moved and rec.tensors is None and rec.file is not None:
+                rec.file = self._import_file(stored, rec.file)  # the stream goes on in another directory
             if check_files and rec.tensors is None:
                 self.tensors(rec)  # fail now, by path, rather than mid-stream
             if rec.tensors is not None:
@@ -267,7 +284,51 @@ class EditLedger:
                     raise CorruptFileError(f"edit ledger batch {i} (embedded in the checkpoint) does not match its digest")
             self.records.append(rec)
 
+    def _import_file(self, source_dir: Path, file: str) -> str:
+        """Bring a batch file of a checkpoint written in ``source_dir`` into this ledger's
+        directory (a hard link where the file system allows, else a copy; written atomically);
+        returns its name there."""
+        src = Path(file) if Path(file).is_absolute() else source_dir / file
+        if not src.exists() and (source_dir / src.name).exists():
+            src = source_dir / src.name
+        dst = self.directory / src.name
+        if dst.exists() or not src.exists():
+            return src.name  # already there (or missing: reading it names the path)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        return dst.name
+
     def summary(self) -> dict:
         """JSON summary (written beside exports): what the model carries."""
         return {"format": LEDGER_FORMAT, **self.meta, "batches": self.position, "num_edits": self.num_edits,
                 "history": [{k: v for k, v in h.items()} for h in self.history()]}
+
+
+# ---- the ledger's directory inside a checkpoint -------------------------------------------------
+
+
+def portable_state(state: dict, checkpoint: str | os.PathLike) -> dict:
+    """A ledger ``state_dict`` with its directory written relative to the checkpoint file that
+    holds it (when the directory lies beside or below that file), so the run directory can be
+    copied or moved as a whole."""
+    directory = state.get("directory")
+    if not directory:
+        return state
+    base = os.path.dirname(os.path.abspath(checkpoint))
+    rel = os.path.relpath(os.path.abspath(directory), base)
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        return state  # elsewhere: stays absolute
+    return {**state, "directory": Path(rel).as_posix(), "directory_relative": True}
+
+
+def anchored_state(state: dict, checkpoint: str | os.PathLike) -> dict:
+    """The inverse of :func:`portable_state` for a checkpoint read from ``checkpoint``."""
+    if not state.get("directory_relative"):
+        return state
+    base = os.path.dirname(os.path.abspath(checkpoint))
+    return {**{k: v for k, v in state.items() if k != "directory_relative"}, "directory": os.path.join(base, state["directory"])}
