@@ -18,7 +18,7 @@ import torch
 
 from lightning_edit.checkpointing import full_model_fingerprint, save_edited_layers
 from lightning_edit.engine.bars import show_progress
-from lightning_edit.engine.stats import StatsConfig, projectors, second_moments
+from lightning_edit.engine.stats import StatsConfig, corpus_fingerprint, projectors, second_moments
 from lightning_edit.engine.update import AlphaEditMethod, MemitMethod
 from lightning_edit.errors import CheckpointError, InputError
 from lightning_edit.module import EditModule
@@ -59,6 +59,7 @@ class ClosedFormUpdate(L.Callback):
         self._stash_path: str | None = None
         self._module: EditModule | None = None
         self._synced = False  # the model holds exactly the ledger's edits (restored, or applied live)
+        self.corpus_hash: str | None = None
 
     def attach(self, module: EditModule) -> None:
         """The module whose stream this callback prepares and checkpoints (Lightning's ``setup``
@@ -79,6 +80,8 @@ class ClosedFormUpdate(L.Callback):
         out = {k: getattr(self, k) for k in self.SHAPING}
         out["solve_dtype"] = str(self.solve_dtype).removeprefix("torch.")
         out.update({f"stats.{k}": getattr(self.stats, k) for k in self.STATS_SHAPING})
+        if self.corpus_hash is not None:  # known once the statistics are prepared (files built)
+            out["stats.corpus_hash"] = self.corpus_hash
         if self._module is not None:  # the z optimization's, the context prefixes', long-form chunking's
             out.update(self._module.stream.settings())
         return out
@@ -96,6 +99,7 @@ class ClosedFormUpdate(L.Callback):
                                  shard=rank, num_shards=world, is_writer=rank == 0, show_progress=show_progress(trainer))
         if trainer is not None and world > 1:
             trainer.strategy.barrier("lightning_edit_stats")
+        self.corpus_hash = corpus_fingerprint(self.stats)  # the content the statistics came from (checked on resume)
         module.ensure_prefixes()  # from the unedited model, unless restored from the checkpoint
         if module.residual_cfg.nas and trainer is not None:  # NAS's norm anchor: likewise (the Editor sets it at its first apply)
             dm = trainer.datamodule

@@ -607,3 +607,17 @@ def test_resume_with_other_z_settings_is_refused(tiny_model_dir, corpus_file, tm
                           ("--model.context_prefixes=0", "context_prefixes: 2 in the checkpoint, 0 now")):
         with pytest.raises(CheckpointError, match=named):
             main(["fit", *args, change, f"--ckpt_path={ckpt}"])
+
+
+def test_resume_on_a_changed_statistics_corpus_is_refused(tiny_model_dir, corpus_file, tmp_path):
+    """The checkpoint records the content hash of the corpus its statistics came from: the same
+    path with other texts is refused on resume, naming stats.corpus_hash."""
+    from lightning_edit.errors import CheckpointError
+
+    corpus = tmp_path / "corpus.jsonl"
+    shutil.copyfile(corpus_file, corpus)
+    args, ckpt = _fit(tiny_model_dir, corpus, tmp_path / "run", extra=["--trainer.max_steps=1"])
+    with corpus.open("a") as f:
+        f.write(json.dumps({"text": "one more sentence about nothing in particular."}) + "\n")
+    with pytest.raises(CheckpointError, match=r"stats.corpus_hash: '\w+' in the checkpoint, '\w+' now"):
+        main(["fit", *args, f"--ckpt_path={ckpt}"])
