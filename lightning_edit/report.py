@@ -441,7 +441,7 @@ class EditReport(L.Callback):
         cfg = pl_module.longform_cfg
         s: dict = {"method": _method_name(trainer), "num_edits": pl_module.num_edits,
                    "mode": "single_anchor" if cfg.single_anchor else pl_module.residual_cfg.mode}
-        for key in ("rouge_l", "rouge_l_recall", "rouge1", "rouge2", "bleu", "exact_match", "token_accuracy",
+        for key in ("rouge_l", "rouge_l_recall", "rouge1", "rouge2", "bleu", "exact_match", "token_accuracy", "prefix_kept",
                     "sub_question_accuracy", "multihop_accuracy"):
             if f"longform/{key}" in final:
                 s[key] = final[f"longform/{key}"]
@@ -495,6 +495,9 @@ def longform_samples_markdown(samples: list[dict]) -> str:
         if t.get("before") is not None:
             out += [f"**Before:** {t['before']}", ""]
         out += [f"**After:** {t['generation']}", ""]
+        if t.get("expected") is not None:  # where greedy generation first leaves the target
+            out += [f"**First miss:** answer token {t['first_miss']} of {t['answer_tokens']}: {t['predicted']!r} instead of "
+                    f"{t['expected']!r}", ""]
         if t.get("paraphrase_generation"):
             out += [f"**After (paraphrased question):** {t['paraphrase_generation']}", ""]
     return "\n".join(out)

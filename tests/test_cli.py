@@ -1,6 +1,7 @@
 """The CLI end to end: configs parse, fit runs and exports, resume is exact, bad input fails early."""
 
 import glob
+import re
 import json
 import shlex
 from pathlib import Path
@@ -76,8 +77,9 @@ def test_fit_end_to_end_then_validate(tiny_model_dir, dataset, corpus_file, tmp_
     state = ckpt["callbacks"]["AlphaEdit"]
     assert state["method_name"] == "alphaedit" and "weights" not in state and "batches_applied" not in state  # the edits live in the ledger
     ledger = ckpt["edit_module"]["ledger"]
-    assert len(ledger["records"]) == 3 and sorted(p.name for p in (tmp_path / "ckpt" / "ledger").iterdir()) == [
-        f"batch_{i:06d}.safetensors" for i in range(3)]
+    names = sorted(p.name for p in (tmp_path / "ckpt" / "ledger").iterdir())
+    assert len(ledger["records"]) == 3 and [n[:12] for n in names] == [f"batch_{i:06d}" for i in range(3)]
+    assert all(re.fullmatch(r"batch_\d{6}-[0-9a-f]{16}\.safetensors", n) for n in names)  # named by content
     assert ckpt["global_step"] == 3  # one (mock) optimizer step per edit batch
     # curves against the number of edits applied (their own event file: the run's edits/ directory)
     logs = _scalars(Path(glob.glob(str(tmp_path / "logs" / "edit" / "version_*"))[0]) / "edits")

@@ -236,7 +236,7 @@ def test_checkpoint_names_its_model_and_layers_and_refuses_a_mismatch(tiny_model
     # the checkpoint's edits (its ledger batch file) damaged: refused, naming the file
     from lightning_edit.checkpointing import atomic_save_file, read_verified
 
-    batch = run / "ckpt" / "ledger" / "batch_000000.safetensors"
+    (batch,) = (run / "ckpt" / "ledger").glob("batch_000000-*.safetensors")
     tensors, meta = read_verified(batch)
     tensors["u.1"][0, 0] = float("inf")  # hashes intact, value not finite
     atomic_save_file(tensors, batch, {k: v for k, v in meta.items() if k != "lightning_edit.sha256"})

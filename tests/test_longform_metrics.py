@@ -167,3 +167,35 @@ def test_states_sum_across_processes(make, args):
             assert got[k].item() == pytest.approx(want[k].item(), abs=1e-6)
     else:
         assert got.item() == pytest.approx(want.item(), abs=1e-6)
+
+
+def test_first_miss_is_where_greedy_generation_leaves_the_target(trained_gpt2, tokenizer):
+    """The diagnostic's promise, checked against the generation itself: up to the first
+    teacher-forced miss the greedy generation is the target token for token, and at the miss it
+    writes the predicted token instead of the expected one."""
+    from lightning_edit.evaluation.scoring import greedy_generate
+    from lightning_edit.longform.edit import LongFormConfig, evaluate_longform
+    from lightning_edit.longform.metrics import first_miss
+    from lightning_edit.longform.records import LongFormRequest
+
+    assert first_miss(torch.tensor([True, True, False, True])) == 2
+    assert first_miss(torch.tensor([True, True])) == 2 and first_miss(torch.tensor([], dtype=torch.bool)) == 0
+    reqs = [LongFormRequest(case_id=str(i), question=q, answer=a) for i, (q, a) in enumerate([
+        ("Tell me about Toko Yasuda.", " Toko Yasuda speaks French and lives in Paris. She plays the violin."),
+        ("Where is the Louvre?", " The Louvre is in Paris, the capital of France."),
+    ])]
+    out, texts = evaluate_longform(trained_gpt2, tokenizer, reqs, LongFormConfig(), return_texts=True)
+    assert 0.0 <= out["longform/prefix_kept"] <= 1.0
+    kept = []
+    for r, t in zip(reqs, texts):
+        target = tokenizer(r.answer, add_special_tokens=False)["input_ids"]
+        gen = greedy_generate(trained_gpt2, tokenizer, [r.question], max_new_tokens=len(target) + 2)[0]
+        gen_ids = tokenizer(gen, add_special_tokens=False)["input_ids"]
+        i = t["first_miss"]
+        assert t["answer_tokens"] >= len(target) and i <= len(target)
+        assert gen_ids[:i] == target[:i]
+        if i < len(target):
+            assert tokenizer.decode(gen_ids[i:i + 1]) == t["predicted"] != t["expected"] == tokenizer.decode(target[i:i + 1])
+        kept.append(i / t["answer_tokens"])
+    assert out["longform/prefix_kept"] == pytest.approx(sum(kept) / len(kept))
+    assert any(t["first_miss"] < t["answer_tokens"] for t in texts)  # the miss branch was checked

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torchmetrics import MeanMetric
 
 from lightning_edit.data.requests import request_kind
 from lightning_edit.engine.residuals import ResidualBatch, build_chunked_batch
 from lightning_edit.errors import InputError
 from lightning_edit.evaluation.scoring import greedy_generate
 from lightning_edit.longform.chunking import ChunkingConfig, Chunks, chunk_answer, end_text_for, prompt_and_answer
-from lightning_edit.longform.metrics import AnswerContained, LongFormMetrics, TeacherForcedAccuracy, token_correct
+from lightning_edit.longform.metrics import AnswerContained, LongFormMetrics, TeacherForcedAccuracy, first_miss, token_correct
 from lightning_edit.longform.records import LongFormRequest
 
 
@@ -123,13 +124,24 @@ def evaluate_longform(model: nn.Module, tokenizer, requests: Sequence[LongFormRe
     if light:
         return (out, _texts(requests, pa, gens, para, para_gens)) if return_texts else out
     # teacher-forced token accuracy of the answer (and end text) given the prompt
-    acc = TeacherForcedAccuracy().to(device)
+    # and where greedy generation first leaves the target: the first teacher-forced miss
+    acc, kept = TeacherForcedAccuracy().to(device), MeanMetric().to(device)
+    misses: list[dict] = []
     for (p, a), r in zip(pa, requests):
         c = chunk_answer(tokenizer, p, a, ChunkingConfig(mode="window", window=1_000_000), end_text=end, chat_template=chat_template)
         ids = torch.tensor([c.input_ids], device=device)
         logits = model(input_ids=ids, use_cache=False).logits[0]
-        acc.update(token_correct(logits, ids[0], list(c.answer_tokens)))
+        hits = token_correct(logits, ids[0], list(c.answer_tokens))
+        acc.update(hits)
+        i = first_miss(hits)
+        kept.update(i / max(hits.numel(), 1))
+        miss = {"first_miss": i, "answer_tokens": int(hits.numel())}
+        if i < hits.numel():
+            pos = int(c.answer_tokens[i])
+            miss.update(expected=tokenizer.decode([int(ids[0, pos])]), predicted=tokenizer.decode([int(logits[pos - 1].argmax())]))
+        misses.append(miss)
     out["longform/token_accuracy"] = float(acc.compute())
+    out["longform/prefix_kept"] = float(kept.compute())
     # short questions about the edited knowledge: does the generation contain the answer?
     subs = [(q, a) for r in requests for q, a in zip(r.sub_questions, r.sub_answers)]
     hops = [(q, [r.multihop_answer, *r.multihop_answer_aliases]) for r in requests for q in r.multihop_questions if r.multihop_answer]
@@ -139,7 +151,12 @@ def evaluate_longform(model: nn.Module, tokenizer, requests: Sequence[LongFormRe
             prompts = [prompt_and_answer(tokenizer, q, "", chat_template, system)[0] for q, _ in pairs]
             m.update(gen(prompts, 32), [a for _, a in pairs])
             out[f"longform/{name}"] = float(m.compute())
-    return (out, _texts(requests, pa, gens, para, para_gens)) if return_texts else out
+    if not return_texts:
+        return out
+    texts = _texts(requests, pa, gens, para, para_gens)
+    for t, miss in zip(texts, misses):
+        t.update(miss)
+    return out, texts
 
 
 def _texts(requests, pa, gens, para, para_gens) -> list[dict]:

@@ -252,6 +252,15 @@ def token_correct(logits: Tensor, input_ids: Tensor, positions: Tensor | Sequenc
     return logits[pos - 1].argmax(-1) == input_ids.to(logits.device)[pos]
 
 
+def first_miss(correct: Tensor) -> int:
+    """Index of the first ``False`` in a request's per-token hits (its length when every token is
+    right). Under greedy decoding the model's own prefix equals the target's up to there, so this
+    is where free generation first leaves the target: teacher-forced accuracy can be high while
+    the first miss comes early, and the generation never returns to the target after it."""
+    miss = (~correct.bool()).nonzero()
+    return int(miss[0]) if miss.numel() else int(correct.numel())
+
+
 class LongFormMetrics(Metric):
     """Generation quality for long-form edits in one update: ROUGE-1/2/L (F1 and recall),
     sentence BLEU-4 and exact reproduction.
