@@ -13,6 +13,7 @@ from lightning_edit.data.datamodule import EditBatch, EditDataModule, EditStream
 from lightning_edit.data.formats import detect_format, records_to_requests
 from lightning_edit.data.requests import EditRequest, RequestError
 from lightning_edit.data.sources import load_records
+from lightning_edit.errors import InputError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 AKEW = FIXTURES / "akew_sample.json"
@@ -425,3 +426,31 @@ def test_lightning_resume_continues_after_last_committed_batch(tmp_path: Path):
     trainer().fit(second, datamodule=dm, ckpt_path=tmp_path / "ckpt" / "step=2.ckpt")
     assert second.seen == [2, 3]  # neither re-applies 0, 1 nor skips 2
     assert dm.train_dataloader().applied == 4
+
+
+def test_the_held_out_split_is_fixed_disjoint_and_covers_every_record():
+    """Settings are chosen on the tuning part and reported on the held-out part: the parts never
+    overlap, cover every record, depend only on positions, and records already used to choose
+    settings (tuned) stay out of the held-out part."""
+    from lightning_edit.data.datamodule import subset_positions
+
+    tuned = list(range(12))  # the UnKEBench sample's records the shipped long-form settings were chosen on
+    tune = subset_positions(200, "tune", 4, tuned)
+    held = subset_positions(200, "heldout", 4, tuned)
+    assert not set(tune) & set(held) and sorted(tune + held) == list(range(200))
+    assert set(tuned) <= set(tune) and {12, 16, 196} <= set(tune) and len(held) == 141
+    assert subset_positions(200, "heldout", 4, tuned) == held  # fixed
+    assert subset_positions(110, "heldout")[:4] == [1, 2, 3, 5] and len(subset_positions(70, "heldout")) >= 20
+    with pytest.raises(InputError, match="tune_every must be >= 2"):
+        subset_positions(10, "heldout", 1)
+
+
+def test_datamodule_reads_the_held_out_part_with_its_dataset_positions():
+    from lightning_edit.data.datamodule import EditDataModule
+
+    path = Path(__file__).parent / "fixtures" / "longform" / "unkebench_v2.json"
+    dm = EditDataModule(str(path), subset="heldout", tuned=list(range(12)), offset=2, limit=3, batch_size=2)
+    dm.setup()
+    assert [r.record_index for r in dm.requests] == [15, 17, 18]  # held-out positions 13, 14, 15, 17, 18, ... from the third on
+    with pytest.raises(InputError, match="subset must be"):
+        EditDataModule(str(path), subset="test")

@@ -10,10 +10,9 @@ them. :class:`EditStreamLoader` takes that position (``applied``) from the edit 
 from __future__ import annotations
 
 import hashlib
-import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -104,6 +103,25 @@ def stream_fingerprint(requests: Sequence[EditRequest]) -> str:
         digest.update("\x1f".join(r.fingerprint()).encode("utf-8"))
         digest.update(b"\x1e")
     return digest.hexdigest()
+
+
+Subset = Literal["all", "tune", "heldout"]
+
+
+def subset_positions(n: int, subset: Subset = "all", tune_every: int = 4, tuned: Sequence[int] = ()) -> list[int]:
+    """The dataset positions of a fixed split of ``n`` records into a tuning part (every
+    ``tune_every``-th record from 0, plus the positions in ``tuned``: records already used to
+    choose settings) and a held-out part (all the others), so settings are chosen on one and
+    reported on the other. The two never overlap and together cover every record; the split
+    depends only on positions, not on ``offset`` / ``limit`` (which then count within it)."""
+    if subset == "all":
+        return list(range(n))
+    if subset not in ("tune", "heldout"):
+        raise InputError(f"subset must be 'all', 'tune' or 'heldout', got {subset!r}")
+    if tune_every < 2:
+        raise InputError(f"tune_every must be >= 2 (every record in the tuning part leaves none held out), got {tune_every}")
+    tune = {i for i in range(0, n, tune_every)} | {int(i) for i in tuned if 0 <= int(i) < n}
+    return sorted(tune) if subset == "tune" else [i for i in range(n) if i not in tune]
 
 
 class EditStreamLoader(DataLoader):
@@ -229,6 +247,11 @@ class EditDataModule(L.LightningDataModule):
         eval_batch_size: requests per evaluation batch.
         config_name: hub dataset configuration name (``load_dataset(dataset, config_name)``).
         field: for a JSON file holding one object, the key of the records array.
+        subset: ``all`` records, or one part of a fixed split (:func:`subset_positions`): ``tune``
+            (choose settings on it) or ``heldout`` (report on it); ``offset`` and ``limit`` then
+            count records of that part.
+        tune_every: every ``tune_every``-th record (from the first) belongs to the tuning part.
+        tuned: positions of records already used to choose settings (they join the tuning part).
     """
 
     def __init__(
@@ -243,6 +266,9 @@ class EditDataModule(L.LightningDataModule):
         eval_batch_size: int = 64,
         config_name: str | None = None,
         field: str | None = None,
+        subset: Subset = "all",
+        tune_every: int = 4,
+        tuned: list[int] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -265,6 +291,8 @@ class EditDataModule(L.LightningDataModule):
         # not ``self.name``: LightningDataModule already has a ``name`` attribute
         self.config_name = config_name
         self.field = field
+        self.subset, self.tune_every, self.tuned = subset, tune_every, list(tuned or [])
+        subset_positions(0, subset, tune_every)  # a bad subset / tune_every fails here, not after loading
         self.requests: list[EditRequest] = []
         self._loaded = False
         self._train_loader: EditStreamLoader | None = None
@@ -287,12 +315,14 @@ class EditDataModule(L.LightningDataModule):
         # offset / limit count *records*: a record with several rewrites (MQuAKE / AKEW chains)
         # is kept or dropped whole
         stop = None if self.limit is None else self.offset + self.limit
-        window = list(itertools.islice(records, self.offset, stop))
-        self.requests = requests_from_records(window, self.format, self.offset)
+        positions = subset_positions(len(records), self.subset, self.tune_every, self.tuned)[self.offset:stop]
+        self.requests = requests_from_records([records[i] for i in positions], self.format, indices=positions)
         if not self.requests:
+            part = f" ({self.subset} part: {len(subset_positions(len(records), self.subset, self.tune_every, self.tuned))})" \
+                if self.subset != "all" else ""
             raise InputError(
                 f"no edit requests in {self.dataset!r} (split {self.split!r}) after offset={self.offset}, "
-                f"limit={self.limit}: it holds {len(records)} records"
+                f"limit={self.limit}: it holds {len(records)} records{part}"
             )
         self._loaded = True
 

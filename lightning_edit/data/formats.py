@@ -22,7 +22,7 @@ kept in ``EditRequest.extra`` (e.g. AKEW's long-form ``fact_new_uns``, ZsRE's ``
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from lightning_edit.data.requests import EditRequest, RequestError, case_id_text
@@ -75,7 +75,8 @@ def detect_format(record: Any, record_index: int = 0) -> str:
     )
 
 
-def iter_requests(records: Iterable[Any], fmt: str = "auto", start_index: int = 0) -> Iterator[EditRequest]:
+def iter_requests(records: Iterable[Any], fmt: str = "auto", start_index: int = 0,
+                  indices: Sequence[int] | None = None) -> Iterator[EditRequest]:
     """Convert and validate records one at a time (lazy form of :func:`records_to_requests`).
 
     Useful to take a slice of a large file without validating records past it. A record with a
@@ -84,6 +85,8 @@ def iter_requests(records: Iterable[Any], fmt: str = "auto", start_index: int = 
     Args:
         records: raw records (JSON objects), in dataset order.
         fmt: ``"auto"`` (detect per record) or one of :data:`FORMATS`.
+        indices: each record's dataset position, for records that are not consecutive (a
+            selection); overrides ``start_index``.
         start_index: dataset position of the first record; ``record_index`` and error messages
             count from here.
 
@@ -99,7 +102,7 @@ def iter_requests(records: Iterable[Any], fmt: str = "auto", start_index: int = 
     # case_id keys per-case metrics and the resume fingerprint, so two records must not share one.
     seen: dict[str, int] = {}
     for offset, record in enumerate(records):
-        index = start_index + offset
+        index = indices[offset] if indices is not None else start_index + offset
         if not isinstance(record, Mapping):
             raise RequestError(index, "record", f"expected a JSON object, got {type(record).__name__}")
         record_fmt = detect_format(record, index) if fmt == "auto" else fmt

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import ast
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -238,12 +238,15 @@ def is_longform_record(record: Any) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def iter_longform_requests(records: Iterable[Any], fmt: str = "auto", start_index: int = 0) -> Iterator[LongFormRequest]:
+def iter_longform_requests(records: Iterable[Any], fmt: str = "auto", start_index: int = 0,
+                           indices: Sequence[int] | None = None) -> Iterator[LongFormRequest]:
     """Convert and validate raw records one at a time.
 
     Args:
         records: raw records (JSON objects), in dataset order.
         fmt: ``"auto"`` (detect per record) or one of :data:`LONGFORM_FORMATS`.
+        indices: each record's dataset position, for records that are not consecutive (a
+            selection); overrides ``start_index``.
         start_index: dataset position of the first record (``record_index`` counts from here).
 
     Yields:
@@ -257,7 +260,7 @@ def iter_longform_requests(records: Iterable[Any], fmt: str = "auto", start_inde
         raise InputError(f"unknown long-form format {fmt!r}; expected 'auto' or one of {list(LONGFORM_FORMATS)}")
     seen: dict[str, int] = {}
     for offset, record in enumerate(records):
-        index = start_index + offset
+        index = indices[offset] if indices is not None else start_index + offset
         if not isinstance(record, Mapping):
             raise RequestError(index, "record", f"expected a JSON object, got {type(record).__name__}")
         record_fmt = detect_longform_format(record, index) if fmt == "auto" else fmt
