@@ -245,7 +245,8 @@ class MEMIT(ClosedFormUpdate):
             norm from growing over a long stream: ``Delta = R K^T (lam C_0 + norm_lambda I +
             K K^T)^-1``. The reference's ``update_norm_lambda``: 20 for Llama-3-8B, 10 for
             GPT2-XL. 0 = off (plain MEMIT).
-        max_update: see :class:`ClosedFormUpdate`.
+        max_update: refuse a batch (nothing applied, the batch named) whose update of some edit
+            layer has a relative size ``||Delta||_F / ||W||_F`` above this; 0 = no bound.
     """
 
     method_name = "memit"
@@ -288,7 +289,8 @@ class AlphaEdit(ClosedFormUpdate):
             norm of each batch's applied update ``||Delta P||_F^2``. AlphaEdit's ``l2`` already
             weighs that same norm, so this is exactly a ridge of ``l2 + norm_lambda``; kept as its
             own option so a run says which it meant. 0 = off.
-        max_update: see :class:`ClosedFormUpdate`.
+        max_update: refuse a batch (nothing applied, the batch named) whose update of some edit
+            layer has a relative size ``||Delta||_F / ||W||_F`` above this; 0 = no bound.
     """
 
     method_name = "alphaedit"

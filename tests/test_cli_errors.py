@@ -26,7 +26,7 @@ from lightning_edit.errors import (
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-COMMANDS = ["fit", "validate", "test", "ledger", "undo", "export", "trace", "realfacts", "factworld"]
+COMMANDS = ["fit", "validate", "test", "ledger", "undo", "export", "verify", "trace", "realfacts", "factworld"]
 
 
 @pytest.fixture(scope="module")

@@ -188,6 +188,8 @@ class EditLedger:
             raise ValueError(f"ledger holds {self.position} batches; batch {record.index} cannot be appended")
         record.tensors = {k: v.detach().float().cpu().contiguous() for k, v in (record.tensors or {}).items()}
         record.digest = _digest(record.tensors)
+        if self.directory is not None and write:
+            self._adopt_files()  # a stream resumed into another directory: its checkpoints there are self-contained
         if self.directory is not None:
             # named by content: another continuation after an undo never overwrites this batch's file
             path = self.directory / f"batch_{record.index:06d}-{record.digest[:16]}.safetensors"
@@ -274,8 +276,8 @@ class EditLedger:
                               descriptions=list(m.get("descriptions") or []))  # absent in ledgers written before them
             if rec.index != i:
                 raise CheckpointError(f"edit ledger is out of order: record {i} is batch {rec.index}")
-            if moved and rec.tensors is None and rec.file is not None:
-                rec.file = self._import_file(stored, rec.file)  # the stream goes on in another directory
+            if moved and rec.tensors is None and rec.file is not None and not Path(rec.file).is_absolute():
+                rec.file = str(stored / rec.file)  # read from the checkpoint's directory until the stream goes on here
             if check_files and rec.tensors is None:
                 self.tensors(rec)  # fail now, by path, rather than mid-stream
             if rec.tensors is not None:
@@ -284,24 +286,25 @@ class EditLedger:
                     raise CorruptFileError(f"edit ledger batch {i} (embedded in the checkpoint) does not match its digest")
             self.records.append(rec)
 
-    def _import_file(self, source_dir: Path, file: str) -> str:
-        """Bring a batch file of a checkpoint written in ``source_dir`` into this ledger's
-        directory (a hard link where the file system allows, else a copy; written atomically);
-        returns its name there."""
-        src = Path(file) if Path(file).is_absolute() else source_dir / file
-        if not src.exists() and (source_dir / src.name).exists():
-            src = source_dir / src.name
-        dst = self.directory / src.name
-        if dst.exists() or not src.exists():
-            return src.name  # already there (or missing: reading it names the path)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-        return dst.name
+    def _adopt_files(self) -> None:
+        """Bring every batch file that lives outside this ledger's directory (a checkpoint of
+        another run directory that this stream resumed from) into it: a hard link where the file
+        system allows, else a copy, each written atomically and verified against its digest first."""
+        for rec in self.records:
+            if rec.file is None or not Path(rec.file).is_absolute():
+                continue
+            src = self._resolve(rec.file)
+            dst = self.directory / src.name
+            if not dst.exists():
+                self.tensors(rec)  # a damaged source is refused by path, not copied
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+                try:
+                    os.link(src, tmp)
+                except OSError:
+                    shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
+            rec.file = dst.name
 
     def summary(self) -> dict:
         """JSON summary (written beside exports): what the model carries."""
