@@ -74,4 +74,4 @@ def test_export_loads_to_the_same_logits_in_the_oldest_supported_transformers(tm
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().startswith(oldest), run.stdout
     with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), model(IDS).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), model(IDS).logits, rtol=0, atol=1e-5)
