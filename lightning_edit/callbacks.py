@@ -18,6 +18,7 @@ import torch
 
 from lightning_edit.checkpointing import full_model_fingerprint, save_edited_layers
 from lightning_edit.engine.bars import show_progress
+from lightning_edit.engine.closed_form import MAX_UPDATE
 from lightning_edit.engine.stats import StatsConfig, corpus_fingerprint, projectors, second_moments
 from lightning_edit.engine.update import AlphaEditMethod, MemitMethod
 from lightning_edit.errors import CheckpointError, InputError
@@ -25,7 +26,6 @@ from lightning_edit.module import EditModule
 
 SolveDType = Literal["float32", "float64"]
 _SOLVE = {"float32": torch.float32, "float64": torch.float64}
-MAX_UPDATE = 1e4  # relative size of one batch's update of one layer: 40x the largest of the shipped configs (docs/design.md)
 
 
 class ClosedFormUpdate(L.Callback):
@@ -75,14 +75,15 @@ class ClosedFormUpdate(L.Callback):
     SHAPING: tuple[str, ...] = ()
     STATS_SHAPING = ("corpus", "corpus_name", "split", "text_field", "n_samples", "max_length", "dtype", "encoding")
 
-    def settings(self) -> dict:
-        """The method's and the statistics' settings that shape the edits, as JSON values."""
+    def settings(self, stream: bool = True) -> dict:
+        """The method's and the statistics' settings that shape the edits, as JSON values; with
+        ``stream`` also the stream's (z optimization, context prefixes, long-form chunking)."""
         out = {k: getattr(self, k) for k in self.SHAPING}
         out["solve_dtype"] = str(self.solve_dtype).removeprefix("torch.")
         out.update({f"stats.{k}": getattr(self.stats, k) for k in self.STATS_SHAPING})
         if self.corpus_hash is not None:  # known once the statistics are prepared (files built)
             out["stats.corpus_hash"] = self.corpus_hash
-        if self._module is not None:  # the z optimization's, the context prefixes', long-form chunking's
+        if stream and self._module is not None:  # the z optimization's, the context prefixes', long-form chunking's
             out.update(self._module.stream.settings())
         return out
 
@@ -108,11 +109,13 @@ class ClosedFormUpdate(L.Callback):
         self.method = self.build_method(module, moments, trainer)
         module.stream.set_method(self.method, self.method_name)  # and the float32 masters of bf16/fp16 edit layers
         module.stream.max_update = self.max_update
-        self._restore_edits(module)
+        self._restore_edits(module, fit=True)
 
-    def _check_stash(self, module: EditModule) -> None:
+    def _check_stash(self, module: EditModule, fit: bool = True) -> None:
         """Refuse a checkpoint made with another method, other edit layers or another base model
-        (fingerprint of its config and all its weights, taken before any edit is restored)."""
+        (fingerprint of its config and all its weights, taken before any edit is restored), or
+        with other settings that shape the edits; the stream's own (z optimization, prefixes,
+        chunking) only where new edits follow (``fit``): evaluation replays the ledger."""
         if self.base_fingerprint is None:
             self.base_fingerprint = full_model_fingerprint(module.lm)
         st = self._stash
@@ -131,14 +134,14 @@ class ClosedFormUpdate(L.Callback):
                              "its config or some weight differs; refusing to apply its edits")
         saved = st.get("settings")  # absent in checkpoints of earlier versions
         if isinstance(saved, dict):
-            now = self.settings()
+            now = self.settings(stream=fit)
             changed = [k for k in sorted(set(saved) & set(now)) if saved[k] != now[k]]  # a checkpoint of an earlier version may lack some
             if changed:
                 what = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in changed)
                 raise CheckpointError(f"{where}: its edits were made with other settings ({what}); a resumed stream keeps the "
                                       "settings that shape its edits: resume with the checkpoint's values")
 
-    def _restore_edits(self, module: EditModule) -> None:
+    def _restore_edits(self, module: EditModule, fit: bool = False) -> None:
         """Rebuild the edited weights (and AlphaEdit's ``K_p K_p^T``) from the restored ledger on
         the unedited model: the same additions in the same order as the live run."""
         if self._stash is None:
@@ -153,7 +156,7 @@ class ClosedFormUpdate(L.Callback):
                                       "editor that wrote it (--editor=lightning_edit.callbacks.AlphaEdit or .MEMIT)")
             self._synced = True
             return
-        self._check_stash(module)
+        self._check_stash(module, fit)
         st = self._stash
         ledger = module.ledger
         if "batches_applied" in st and int(st["batches_applied"]) != ledger.position:  # written by earlier versions

@@ -126,7 +126,7 @@ class EditCLI(LightningCLI):
                 cfg["callbacks"] = list(cfg["callbacks"])  # the parent extends this list in place
             return super(EditCLI, self)._instantiate_trainer(cfg, list(callbacks))
 
-        if config.get("logger") in (False, None) and config.get("default_root_dir") is None:
+        if config.get("logger") is False and config.get("default_root_dir") is None:
             # no logger: config.yaml and the summaries go beside the run's checkpoints, not into the cwd
             dirpath = (self._get(self.config, "checkpoint") or {}).get("dirpath") or "checkpoints/edit"
             config = {**config, "default_root_dir": str(Path(dirpath) / (self.subcommand or "run"))}

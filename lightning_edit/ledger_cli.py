@@ -16,7 +16,7 @@ from lightning_edit.checkpointing import (
     write_checkpoint,
 )
 from lightning_edit.engine.arch import ModelAdapter
-from lightning_edit.engine.files import MANIFEST, check_export_target, verify_manifest
+from lightning_edit.engine.files import MANIFEST, SKELETON_KEY, check_export_target, read_verified, verify_manifest
 from lightning_edit.engine.loading import load_pretrained
 from lightning_edit.engine.update import master_copies
 from lightning_edit.errors import EditError, MissingFileError
@@ -111,18 +111,26 @@ def undo_main(argv: list[str] | None = None) -> int:
     removed = ledger.history()[ledger.position - a.batches:]
     rewind_checkpoint(ckpt, ledger, ledger.position - a.batches)
     out = a.out or a.ckpt_path
-    edited = Path(out).parent / "edited.safetensors"  # what fit wrote beside its checkpoints: kept equal to an export
-    model = None
-    if edited.exists() and a.batches:
-        model, _, adapter, layers = edited_model(a.ckpt_path, ckpt, ledger, a.trust_remote_code)  # before anything is written
+    # in place: edited.safetensors beside the checkpoint (what fit wrote) is kept equal to an export
+    edited = Path(out).parent / "edited.safetensors" if a.out is None and a.batches else None
+    built = None
+    if edited is not None and edited.exists():
+        try:  # before anything is written
+            built = edited_model(a.ckpt_path, ckpt, ledger, a.trust_remote_code)
+        except (EditError, OSError, SystemExit) as err:  # the base model cannot be loaded here (or not trusted)
+            print(f"note: {edited} cannot be rebuilt ({err}); it is removed rather than left stale: "
+                  "`lightning-edit export` writes the edited model")
     write_checkpoint(ckpt, out)
     ids = [i for r in removed for i in r["request_ids"]]
     print(f"took back {a.batches} batches ({len(ids)} edits: {', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''}); "
           f"{out} now holds {ledger.num_edits} edits in {ledger.position} batches")
-    if model is not None:
-        method = ledger.records[-1].method if ledger.records else (removed[0]["method"] if removed else "")
+    if built is not None:
+        _, _, adapter, layers = built
+        method = ledger.records[-1].method if ledger.records else removed[0]["method"]
         save_edited_layers(edited, adapter, layers, method, ledger.meta["model"], ledger.num_edits, ledger.position)
         print(f"rewrote {edited} to match ({ledger.num_edits} edits)")
+    elif edited is not None:
+        edited.unlink(missing_ok=True)
     return 0
 
 
@@ -241,8 +249,12 @@ def verify_main(argv: list[str] | None = None) -> int:
     if not path.is_file():
         raise MissingFileError(f"{path}: no such file or directory")
     try:
-        ckpt, ledger = _read_checkpoint(str(path))
-    except (EditError, SystemExit) as err:  # a corrupt, altered or incomplete checkpoint
+        _, meta = read_verified(path, require_digest=True, finite=False)
+        if SKELETON_KEY not in meta:  # another file lightning-edit wrote (edited.safetensors, a ledger batch, a cache)
+            print(f"{path}: OK, every tensor and its metadata match their digests")
+            return 0
+        _, ledger = _read_checkpoint(str(path))
+    except (EditError, SystemExit) as err:  # a corrupt, altered or incomplete file
         print(f"{path}: {err}")
         return 1
     print(f"{path}: OK, the checkpoint and its {ledger.position} ledger batch files ({ledger.num_edits} edits) match their digests")

@@ -314,7 +314,7 @@ class EditModule(L.LightningModule):
                     parts = {"prompt": r.prompt.replace("{}", ""), "subject": r.subject, "target_new": r.target_new}
                     sizes = {k: len(self.tokenizer(v, add_special_tokens=False)["input_ids"]) for k, v in parts.items()}
                     field_name = max(sizes, key=sizes.get)
-                    what = f"{sizes[field_name]} tokens (the edit text with prompt, subject and target: {n}{ctx})"
+                    what = f"the edit text (prompt, subject and target) is {n} tokens{ctx}, its longest part this field ({sizes[field_name]})"
                 raise RequestError(rec, field_name, f"{what} (case_id {cid!r}), more than the model's {limit} positions; "
                                                     "shorten or drop the record")
 

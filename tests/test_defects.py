@@ -432,6 +432,15 @@ def test_api_refuses_control_characters_before_any_weight_changes(trained_gpt2, 
     assert all(torch.equal(v, before[k]) for k, v in ed.model.state_dict().items())
 
 
+def test_a_csv_file_that_is_not_utf8_is_refused_by_name(tmp_path):
+    from lightning_edit.data.sources import load_records
+
+    p = tmp_path / "latin1.csv"
+    p.write_bytes(b"prompt,subject,target_new\n{} speaks,T\xf6ko,German\n")
+    with pytest.raises(InputError, match=r"latin1\.csv': not UTF-8 text"):
+        load_records(str(p))
+
+
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])
 def test_a_file_that_is_not_utf8_is_refused_by_name_and_line(tmp_path, suffix):
     from lightning_edit.data.sources import load_records
@@ -452,7 +461,7 @@ def test_an_over_long_field_is_named(trained_gpt2, tokenizer, tmp_path, field):
     ed = _editor(trained_gpt2, tokenizer, tmp_path)
     rec = {"prompt": "{} speaks", "subject": "Toko Yasuda", "target_new": "German", "target_true": "French"}
     rec[field] = "very " * 300 + rec[field]
-    with pytest.raises(RequestError, match=rf"record 0, field '{field}': \d+ tokens \(the edit text"):
+    with pytest.raises(RequestError, match=rf"record 0, field '{field}': the edit text \(prompt, subject and target\) is \d+ tokens.*longest part this field"):
         ed.apply([rec])
 
 
@@ -533,6 +542,9 @@ def test_a_backup_survives_undo_and_another_continuation(tiny_model_dir, corpus_
     args, ckpt = _fit(tiny_model_dir, corpus_file, tmp_path / "run")
     backup = tmp_path / "run" / "ckpt" / "backup.safetensors"
     shutil.copyfile(ckpt, backup)
+    before = (tmp_path / "run" / "ckpt" / "edited.safetensors").read_bytes()
+    assert main(["undo", "--ckpt_path", str(ckpt), "--batches", "1", "--out", str(tmp_path / "run" / "ckpt" / "u.safetensors")]) == 0
+    assert (tmp_path / "run" / "ckpt" / "edited.safetensors").read_bytes() == before  # --out: the original stays whole
     assert main(["undo", "--ckpt_path", str(ckpt), "--batches", "1"]) == 0
     edited, _ = read_edits(tmp_path / "run" / "ckpt" / "edited.safetensors")
     exp = tmp_path / "exp"
@@ -551,6 +563,7 @@ def test_a_backup_survives_undo_and_another_continuation(tiny_model_dir, corpus_
     ledger.append(BatchRecord(index=2, request_ids=["x"], method="alphaedit", hparams={}, tensors=tensors))
     assert len(list((tmp_path / "run" / "ckpt" / "ledger").iterdir())) == 4  # a new file beside the undone batch's
     assert main(["verify", str(backup)]) == 0
+    assert main(["verify", str(tmp_path / "run" / "ckpt" / "edited.safetensors")]) == 0
     assert main(["export", "--ckpt_path", str(backup), "--out", str(tmp_path / "exp_backup")]) == 0
     ids = json.loads((tmp_path / "exp_backup" / "edit_ledger.json").read_text())["history"][2]["request_ids"]
     assert ids == [str(r["case_id"]) for r in counterfact_records(12)[8:12]]
@@ -607,6 +620,8 @@ def test_resume_with_other_z_settings_is_refused(tiny_model_dir, corpus_file, tm
                           ("--model.context_prefixes=0", "context_prefixes: 2 in the checkpoint, 0 now")):
         with pytest.raises(CheckpointError, match=named):
             main(["fit", *args, change, f"--ckpt_path={ckpt}"])
+    # evaluation replays the ledger: the z settings do not matter there
+    main(["validate", *args, "--model.residual.lr=0.1", f"--ckpt_path={ckpt}"])
 
 
 def test_resume_on_a_changed_statistics_corpus_is_refused(tiny_model_dir, corpus_file, tmp_path):

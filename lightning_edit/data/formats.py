@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from lightning_edit.data.requests import EditRequest, RequestError, case_id_text
+from lightning_edit.data.requests import EditRequest, RequestError, case_id_text, describe_value
 from lightning_edit.errors import InputError
 
 FORMATS: tuple[str, ...] = ("counterfact", "counterfact_flat", "zsre")
@@ -140,11 +140,6 @@ def records_to_requests(records: Iterable[Any], fmt: str = "auto", start_index: 
 # --------------------------------------------------------------------------------------------
 
 
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _require(record: Mapping, key: str, index: int, field_name: str | None = None) -> Any:
     """``record[key]``; a missing key and an explicit ``null`` are both "missing" (Arrow-backed
     loaders write ``null`` for keys a record did not have)."""
@@ -157,7 +152,7 @@ def _require(record: Mapping, key: str, index: int, field_name: str | None = Non
 def _text(value: Any, index: int, field_name: str) -> str:
     """A non-empty string."""
     if not isinstance(value, str):
-        raise RequestError(index, field_name, f"expected a string, got {type(value).__name__} {_describe(value)}")
+        raise RequestError(index, field_name, f"expected a string, got {type(value).__name__} {describe_value(value)}")
     if not value.strip():
         raise RequestError(index, field_name, "empty string")
     return value
@@ -388,11 +383,11 @@ def _locality_pairs(
 def _pairs(value: Any, index: int, field_name: str) -> tuple[tuple[str, str], ...]:
     """``[[prompt, answer], ...]`` (the Python API's ``locality``)."""
     if not isinstance(value, (list, tuple)):
-        raise RequestError(index, field_name, f"expected a list of [prompt, answer] pairs, got {_describe(value)}")
+        raise RequestError(index, field_name, f"expected a list of [prompt, answer] pairs, got {describe_value(value)}")
     out = []
     for i, pair in enumerate(value):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise RequestError(index, f"{field_name}[{i}]", f"expected a [prompt, answer] pair, got {_describe(pair)}")
+            raise RequestError(index, f"{field_name}[{i}]", f"expected a [prompt, answer] pair, got {describe_value(pair)}")
         out.append((_text(pair[0], index, f"{field_name}[{i}]"), _text(pair[1], index, f"{field_name}[{i}]")))
     return tuple(out)
 

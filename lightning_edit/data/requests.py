@@ -77,6 +77,12 @@ def control_character(text: str) -> str | None:
     return None if m is None else f"control character {m.group()!r} at position {m.start()}"
 
 
+def describe_value(value) -> str:
+    """``repr(value)`` cut to 80 characters (error messages quote a record's value with it)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def case_id_text(value, record: int | str, field_name: str = "case_id") -> str:
     """A record's id as a string: a non-empty string or an integer (an integral float, which Arrow
     makes of an int column, counts as one). Booleans, NaN, infinities, fractions, lists and
@@ -84,8 +90,7 @@ def case_id_text(value, record: int | str, field_name: str = "case_id") -> str:
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, (str, int)) or (isinstance(value, str) and not value.strip()):
-        text = repr(value)
-        raise RequestError(record, field_name, f"expected a non-empty string or an integer, got {text[:77] + '...' if len(text) > 80 else text}")
+        raise RequestError(record, field_name, f"expected a non-empty string or an integer, got {describe_value(value)}")
     if isinstance(value, str) and (bad := control_character(value)):
         raise RequestError(record, field_name, bad)
     return str(value)

@@ -145,9 +145,12 @@ def _read_files(
 
     try:
         dataset = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir)
-    except UnicodeDecodeError as err:
-        raise InputError(f"{[str(f) for f in files]} cannot be read: not UTF-8 text ({err.reason} at byte {err.start}); "
-                         "save it as UTF-8") from None
+    except Exception as err:  # datasets wraps a reader's error in its own DatasetGenerationError
+        cause = err if isinstance(err, UnicodeDecodeError) else err.__cause__
+        if not isinstance(cause, UnicodeDecodeError):
+            raise
+        names = ", ".join(repr(str(f)) for f in files)
+        raise InputError(f"{names}: not UTF-8 text ({cause.reason} at byte {cause.start}); save the file as UTF-8") from None
     return [_drop_nulls(r) for r in dataset.to_list()]
 
 

@@ -27,6 +27,11 @@ class OversizedUpdateError(EditError, ArithmeticError):
     the weights must stay untouched."""
 
 
+MAX_UPDATE = 1e4
+"""The default bound on one batch's relative update of one layer, ``||Delta||_F / ||W||_F``: 40x
+the largest of the shipped configs' measured updates (docs/design.md, Update bound)."""
+
+
 def check_update(delta: torch.Tensor, weight: torch.Tensor, layer: int, limit: float) -> float:
     """The relative size ``||Delta||_F / ||W||_F`` of ``layer``'s update, after checking it.
 

@@ -264,6 +264,8 @@ def verify_manifest(directory: str | os.PathLike) -> list[str]:
         files = json.loads(path.read_text())["files"]
     except (ValueError, KeyError, TypeError) as err:
         return [f"{path}: unreadable manifest ({type(err).__name__}: {err})"]
+    if not isinstance(files, dict) or not all(isinstance(w, dict) for w in files.values()):
+        return [f"{path}: unreadable manifest (expected {{file: {{bytes, sha256}}}})"]
     problems = []
     for name, want in files.items():
         p = root / name

@@ -41,7 +41,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from lightning_edit.data.requests import RequestError, case_id_text, control_character, short
+from lightning_edit.data.requests import RequestError, case_id_text, control_character, describe_value, short
 from lightning_edit.data.sources import load_records
 from lightning_edit.errors import InputError
 from lightning_edit.resources import resolve
@@ -309,11 +309,6 @@ def load_longform(
 # --------------------------------------------------------------------------------------------
 
 
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _literal(text: str) -> Any:
     """A Python / JSON literal stored as a string (``"['a', 'b']"``), parsed safely."""
     try:
@@ -323,7 +318,7 @@ def _literal(text: str) -> Any:
     try:  # JSON spellings that are not Python literals (true / false / null)
         return json.loads(text)
     except (ValueError, RecursionError) as err:
-        raise ValueError(f"not a Python or JSON literal: {_describe(text)}") from err
+        raise ValueError(f"not a Python or JSON literal: {describe_value(text)}") from err
 
 
 def _maybe_literal(value: Any, index: int, field_name: str, kinds: tuple[type, ...], strict: bool = True) -> Any:
@@ -353,7 +348,7 @@ def _text(value: Any, index: int, field_name: str) -> str:
     if _missing(value):
         raise RequestError(index, field_name, "missing")
     if not isinstance(value, str):
-        raise RequestError(index, field_name, f"expected a string, got {type(value).__name__} {_describe(value)}")
+        raise RequestError(index, field_name, f"expected a string, got {type(value).__name__} {describe_value(value)}")
     if not value.strip():
         raise RequestError(index, field_name, "empty string")
     return value
@@ -380,7 +375,7 @@ def _text_list(value: Any, index: int, field_name: str) -> tuple[str, ...]:
     if isinstance(value, str):
         return (_text(value, index, field_name),)
     if not isinstance(value, (list, tuple)):
-        raise RequestError(index, field_name, f"expected a list of strings, got {type(value).__name__} {_describe(value)}")
+        raise RequestError(index, field_name, f"expected a list of strings, got {type(value).__name__} {describe_value(value)}")
     return tuple(_text(v, index, f"{field_name}[{i}]") for i, v in enumerate(value))
 
 

@@ -33,7 +33,7 @@ import torch
 from lightning_edit.data.requests import EditRequest
 from lightning_edit.engine.arch import ModelAdapter
 from lightning_edit.engine.bars import ResidualProgress
-from lightning_edit.engine.closed_form import NonFiniteUpdateError, OversizedUpdateError
+from lightning_edit.engine.closed_form import MAX_UPDATE, NonFiniteUpdateError, OversizedUpdateError
 from lightning_edit.engine.prefixes import generate_prefixes
 from lightning_edit.engine.residuals import (
     ResidualConfig,
@@ -98,7 +98,7 @@ class EditStream:
         self.n_prefixes, self.prefix_length, self.seed = n_prefixes, prefix_length, seed
         self.max_rows, self.chat_template, self.system_prompt = max_rows, chat_template, system_prompt
         self.method = None  # the update's math object, set by set_method once statistics exist
-        self.max_update = 0.0  # bound on each layer's relative update (0: none); the editor sets it
+        self.max_update = MAX_UPDATE  # bound on each layer's relative update (0: none); the editor sets its own
         self.method_name: str | None = None
         self.master: dict[int, torch.Tensor] = {}
         self.prefixes: list[str] | None = None
@@ -131,12 +131,12 @@ class EditStream:
     # the z settings that shape the edits (a resumed stream keeps them); speed knobs (packing, row
     # limits, attention kernels) and evaluation options are not among them
     RESIDUAL_SHAPING = ("lr", "steps", "weight_decay", "clamp_norm_factor", "kl_factor", "early_stop_loss", "anchor", "mode",
-                        "mpes", "nas", "nas_samples", "nas_max_ratio")
+                        "mpes", "nas", "nas_samples", "nas_max_ratio")  # (NAS's anchor itself is restored from the checkpoint)
 
     def settings(self) -> dict:
         """The stream's settings that shape its edits (z optimization, context prefixes, long-form
         chunking and rendering), as JSON values keyed ``residual.lr``, ``context_prefixes``,
-        ``longform.chunking.size`` ..."""
+        ``longform.chunking.window`` ..."""
         out = {f"residual.{k}": getattr(self.residual, k) for k in self.RESIDUAL_SHAPING}
         out.update({"context_prefixes": self.n_prefixes, "context_length": self.prefix_length})
         lf = self.longform

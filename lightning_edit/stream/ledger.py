@@ -295,7 +295,9 @@ class EditLedger:
                 continue
             src = self._resolve(rec.file)
             dst = self.directory / src.name
-            if not dst.exists():
+            if dst.exists():
+                self.tensors(BatchRecord(rec.index, rec.request_ids, rec.method, rec.hparams, file=str(dst), digest=rec.digest))
+            else:
                 self.tensors(rec)  # a damaged source is refused by path, not copied
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
