@@ -110,6 +110,7 @@ class ClosedFormUpdate(L.Callback):
         module.stream.set_method(self.method, self.method_name)  # and the float32 masters of bf16/fp16 edit layers
         module.stream.max_update = self.max_update
         self._restore_edits(module, fit=True)
+        module.ledger.meta["settings"] = self.settings()  # what shaped the edits: in checkpoints and exports (edit_ledger.json)
 
     def _check_stash(self, module: EditModule, fit: bool = True) -> None:
         """Refuse a checkpoint made with another method, other edit layers or another base model

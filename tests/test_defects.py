@@ -565,7 +565,9 @@ def test_a_backup_survives_undo_and_another_continuation(tiny_model_dir, corpus_
     assert main(["verify", str(backup)]) == 0
     assert main(["verify", str(tmp_path / "run" / "ckpt" / "edited.safetensors")]) == 0
     assert main(["export", "--ckpt_path", str(backup), "--out", str(tmp_path / "exp_backup")]) == 0
-    ids = json.loads((tmp_path / "exp_backup" / "edit_ledger.json").read_text())["history"][2]["request_ids"]
+    carried = json.loads((tmp_path / "exp_backup" / "edit_ledger.json").read_text())
+    assert carried["settings"]["l2"] == 1.0 and carried["settings"]["residual.lr"] == 0.5  # what shaped the edits
+    ids = carried["history"][2]["request_ids"]
     assert ids == [str(r["case_id"]) for r in counterfact_records(12)[8:12]]
 
 
