@@ -58,7 +58,11 @@ def read_checkpoint(path: str | os.PathLike, map_location=None) -> dict[str, Any
     checkpoint = load_nested(path, map_location)
     module = checkpoint.get("edit_module")
     if isinstance(module, dict) and isinstance(module.get("ledger"), dict):
-        module["ledger"] = anchored_state(module["ledger"], path)
+        state = anchored_state(module["ledger"], path)
+        beside = Path(path).parent / "ledger"
+        if state.get("directory") and not Path(state["directory"]).exists() and beside.is_dir():
+            state = {**state, "directory": str(beside)}  # an earlier version's absolute path, and the run directory moved
+        module["ledger"] = state
     return checkpoint
 
 

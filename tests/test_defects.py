@@ -638,3 +638,22 @@ def test_resume_on_a_changed_statistics_corpus_is_refused(tiny_model_dir, corpus
         f.write(json.dumps({"text": "one more sentence about nothing in particular."}) + "\n")
     with pytest.raises(CheckpointError, match=r"stats.corpus_hash: '\w+' in the checkpoint, '\w+' now"):
         main(["fit", *args, f"--ckpt_path={ckpt}"])
+
+
+def test_a_moved_run_directory_of_an_earlier_version_still_loads(tiny_model_dir, corpus_file, tmp_path):
+    """Checkpoints written before the ledger directory was relative hold absolute paths: a run
+    directory moved since is read from the ledger beside the checkpoint."""
+    from lightning_edit.checkpointing import save_nested
+
+    _, ckpt = _fit(tiny_model_dir, corpus_file, tmp_path / "run", extra=["--trainer.max_steps=2"])
+    state = load_nested(ckpt)
+    ledger = state["edit_module"]["ledger"]
+    ledger.pop("directory_relative")
+    ledger["directory"] = str(tmp_path / "run" / "ckpt" / "ledger")  # as earlier versions wrote them
+    for rec in ledger["records"]:
+        m = json.loads(rec["meta"])
+        m["file"] = str(tmp_path / "run" / "ckpt" / "ledger" / m["file"])
+        rec["meta"] = json.dumps(m)
+    save_nested(state, ckpt)
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    assert main(["verify", str(tmp_path / "moved" / "ckpt" / "last.safetensors")]) == 0
