@@ -7,6 +7,7 @@ with overrides; the table holds every metric of its ``summary.json`` and its wal
     python benchmarks/stream_study.py fixes  --out benchmarks/results/cpu_smollm2_study_fixes.json
     python benchmarks/stream_study.py paper1000 --out benchmarks/results/cpu_smollm2_paper1000.json
     python benchmarks/stream_study.py paper1000 --only alphaedit --dry-run   # print the commands
+    python benchmarks/stream_study.py paper1000 --out ... --partial   # record what unfinished runs measured so far
 
 A plan's variants run one after another; one whose result is already in ``--out`` is skipped,
 so a killed study resumes where it stopped (``--rerun`` measures again). The selection plans
@@ -105,8 +106,29 @@ def table(results: dict) -> str:
             continue
         s = r["summary"]
         cells = [f"{s[c]:.3f}" if isinstance(s.get(c), (int, float)) else "" for c in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['wall_s'] / 60:.1f} min |")
+        wall = f"{r['wall_s'] / 60:.1f} min" if "wall_s" in r else f"unfinished: measured at {s.get('num_edits')} edits, {s.get('edits_applied')} applied"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {wall} |")
     return "\n".join(lines)
+
+
+def partial(name: str, plan: dict, root: Path) -> dict | None:
+    """What an unfinished variant has measured so far: the mid-stream evaluations its last
+    checkpoint's ledger holds (each on the seeded sample of edited requests), as a curve; the
+    summary's top-level values are the last of them. None without a checkpoint."""
+    from lightning_edit.checkpointing import read_checkpoint
+
+    ckpt = root / "ckpt" / name / "last.safetensors"
+    if not ckpt.is_file():
+        return None
+    ledger = read_checkpoint(ckpt)["edit_module"]["ledger"]
+    curve = [{k.removeprefix("edit/"): v for k, v in row.items()} for row in json.loads(ledger["evals"])]
+    if not curve:
+        return None
+    applied = sum(len(json.loads(r["meta"])["request_ids"]) for r in ledger["records"])
+    summary = {**curve[-1], "curve": curve, "partial": True, "edits_applied": applied}
+    return {"summary": summary, "partial": True, "checkpoint": str(ckpt),
+            "note": f"unfinished: {applied} of the stream's {plan['limit']} edits applied; the curve's points are mid-stream "
+                    "evaluations on a seeded sample of the edited requests"}
 
 
 def main(argv=None) -> int:
@@ -119,6 +141,8 @@ def main(argv=None) -> int:
     p.add_argument("--root", default="logs/stream_study", help="logs, checkpoints and run logs go here")
     p.add_argument("--rerun", action="store_true", help="measure variants already in --out again")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.add_argument("--partial", action="store_true", help="run nothing: record what unfinished variants measured so far "
+                   "(the mid-stream evaluations of their last checkpoints under --root) in --out")
     p.epilog = "Any other --key=value is passed to every variant's lightning-edit fit (e.g. --model.residual.steps=10)."
     a, extra = p.parse_known_args(argv)
     plan = dict(PLANS[a.plan])
@@ -139,6 +163,17 @@ def main(argv=None) -> int:
     root = Path(a.root) / a.plan
     root.mkdir(parents=True, exist_ok=True)
     failed = False
+    if a.partial:
+        for name in names:
+            if "summary" in results["variants"].get(name, {}) and not results["variants"][name].get("partial"):
+                continue  # finished: keep its full result
+            r = partial(name, plan, root)
+            if r is not None:
+                results["variants"][name] = {**r, "date": time.strftime("%Y-%m-%d")}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+        print(table(results))
+        return 0
     for name in names:
         if name in results["variants"] and "summary" in results["variants"][name] and not a.rerun:
             print(f"{name}: in {out} already (--rerun measures it again)")
