@@ -657,3 +657,19 @@ def test_a_moved_run_directory_of_an_earlier_version_still_loads(tiny_model_dir,
     save_nested(state, ckpt)
     shutil.move(tmp_path / "run", tmp_path / "moved")
     assert main(["verify", str(tmp_path / "moved" / "ckpt" / "last.safetensors")]) == 0
+
+
+def test_stream_study_records_what_an_unfinished_run_measured(tiny_model_dir, corpus_file, tmp_path):
+    """``stream_study.py --partial`` reads the mid-stream evaluations of a variant's last
+    checkpoint (a run stopped before its end) into the results JSON, marked unfinished."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import stream_study
+
+    root = tmp_path / "study"
+    _fit(tiny_model_dir, corpus_file, tmp_path / "run", extra=["--model.eval_every=1", "--trainer.max_steps=2",
+                                                               f"--checkpoint.dirpath={root / 'paper1000' / 'ckpt' / 'alphaedit'}"])
+    out = tmp_path / "partial.json"
+    assert stream_study.main(["paper1000", "--only", "alphaedit", "--root", str(root), "--out", str(out), "--partial"]) == 0
+    r = json.loads(out.read_text())["variants"]["alphaedit"]
+    assert r["partial"] and r["summary"]["edits_applied"] == 8
+    assert [p["num_edits"] for p in r["summary"]["curve"]] == [4, 8] and 0 <= r["summary"]["efficacy"] <= 1
