@@ -11,7 +11,6 @@ Face directory (safetensors, tokenizer, chat template) cached under
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -22,6 +21,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lightning_edit.engine.files import file_sha256
 from lightning_edit.engine.loading import load_pretrained, require_gguf
 from lightning_edit.errors import DownloadError, InputError
 
@@ -61,12 +61,7 @@ def default_root() -> Path:
     return Path(os.environ.get("LIGHTNING_EDIT_MODELS", "checkpoints/models"))
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_file = file_sha256  # (the one SHA-256 of a file: engine/files.py)
 
 
 def _installed_file(spec: GGUFModelSpec) -> Path | None:
