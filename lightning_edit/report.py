@@ -40,11 +40,14 @@ from lightning_edit.builtin.realfacts import known_facts
 from lightning_edit.engine.arch import ModelAdapter
 from lightning_edit.engine.bars import progress_bar
 from lightning_edit.engine.loading import load_pretrained
-from lightning_edit.errors import MissingFileError
+from lightning_edit.errors import InputError, MissingFileError
 from lightning_edit.evaluation.evaluate import evaluate_generation, outcome_metrics, request_outcomes
 from lightning_edit.evaluation.metrics import KnownShare, LogProbDrop, Perplexity, Retention, TokenAccuracy
 from lightning_edit.evaluation.scoring import greedy_generate, next_word_hits, pad_rows, target_scores, text_token_nll
-from lightning_edit.longform.edit import evaluate_longform, is_longform, rouge_l_of
+from lightning_edit.longform.diagnostics import divergence_of_requests
+from lightning_edit.longform.diagnostics import summarize as summarize_divergence
+from lightning_edit.longform.edit import chunk_requests, evaluate_longform, is_longform, rouge_l_of
+from lightning_edit.longform.finetune import finetune_layers
 from lightning_edit.module import EditModule
 from lightning_edit.resources import resolve
 from lightning_edit.tblog import add_image_file, add_text, log_hparams, run_settings
@@ -78,7 +81,8 @@ class EditReport(L.Callback):
                  n_perplexity: int = 200, references: str | None = None, n_generation: int = 50,
                  max_new_tokens: int = 30, seed: int = 0, n_examples: int = 3, example_tokens: int = 12,
                  single_anchor_baseline: bool = True, n_text_samples: int = 3, unedited_metrics: bool = True,
-                 next_word_texts: int = 40):
+                 next_word_texts: int = 40, finetune_baseline: bool = False, finetune_steps: int = 100,
+                 finetune_lr: float = 5e-4):
         """What the report measures (each ``--report.*`` option).
 
         Args:
@@ -103,6 +107,13 @@ class EditReport(L.Callback):
                 batch, on a fresh copy of the base model with ONE residual vector per answer at the
                 prompt's last token (the plain MEMIT / AlphaEdit way) and report its
                 ``single_anchor_rouge_l`` beside AnyEdit's.
+            finetune_baseline: long-form streams: also fine-tune the edit layers' down projections of
+                the unedited model on the same answers, batch for batch (Adam on the teacher-forced
+                answer NLL, :func:`~lightning_edit.longform.finetune.finetune_layers`), and report its
+                ROUGE-L, token accuracy, retention, perplexity and next-word accuracy as
+                ``finetune_*`` beside the edit's (the edited weights are restored afterwards).
+            finetune_steps, finetune_lr: the fine-tuning baseline's Adam steps per batch (it stops
+                early below 0.01 nats per answer token) and learning rate.
             n_text_samples: long-form streams: requests whose question, target and generations
                 before / after go to TensorBoard and ``summary.md``.
             unedited_metrics: measure efficacy, generalization and specificity of the unedited
@@ -117,6 +128,9 @@ class EditReport(L.Callback):
         self.refs_spec, self.n_generation, self.max_new_tokens, self.seed = references, n_generation, max_new_tokens, seed
         self.single_anchor_baseline, self.n_text_samples = single_anchor_baseline, n_text_samples
         self.unedited_metrics, self.n_next_word = unedited_metrics, next_word_texts
+        if finetune_steps < 1 or not finetune_lr > 0:
+            raise InputError(f"report.finetune_steps must be >= 1 and report.finetune_lr > 0, got {finetune_steps} and {finetune_lr}")
+        self.finetune_baseline, self.finetune_steps, self.finetune_lr = finetune_baseline, finetune_steps, finetune_lr
         self.text_before: list[dict] = []
         # measured once, on the unedited model, at the first fit start (then restored from checkpoints)
         self.unedited_measured = False
@@ -451,12 +465,22 @@ class EditReport(L.Callback):
 
         first_ids = {r.case_id for r in first}
         s["first_batch_rouge_l"] = rouge_l_of([t for t in texts if t["case_id"] in first_ids])
+        diverged = divergence_of_requests(pl_module.adapter, pl_module.tokenizer, edited,
+                                          chunk_requests(pl_module.tokenizer, edited, cfg, pl_module.chat_template, pl_module.system_prompt),
+                                          pl_module.layers, pl_module.stream.ledger.total_update(pl_module.layers))
+        s.update(summarize_divergence(diverged))
+        for t, d in zip(texts, diverged):
+            t.update({k: d[k] for k in _DIVERGENCE_FIELDS if k in d})
         s.update(self._knowledge_and_ability(pl_module))
         s["wall_time_s"] = round(self.elapsed(), 1)
         if self.single_anchor_baseline and not cfg.single_anchor:
             t0 = time.time()
             s["single_anchor_rouge_l"] = single_anchor_rouge_l(trainer, pl_module, edited, getattr(trainer.datamodule, "batch_size", len(edited)))
             s["single_anchor_wall_time_s"] = round(time.time() - t0, 1)
+        if self.finetune_baseline and not cfg.single_anchor:
+            t0 = time.time()
+            s.update(self.finetune_metrics(pl_module, edited, getattr(trainer.datamodule, "batch_size", len(edited))))
+            s["finetune_wall_time_s"] = round(time.time() - t0, 1)
         s = {k: v for k, v in s.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
         self.summary = s
         before = {t["question"]: t["before"] for t in self.text_before}
@@ -475,6 +499,50 @@ class EditReport(L.Callback):
             print("\n" + summary_markdown(s))
             print(f"summary written to {out}/summary.md, summary.json")
 
+    @torch.no_grad()
+    def finetune_metrics(self, pl_module: EditModule, requests: list, batch_size: int) -> dict:
+        """The fine-tuning baseline (``finetune_baseline``): the edit layers set back to the base
+        model's weights, fine-tuned batch for batch on the same answers, measured as the edit is
+        (``finetune_rouge_l``, ``finetune_token_accuracy``, ``finetune_prefix_kept``,
+        ``finetune_retention_known``, ``finetune_probe_logprob_drop``, ``finetune_perplexity_after``,
+        ``finetune_next_word_accuracy_after``), then the edited weights put back. ``{}`` when the
+        base model cannot be reloaded by name."""
+        if not isinstance(pl_module.model_name, str):
+            return {}
+        p = next(pl_module.lm.parameters())
+        base, _ = load_pretrained(pl_module.model_name, str(p.dtype).removeprefix("torch."))  # type: ignore[arg-type]
+        ad, layers = pl_module.adapter, pl_module.layers
+        base_ad = ModelAdapter(base, *pl_module.templates)
+        base_w = {l: base_ad.weight_as_linear(l).detach().to(p.device).clone() for l in layers}
+        del base, base_ad
+        edited = {l: ad.weight_as_linear(l).detach().clone() for l in layers}
+        cache, self._probe_cache = self._probe_cache, None
+        cfg = pl_module.longform_cfg
+        tok = pl_module.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        try:
+            for l in layers:
+                ad.weight_as_linear(l).copy_(base_w[l])
+            losses = []
+            for i in range(0, len(requests), batch_size):
+                chunks = chunk_requests(tok, requests[i : i + batch_size], cfg, pl_module.chat_template, pl_module.system_prompt)
+                with torch.enable_grad():
+                    losses.append(finetune_layers(ad, chunks, layers, self.finetune_steps, self.finetune_lr, pad_id=pad,
+                                                  progress=pl_module.progress_enabled())["loss"])
+            out = evaluate_longform(pl_module.lm, tok, requests, cfg, pl_module.chat_template, pl_module.system_prompt,
+                                    batch_size=min(pl_module.eval_batch_size, 32))
+            s = {f"finetune_{k}": out.get(f"longform/{k}") for k in ("rouge_l", "bleu", "token_accuracy", "prefix_kept")}
+            s["finetune_rouge_l_paraphrase"] = out.get("longform/paraphrase_rouge_l")
+            s["finetune_last_loss"] = losses[-1] if losses else None
+            know = self._knowledge_and_ability(pl_module)
+            s.update({f"finetune_{k}": know.get(k) for k in ("retention", "retention_known", "probe_logprob_drop", "perplexity_after",
+                                                               "next_word_accuracy_after")})
+            return s
+        finally:
+            for l in layers:
+                ad.weight_as_linear(l).copy_(edited[l])
+            self._probe_cache = cache
+
 
 # the summary's values that go to TensorBoard's edit axis as ``edit/<key>`` at the end (the edit
 # metrics themselves are logged by the module's evaluation)
@@ -487,6 +555,10 @@ def _answer(fact: dict) -> str:
     return fact.get("object", fact.get("answer"))
 
 
+# what a sample shows of where its generation left the target (:func:`divergence`)
+_DIVERGENCE_FIELDS = ("chunk", "offset", "margin", "target_rank", "key_distance", "response")
+
+
 def longform_samples_markdown(samples: list[dict]) -> str:
     """Question, target and generations before / after the edits, as Markdown."""
     out = ["## Samples", ""]
@@ -496,8 +568,9 @@ def longform_samples_markdown(samples: list[dict]) -> str:
             out += [f"**Before:** {t['before']}", ""]
         out += [f"**After:** {t['generation']}", ""]
         if t.get("expected") is not None:  # where greedy generation first leaves the target
+            where = f" (chunk {t['chunk']}, its token {t['offset']}; {t['margin']:.2f} nats behind)" if "margin" in t else ""
             out += [f"**First miss:** answer token {t['first_miss']} of {t['answer_tokens']}: {t['predicted']!r} instead of "
-                    f"{t['expected']!r}", ""]
+                    f"{t['expected']!r}{where}", ""]
         if t.get("paraphrase_generation"):
             out += [f"**After (paraphrased question):** {t['paraphrase_generation']}", ""]
     return "\n".join(out)

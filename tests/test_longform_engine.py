@@ -191,3 +191,42 @@ def test_a_multi_chunk_answer_is_reproduced_after_the_edit(tokenizer, trained_gp
     apply_update(ModelAdapter(without), batch, res.z_target, layers, MemitMethod(lam=0.01, moments=moments), context=False)
     lost = greedy_generate(without, tokenizer, [prompt], max_new_tokens=12)[0]
     assert not lost.startswith(answer), lost
+
+
+def test_context_weight_scales_the_zero_residual_rows(tokenizer, trained_gpt2, monkeypatch):
+    """``context_weight`` w weighs the zero-residual rows in the least squares: bit-equal to the
+    update solved with those keys scaled by sqrt(w) (w = 4: x2, exact in floating point), and
+    w = 1 is today's path bit for bit; a larger weight moves the text's other states less."""
+    import lightning_edit.engine.update as upd
+
+    prompt, answer = "Danielle Darrieux lives in", " Rome. Paris. London. Tokyo."
+    text = prompt + answer
+    batch = build_chunked_batch(tokenizer, [(text, _window_spans(tokenizer, text, len(prompt), 2))], [])
+    layers = [1, 2]
+    cfg = ResidualConfig(steps=10, lr=0.5, kl_factor=0.0, clamp_norm_factor=4.0)
+    res = optimize_residuals(ModelAdapter(copy.deepcopy(trained_gpt2)), batch, layers[-1], cfg)
+    moments = {l: torch.eye(ModelAdapter(trained_gpt2).dims(l)[1]) for l in layers}
+
+    def edited(weight=None, scale=None):
+        model = copy.deepcopy(trained_gpt2)
+        ad = ModelAdapter(model)
+        with monkeypatch.context() as m:
+            if scale is not None:
+                orig = upd.context_keys
+                m.setattr(upd, "context_keys", lambda a, b, l: orig(a, b, l) * scale)
+            kw = {} if weight is None else {"context_weight": weight}
+            apply_update(ad, batch, res.z_target, layers, MemitMethod(lam=0.5, moments=moments), context=True, **kw)
+        return ad, {l: ad.weight_as_linear(l).clone() for l in layers}
+
+    _, today = edited()
+    _, one = edited(1.0)
+    _, four = edited(4.0)
+    _, scaled = edited(scale=2.0)
+    for l in layers:
+        assert torch.equal(one[l], today[l]) and torch.equal(four[l], scaled[l])
+        assert not torch.equal(four[l], today[l])
+    base = ModelAdapter(trained_gpt2)
+    kc = upd.context_keys(base, batch, layers[0])  # the first layer's context keys do not depend on its own update
+    w0 = base.weight_as_linear(layers[0]).detach()
+    moved = {w: float(((four if w == 4.0 else today)[layers[0]] - w0).matmul(kc.T).norm()) for w in (1.0, 4.0)}
+    assert moved[4.0] < moved[1.0]

@@ -20,13 +20,21 @@ def _fit(tmp_path, extra=()):
 
 
 def test_longform_quickstart_reduced_end_to_end(tmp_path):
-    s = _fit(tmp_path)
+    s = _fit(tmp_path, ["--report.finetune_baseline=true", "--report.finetune_steps=3"])
     for key in ("method", "num_edits", "rouge_l", "rouge_l_paraphrase", "bleu", "exact_match", "retention",
                 "single_anchor_rouge_l", "mode", "wall_time_s"):
         assert key in s, key
     assert s["num_edits"] == 4 and s["mode"] == "joint" and s["method"] == "alphaedit"
     assert 0.0 <= s["rouge_l"] <= 1.0 and 0.0 <= s["single_anchor_rouge_l"] <= 1.0
     assert len(s["samples"]) >= 1 and {"question", "target", "before", "generation"} <= set(s["samples"][0])
+    # the fine-tuning baseline, measured as the edit is
+    for key in ("finetune_rouge_l", "finetune_token_accuracy", "finetune_retention", "finetune_last_loss", "finetune_wall_time_s"):
+        assert key in s, key
+    assert 0.0 <= s["finetune_rouge_l"] <= 1.0 and 0.0 <= s["finetune_retention"] <= 1.0
+    # where free generation left the targets, and the keys after it (longform/diagnostics.py)
+    assert 0.0 <= s["divergence_left"] <= 1.0
+    if s["divergence_left"] > 0:
+        assert s["divergence_margin"] >= 0 and "margin" in next(t for t in s["samples"] if "expected" in t)
     md = next(Path(tmp_path, "logs").rglob("summary.md")).read_text()
     assert "**Target:**" in md and "rouge_l" in md
 

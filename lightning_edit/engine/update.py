@@ -7,6 +7,7 @@ Plain functions and small method objects (no Lightning): the callbacks in
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -293,6 +294,7 @@ def apply_update(
     timer: PhaseTimer | None = None,
     context: bool = False,
     max_update: float = 0.0,
+    context_weight: float = 1.0,
 ) -> dict[str, float]:
     """Apply one edit batch's update to every edit layer, in ascending order.
 
@@ -312,7 +314,8 @@ def apply_update(
     ``on_record(record, info)`` runs before the method commits, inside the all-or-nothing block.
     ``context``: also ask the update to leave the keys at every other position of the edited
     texts unchanged (zero-residual rows, AnyEdit's option; only the solve uses them, AlphaEdit's
-    ``K_p K_p^T`` accumulates the edit keys as for facts).
+    ``K_p K_p^T`` accumulates the edit keys as for facts); ``context_weight`` weighs those rows in
+    the least squares (their keys scaled by its square root; 1 leaves them as they are).
     ``max_update`` > 0 bounds each layer's relative update ``||Delta||_F / ||W||_F``: a larger one
     (or a non-finite one) is refused before it is added, and the layers already updated are
     restored (:func:`~lightning_edit.engine.closed_form.check_update`).
@@ -347,6 +350,8 @@ def apply_update(
                 k_all, r_all = gather(keys[l]), gather(resid)
                 if context:
                     kc = gather(context_keys(adapter, batch, l) if batch is not None else _no_rows(adapter, [l])[l])
+                    if context_weight != 1.0:
+                        kc = kc * math.sqrt(context_weight)
                     k_all = torch.cat([k_all, kc])
                     r_all = torch.cat([r_all, r_all.new_zeros(kc.shape[0], r_all.shape[1])])
             info[f"update_norm/layer_{l}"] = _solve_and_add(adapter, method, l, k_all, r_all, master, broadcast, record, timer,

@@ -6,6 +6,7 @@ Plain functions (no Lightning): the module, the report and the notebook API call
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +35,9 @@ class LongFormConfig:
         context_keys: AnyEdit's zero-residual rows: the update also keeps the keys at the other
             positions of the edited texts where they are (measured: a 4-chunk answer is reproduced
             with them and not without, tests/test_longform_engine.py).
+        context_weight: the zero-residual rows' weight in the update's least squares (each row's
+            key is scaled by its square root; 1 = the reference's equal weight, below 1 lets the
+            update move the rest of the text's states more, above 1 less).
         context_prefixes: prepend the module's generated context prefixes to long-form rows too
             (the AnyEdit reference does not).
         max_new_tokens: greedy generation length for evaluation; 0 = the target's token count + 8.
@@ -43,6 +47,7 @@ class LongFormConfig:
     chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
     single_anchor: bool = False
     context_keys: bool = True
+    context_weight: float = 1.0
     context_prefixes: bool = False
     max_new_tokens: int = 0
     eval_paraphrase: bool = True
@@ -51,6 +56,8 @@ class LongFormConfig:
         if isinstance(self.chunking, dict):
             self.chunking = ChunkingConfig(**self.chunking)
         self.chunking.validate()
+        if not (isinstance(self.context_weight, (int, float)) and math.isfinite(self.context_weight) and self.context_weight > 0):
+            raise InputError(f"longform.context_weight must be a finite number > 0, got {self.context_weight!r}")
         if self.max_new_tokens < 0:
             raise InputError(f"longform.max_new_tokens must be >= 0, got {self.max_new_tokens}")
 

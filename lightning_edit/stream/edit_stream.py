@@ -142,6 +142,7 @@ class EditStream:
         lf = self.longform
         out.update({f"longform.chunking.{k}": v for k, v in dataclasses.asdict(lf.chunking).items()})
         out.update({"longform.single_anchor": lf.single_anchor, "longform.context_keys": lf.context_keys,
+                    "longform.context_weight": lf.context_weight,
                     "longform.context_prefixes": lf.context_prefixes, "chat_template": self.chat_template,
                     "system_prompt": self.system_prompt})
         return json.loads(json.dumps(out, default=str))  # plain JSON values, as a checkpoint gives them back
@@ -275,7 +276,8 @@ class EditStream:
         try:
             apply_update(self.adapter, rb, None if res is None else res.z_target, self.layers, self.method,
                          gather=collective.gather, max_rows=self.max_rows, master=self.master, record={}, context=context,
-                         broadcast=collective.broadcast, on_record=record, max_update=self.max_update)
+                         broadcast=collective.broadcast, on_record=record, max_update=self.max_update,
+                         context_weight=self.longform.context_weight)
         except (NonFiniteUpdateError, OversizedUpdateError) as err:  # name the batch; nothing was applied
             ids = ", ".join(str(r.case_id) for r in requests[:3]) + (" ..." if len(requests) > 3 else "")
             raise type(err)(f"edit batch {self.position} ({len(requests)} requests: {ids}) not applied: {err}") from None

@@ -228,6 +228,19 @@ class EditLedger:
         return out
 
     @torch.no_grad()
+    def total_update(self, layers: Sequence[int], device=None) -> dict[int, torch.Tensor]:
+        """``{layer: sum of every batch's U @ V}`` (float32, ``(d_model, d_k)``): what the stream
+        added to each edit layer; layers no batch touched are absent."""
+        out: dict[int, torch.Tensor] = {}
+        for r in self.records:
+            t = self.tensors(r)
+            for l in layers:
+                if f"u.{l}" in t:
+                    d = t[f"u.{l}"].to(device).float() @ t[f"v.{l}"].to(device).float()
+                    out[l] = out[l] + d if l in out else d
+        return out
+
+    @torch.no_grad()
     def replay(self, adapter, layers: Sequence[int], base: dict[int, torch.Tensor], master: dict[int, torch.Tensor]) -> None:
         """Write ``base`` (the unedited weights as ``(d_model, d_k)``) plus every batch's
         ``U @ V`` into the model, in stream order, exactly as :func:`apply_update` added them:
