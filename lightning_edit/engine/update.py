@@ -27,6 +27,7 @@ from lightning_edit.engine.closed_form import (
     memit_update,
     spread_residual,
 )
+from lightning_edit.engine.deviations import Deviations, deviation_keys
 from lightning_edit.engine.profiling import PhaseTimer, phase
 from lightning_edit.engine.residuals import ResidualBatch
 from lightning_edit.errors import InputError
@@ -295,6 +296,8 @@ def apply_update(
     context: bool = False,
     max_update: float = 0.0,
     context_weight: float = 1.0,
+    deviations: Deviations | None = None,
+    deviation_rows: bool = False,
 ) -> dict[str, float]:
     """Apply one edit batch's update to every edit layer, in ascending order.
 
@@ -316,6 +319,9 @@ def apply_update(
     texts unchanged (zero-residual rows, AnyEdit's option; only the solve uses them, AlphaEdit's
     ``K_p K_p^T`` accumulates the edit keys as for facts); ``context_weight`` weighs those rows in
     the least squares (their keys scaled by its square root; 1 leaves them as they are).
+    ``deviation_rows``: also ask each chunk's residual at its anchor's key in the slipped copies
+    ``deviations`` (:func:`~lightning_edit.engine.deviations.make_deviations`; ``None`` on a process
+    without any, which still joins the gathers); only the solve uses them, as the context rows.
     ``max_update`` > 0 bounds each layer's relative update ``||Delta||_F / ||W||_F``: a larger one
     (or a non-finite one) is refused before it is added, and the layers already updated are
     restored (:func:`~lightning_edit.engine.closed_form.check_update`).
@@ -348,6 +354,12 @@ def apply_update(
                     resid = spread_residual(z_target.to(z_cur.device), z_cur, len(layers) - i)
                 own_keys[l] = keys[l]
                 k_all, r_all = gather(keys[l]), gather(resid)
+                if deviation_rows:
+                    if deviations is not None and batch is not None and len(deviations):
+                        kd, rd = deviation_keys(adapter, deviations, l), resid[deviations.read_chunk.to(resid.device)]
+                    else:
+                        kd, rd = _no_rows(adapter, [l])[l], resid.new_zeros(0, resid.shape[1])
+                    k_all, r_all = torch.cat([k_all, gather(kd)]), torch.cat([r_all, gather(rd)])
                 if context:
                     kc = gather(context_keys(adapter, batch, l) if batch is not None else _no_rows(adapter, [l])[l])
                     if context_weight != 1.0:

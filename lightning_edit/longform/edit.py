@@ -38,6 +38,10 @@ class LongFormConfig:
         context_weight: the zero-residual rows' weight in the update's least squares (each row's
             key is scaled by its square root; 1 = the reference's equal weight, below 1 lets the
             update move the rest of the text's states more, above 1 less).
+        deviations: slipped copies of each answer whose anchors' keys the update must also write
+            the chunk residuals at (one target token per chunk replaced by the model's most likely
+            other token; :mod:`lightning_edit.engine.deviations`), so an edit still fires after
+            free generation leaves the target; 0 = off (the reference's update).
         context_prefixes: prepend the module's generated context prefixes to long-form rows too
             (the AnyEdit reference does not).
         max_new_tokens: greedy generation length for evaluation; 0 = the target's token count + 8.
@@ -48,6 +52,7 @@ class LongFormConfig:
     single_anchor: bool = False
     context_keys: bool = True
     context_weight: float = 1.0
+    deviations: int = 0
     context_prefixes: bool = False
     max_new_tokens: int = 0
     eval_paraphrase: bool = True
@@ -58,6 +63,8 @@ class LongFormConfig:
         self.chunking.validate()
         if not (isinstance(self.context_weight, (int, float)) and math.isfinite(self.context_weight) and self.context_weight > 0):
             raise InputError(f"longform.context_weight must be a finite number > 0, got {self.context_weight!r}")
+        if not isinstance(self.deviations, int) or isinstance(self.deviations, bool) or self.deviations < 0:
+            raise InputError(f"longform.deviations must be an integer >= 0, got {self.deviations!r}")
         if self.max_new_tokens < 0:
             raise InputError(f"longform.max_new_tokens must be >= 0, got {self.max_new_tokens}")
 

@@ -34,6 +34,7 @@ from lightning_edit.data.requests import EditRequest
 from lightning_edit.engine.arch import ModelAdapter
 from lightning_edit.engine.bars import ResidualProgress
 from lightning_edit.engine.closed_form import MAX_UPDATE, NonFiniteUpdateError, OversizedUpdateError
+from lightning_edit.engine.deviations import make_deviations
 from lightning_edit.engine.prefixes import generate_prefixes
 from lightning_edit.engine.residuals import (
     ResidualConfig,
@@ -142,7 +143,7 @@ class EditStream:
         lf = self.longform
         out.update({f"longform.chunking.{k}": v for k, v in dataclasses.asdict(lf.chunking).items()})
         out.update({"longform.single_anchor": lf.single_anchor, "longform.context_keys": lf.context_keys,
-                    "longform.context_weight": lf.context_weight,
+                    "longform.context_weight": lf.context_weight, "longform.deviations": lf.deviations,
                     "longform.context_prefixes": lf.context_prefixes, "chat_template": self.chat_template,
                     "system_prompt": self.system_prompt})
         return json.loads(json.dumps(out, default=str))  # plain JSON values, as a checkpoint gives them back
@@ -263,7 +264,10 @@ class EditStream:
         if local:  # a process without requests in this batch still joins every gather
             rb, res = self.residuals(local, label, progress)
         # every process decides alike (the whole batch), so all of them run the same collectives
-        context = bool(requests) and is_longform(requests) and self.longform.context_keys
+        longform = bool(requests) and is_longform(requests)
+        context = longform and self.longform.context_keys
+        slips = longform and self.longform.deviations > 0
+        dev = make_deviations(self.adapter, rb, self.longform.deviations, seed=self.seed + self.position) if slips and rb is not None else None
         applied: list[BatchRecord] = []
 
         def record(tensors: dict, info: dict) -> None:
@@ -277,7 +281,7 @@ class EditStream:
             apply_update(self.adapter, rb, None if res is None else res.z_target, self.layers, self.method,
                          gather=collective.gather, max_rows=self.max_rows, master=self.master, record={}, context=context,
                          broadcast=collective.broadcast, on_record=record, max_update=self.max_update,
-                         context_weight=self.longform.context_weight)
+                         context_weight=self.longform.context_weight, deviations=dev, deviation_rows=slips)
         except (NonFiniteUpdateError, OversizedUpdateError) as err:  # name the batch; nothing was applied
             ids = ", ".join(str(r.case_id) for r in requests[:3]) + (" ..." if len(requests) > 3 else "")
             raise type(err)(f"edit batch {self.position} ({len(requests)} requests: {ids}) not applied: {err}") from None
