@@ -48,6 +48,8 @@ from lightning_edit.longform.diagnostics import divergence_of_requests
 from lightning_edit.longform.diagnostics import summarize as summarize_divergence
 from lightning_edit.longform.edit import chunk_requests, evaluate_longform, is_longform, rouge_l_of
 from lightning_edit.longform.finetune import finetune_layers
+from lightning_edit.longform.metrics import LongFormMetrics
+from lightning_edit.longform.records import LongFormRequest
 from lightning_edit.module import EditModule
 from lightning_edit.resources import resolve
 from lightning_edit.tblog import add_image_file, add_text, log_hparams, run_settings
@@ -82,7 +84,7 @@ class EditReport(L.Callback):
                  max_new_tokens: int = 30, seed: int = 0, n_examples: int = 3, example_tokens: int = 12,
                  single_anchor_baseline: bool = True, n_text_samples: int = 3, unedited_metrics: bool = True,
                  next_word_texts: int = 40, finetune_baseline: bool = False, finetune_steps: int = 100,
-                 finetune_lr: float = 5e-4):
+                 finetune_lr: float = 5e-4, longform_locality: int = 0):
         """What the report measures (each ``--report.*`` option).
 
         Args:
@@ -114,6 +116,11 @@ class EditReport(L.Callback):
                 ``finetune_*`` beside the edit's (the edited weights are restored afterwards).
             finetune_steps, finetune_lr: the fine-tuning baseline's Adam steps per batch (it stops
                 early below 0.01 nats per answer token) and learning rate.
+            longform_locality: long-form streams: this many questions of records the stream does not
+                edit (the next ones of the same part of the dataset,
+                :meth:`~lightning_edit.data.datamodule.EditDataModule.outside_requests`) are answered
+                greedily before and after editing: ``locality_rouge_l`` (ROUGE-L F1 of the answer
+                after against before; 1 = unchanged) and ``locality_unchanged`` (share identical).
             n_text_samples: long-form streams: requests whose question, target and generations
                 before / after go to TensorBoard and ``summary.md``.
             unedited_metrics: measure efficacy, generalization and specificity of the unedited
@@ -131,6 +138,11 @@ class EditReport(L.Callback):
         if finetune_steps < 1 or not finetune_lr > 0:
             raise InputError(f"report.finetune_steps must be >= 1 and report.finetune_lr > 0, got {finetune_steps} and {finetune_lr}")
         self.finetune_baseline, self.finetune_steps, self.finetune_lr = finetune_baseline, finetune_steps, finetune_lr
+        if longform_locality < 0:
+            raise InputError(f"report.longform_locality must be >= 0, got {longform_locality}")
+        self.longform_locality = longform_locality
+        self.locality_before: list[dict] = []  # {"case_id", "question", "before"} of unedited long-form questions
+        self.longform_unedited: dict[str, float] = {}  # the unedited model's long-form metrics on the stream's requests
         self.text_before: list[dict] = []
         # measured once, on the unedited model, at the first fit start (then restored from checkpoints)
         self.unedited_measured = False
@@ -323,13 +335,43 @@ class EditReport(L.Callback):
             self.next_word_texts = [t["text"] for t in docstring_texts(self.n_next_word, exclude=sorted(terms), seed=self.seed)]
             self.next_word_before = self.next_word_accuracy(pl_module)
         if reqs and is_longform(reqs):
-            _, texts = pl_module.evaluate_longform(reqs[: self.n_text_samples], return_texts=True)
-            self.text_before = [{"question": t["question"], "target": t["target"], "before": t["generation"]} for t in texts]
+            out, texts = evaluate_longform(pl_module.lm, pl_module.tokenizer, reqs, pl_module.longform_cfg, pl_module.chat_template,
+                                           pl_module.system_prompt, batch_size=min(pl_module.eval_batch_size, 32),
+                                           return_texts=True, light=True)
+            self.longform_unedited = {k.removeprefix("longform/"): v for k, v in out.items() if k in ("longform/rouge_l", "longform/bleu")}
+            self.text_before = [{"question": t["question"], "target": t["target"], "before": t["generation"]}
+                                for t in texts[: self.n_text_samples]]
+            outside = getattr(dm, "outside_requests", None)
+            if self.longform_locality and outside is not None:
+                others = outside(self.longform_locality)
+                self.locality_before = [{"case_id": r.case_id, "question": r.question, "before": b}
+                                        for r, b in zip(others, self.longform_answers(pl_module, others))]
         elif self.n_examples and reqs:
             reqs = reqs[: self.n_examples]
             before = self.continuations(pl_module, [r.rendered_prompt for r in reqs])
             self.examples = [{"prompt": r.rendered_prompt, "target_true": r.target_true, "target_new": r.target_new, "before": b}
                              for r, b in zip(reqs, before)]
+
+    def longform_answers(self, pl_module: EditModule, requests: list) -> list[str]:
+        """Greedy answers of long-form ``requests``' questions, as the long-form evaluation generates them
+        (``longform.max_new_tokens`` tokens, or 128 when it is 0: the same length before and after)."""
+        cfg = dataclasses.replace(pl_module.longform_cfg, max_new_tokens=pl_module.longform_cfg.max_new_tokens or 128)
+        _, texts = evaluate_longform(pl_module.lm, pl_module.tokenizer, requests, cfg, pl_module.chat_template,
+                                     pl_module.system_prompt, batch_size=min(pl_module.eval_batch_size, 32), return_texts=True,
+                                     light=True)
+        return [t["generation"] for t in texts]
+
+    def locality(self, pl_module: EditModule) -> dict[str, float]:
+        """``locality_rouge_l`` / ``locality_unchanged`` of the unedited long-form questions now."""
+        if not self.locality_before:
+            return {}
+        others = [LongFormRequest(question=t["question"], answer=t["before"] or ".", case_id=t["case_id"]) for t in self.locality_before]
+        after = self.longform_answers(pl_module, others)
+        before = [t["before"] for t in self.locality_before]
+        m = LongFormMetrics()
+        m.update(after, before)
+        return {"locality_rouge_l": float(m.compute()["rouge_l"]),
+                "locality_unchanged": sum(a == b for a, b in zip(after, before)) / len(before)}
 
     def on_train_batch_end(self, trainer, pl_module: EditModule, outputs, batch, batch_idx) -> None:
         every = pl_module.eval_every
@@ -352,6 +394,7 @@ class EditReport(L.Callback):
         # report measured on the unedited model, the stream time so far and the example texts
         return {"baseline": self.baseline, "ppl_before": self.ppl_before, "elapsed_s": self.elapsed(),
                 "text_before": json.dumps(self.text_before), "examples": json.dumps(self.examples),
+                "locality_before": json.dumps(self.locality_before), "longform_unedited": json.dumps(self.longform_unedited),
                 "unedited_measured": self.unedited_measured, "probe_logp": self.probe_logp, "known_unedited": self.known_unedited,
                 "unedited_rows": self.unedited_rows, "next_word_texts": json.dumps(self.next_word_texts),
                 "next_word_before": self.next_word_before}
@@ -369,6 +412,8 @@ class EditReport(L.Callback):
         self.next_word_before = state.get("next_word_before")
         self._elapsed_before = float(state.get("elapsed_s", 0.0))
         self.text_before = json.loads(state.get("text_before", "[]"))
+        self.locality_before = json.loads(state.get("locality_before", "[]"))
+        self.longform_unedited = json.loads(state.get("longform_unedited", "{}"))
         self.examples = json.loads(state.get("examples", "[]"))
 
     def continuations(self, module: EditModule, prompts: list[str]) -> list[str]:
@@ -463,8 +508,10 @@ class EditReport(L.Callback):
             if f"longform/paraphrase_{key}" in final:
                 s[f"{key}_paraphrase"] = final[f"longform/paraphrase_{key}"]
 
+        s.update({f"{k}_unedited": v for k, v in self.longform_unedited.items()})
         first_ids = {r.case_id for r in first}
         s["first_batch_rouge_l"] = rouge_l_of([t for t in texts if t["case_id"] in first_ids])
+        s.update(self.locality(pl_module))
         diverged = divergence_of_requests(pl_module.adapter, pl_module.tokenizer, edited,
                                           chunk_requests(pl_module.tokenizer, edited, cfg, pl_module.chat_template, pl_module.system_prompt),
                                           pl_module.layers, pl_module.stream.ledger.total_update(pl_module.layers))

@@ -452,5 +452,8 @@ def test_datamodule_reads_the_held_out_part_with_its_dataset_positions():
     dm = EditDataModule(str(path), subset="heldout", tuned=list(range(12)), offset=2, limit=3, batch_size=2)
     dm.setup()
     assert [r.record_index for r in dm.requests] == [15, 17, 18]  # held-out positions 13, 14, 15, 17, 18, ... from the third on
+    # locality questions: the same part, never the stream's records (after its window, then before it)
+    assert [r.record_index for r in dm.outside_requests(4)] == [19, 21, 22, 23]
+    assert [r.record_index for r in dm.outside_requests(200)][-2:] == [13, 14] and dm.outside_requests(0) == []
     with pytest.raises(InputError, match="subset must be"):
         EditDataModule(str(path), subset="test")

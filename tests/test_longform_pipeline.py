@@ -20,13 +20,15 @@ def _fit(tmp_path, extra=()):
 
 
 def test_longform_quickstart_reduced_end_to_end(tmp_path):
-    s = _fit(tmp_path, ["--report.finetune_baseline=true", "--report.finetune_steps=3"])
+    s = _fit(tmp_path, ["--report.finetune_baseline=true", "--report.finetune_steps=3", "--report.longform_locality=2"])
     for key in ("method", "num_edits", "rouge_l", "rouge_l_paraphrase", "bleu", "exact_match", "retention",
                 "single_anchor_rouge_l", "mode", "wall_time_s"):
         assert key in s, key
     assert s["num_edits"] == 4 and s["mode"] == "joint" and s["method"] == "alphaedit"
     assert 0.0 <= s["rouge_l"] <= 1.0 and 0.0 <= s["single_anchor_rouge_l"] <= 1.0
     assert len(s["samples"]) >= 1 and {"question", "target", "before", "generation"} <= set(s["samples"][0])
+    # the unedited model on the same records; unedited questions before / after
+    assert 0.0 <= s["rouge_l_unedited"] <= 1.0 and 0.0 <= s["locality_rouge_l"] <= 1.0 and "locality_unchanged" in s
     # the fine-tuning baseline, measured as the edit is
     for key in ("finetune_rouge_l", "finetune_token_accuracy", "finetune_retention", "finetune_last_loss", "finetune_wall_time_s"):
         assert key in s, key

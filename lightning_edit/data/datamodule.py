@@ -326,6 +326,20 @@ class EditDataModule(L.LightningDataModule):
             )
         self._loaded = True
 
+    def outside_requests(self, n: int) -> list[EditRequest]:
+        """Up to ``n`` requests from records of the same part of the split (``subset``) that the
+        stream does not hold: the ones after its window first, then those before it. For
+        locality: never edited, and for a held-out run never used to choose settings either."""
+        if n <= 0:
+            return []
+        records = load_records(
+            resolve(self.dataset), split=self.split, data_files=self.data_files, name=self.config_name, field=self.field
+        )
+        part = subset_positions(len(records), self.subset, self.tune_every, self.tuned)
+        stop = len(part) if self.limit is None else min(len(part), self.offset + self.limit)
+        positions = (part[stop:] + part[: self.offset])[:n]
+        return requests_from_records([records[i] for i in positions], self.format, indices=positions) if positions else []
+
     def _require_requests(self) -> list[EditRequest]:
         if not self._loaded:
             self.setup()
