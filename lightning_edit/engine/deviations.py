@@ -55,11 +55,14 @@ def make_deviations(adapter: ModelAdapter, batch: ResidualBatch, copies: int, se
     rows = batch.bare_row_of_chunk.unique()  # one per request, in request order
     ids = batch.enc.input_ids[rows]
     mask = batch.enc.attention_mask[rows]
-    logits = adapter.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float().cpu()
-    # the most likely token other than the target at every position (predicted from the one before)
-    alt = logits[:, :-1].clone()
-    alt.scatter_(-1, ids[:, 1:].unsqueeze(-1), float("-inf"))
-    other = torch.cat([ids[:, :1], alt.argmax(-1)], 1)
+    # the most likely token other than the target at every position (predicted from the one
+    # before), a row at a time: one row's logits are (seq, vocab)
+    other = ids.clone()
+    for i in range(len(rows)):
+        n = int(mask[i].sum())
+        logits = adapter.model(input_ids=ids[i : i + 1, :n].to(device), use_cache=False).logits[0, :-1].float()
+        logits.scatter_(-1, ids[i, 1:n].to(device).unsqueeze(-1), float("-inf"))
+        other[i, 1:n] = logits.argmax(-1).cpu()
     # each chunk's target positions, its anchor and its row, from the batch's own layout
     t_rows, t_pos, t_chunk = batch.target_chunks()
     a_rows, a_pos, a_chunk = batch.anchors()
