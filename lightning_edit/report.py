@@ -114,8 +114,9 @@ class EditReport(L.Callback):
                 answer NLL, :func:`~lightning_edit.longform.finetune.finetune_layers`), and report its
                 ROUGE-L, token accuracy, retention, perplexity and next-word accuracy as
                 ``finetune_*`` beside the edit's (the edited weights are restored afterwards).
-            finetune_steps, finetune_lr: the fine-tuning baseline's Adam steps per batch (it stops
-                early below 0.01 nats per answer token) and learning rate.
+            finetune_steps: the fine-tuning baseline's Adam steps per batch (it stops early below
+                0.01 nats per answer token).
+            finetune_lr: the fine-tuning baseline's Adam learning rate.
             longform_locality: long-form streams: this many questions of records the stream does not
                 edit (the next ones of the same part of the dataset,
                 :meth:`~lightning_edit.data.datamodule.EditDataModule.outside_requests`) are answered
