@@ -23,6 +23,7 @@ from lightning_edit.engine.stats import StatsConfig, corpus_fingerprint, project
 from lightning_edit.engine.update import AlphaEditMethod, MemitMethod
 from lightning_edit.errors import CheckpointError, InputError
 from lightning_edit.module import EditModule
+from lightning_edit.strategies import data_shards
 
 SolveDType = Literal["float32", "float64"]
 _SOLVE = {"float32": torch.float32, "float64": torch.float64}
@@ -94,10 +95,11 @@ class ClosedFormUpdate(L.Callback):
             return
         world = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
-        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else None
+        shards, shard = data_shards(trainer)  # sharded weights: every process reads the whole corpus
+        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if shards > 1 else None
         self._check_stash(module)  # before the statistics: a wrong checkpoint fails fast
         moments = second_moments(module.adapter, module.tokenizer, module.layers, self.stats, reduce=reduce,
-                                 shard=rank, num_shards=world, is_writer=rank == 0, show_progress=show_progress(trainer))
+                                 shard=shard, num_shards=shards, is_writer=rank == 0, show_progress=show_progress(trainer))
         if trainer is not None and world > 1:
             trainer.strategy.barrier("lightning_edit_stats")
         self.corpus_hash = corpus_fingerprint(self.stats)  # the content the statistics came from (checked on resume)
@@ -217,8 +219,8 @@ class ClosedFormUpdate(L.Callback):
 
     def on_fit_end(self, trainer, pl_module: EditModule) -> None:
         path = self._default_export_path(trainer)  # on every rank: trainer.log_dir is a broadcast under DDP
-        if trainer.is_global_zero:
-            self.export(pl_module, path)
+        # on every rank: sharded weights are gathered (a collective); rank 0 writes
+        self.export(pl_module, path, is_writer=trainer.is_global_zero)
 
     def _default_export_path(self, trainer) -> Path:
         if self.export_path:
@@ -228,9 +230,11 @@ class ClosedFormUpdate(L.Callback):
             return Path(ckpt.dirpath) / "edited.safetensors"
         return Path(trainer.log_dir or trainer.default_root_dir) / "edited.safetensors"
 
-    def export(self, module: EditModule, path: str | Path) -> Path:
+    def export(self, module: EditModule, path: str | Path, is_writer: bool = True) -> Path:
+        """The edit layers' weights as ``edited.safetensors`` (:func:`save_edited_layers`; with
+        sharded weights every process calls, ``is_writer`` writes)."""
         return save_edited_layers(path, module.adapter, module.layers, self.method_name, module.model_name, module.num_edits,
-                                  module.ledger.position)
+                                  module.ledger.position, is_writer=is_writer)
 
 
 

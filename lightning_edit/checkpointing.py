@@ -36,6 +36,7 @@ from lightning_edit.engine.files import (  # noqa: F401  (re-exported: this modu
     tensor_digest,
     verify_tensors,
 )
+from lightning_edit.engine import sharding
 from lightning_edit.engine.loading import portable_config
 from lightning_edit.errors import CheckpointError, MissingFileError
 from lightning_edit.stream.ledger import anchored_state, portable_state
@@ -87,10 +88,17 @@ def save_edits(path: str | os.PathLike, weights: dict[str, torch.Tensor], metada
 
 
 def save_edited_layers(path: str | os.PathLike, adapter, layers, method: str, model_name: str, num_edits: int,
-                       batches: int) -> Path:
+                       batches: int, is_writer: bool = True) -> Path:
     """Write the edit layers' weights of an edited model (``edited.safetensors``: HF parameter
-    names, the model's dtype) with what they carry (method, base model, edits, batches)."""
-    weights = {adapter.weight_name(l): adapter.down_proj(l).weight for l in layers}
+    names, the model's dtype) with what they carry (method, base model, edits, batches). Sharded
+    weights are gathered one layer at a time (every process must call); only ``is_writer`` writes."""
+    weights = {}
+    for l in layers:
+        w = sharding.full(adapter.down_proj(l).weight)
+        if is_writer:
+            weights[adapter.weight_name(l)] = w
+    if not is_writer:
+        return Path(path)
     meta = {"method": method, "base_model": str(model_name), "num_edits": num_edits, "batches": batches, "layers": list(layers),
             "config_fingerprint": config_fingerprint(adapter.model)}
     return save_edits(path, weights, meta)

@@ -34,6 +34,7 @@ from lightning_edit.longform.chunking import check_all_fit
 from lightning_edit.longform.edit import LongFormConfig, evaluate_longform, is_longform
 from lightning_edit.stream.edit_stream import Collective, EditStream
 from lightning_edit.stream.ledger import EditLedger
+from lightning_edit.strategies import data_shards
 from lightning_edit.tblog import close_edit_axis, log_edit_axis
 
 # Expected with a frozen model and manual optimization; not actionable for users.
@@ -321,8 +322,7 @@ class EditModule(L.LightningModule):
     # ---- sharding a batch across processes ---------------------------------------------------
     def shard(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
         """This process's share of a batch (every process gets the whole batch from the loader)."""
-        world = self.trainer.world_size if self._trainer is not None else 1
-        rank = self.trainer.global_rank if self._trainer is not None else 0
+        world, rank = data_shards(self._trainer)  # (1, 0) when the weights are sharded: every process runs all
         return list(requests[rank::world])
 
     def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
@@ -330,7 +330,7 @@ class EditModule(L.LightningModule):
         identical on all processes. ``n_i`` may differ (an uneven or empty shard, a request with
         several chunks): the counts are gathered first, rows are padded to the largest count for
         the collective (gloo / NCCL need equal shapes) and the padding is dropped again."""
-        world = self.trainer.world_size if self._trainer is not None else 1
+        world, _ = data_shards(self._trainer)
         if world == 1:
             return t
         counts = self.all_gather(torch.tensor([t.shape[0]], device=t.device)).reshape(-1).tolist()
@@ -349,6 +349,8 @@ class EditModule(L.LightningModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         if world == 1:
             return Collective()
+        if data_shards(self._trainer)[0] == 1:  # sharded weights: the same rows everywhere, rank 0's factors
+            return Collective(broadcast=lambda obj: self.trainer.strategy.broadcast(obj, src=0), is_writer=self.trainer.is_global_zero)
         return Collective(gather=self.gather_rows, broadcast=lambda obj: self.trainer.strategy.broadcast(obj, src=0),
                           is_writer=self.trainer.is_global_zero)
 

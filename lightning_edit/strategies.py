@@ -89,6 +89,89 @@ def frozen_alias(strategy):
     return strategy
 
 
-FrozenDDPStrategy.register_strategies(StrategyRegistry)
+#: registered name -> start method
+SHARDED_ALIASES = {
+    "sharded_edit": "popen",
+    "sharded_edit_spawn": "spawn",
+}
 
-__all__ = ["FrozenDDPStrategy", "FROZEN_DDP_ALIASES", "STOCK_TO_FROZEN", "frozen_alias"]
+
+class ShardedEditStrategy(FrozenDDPStrategy):
+    """Edit a model whose weights are sharded across processes (torch's FSDP2).
+
+    After the model is on its device, every decoder block of the frozen LM (and the rest of it as
+    the root unit) is wrapped by :func:`torch.distributed.fsdp.fully_shard` over a 1-D device
+    mesh of all processes: each process keeps ``1/world`` of every weight and a block's full
+    weights exist only while the block runs. Runs on GPUs (NCCL) and on CPU (gloo), which
+    Lightning's stock ``fsdp`` strategy refuses.
+
+    The weights are sharded, the work is not: every process runs the whole batch (the same
+    forward and backward passes, which FSDP's collectives need in the same order everywhere),
+    solves the same closed form and adds its slice of rank 0's update to its slice of each edit
+    layer (:mod:`lightning_edit.engine.sharding`). So it buys memory, not speed; a model that fits
+    one device edits faster under ``ddp_frozen`` (requests split across processes).
+    Checkpoints, the ledger and exports are written by rank 0 from gathered tensors.
+    """
+
+    strategy_name = "sharded_edit"
+    #: every process runs every request (see :func:`data_shards`)
+    shards_weights = True
+
+    def setup(self, trainer: "pl.Trainer") -> None:
+        super().setup(trainer)  # the model on its device (no DDP wrapper)
+        self.shard_model()
+
+    def shard_model(self) -> None:
+        """Wrap the LightningModule's LM with FSDP2 (once; a second fit keeps the sharding)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from lightning_edit.engine.sharding import model_is_sharded, shard_blocks
+
+        module = self.lightning_module
+        lm, adapter = getattr(module, "lm", None), getattr(module, "adapter", None)
+        if lm is None or adapter is None:
+            raise TypeError(f"{self.strategy_name}: the LightningModule must be an EditModule (an `lm` and its `adapter`), "
+                            f"got {type(module).__name__}")
+        if model_is_sharded(lm):
+            return
+        mesh = init_device_mesh(self.root_device.type, (self.world_size,))
+        shard_blocks(lm, [adapter.layer(i) for i in range(adapter.n_layers)], mesh)
+        log.debug(f"{self.strategy_name}: {adapter.n_layers} decoder blocks sharded over {self.world_size} processes")
+
+    def teardown(self) -> None:
+        # as the parent's, but the sharded LM stays on its device: FSDP2 modules cannot be moved
+        # with Module.cpu() (their DTensor parameters fail in _apply); the process group stays for
+        # the next trainer call in the same process
+        assert self.cluster_environment is not None and self.accelerator is not None
+        self.cluster_environment.teardown()
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
+
+    @classmethod
+    def register_strategies(cls, strategy_registry) -> None:
+        for name, start_method in SHARDED_ALIASES.items():
+            if name in strategy_registry:
+                continue
+            strategy_registry.register(
+                name,
+                cls,
+                description=f"the frozen LM's weights sharded with FSDP2 (CPU or GPU), start_method '{start_method}'",
+                start_method=start_method,
+            )
+
+
+def data_shards(trainer) -> tuple[int, int]:
+    """``(number of shards, this process's shard)`` a batch, the statistics corpus and an
+    evaluation are split into: the processes under DDP, ``(1, 0)`` alone or when the weights are
+    sharded (every process runs everything)."""
+    if trainer is None or getattr(trainer.strategy, "shards_weights", False):
+        return 1, 0
+    return trainer.world_size, trainer.global_rank
+
+
+FrozenDDPStrategy.register_strategies(StrategyRegistry)
+ShardedEditStrategy.register_strategies(StrategyRegistry)
+
+__all__ = ["FrozenDDPStrategy", "ShardedEditStrategy", "FROZEN_DDP_ALIASES", "SHARDED_ALIASES", "STOCK_TO_FROZEN",
+           "frozen_alias", "data_shards"]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_edit.engine import sharding
 from lightning_edit.errors import InputError
 
 # model_type (from the HF config) -> (decoder block template, MLP down-projection template)
@@ -159,9 +160,16 @@ class ModelAdapter:
         return (w.shape[1], w.shape[0]) if self.is_transposed(i) else (w.shape[0], w.shape[1])
 
     def weight_as_linear(self, i: int) -> torch.Tensor:
-        """The down-projection weight as a ``(d_model, d_k)`` view (no copy)."""
+        """The down-projection weight as a ``(d_model, d_k)`` view (no copy); under the
+        ``sharded_edit`` strategy a view of this process's slice (a DTensor, see
+        :mod:`~lightning_edit.engine.sharding`)."""
         w = self.down_proj(i).weight
         return w.T if self.is_transposed(i) else w
+
+    def full_weight(self, i: int) -> torch.Tensor:
+        """The whole down-projection weight ``(d_model, d_k)`` as a plain tensor (gathered from
+        every process when sharded: then every process must call it)."""
+        return sharding.full(self.weight_as_linear(i))
 
     @torch.no_grad()
     def add_to_weight(self, i: int, delta: torch.Tensor) -> None:
@@ -171,7 +179,7 @@ class ModelAdapter:
         d = delta.T if self.is_transposed(i) else delta
         if d.shape != w.shape:
             raise ValueError(f"update for {self.weight_name(i)} has shape {tuple(delta.shape)}, expected {self.dims(i)} (d_model, d_k)")
-        w.add_(d.to(device=w.device, dtype=w.dtype))
+        sharding.add_(w, d)  # sharded: each process adds its slice of the update
 
     def embedding_and_layer_params(self, upto: int) -> Iterator[tuple[str, torch.Tensor]]:
         """Parameters that influence the keys of layers ``<= upto``: every parameter that is not
@@ -333,7 +341,11 @@ def body_and_head(model: nn.Module):
     without its LM head, and the head alone, so a caller can run the head (and its softmax over
     the vocabulary) on exactly the positions it reads. ``None`` when this model's logits are more
     than its output embedding of the last hidden state (logit scaling, soft-capping, ...).
-    Checked once per model on a two-token input (the answer is cached)."""
+    Checked once per model on a two-token input (the answer is cached). Always ``None`` for a
+    model sharded with FSDP2: its embeddings and head belong to the root unit, whose parameters
+    are gathered only by the whole model's forward."""
+    if sharding.model_is_sharded(model):
+        return None
     if model in _BODY_HEAD:
         return _BODY_HEAD[model]
     out = None

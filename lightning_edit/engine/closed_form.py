@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from lightning_edit.engine import sharding
 from lightning_edit.errors import EditError, InputError
 
 ThresholdMode = Literal["absolute", "relative", "energy"]
@@ -39,7 +40,7 @@ def check_update(delta: torch.Tensor, weight: torch.Tensor, layer: int, limit: f
         NonFiniteUpdateError: ``Delta`` holds NaN or Inf.
         OversizedUpdateError: the relative size exceeds ``limit`` (``limit <= 0``: no bound).
     """
-    size = float(delta.float().norm() / weight.float().norm().clamp_min(1e-30))
+    size = float(delta.float().norm() / sharding.frobenius(weight).to(delta.device).clamp_min(1e-30))
     if not math.isfinite(size) or not bool(torch.isfinite(delta).all()):
         raise NonFiniteUpdateError(f"layer {layer}: the update holds NaN or Inf values")
     if limit > 0 and size > limit:

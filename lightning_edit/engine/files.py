@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from lightning_edit.engine import sharding
 from lightning_edit.errors import CheckpointError, InputError, MissingFileError
 
 SKELETON_KEY = "lightning_edit.skeleton"
@@ -183,8 +184,9 @@ def short_hash(*parts) -> str:
 @torch.no_grad()
 def tensor_fingerprint(t: torch.Tensor, max_elems: int = 1 << 16) -> str:
     """Hash of shape, dtype and an evenly strided sample of the values (fast on any size;
-    any fine-tune or edit changes the sampled values)."""
-    flat = t.detach().reshape(-1)
+    any fine-tune or edit changes the sampled values). A sharded tensor is gathered first (the
+    same hash as unsharded; every process must call)."""
+    flat = sharding.full(t.detach()).reshape(-1)
     if flat.numel() > max_elems:
         # integer arithmetic: a float32 linspace rounds past the last index above 2^24 elements
         idx = torch.arange(max_elems, dtype=torch.int64, device=flat.device) * (flat.numel() - 1) // (max_elems - 1)

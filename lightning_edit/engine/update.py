@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lightning_edit.engine import sharding
 from lightning_edit.engine.arch import ModelAdapter
 from lightning_edit.engine.closed_form import (
     NonFiniteUpdateError,
@@ -411,7 +412,7 @@ def _solve_and_add(adapter: ModelAdapter, method, layer: int, k_all: torch.Tenso
             delta = u @ v
         size = check_update(delta, weight, layer, max_update)  # before anything is added
         if layer in master:
-            master[layer].add_(delta.to(device=master[layer].device, dtype=torch.float32))
+            sharding.add_(master[layer], delta)  # float32; sharded like the weight under sharded_edit
             write_master(adapter, layer, master[layer])
         else:
             adapter.add_to_weight(layer, delta)
@@ -427,7 +428,11 @@ def _check_outputs(adapter: ModelAdapter, layer: int, keys: torch.Tensor) -> Non
         return
     proj = adapter.down_proj(layer)
     w = proj.weight
-    out = proj(keys.to(device=w.device, dtype=w.dtype))
+    if sharding.is_sharded(w):  # outside its block's forward the module holds only a slice
+        full = adapter.full_weight(layer)
+        out = keys.to(device=full.device, dtype=full.dtype) @ full.T
+    else:
+        out = proj(keys.to(device=w.device, dtype=w.dtype))
     if not bool(torch.isfinite(out).all()):
         raise NonFiniteUpdateError(f"layer {layer}: the edited layer's outputs on the batch's keys are not finite (inf/nan)")
 

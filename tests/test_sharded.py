@@ -1,0 +1,169 @@
+"""Editing a model whose weights are sharded across processes (``sharded_edit``: FSDP2 over a
+gloo device mesh, 2 CPU processes) gives the edits of one process.
+
+The 2-process runs are the CLI as a subprocess (the popen launcher re-runs the command line);
+the 1-process reference runs the same arguments in this process. :class:`ShardRecorder` writes
+what every rank held at the end of fit: the size of its slice of each edit layer (the proof that
+the weights were sharded) and the whole edited weights (gathered, a collective on every rank).
+Tolerance: both runs compute the same float32 forward passes, but under FSDP each block's
+weights are gathered from the shards and the z optimization's gradients flow through them in
+another order of additions; that moves z by float32 rounding (~1e-6 relative), which the
+closed form passes on to the update. The update is compared as a whole (relative Frobenius
+error below 1e-3) and the weights element-wise at 1e-4 of their largest entry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+N_REQUESTS = 6
+BATCH_SIZE = 3
+
+
+class ShardRecorder(L.Callback):
+    """Writes ``rank{r}.json`` (strategy, local slice shapes, edits) and ``rank{r}.safetensors``
+    (the whole edit layers gathered on this rank) into ``out_dir`` at the end of fit."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def on_fit_end(self, trainer, pl_module):
+        from safetensors.torch import save_file
+
+        from lightning_edit.engine.sharding import full, is_sharded
+
+        out = Path(self.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        r = trainer.global_rank
+        weights, local = {}, {}
+        for l in pl_module.layers:
+            name = pl_module.adapter.weight_name(l)
+            w = pl_module.adapter.down_proj(l).weight
+            local[name] = [list(w.to_local().shape) if is_sharded(w) else list(w.shape), list(w.shape)]
+            weights[name] = full(w).detach().clone().contiguous()  # stored layout (Conv1D: (d_k, d_model))
+        save_file(weights, str(out / f"rank{r}.safetensors"))
+        info = {"rank": r, "world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__,
+                "local": local, "num_edits": pl_module.num_edits}
+        (out / f"rank{r}.json").write_text(json.dumps(info))
+
+
+def _dataset(path: Path, n: int) -> None:
+    from conftest import counterfact_records
+
+    path.write_text(json.dumps(counterfact_records(n)))
+
+
+def _cli_args(run: Path, model_dir: Path, dataset: Path, corpus: Path, world: int, extra=()) -> list[str]:
+    return [
+        "fit",
+        f"--model.model={model_dir}", "--model.layers=[1,2]", "--model.context_prefixes=0",
+        "--model.residual.anchor=prompt_last", "--model.residual.clamp_norm_factor=4", "--model.residual.steps=10",
+        f"--data.dataset={dataset}", f"--data.batch_size={BATCH_SIZE}",
+        "--editor=lightning_edit.callbacks.AlphaEdit", "--editor.threshold_mode=relative",
+        "--editor.nullspace_threshold=0.02", "--editor.l2=1",
+        f"--editor.stats.corpus={corpus}", "--editor.stats.corpus_name=null", "--editor.stats.n_samples=200",
+        "--editor.stats.max_length=64", "--editor.stats.batch_size=4", f"--editor.stats.cache_dir={run / 'stats'}",
+        f"--checkpoint.dirpath={run / 'ckpt'}",
+        f"--trainer.logger.init_args.save_dir={run / 'logs'}",
+        "--trainer.accelerator=cpu", f"--trainer.devices={world}",
+        f"--trainer.strategy={'sharded_edit' if world > 1 else 'auto'}",
+        "--trainer.enable_progress_bar=false",
+        '--trainer.callbacks+={"class_path": "test_sharded.ShardRecorder", "init_args": {"out_dir": "%s"}}' % (run / "ranks"),
+        *extra,
+    ]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    for k in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED"):
+        env.pop(k, None)
+    return env
+
+
+def _two(run: Path, cwd: Path, *args, extra=(), expect_ok: bool = True, timeout: int = 300):
+    cmd = [sys.executable, "-m", "lightning_edit.cli", *_cli_args(run, *args, 2, extra)]
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if expect_ok:
+        assert proc.returncode == 0, f"2-process sharded fit failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _one(run: Path, *args, extra=()) -> None:
+    from lightning_edit.cli import main
+
+    main(_cli_args(run, *args, 1, extra))
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _base(model_dir: Path, names) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        return {n: f.get_tensor(n) for n in names}
+
+
+def _assert_same_edits(got: dict, ref: dict, base: dict) -> None:
+    assert got.keys() == ref.keys() and len(ref) == 2
+    for name in ref:
+        d_ref, d_got = ref[name] - base[name], got[name] - base[name]
+        assert d_ref.abs().max() > 1e-3 * base[name].abs().max(), f"{name}: the edits did not change the weights"
+        assert float((d_got - d_ref).norm() / d_ref.norm()) < 1e-3, name
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-4 * float(ref[name].abs().max()))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory, tokenizer):
+    from conftest import make_model
+
+    d = tmp_path_factory.mktemp("tiny_llama")
+    make_model("llama", len(tokenizer), n_layer=3, width=32, seed=2).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sharded_two_processes_match_one(tmp_path, arch, tiny_model_dir, tiny_llama_dir, corpus_file):
+    torch.set_num_threads(1)
+    model_dir = tiny_model_dir if arch == "gpt2" else tiny_llama_dir
+    dataset = tmp_path / "counterfact.json"
+    _dataset(dataset, N_REQUESTS)
+    two, one = tmp_path / "world2", tmp_path / "world1"
+    _two(two, tmp_path, model_dir, dataset, corpus_file)
+    _one(one, model_dir, dataset, corpus_file)
+
+    ranks = [json.loads((two / "ranks" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["strategy"] for r in ranks] == ["ShardedEditStrategy"] * 2
+    assert all(r["num_edits"] == N_REQUESTS for r in ranks)
+    ref = _load(one / "ranks" / "rank0.safetensors")
+    for name in ref:  # each rank held about half of every edit layer's stored rows
+        rows, shape = [r["local"][name][0][0] for r in ranks], ranks[0]["local"][name][1]
+        assert sum(rows) == shape[0] and max(rows) < shape[0], (name, rows, shape)
+    w0, w1 = _load(two / "ranks" / "rank0.safetensors"), _load(two / "ranks" / "rank1.safetensors")
+    for name in w0:
+        assert torch.equal(w0[name], w1[name]), name  # the gathered weights agree bit for bit
+    base = _base(model_dir, ref.keys())
+    _assert_same_edits(w0, ref, base)
+    # rank 0's export (gathered) is the run's weights, and matches the single-process export
+    e1, e2 = _load(one / "ckpt" / "edited.safetensors"), _load(two / "ckpt" / "edited.safetensors")
+    for name in e2:
+        assert torch.equal(e2[name], w0[name])
+    _assert_same_edits(e2, e1, base)
+    assert len(list((two / "logs" / "edit").iterdir())) == 1  # only rank 0 wrote
