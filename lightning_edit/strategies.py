@@ -117,12 +117,14 @@ class ShardedEditStrategy(FrozenDDPStrategy):
     #: every process runs every request (see :func:`data_shards`)
     shards_weights = True
 
-    def setup(self, trainer: "pl.Trainer") -> None:
-        super().setup(trainer)  # the model on its device (no DDP wrapper)
+    def model_to_device(self) -> None:
+        # called by DDPStrategy.setup: the LM reaches its device block by block while it is
+        # sharded (each process receives only its slices), never whole
         self.shard_model()
 
     def shard_model(self) -> None:
-        """Wrap the LightningModule's LM with FSDP2 (once; a second fit keeps the sharding)."""
+        """Wrap the LightningModule's LM with FSDP2 on this process's device (once; a second fit
+        keeps the sharding)."""
         from torch.distributed.device_mesh import init_device_mesh
 
         from lightning_edit.engine.sharding import model_is_sharded, shard_blocks
@@ -135,7 +137,7 @@ class ShardedEditStrategy(FrozenDDPStrategy):
         if model_is_sharded(lm):
             return
         mesh = init_device_mesh(self.root_device.type, (self.world_size,))
-        shard_blocks(lm, [adapter.layer(i) for i in range(adapter.n_layers)], mesh)
+        shard_blocks(lm, [adapter.layer(i) for i in range(adapter.n_layers)], mesh, self.root_device)
         log.debug(f"{self.strategy_name}: {adapter.n_layers} decoder blocks sharded over {self.world_size} processes")
 
     def teardown(self) -> None:

@@ -139,7 +139,7 @@ def tiny_llama_dir(tmp_path_factory, tokenizer):
     return d
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_sharded_two_processes_match_one(tmp_path, arch, tiny_model_dir, tiny_llama_dir, corpus_file):
     torch.set_num_threads(1)
     model_dir = tiny_model_dir if arch == "gpt2" else tiny_llama_dir
@@ -167,3 +167,59 @@ def test_sharded_two_processes_match_one(tmp_path, arch, tiny_model_dir, tiny_ll
         assert torch.equal(e2[name], w0[name])
     _assert_same_edits(e2, e1, base)
     assert len(list((two / "logs" / "edit").iterdir())) == 1  # only rank 0 wrote
+
+
+def test_sharded_resume_undo_and_export(tmp_path, tiny_model_dir, corpus_file):
+    """A sharded run killed after its second (last) batch, before that batch's checkpoint, resumes under the sharded strategy to the
+    uninterrupted single-process result; `undo` of its last batch and a second sharded resume
+    re-apply that batch to the same weights; `export` of the sharded run's checkpoint is a normal
+    Hugging Face directory with those weights."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_edit.cli import main
+
+    torch.set_num_threads(1)
+    dataset = tmp_path / "counterfact.json"
+    _dataset(dataset, N_REQUESTS)
+    one, two = tmp_path / "world1", tmp_path / "world2"
+    _one(one, tiny_model_dir, dataset, corpus_file)
+    ref = _load(one / "ranks" / "rank0.safetensors")
+    base = _base(tiny_model_dir, ref.keys())
+
+    crashed = _two(two, tmp_path, tiny_model_dir, dataset, corpus_file, expect_ok=False,
+                   extra=("--trainer.callbacks+=conftest.CrashAfterBatch", "--trainer.callbacks.batch=1"))
+    assert crashed.returncode != 0 and "simulated crash after batch 1" in crashed.stderr
+    ckpt = two / "ckpt" / "last.safetensors"
+    assert ckpt.is_file() and not (two / "ranks").exists()  # the first batch checkpointed, fit never ended
+    _two(two, tmp_path, tiny_model_dir, dataset, corpus_file, extra=(f"--ckpt_path={ckpt}",))
+    resumed = _load(two / "ranks" / "rank0.safetensors")
+    assert json.loads((two / "ranks" / "rank0.json").read_text())["num_edits"] == N_REQUESTS
+    _assert_same_edits(resumed, ref, base)
+
+    main(["undo", f"--ckpt_path={ckpt}", "--batches=1"])
+    _two(two, tmp_path, tiny_model_dir, dataset, corpus_file, extra=(f"--ckpt_path={ckpt}",))
+    again = _load(two / "ranks" / "rank0.safetensors")
+    for name in again:
+        torch.testing.assert_close(again[name], resumed[name], rtol=0, atol=1e-5 * float(resumed[name].abs().max()))
+
+    out = tmp_path / "exported"
+    main(["export", f"--ckpt_path={ckpt}", f"--out={out}"])
+    model = AutoModelForCausalLM.from_pretrained(out)
+    params = dict(model.named_parameters())
+    for name, w in again.items():
+        torch.testing.assert_close(params[name].detach(), w, rtol=0, atol=1e-5 * float(w.abs().max()))
+
+
+@pytest.mark.parametrize("name,start", [("sharded_edit", "popen"), ("sharded_edit_spawn", "spawn")])
+def test_sharded_strategy_names_and_data_split(name, start):
+    """The registered names; the weights are split, the requests are not (every process runs
+    the whole batch), unlike ddp_frozen's."""
+    from lightning_edit.strategies import ShardedEditStrategy, data_shards
+
+    trainer = L.Trainer(strategy=name, accelerator="cpu", devices=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    assert type(trainer.strategy) is ShardedEditStrategy and trainer.strategy._start_method == start
+    assert trainer.world_size == 2 and data_shards(trainer) == (1, 0)
+    ddp = L.Trainer(strategy="ddp_frozen", accelerator="cpu", devices=2, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+    assert data_shards(ddp) == (2, 0)

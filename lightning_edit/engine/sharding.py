@@ -60,21 +60,27 @@ def frobenius(t: torch.Tensor) -> torch.Tensor:
     return n.full_tensor() if is_sharded(n) else n
 
 
-def shard_blocks(model: nn.Module, blocks: Sequence[nn.Module], mesh) -> None:
+def shard_blocks(model: nn.Module, blocks: Sequence[nn.Module], mesh, device: torch.device | None = None) -> None:
     """Shard ``model``'s decoder ``blocks`` over ``mesh`` with FSDP2: each block is its own unit,
     its weights gathered for its forward (and backward) only. The root unit ties them together
     but holds no parameters: the embeddings, the final norm and the LM head stay whole on every
     process (``ignored_params``; for Llama-3-70B ~4 GB in bf16 out of ~140 GB), since editing
     runs forwards that stop after a block and so never end the root's forward, which is where
-    FSDP would free them again. Frozen parameters stay frozen: only the residual vectors get
-    gradients."""
+    FSDP would free them again. FSDP moves each block to the mesh's device as it shards it (one
+    whole block there at a time); the parameters kept whole are moved to ``device`` here. Frozen
+    parameters stay frozen: only the residual vectors get gradients."""
     from torch.distributed.fsdp import fully_shard
 
     for block in blocks:
         fully_shard(block, mesh=mesh)
     in_blocks = {id(p) for block in blocks for p in block.parameters()}  # now their DTensors
     rest = {p for p in model.parameters() if id(p) not in in_blocks}
-    fully_shard(model, mesh=mesh, ignored_params=rest)
+    fully_shard(model, mesh=mesh, ignored_params=rest)  # moves the root's buffers, not ``rest``
+    if device is not None:
+        with torch.no_grad():
+            for p in rest:
+                if p.device != device:
+                    p.data = p.data.to(device)
 
 
 def model_is_sharded(model: nn.Module) -> bool:
