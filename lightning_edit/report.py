@@ -40,6 +40,7 @@ from lightning_edit.builtin.realfacts import known_facts
 from lightning_edit.engine.arch import ModelAdapter
 from lightning_edit.engine.bars import progress_bar
 from lightning_edit.engine.loading import load_pretrained
+from lightning_edit.engine.sharding import model_is_sharded
 from lightning_edit.errors import InputError, MissingFileError
 from lightning_edit.evaluation.evaluate import evaluate_generation, outcome_metrics, request_outcomes
 from lightning_edit.evaluation.metrics import KnownShare, LogProbDrop, Perplexity, Retention, TokenAccuracy
@@ -302,6 +303,9 @@ class EditReport(L.Callback):
         # restored from a checkpoint on resume: never re-measured on an edited model
         self._module = pl_module
         self._probe_cache = None
+        if self.finetune_baseline and model_is_sharded(pl_module.lm):
+            raise InputError("report.finetune_baseline is not supported under the sharded_edit strategy (it fine-tunes "
+                             "the edit layers' weights, which are sharded); run it on one device or set it to false")
         if self.refs_spec:  # read at the end of the stream: a missing file fails now, before any edit
             _input_file(self.refs_spec, "report.references")
         if not self.unedited_measured and pl_module.num_edits > 0:

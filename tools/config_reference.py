@@ -173,7 +173,8 @@ def render() -> str:
         "|---|---|",
         *(f"| `trainer.{k}` | `{v!r}` |".replace("|`", "| `") for k, v in TRAINER_DEFAULTS.items()),
         "",
-        "Multi-GPU: `--trainer.strategy=ddp_frozen --trainer.devices=N` (DDP for a frozen model).",
+        "Multi-GPU: `--trainer.strategy=ddp_frozen --trainer.devices=N` (DDP for a frozen model); a model larger "
+        "than one GPU: `--trainer.strategy=sharded_edit --trainer.devices=N` (its weights sharded with FSDP2).",
         "`seed_everything` (top level) seeds the run.",
         "",
     ]

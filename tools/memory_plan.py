@@ -1,7 +1,7 @@
 """Memory per GPU of an AlphaEdit run under ``sharded_edit`` (computed, not measured).
 
     python tools/memory_plan.py                 # Llama-3-8B and Llama-3-70B on 1, 2, 4, 8 GPUs
-    python tools/memory_plan.py --layers 5 --rows 100 --seq 40 --gpu-gb 80
+    python tools/memory_plan.py --layers 5 --slots 1540 --gpu-gb 80
 
 What each process holds (GiB), from the shapes and the code's dtypes:
 
@@ -9,13 +9,15 @@ What each process holds (GiB), from the shapes and the code's dtypes:
   LM head whole on every process (``lightning_edit.engine.sharding.shard_blocks``);
 * ``masters``: float32 copies of the edit layers' down projections (bf16 models), sharded like
   the weights;
-* ``alphaedit``: per edit layer the null-space projector, ``K_p K_p^T`` and the Woodbury inverse,
-  each ``d_k x d_k`` float32, on every process (every process solves; they are not sharded);
+* ``alphaedit``: per edit layer the null-space projector and ``K_p K_p^T`` (float32) and the
+  Woodbury inverse (float64), each ``d_k x d_k``, on every process (every process solves; they
+  are not sharded);
 * ``stats``: while the statistics are computed, one float32 ``d_k x d_k`` running sum per edit
   layer (freed once the projectors exist; the peak is ``max(stats, alphaedit)``, not the sum);
-* ``activations``: an estimate for the z optimization's backward through the blocks above the
-  first edit layer, ``rows x seq x (4 d_model + 2 d_ff) x 2 bytes`` per block kept for backward
-  (bf16), plus one block's gathered bf16 weights in flight.
+* ``activations``: the z optimization's forward and backward, scaled from the one measurement
+  there is: 26.9 GB above the weights for forwards of <= 1,600 token slots on Llama-3-8B (edit
+  layers from 4; one H200, 2026-11-26, docs/performance.md), in proportion to the token slots per
+  forward and to ``blocks above the first edit layer x (4 d_model + 2 d_ff)``.
 """
 
 from __future__ import annotations
@@ -31,17 +33,22 @@ MODELS = {
 }
 
 
-def plan(name: str, gpus: int, edit_layers: int, rows: int, seq: int, first_edit: int) -> dict[str, float]:
+#: the measured anchor: GB above the weights, token slots per forward, Llama-3-8B, first edit layer 4
+ANCHOR_GB, ANCHOR_SLOTS = 43.0 - 16.1, 1600
+ANCHOR_WIDTH = (32 - 4) * (4 * 4096 + 2 * 14336)
+
+
+def plan(name: str, gpus: int, edit_layers: int, slots: int, first_edit: int) -> dict[str, float]:
     n_layers, d, f, vocab, kv = MODELS[name]
     block = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d  # q, o, k, v, gate/up/down, two norms
     rest = 2 * vocab * d + d  # embeddings, LM head (untied), final norm
     weights = (n_layers * block / gpus + rest) * 2
     masters = edit_layers * d * f * 4 / gpus
-    square = f * f * 4
-    alphaedit = edit_layers * 3 * square
-    stats = edit_layers * square
-    above = n_layers - first_edit
-    activations = above * rows * seq * (4 * d + 2 * f) * 2 + block * 2
+    square = f * f
+    alphaedit = edit_layers * (4 + 4 + 8) * square
+    stats = edit_layers * 4 * square
+    width = (n_layers - first_edit) * (4 * d + 2 * f)
+    activations = ANCHOR_GB * 1e9 * (slots / ANCHOR_SLOTS) * (width / ANCHOR_WIDTH) + block * 2
     peak = weights + masters + max(stats, alphaedit) + activations
     return {"weights": weights / GIB, "masters": masters / GIB, "alphaedit": alphaedit / GIB, "stats": stats / GIB,
             "activations": activations / GIB, "peak": peak / GIB}
@@ -50,19 +57,19 @@ def plan(name: str, gpus: int, edit_layers: int, rows: int, seq: int, first_edit
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=5, help="edit layers (the papers: 5)")
-    ap.add_argument("--rows", type=int, default=100, help="rows of a batch's z optimization (100 edits, no prefixes)")
-    ap.add_argument("--seq", type=int, default=40, help="tokens per row")
+    ap.add_argument("--slots", type=int, default=1540, help="token slots per z-optimization forward (100 CounterFact "
+                    "edits with the default max_tokens_per_forward 2048: two forwards of ~1,540)")
     ap.add_argument("--first-edit", type=int, default=4, help="the lowest edit layer")
     ap.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU (GB, 10^9 bytes)")
     a = ap.parse_args(argv)
     cap = a.gpu_gb * 1e9 / GIB
-    print(f"AlphaEdit, {a.layers} edit layers, a batch of {a.rows} rows x {a.seq} tokens, bf16 weights; GiB per GPU "
+    print(f"AlphaEdit, {a.layers} edit layers, z forwards of {a.slots} token slots, bf16 weights; GiB per GPU "
           f"(a GPU of {a.gpu_gb:g} GB holds {cap:.1f} GiB)\n")
     print("| model | GPUs | weights | f32 masters | AlphaEdit state | statistics | activations | peak | fits |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for name in MODELS:
         for gpus in (1, 2, 4, 8):
-            p = plan(name, gpus, a.layers, a.rows, a.seq, a.first_edit)
+            p = plan(name, gpus, a.layers, a.slots, a.first_edit)
             fits = "yes" if p["peak"] <= 0.9 * cap else ("tight" if p["peak"] <= cap else "no")
             print(f"| {name} | {gpus} | {p['weights']:.1f} | {p['masters']:.2f} | {p['alphaedit']:.1f} | {p['stats']:.1f} | "
                   f"{p['activations']:.1f} | {p['peak']:.1f} | {fits} |")
