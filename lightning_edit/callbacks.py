@@ -20,7 +20,7 @@ from lightning_edit.checkpointing import full_model_fingerprint, save_edited_lay
 from lightning_edit.engine.bars import show_progress
 from lightning_edit.engine.closed_form import MAX_UPDATE
 from lightning_edit.engine.stats import StatsConfig, corpus_fingerprint, projectors, second_moments
-from lightning_edit.engine.update import AlphaEditMethod, MemitMethod
+from lightning_edit.engine.update import AlphaEditMethod, LayerOwnership, MemitMethod
 from lightning_edit.errors import CheckpointError, InputError
 from lightning_edit.module import EditModule
 from lightning_edit.strategies import data_shards
@@ -238,6 +238,15 @@ class ClosedFormUpdate(L.Callback):
 
 
 
+def layer_ownership(trainer, layers) -> LayerOwnership | None:
+    """Under ``sharded_edit`` on several processes, which process keeps and solves which edit
+    layer (:class:`~lightning_edit.engine.update.LayerOwnership`); None otherwise (every process
+    solves every layer, as under DDP, and applies rank 0's factors)."""
+    if trainer is None or trainer.world_size == 1 or data_shards(trainer)[0] != 1:
+        return None
+    return LayerOwnership(tuple(sorted(int(l) for l in layers)), trainer.world_size, trainer.global_rank)
+
+
 class MEMIT(ClosedFormUpdate):
     """MEMIT (Meng et al. 2023): ``Delta = R K^T (lam C_0 + K K^T)^-1``.
 
@@ -271,7 +280,9 @@ class MEMIT(ClosedFormUpdate):
         self.lam, self.norm_lambda = lam, norm_lambda
 
     def build_method(self, module, moments, trainer=None):
-        return MemitMethod(lam=self.lam, moments=moments, solve_dtype=self.solve_dtype, norm_lambda=self.norm_lambda)
+        own = layer_ownership(trainer, module.layers)
+        return MemitMethod(lam=self.lam, moments=moments if own is None else own.mine(moments), solve_dtype=self.solve_dtype,
+                           norm_lambda=self.norm_lambda, ownership=own)
 
 
 class AlphaEdit(ClosedFormUpdate):
@@ -329,12 +340,18 @@ class AlphaEdit(ClosedFormUpdate):
 
     def build_method(self, module, moments, trainer=None):
         rank0 = trainer is None or trainer.is_global_zero
-        projs, self.projector_info = projectors(module.adapter, moments, self.stats, self.threshold, self.threshold_mode, is_writer=rank0)
+        own = layer_ownership(trainer, module.layers)
+        projs, self.projector_info = projectors(module.adapter, moments, self.stats, self.threshold, self.threshold_mode,
+                                                is_writer=rank0 if own is None else True,
+                                                owned=None if own is None else own.owns)
+        if own is not None:  # every process checks every layer: the owners send their projector's rank
+            self.projector_info = {l: trainer.strategy.broadcast(self.projector_info.get(l), src=own.owner(l))
+                                   for l in sorted(moments)}
         for l, info in self.projector_info.items():
             if info["rank"] == 0:
                 raise InputError(f"layer {l}: the null-space projector has rank 0 (threshold {self.threshold} {self.threshold_mode} keeps no direction); raise the threshold")
         device = module.device_
         return AlphaEditMethod(l2=self.l2, projectors={l: p.to(device) for l, p in projs.items()}, solve_dtype=self.solve_dtype,
-                               solver=self.solver, norm_lambda=self.norm_lambda)
+                               solver=self.solver, norm_lambda=self.norm_lambda, ownership=own)
 
 

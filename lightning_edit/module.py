@@ -350,7 +350,8 @@ class EditModule(L.LightningModule):
         if world == 1:
             return Collective()
         if data_shards(self._trainer)[0] == 1:  # sharded weights: the same rows everywhere, rank 0's factors
-            return Collective(broadcast=lambda obj: self.trainer.strategy.broadcast(obj, src=0), is_writer=self.trainer.is_global_zero)
+            return Collective(broadcast=lambda obj, src=0: self.trainer.strategy.broadcast(obj, src=src),
+                              is_writer=self.trainer.is_global_zero)
         return Collective(gather=self.gather_rows, broadcast=lambda obj: self.trainer.strategy.broadcast(obj, src=0),
                           is_writer=self.trainer.is_global_zero)
 

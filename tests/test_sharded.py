@@ -53,8 +53,11 @@ class ShardRecorder(L.Callback):
             local[name] = [list(w.to_local().shape) if is_sharded(w) else list(w.shape), list(w.shape)]
             weights[name] = full(w).detach().clone().contiguous()  # stored layout (Conv1D: (d_k, d_model))
         save_file(weights, str(out / f"rank{r}.safetensors"))
+        method = next(c for c in trainer.callbacks if getattr(c, "method", None) is not None).method
+        state = getattr(method, "projectors", None) or getattr(method, "moments", {})
         info = {"rank": r, "world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__,
-                "local": local, "num_edits": pl_module.num_edits}
+                "local": local, "num_edits": pl_module.num_edits, "state_layers": sorted(state),
+                "kkt_layers": sorted(getattr(method, "prev_kkt", {}))}
         (out / f"rank{r}.json").write_text(json.dumps(info))
 
 
@@ -152,6 +155,8 @@ def test_sharded_two_processes_match_one(tmp_path, arch, tiny_model_dir, tiny_ll
     ranks = [json.loads((two / "ranks" / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["strategy"] for r in ranks] == ["ShardedEditStrategy"] * 2
     assert all(r["num_edits"] == N_REQUESTS for r in ranks)
+    # each process kept the solver state (projector, K_p K_p^T) of its own edit layer only
+    assert [r["state_layers"] for r in ranks] == [[1], [2]] and [r["kkt_layers"] for r in ranks] == [[1], [2]]
     ref = _load(one / "ranks" / "rank0.safetensors")
     for name in ref:  # each rank held about half of every edit layer's stored rows
         rows, shape = [r["local"][name][0][0] for r in ranks], ranks[0]["local"][name][1]
@@ -223,3 +228,29 @@ def test_sharded_strategy_names_and_data_split(name, start):
     ddp = L.Trainer(strategy="ddp_frozen", accelerator="cpu", devices=2, logger=False, enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False)
     assert data_shards(ddp) == (2, 0)
+
+
+def test_layer_owner_error_reaches_every_process():
+    """A layer's solve fails on its owner: the error travels with the broadcast, so every process
+    raises it (none waits for factors that never come), and nothing is added to the weights."""
+    from lightning_edit.engine.update import LayerOwnership, MemitMethod, _solve_and_add
+    from lightning_edit.engine.closed_form import NonFiniteUpdateError
+
+    class Owner(MemitMethod):
+        def factors(self, layer, keys, resid):
+            raise NonFiniteUpdateError(f"layer {layer}: the solve is not finite")
+
+    sent = {}
+
+    def broadcast(obj, src=0):  # what the owner (rank 1 here) sends reaches this process
+        sent["src"] = src
+        return NonFiniteUpdateError("layer 3: the solve is not finite") if obj is None else obj
+
+    weight = torch.ones(4, 6)
+    for rank in (0, 1):
+        own = LayerOwnership((2, 3), world=2, rank=rank)
+        method = Owner(lam=1.0, moments={}, ownership=own)
+        with pytest.raises(NonFiniteUpdateError, match="layer 3"):
+            _solve_and_add(None, method, 3, torch.randn(2, 6), torch.randn(2, 4), {}, broadcast, None, None, weight, 0.0)
+        assert sent["src"] == 1
+    assert torch.equal(weight, torch.ones(4, 6))

@@ -480,12 +480,18 @@ def projectors(
     threshold: float,
     mode: str,
     is_writer: bool = True,
+    owned: Callable[[int], bool] | None = None,
 ) -> tuple[dict[int, torch.Tensor], dict[int, dict]]:
-    """AlphaEdit's null-space projector per layer from its moment, cached beside it."""
+    """AlphaEdit's null-space projector per layer from its moment, cached beside it. With
+    ``owned`` only the layers it accepts get one (the cache key of every layer is still computed
+    on every process: with sharded weights it reads them collectively); ``is_writer`` then
+    means: writes the projectors it owns."""
     cache = StatsCache(cfg)
     out, infos = {}, {}
     for l, m in moments.items():
         key = cache.key(adapter, l)
+        if owned is not None and not owned(l):
+            continue
         extra = f"{mode}:{threshold!r}"
         hit = cache.load(key, kind="projector", extra=extra)
         if hit is not None:

@@ -139,6 +139,33 @@ def context_keys(adapter: ModelAdapter, batch: ResidualBatch, layer: int) -> tor
     return rec["keys"][layer][mask.to(device)].float()
 
 
+@dataclass(frozen=True)
+class LayerOwnership:
+    """Which process keeps and solves which edit layer when the weights are sharded: the
+    ``i``-th edit layer (ascending) belongs to process ``i % world``. Only the owner holds the
+    layer's statistics and solver state (``d_k x d_k`` matrices) and solves it; the others receive
+    its factors (:func:`apply_update`)."""
+
+    layers: tuple[int, ...]
+    world: int
+    rank: int
+
+    def owner(self, layer: int) -> int:
+        return self.layers.index(layer) % self.world
+
+    def owns(self, layer: int) -> bool:
+        return self.owner(layer) == self.rank
+
+    def mine(self, per_layer: dict) -> dict:
+        """``per_layer`` restricted to this process's layers."""
+        return {l: v for l, v in per_layer.items() if self.owns(l)}
+
+
+def _owned(method, per_layer: dict) -> dict:
+    own = getattr(method, "ownership", None)
+    return per_layer if own is None else own.mine(per_layer)
+
+
 @dataclass
 class MemitMethod:
     """MEMIT's update. ``moments[layer]`` is the normalized second moment ``C_0``;
@@ -148,6 +175,7 @@ class MemitMethod:
     moments: dict[int, torch.Tensor]
     solve_dtype: torch.dtype = torch.float64
     norm_lambda: float = 0.0
+    ownership: LayerOwnership | None = None  # sharded weights: ``moments`` holds this process's layers only
 
     def delta(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         return memit_update(keys, resid, self.moments[layer].to(keys.device), self.lam, self.solve_dtype, self.norm_lambda)
@@ -187,6 +215,7 @@ class AlphaEditMethod:
     solver: str = "woodbury"
     inverse: dict[int, torch.Tensor] = field(default_factory=dict)
     norm_lambda: float = 0.0
+    ownership: LayerOwnership | None = None  # sharded weights: state of this process's layers only
     needs_keys_after = True
 
     def __post_init__(self):
@@ -220,6 +249,7 @@ class AlphaEditMethod:
         return alphaedit_factors(keys, resid, proj, None if prev is None else prev.to(keys.device), self.ridge, self.solve_dtype)
 
     def commit(self, new_keys: dict[int, torch.Tensor]) -> None:
+        new_keys = _owned(self, new_keys)
         if self.solver == "woodbury":
             for l, k in new_keys.items():
                 b = self._base_inverse(l, k.device)
@@ -395,10 +425,25 @@ def _solve_and_add(adapter: ModelAdapter, method, layer: int, k_all: torch.Tenso
     """One layer's closed-form update from all processes' keys and residuals, checked against
     ``weight`` (its value before the batch) and ``max_update``, then added to it (through the
     float32 master where one exists); returns the relative size ``||Delta|| / ||W||``. Factored
-    methods give ``Delta = U @ V``; ``broadcast`` makes every process use rank 0's factors;
-    ``record`` gets them."""
+    methods give ``Delta = U @ V``; ``broadcast`` makes every process use rank 0's factors (the
+    layer owner's, when the method has a :class:`LayerOwnership`); ``record`` gets them."""
     with phase(timer, "solve"):
-        if hasattr(method, "factors"):
+        own = getattr(method, "ownership", None)
+        if hasattr(method, "factors") and own is not None and broadcast is not None:
+            # the layer's owner solves, every process gets its factors (or its error, so all raise)
+            payload = None
+            if own.owns(layer):
+                try:
+                    payload = tuple(t.cpu() for t in method.factors(layer, k_all, r_all))
+                except Exception as err:  # noqa: BLE001 (re-raised on every process below)
+                    payload = err
+            payload = broadcast(payload, src=own.owner(layer))
+            if isinstance(payload, BaseException):
+                raise payload
+            u, v = (t.to(k_all.device) for t in payload)
+            if record is not None:
+                record[f"u.{layer}"], record[f"v.{layer}"] = u.detach(), v.detach()
+        elif hasattr(method, "factors"):
             u, v = method.factors(layer, k_all, r_all)
             if broadcast is not None:  # via CPU: pickled device tensors would land on rank 0's device
                 u, v = (t.to(k_all.device) for t in broadcast((u.cpu(), v.cpu())))

@@ -61,7 +61,8 @@ class Collective:
 
     Attributes:
         gather: concatenates every process's rows ``(n_i, d)`` rank by rank, identical on all.
-        broadcast: replaces an object by rank 0's (every process applies rank 0's factors).
+        broadcast: replaces an object by rank 0's (every process applies rank 0's factors);
+            under ``sharded_edit`` it takes ``src=`` (an edit layer's owner sends its factors).
         is_writer: this process writes the ledger's batch files (rank 0).
     """
 
