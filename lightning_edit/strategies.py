@@ -117,9 +117,26 @@ class ShardedEditStrategy(FrozenDDPStrategy):
     #: every process runs every request (see :func:`data_shards`)
     shards_weights = True
 
+    def setup(self, trainer: "pl.Trainer") -> None:
+        # DDPStrategy.setup without its module-state sync for validate / test (a broadcast of every
+        # parameter, which DTensor slices refuse; every process loaded the same checked model)
+        from lightning.fabric.utilities.optimizer import _optimizers_to_device
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if fitting:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
     def model_to_device(self) -> None:
-        # called by DDPStrategy.setup: the LM reaches its device block by block while it is
-        # sharded (each process receives only its slices), never whole
+        # the LM reaches its device block by block while it is sharded (each process receives
+        # only its slices), never whole
         self.shard_model()
 
     def shard_model(self) -> None:

@@ -60,6 +60,12 @@ class ShardRecorder(L.Callback):
                 "kkt_layers": sorted(getattr(method, "prev_kkt", {}))}
         (out / f"rank{r}.json").write_text(json.dumps(info))
 
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.state.fn == "validate":
+            out = Path(self.out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"validate{trainer.global_rank}.json").write_text(json.dumps(pl_module.last_eval))
+
 
 def _dataset(path: Path, n: int) -> None:
     from conftest import counterfact_records
@@ -67,9 +73,9 @@ def _dataset(path: Path, n: int) -> None:
     path.write_text(json.dumps(counterfact_records(n)))
 
 
-def _cli_args(run: Path, model_dir: Path, dataset: Path, corpus: Path, world: int, extra=()) -> list[str]:
+def _cli_args(run: Path, model_dir: Path, dataset: Path, corpus: Path, world: int, extra=(), command: str = "fit") -> list[str]:
     return [
-        "fit",
+        command,
         f"--model.model={model_dir}", "--model.layers=[1,2]", "--model.context_prefixes=0",
         "--model.residual.anchor=prompt_last", "--model.residual.clamp_norm_factor=4", "--model.residual.steps=10",
         f"--data.dataset={dataset}", f"--data.batch_size={BATCH_SIZE}",
@@ -96,18 +102,18 @@ def _env() -> dict:
     return env
 
 
-def _two(run: Path, cwd: Path, *args, extra=(), expect_ok: bool = True, timeout: int = 300):
-    cmd = [sys.executable, "-m", "lightning_edit.cli", *_cli_args(run, *args, 2, extra)]
+def _two(run: Path, cwd: Path, *args, extra=(), expect_ok: bool = True, timeout: int = 300, command: str = "fit"):
+    cmd = [sys.executable, "-m", "lightning_edit.cli", *_cli_args(run, *args, 2, extra, command)]
     proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
     if expect_ok:
         assert proc.returncode == 0, f"2-process sharded fit failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 
 
-def _one(run: Path, *args, extra=()) -> None:
+def _one(run: Path, *args, extra=(), command: str = "fit"):
     from lightning_edit.cli import main
 
-    main(_cli_args(run, *args, 1, extra))
+    return main(_cli_args(run, *args, 1, extra, command))
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
@@ -172,6 +178,17 @@ def test_sharded_two_processes_match_one(tmp_path, arch, tiny_model_dir, tiny_ll
         assert torch.equal(e2[name], w0[name])
     _assert_same_edits(e2, e1, base)
     assert len(list((two / "logs" / "edit").iterdir())) == 1  # only rank 0 wrote
+
+    if arch == "gpt2":  # `validate` of the sharded run's checkpoint, sharded, scores as one process does
+        ckpt = f"--ckpt_path={two / 'ckpt' / 'last.safetensors'}"
+        _two(two, tmp_path, model_dir, dataset, corpus_file, extra=(ckpt,), command="validate")
+        single = _one(one, model_dir, dataset, corpus_file, extra=(ckpt,), command="validate").model.last_eval
+        assert single and single["edit/efficacy"] > 0.5, single
+        for r in range(2):
+            got = json.loads((two / "ranks" / f"validate{r}.json").read_text())
+            assert got.keys() == single.keys()
+            for k, v in single.items():
+                assert abs(got[k] - v) < 1e-3, (r, k, got[k], v)
 
 
 def test_sharded_resume_undo_and_export(tmp_path, tiny_model_dir, corpus_file):
