@@ -18,12 +18,14 @@ name                       start method
 ``ddp_frozen_spawn``       spawn
 ``ddp_frozen_fork``        fork
 ``ddp_frozen_notebook``    fork
+``sharded_edit``           popen (:class:`ShardedEditStrategy`: the weights sharded with FSDP2)
+``sharded_edit_spawn``     spawn
 =========================  ==============
 
 so a config can say ``trainer.strategy: ddp_frozen``. :mod:`lightning_edit` and
 :mod:`lightning_edit.cli` import it. The CLI also turns the stock aliases (``ddp``,
-``ddp_spawn``, ...) and ``auto`` on several devices into these; a plain ``Trainer`` needs the
-name (or a :class:`FrozenDDPStrategy` instance) itself.
+``ddp_spawn``, ..., ``fsdp``) and ``auto`` on several devices into these; a plain ``Trainer``
+needs the name (or a strategy instance) itself.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ STOCK_TO_FROZEN = {
     "ddp_spawn": "ddp_frozen_spawn",
     "ddp_fork": "ddp_frozen_fork",
     "ddp_notebook": "ddp_frozen_notebook",
+    "fsdp": "sharded_edit",  # Lightning's FSDP wraps trainable modules and needs a GPU
 }
 
 
@@ -68,17 +71,17 @@ class FrozenDDPStrategy(DDPStrategy):
         # nothing to wrap: ``self.model`` stays the LightningModule, so Lightning calls its
         # ``training_step`` directly and no gradient hooks are registered
 
+    #: registered name -> start method; what the registry says of them
+    aliases = FROZEN_DDP_ALIASES
+    description = "DDP for a frozen model (no DistributedDataParallel wrapper)"
+
     @classmethod
     def register_strategies(cls, strategy_registry) -> None:
-        for name, start_method in FROZEN_DDP_ALIASES.items():
+        for name, start_method in cls.aliases.items():
             if name in strategy_registry:
                 continue
-            strategy_registry.register(
-                name,
-                cls,
-                description=f"DDP for a frozen model (no DistributedDataParallel wrapper), start_method '{start_method}'",
-                start_method=start_method,
-            )
+            strategy_registry.register(name, cls, description=f"{cls.description}, start_method '{start_method}'",
+                                       start_method=start_method)
 
 
 def frozen_alias(strategy):
@@ -114,6 +117,8 @@ class ShardedEditStrategy(FrozenDDPStrategy):
     """
 
     strategy_name = "sharded_edit"
+    aliases = SHARDED_ALIASES
+    description = "the frozen LM's weights sharded with FSDP2 (CPU or GPU)"
     #: every process runs every request (see :func:`data_shards`)
     shards_weights = True
 
@@ -167,17 +172,6 @@ class ShardedEditStrategy(FrozenDDPStrategy):
         self.accelerator.teardown()
         self.checkpoint_io.teardown()
 
-    @classmethod
-    def register_strategies(cls, strategy_registry) -> None:
-        for name, start_method in SHARDED_ALIASES.items():
-            if name in strategy_registry:
-                continue
-            strategy_registry.register(
-                name,
-                cls,
-                description=f"the frozen LM's weights sharded with FSDP2 (CPU or GPU), start_method '{start_method}'",
-                start_method=start_method,
-            )
 
 
 def data_shards(trainer) -> tuple[int, int]:

@@ -236,7 +236,9 @@ def test_sharded_resume_undo_and_export(tmp_path, tiny_model_dir, corpus_file):
 def test_sharded_strategy_names_and_data_split(name, start):
     """The registered names; the weights are split, the requests are not (every process runs
     the whole batch), unlike ddp_frozen's."""
-    from lightning_edit.strategies import ShardedEditStrategy, data_shards
+    from lightning_edit.strategies import ShardedEditStrategy, data_shards, frozen_alias
+
+    assert frozen_alias("fsdp") == "sharded_edit"  # what the CLI runs for --trainer.strategy=fsdp
 
     trainer = L.Trainer(strategy=name, accelerator="cpu", devices=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
