@@ -148,15 +148,21 @@ def tiny_llama_dir(tmp_path_factory, tokenizer):
     return d
 
 
-@pytest.mark.parametrize("arch", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
-def test_sharded_two_processes_match_one(tmp_path, arch, tiny_model_dir, tiny_llama_dir, corpus_file):
+@pytest.mark.parametrize("arch,dtype", [
+    ("gpt2", "float32"),
+    pytest.param("llama", "float32", marks=pytest.mark.slow),
+    # bf16 edit layers: the float32 masters are sharded like the weights
+    pytest.param("gpt2", "bfloat16", marks=pytest.mark.slow),
+])
+def test_sharded_two_processes_match_one(tmp_path, arch, dtype, tiny_model_dir, tiny_llama_dir, corpus_file):
     torch.set_num_threads(1)
     model_dir = tiny_model_dir if arch == "gpt2" else tiny_llama_dir
     dataset = tmp_path / "counterfact.json"
     _dataset(dataset, N_REQUESTS)
     two, one = tmp_path / "world2", tmp_path / "world1"
-    _two(two, tmp_path, model_dir, dataset, corpus_file)
-    _one(one, model_dir, dataset, corpus_file)
+    extra = (f"--model.dtype={dtype}",)
+    _two(two, tmp_path, model_dir, dataset, corpus_file, extra=extra)
+    _one(one, model_dir, dataset, corpus_file, extra=extra)
 
     ranks = [json.loads((two / "ranks" / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["strategy"] for r in ranks] == ["ShardedEditStrategy"] * 2
@@ -171,15 +177,18 @@ def test_sharded_two_processes_match_one(tmp_path, arch, tiny_model_dir, tiny_ll
     for name in w0:
         assert torch.equal(w0[name], w1[name]), name  # the gathered weights agree bit for bit
     base = _base(model_dir, ref.keys())
+    if dtype != "float32":  # compared in float32 (the stored base is float32)
+        w0, ref = {k: v.float() for k, v in w0.items()}, {k: v.float() for k, v in ref.items()}
     _assert_same_edits(w0, ref, base)
     # rank 0's export (gathered) is the run's weights, and matches the single-process export
     e1, e2 = _load(one / "ckpt" / "edited.safetensors"), _load(two / "ckpt" / "edited.safetensors")
+    e1, e2 = {k: v.float() for k, v in e1.items()}, {k: v.float() for k, v in e2.items()}
     for name in e2:
-        assert torch.equal(e2[name], w0[name])
+        assert torch.equal(e2[name], w0[name].float())
     _assert_same_edits(e2, e1, base)
     assert len(list((two / "logs" / "edit").iterdir())) == 1  # only rank 0 wrote
 
-    if arch == "gpt2":  # `validate` of the sharded run's checkpoint, sharded, scores as one process does
+    if arch == "gpt2" and dtype == "float32":  # `validate` of the sharded run's checkpoint, sharded, scores as one process does
         ckpt = f"--ckpt_path={two / 'ckpt' / 'last.safetensors'}"
         _two(two, tmp_path, model_dir, dataset, corpus_file, extra=(ckpt,), command="validate")
         single = _one(one, model_dir, dataset, corpus_file, extra=(ckpt,), command="validate").model.last_eval

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from lightning_edit.data.requests import EditRequest
+from lightning_edit.engine import sharding
 from lightning_edit.engine.arch import ModelAdapter
 from lightning_edit.engine.bars import ResidualProgress
 from lightning_edit.engine.closed_form import MAX_UPDATE, NonFiniteUpdateError, OversizedUpdateError
@@ -159,8 +160,9 @@ class EditStream:
     def keep_base(self) -> None:
         """Keep a CPU copy of the edit layers' current (unedited) weights, so :meth:`undo` can
         rebuild exactly. Call before the first batch."""
-        if self.base is None:
-            self.base = {l: self.adapter.weight_as_linear(l).detach().cpu().clone() for l in self.layers}
+        if self.base is None:  # sharded weights: each process keeps its slices where they are
+            self.base = {l: (w.detach().clone() if sharding.is_sharded(w) else w.detach().cpu().clone())
+                         for l in self.layers for w in [self.adapter.weight_as_linear(l)]}
 
     def ensure_prefixes(self) -> list[str]:
         """MEMIT's context prefixes, generated once from the model as it is now (unedited)."""

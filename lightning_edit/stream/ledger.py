@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_edit.engine import sharding
 from lightning_edit.engine.files import CorruptFileError, atomic_save_file, check_finite, read_verified, tensor_digest
 from lightning_edit.engine.update import accumulate_kkt, write_master
 from lightning_edit.errors import CheckpointError
@@ -257,7 +258,7 @@ class EditLedger:
                 w = adapter.weight_as_linear(l)
                 delta = t[f"u.{l}"].to(w.device) @ t[f"v.{l}"].to(w.device)
                 if l in master:
-                    master[l].add_(delta.to(device=master[l].device, dtype=torch.float32))
+                    sharding.add_(master[l], delta)  # float32 (sharded like the weight under sharded_edit)
                 else:
                     adapter.add_to_weight(l, delta)
         for l in layers:
