@@ -97,9 +97,12 @@ class ClosedFormUpdate(L.Callback):
         rank = trainer.global_rank if trainer is not None else 0
         shards, shard = data_shards(trainer)  # sharded weights: every process reads the whole corpus
         reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if shards > 1 else None
+        own = layer_ownership(trainer, module.layers)  # sharded weights: each process sums its own layers
         self._check_stash(module)  # before the statistics: a wrong checkpoint fails fast
         moments = second_moments(module.adapter, module.tokenizer, module.layers, self.stats, reduce=reduce,
-                                 shard=shard, num_shards=shards, is_writer=rank == 0, show_progress=show_progress(trainer))
+                                 shard=shard, num_shards=shards, is_writer=rank == 0, show_progress=show_progress(trainer),
+                                 owner=None if own is None else own.owner, rank=rank,
+                                 broadcast=None if own is None else (lambda obj, src: trainer.strategy.broadcast(obj, src=src)))
         if trainer is not None and world > 1:
             trainer.strategy.barrier("lightning_edit_stats")
         self.corpus_hash = corpus_fingerprint(self.stats)  # the content the statistics came from (checked on resume)
@@ -281,7 +284,7 @@ class MEMIT(ClosedFormUpdate):
 
     def build_method(self, module, moments, trainer=None):
         own = layer_ownership(trainer, module.layers)
-        return MemitMethod(lam=self.lam, moments=moments if own is None else own.mine(moments), solve_dtype=self.solve_dtype,
+        return MemitMethod(lam=self.lam, moments=moments, solve_dtype=self.solve_dtype,
                            norm_lambda=self.norm_lambda, ownership=own)
 
 
@@ -343,10 +346,11 @@ class AlphaEdit(ClosedFormUpdate):
         own = layer_ownership(trainer, module.layers)
         projs, self.projector_info = projectors(module.adapter, moments, self.stats, self.threshold, self.threshold_mode,
                                                 is_writer=rank0 if own is None else True,
-                                                owned=None if own is None else own.owns)
+                                                owned=None if own is None else own.owns,
+                                                layers=None if own is None else own.layers)
         if own is not None:  # every process checks every layer: the owners send their projector's rank
             self.projector_info = {l: trainer.strategy.broadcast(self.projector_info.get(l), src=own.owner(l))
-                                   for l in sorted(moments)}
+                                   for l in own.layers}
         for l, info in self.projector_info.items():
             if info["rank"] == 0:
                 raise InputError(f"layer {l}: the null-space projector has rank 0 (threshold {self.threshold} {self.threshold_mode} keeps no direction); raise the threshold")

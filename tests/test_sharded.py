@@ -187,6 +187,14 @@ def test_sharded_two_processes_match_one(tmp_path, arch, dtype, tiny_model_dir, 
         assert torch.equal(e2[name], w0[name].float())
     _assert_same_edits(e2, e1, base)
     assert len(list((two / "logs" / "edit").iterdir())) == 1  # only rank 0 wrote
+    # each layer's owner summed and saved its statistics: the same cache files and moments as one process
+    names = sorted(p.name for p in (one / "stats").iterdir())
+    assert names == sorted(p.name for p in (two / "stats").iterdir()) and any(".moment." in n for n in names)
+    for n in names:
+        if ".moment." in n:
+            m1, m2 = _load(one / "stats" / n), _load(two / "stats" / n)
+            assert torch.equal(m1["count"], m2["count"])
+            torch.testing.assert_close(m2["sum"], m1["sum"], rtol=1e-6, atol=1e-6 * float(m1["sum"].abs().max()))
 
     if arch == "gpt2" and dtype == "float32":  # `validate` of the sharded run's checkpoint, sharded, scores as one process does
         ckpt = f"--ckpt_path={two / 'ckpt' / 'last.safetensors'}"

@@ -12,9 +12,9 @@ What each process holds (GiB), from the shapes and the code's dtypes:
 * ``alphaedit``: per edit layer the null-space projector and ``K_p K_p^T`` (float32) and the
   Woodbury inverse (float64), each ``d_k x d_k``, kept by the layer's owner only (edit layers
   are dealt out to the processes: ``ceil(layers / GPUs)`` per process);
-* ``stats``: while the statistics are computed, one float32 ``d_k x d_k`` running sum per edit
-  layer on every process (the pass is shared; a process keeps only its layers' moments after it,
-  so the peak is ``max(stats, alphaedit)``, not the sum);
+* ``stats``: while the statistics are computed, one float64 ``d_k x d_k`` running sum per owned
+  edit layer (every process runs the same forwards, each sums only its own layers; the peak is
+  ``max(stats, alphaedit)``, not the sum);
 * ``activations``: the z optimization's forward and backward, scaled from the one measurement
   there is: 26.9 GB above the weights for forwards of <= 1,600 token slots on Llama-3-8B (edit
   layers from 4; one H200, 2026-11-26, docs/performance.md), in proportion to the token slots per
@@ -47,7 +47,7 @@ def plan(name: str, gpus: int, edit_layers: int, slots: int, first_edit: int) ->
     masters = edit_layers * d * f * 4 / gpus
     square = f * f
     alphaedit = -(-edit_layers // gpus) * (4 + 4 + 8) * square
-    stats = edit_layers * 4 * square
+    stats = -(-edit_layers // gpus) * 8 * square
     width = (n_layers - first_edit) * (4 * d + 2 * f)
     activations = ANCHOR_GB * 1e9 * (slots / ANCHOR_SLOTS) * (width / ANCHOR_WIDTH) + block * 2
     peak = weights + masters + max(stats, alphaedit) + activations

@@ -308,13 +308,16 @@ def accumulate_moments(
     on_batch: Callable[[int, dict[int, tuple[torch.Tensor, int]]], None] | None = None,
     progress: tqdm | None = None,
     dtype: torch.dtype = torch.float32,
+    stop_after: int | None = None,
 ) -> dict[int, tuple[torch.Tensor, int]]:
     """Sum of ``k k^T`` (float64, ``(d_k, d_k)``; each batch's product computed in ``dtype``)
     and key count per layer over ``blocks`` (id tensors, or ``(ids, mask)`` pairs whose padding
-    is not counted). One forward per batch captures every layer and stops after the last one."""
+    is not counted). One forward per batch captures every layer and stops after the last one
+    (or after ``stop_after``: sharded weights need the same forwards on every process, whatever
+    layers each one sums; ``layers`` may then be empty)."""
     device = next(adapter.model.parameters()).device
     acc = {l: (init[l][0].to(device), int(init[l][1])) if init and l in init else (torch.zeros(adapter.dims(l)[1], adapter.dims(l)[1], dtype=torch.float64, device=device), 0) for l in layers}
-    last = max(layers)
+    last = max(layers) if stop_after is None else stop_after
     for bi, item in enumerate(blocks):
         ids, mask = item if isinstance(item, tuple) else (item, None)
         ids = ids.to(device)
@@ -394,37 +397,54 @@ def second_moments(
     num_shards: int = 1,
     is_writer: bool = True,
     show_progress: bool = True,
+    owner: Callable[[int], int] | None = None,
+    rank: int = 0,
+    broadcast: Callable | None = None,
 ) -> dict[int, torch.Tensor]:
     """Normalized second moment ``C_0 = sum / count`` ``(d_k, d_k)`` per layer, from the cache
     where possible; missing layers are computed together in one streamed pass.
 
     Under DDP, pass this process's ``shard`` of ``num_shards`` and a ``reduce`` that sums a
     tensor across processes; only the writer saves the cache.
+
+    With sharded weights, pass each layer's ``owner`` process, this process's ``rank`` and a
+    ``broadcast(obj, src=...)``: every process runs the same forwards (FSDP needs them), but only
+    the owner loads, sums and saves a layer, and only the owned layers are returned. Whether a
+    layer must be computed is the owner's answer, sent to all. Partial sums are not resumed.
     """
     _check_cfg(cfg)
     cache = StatsCache(cfg)
-    keys = {l: cache.key(adapter, l) for l in layers}
+    keys = {l: cache.key(adapter, l) for l in layers}  # every layer on every process (collective when sharded)
     out: dict[int, torch.Tensor] = {}
     missing = []
     for l in layers:
-        hit = cache.load(keys[l])
-        if hit is None:
-            missing.append(l)
+        mine = owner is None or owner(l) == rank
+        hit = cache.load(keys[l]) if mine else None
+        if owner is not None and broadcast is not None:
+            absent = broadcast(hit is None if mine else None, src=owner(l))
         else:
+            absent = hit is None
+        if absent:
+            missing.append(l)
+        elif hit is not None:
             out[l] = hit["sum"] / float(hit["count"].item())
     if missing:
+        stop = max(missing)
+        if owner is not None:  # this process sums its own layers; the forwards still go up to ``stop``
+            missing = [l for l in missing if owner(l) == rank]
+            is_writer = True
         # resumable partial sums exist only for single-process runs (shards would differ)
-        partial_key = dict(keys[missing[0]], layers=",".join(map(str, missing)))
+        partial_key = dict(keys[missing[0]], layers=",".join(map(str, missing))) if missing else None
         init = None
         skip = 0
-        if num_shards == 1:
+        if num_shards == 1 and owner is None:
             part = cache.load(partial_key, kind="partial")
             if part is not None:
                 skip = int(part["batches"].item())
                 init = {l: (part[f"sum.{l}"], int(part[f"count.{l}"].item())) for l in missing}
 
         def checkpoint(bi: int, acc):
-            if num_shards == 1 and is_writer and cfg.save_every and (bi + 1) % cfg.save_every == 0:
+            if num_shards == 1 and owner is None and is_writer and cfg.save_every and (bi + 1) % cfg.save_every == 0:
                 t = {f"sum.{l}": s for l, (s, _) in acc.items()}
                 t.update({f"count.{l}": torch.tensor(c) for l, (_, c) in acc.items()})
                 t["batches"] = torch.tensor(skip + bi + 1)
@@ -438,12 +458,14 @@ def second_moments(
         # them), the keys counted so far in its postfix
 
         per_text = cfg.encoding == "per_text"
+        shows = show_progress and (rank == 0 if owner is not None else is_writer)
         bar = progress_bar(f"key statistics (layers {missing})", len(range(shard, cfg.n_samples, num_shards)) if per_text else cfg.n_samples,
-                           "text", enabled=show_progress and is_writer, leave=True)
+                           "text", enabled=shows, leave=True)
 
         def on_batch(bi: int, acc) -> None:
             checkpoint(bi, acc)
-            bar.set_postfix(keys=tqdm.format_sizeof(acc[missing[0]][1]), refresh=False)
+            if missing:
+                bar.set_postfix(keys=tqdm.format_sizeof(acc[missing[0]][1]), refresh=False)
 
         # every process reads and packs all texts and keeps its share of the *blocks*
         if per_text:  # rows are independent: each process keeps its share of the texts
@@ -453,7 +475,8 @@ def second_moments(
         with bar:
             for _ in range(skip):
                 next(blocks, None)
-            acc = accumulate_moments(adapter, blocks, missing, init=init, on_batch=on_batch, dtype=_STATS_DTYPES[cfg.dtype])
+            acc = accumulate_moments(adapter, blocks, missing, init=init, on_batch=on_batch, dtype=_STATS_DTYPES[cfg.dtype],
+                                     stop_after=stop)
             if bar.total != bar.n:  # a corpus of fewer texts than n_samples
                 bar.total = bar.n
                 bar.refresh()
@@ -467,8 +490,8 @@ def second_moments(
             if is_writer:
                 cache.save(keys[l], {"sum": s, "count": count.reshape(1)}, meta={"tokens": int(count), **corpus_provenance(cfg)})
             out[l] = s / float(count)
-        pp = cache.path(partial_key, kind="partial")
-        if is_writer and pp.exists():
+        pp = cache.path(partial_key, kind="partial") if partial_key is not None else None
+        if is_writer and pp is not None and pp.exists():
             pp.unlink()
     return out
 
@@ -481,17 +504,20 @@ def projectors(
     mode: str,
     is_writer: bool = True,
     owned: Callable[[int], bool] | None = None,
+    layers: Sequence[int] | None = None,
 ) -> tuple[dict[int, torch.Tensor], dict[int, dict]]:
     """AlphaEdit's null-space projector per layer from its moment, cached beside it. With
-    ``owned`` only the layers it accepts get one (the cache key of every layer is still computed
-    on every process: with sharded weights it reads them collectively); ``is_writer`` then
-    means: writes the projectors it owns."""
+    ``owned`` only the layers it accepts get one, from ``moments`` of those layers only; the
+    cache key of every edit layer (``layers``) is still computed on every process, since with
+    sharded weights it reads them collectively. ``is_writer`` then means: writes the projectors
+    it owns."""
     cache = StatsCache(cfg)
     out, infos = {}, {}
-    for l, m in moments.items():
+    for l in (sorted(moments) if layers is None else layers):
         key = cache.key(adapter, l)
         if owned is not None and not owned(l):
             continue
+        m = moments[l]
         extra = f"{mode}:{threshold!r}"
         hit = cache.load(key, kind="projector", extra=extra)
         if hit is not None:
