@@ -290,3 +290,36 @@ def test_layer_owner_error_reaches_every_process():
             _solve_and_add(None, method, 3, torch.randn(2, 6), torch.randn(2, 4), {}, broadcast, None, None, weight, 0.0)
         assert sent["src"] == 1
     assert torch.equal(weight, torch.ones(4, 6))
+
+
+def test_owned_statistics_in_one_process(tmp_path, tokenizer, corpus_file):
+    """``second_moments`` with owners, as one process of two sees it: it returns and caches its
+    own layer only, equal to the plain pass; a layer the owner reports cached is not computed;
+    a corpus without tokens fails on every process, also on one that owns no layer."""
+    from conftest import make_model
+
+    from lightning_edit.engine.arch import ModelAdapter
+    from lightning_edit.engine.stats import StatsConfig, second_moments
+    from lightning_edit.errors import InputError
+
+    ad = ModelAdapter(make_model("gpt2", len(tokenizer), n_layer=3, width=32, seed=3).eval())
+
+    def cfg(path, corpus=corpus_file):
+        return StatsConfig(corpus=str(corpus), corpus_name=None, n_samples=100, max_length=32, batch_size=4, cache_dir=str(path))
+
+    ref = second_moments(ad, tokenizer, [0, 2], cfg(tmp_path / "ref"), show_progress=False)
+    owner = {0: 0, 2: 1}.get
+    missing = lambda obj, src: True if src == 1 else obj  # noqa: E731 (rank 1 says: its layer is not cached)
+    mine = second_moments(ad, tokenizer, [0, 2], cfg(tmp_path / "own"), show_progress=False, owner=owner, rank=0,
+                          broadcast=missing)
+    assert list(mine) == [0] and torch.equal(mine[0], ref[0])
+    assert len(list((tmp_path / "own").glob("*.moment.*"))) == 1  # rank 1 writes layer 2's
+    cached = lambda obj, src: False if src == 1 else obj  # noqa: E731 (layer 2 cached): the pass stops at block 0
+    assert list(second_moments(ad, tokenizer, [0, 2], cfg(tmp_path / "own2"), show_progress=False, owner=owner, rank=0,
+                               broadcast=cached)) == [0]
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"text": ""}) + "\n")
+    with pytest.raises(InputError, match="no tokens"):
+        second_moments(ad, tokenizer, [0, 2], cfg(tmp_path / "none", empty), show_progress=False, owner={0: 1, 2: 1}.get,
+                       rank=0, broadcast=lambda obj, src: True)

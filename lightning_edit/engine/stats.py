@@ -309,12 +309,14 @@ def accumulate_moments(
     progress: tqdm | None = None,
     dtype: torch.dtype = torch.float32,
     stop_after: int | None = None,
+    tally: list[int] | None = None,
 ) -> dict[int, tuple[torch.Tensor, int]]:
     """Sum of ``k k^T`` (float64, ``(d_k, d_k)``; each batch's product computed in ``dtype``)
     and key count per layer over ``blocks`` (id tensors, or ``(ids, mask)`` pairs whose padding
     is not counted). One forward per batch captures every layer and stops after the last one
     (or after ``stop_after``: sharded weights need the same forwards on every process, whatever
-    layers each one sums; ``layers`` may then be empty)."""
+    layers each one sums; ``layers`` may then be empty). ``tally[0]`` (optional) counts the
+    tokens seen, whatever the layers."""
     device = next(adapter.model.parameters()).device
     acc = {l: (init[l][0].to(device), int(init[l][1])) if init and l in init else (torch.zeros(adapter.dims(l)[1], adapter.dims(l)[1], dtype=torch.float64, device=device), 0) for l in layers}
     last = max(layers) if stop_after is None else stop_after
@@ -325,6 +327,8 @@ def accumulate_moments(
         with adapter.trace(key_layers=layers, stop_after=last) as rec:
             adapter.forward(ids, mask)
         keep = mask.reshape(-1).bool()
+        if tally is not None:
+            tally[0] += int(keep.sum())
         for l in layers:
             k = rec["keys"][l].reshape(-1, rec["keys"][l].shape[-1])[keep]
             s, c = acc[l]
@@ -475,11 +479,14 @@ def second_moments(
         with bar:
             for _ in range(skip):
                 next(blocks, None)
+            tally = [0]
             acc = accumulate_moments(adapter, blocks, missing, init=init, on_batch=on_batch, dtype=_STATS_DTYPES[cfg.dtype],
-                                     stop_after=stop)
+                                     stop_after=stop, tally=tally)
             if bar.total != bar.n:  # a corpus of fewer texts than n_samples
                 bar.total = bar.n
                 bar.refresh()
+        if owner is not None and tally[0] == 0:  # every process decides alike, also one that owns no layer
+            raise InputError(f"statistics corpus {cfg.corpus!r} produced no tokens")
         for l in missing:
             s, c = acc[l]
             count = torch.tensor(float(c), dtype=torch.float64, device=s.device)
