@@ -33,7 +33,11 @@ from __future__ import annotations
 import logging
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+
+from lightning_edit.engine.sharding import model_is_sharded, shard_blocks
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +129,6 @@ class ShardedEditStrategy(FrozenDDPStrategy):
     def setup(self, trainer: "pl.Trainer") -> None:
         # DDPStrategy.setup without its module-state sync for validate / test (a broadcast of every
         # parameter, which DTensor slices refuse; every process loaded the same checked model)
-        from lightning.fabric.utilities.optimizer import _optimizers_to_device
-        from lightning.pytorch.trainer.states import TrainerFn
-
         assert self.accelerator is not None and self.model is not None
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
@@ -148,8 +149,6 @@ class ShardedEditStrategy(FrozenDDPStrategy):
         """Wrap the LightningModule's LM with FSDP2 on this process's device (once; a second fit
         keeps the sharding)."""
         from torch.distributed.device_mesh import init_device_mesh
-
-        from lightning_edit.engine.sharding import model_is_sharded, shard_blocks
 
         module = self.lightning_module
         lm, adapter = getattr(module, "lm", None), getattr(module, "adapter", None)
