@@ -208,6 +208,7 @@ def test_sharded_two_processes_match_one(tmp_path, arch, dtype, tiny_model_dir, 
                 assert abs(got[k] - v) < 1e-3, (r, k, got[k], v)
 
 
+@pytest.mark.slow  # five runs, three of them with 2 processes: ~95 s on 2 cores (the default suite keeps the match test)
 def test_sharded_resume_undo_and_export(tmp_path, tiny_model_dir, corpus_file):
     """A sharded run killed after its second (last) batch, before that batch's checkpoint, resumes under the sharded strategy to the
     uninterrupted single-process result; `undo` of its last batch and a second sharded resume
