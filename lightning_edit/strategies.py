@@ -106,17 +106,18 @@ SHARDED_ALIASES = {
 class ShardedEditStrategy(FrozenDDPStrategy):
     """Edit a model whose weights are sharded across processes (torch's FSDP2).
 
-    After the model is on its device, every decoder block of the frozen LM (and the rest of it as
-    the root unit) is wrapped by :func:`torch.distributed.fsdp.fully_shard` over a 1-D device
-    mesh of all processes: each process keeps ``1/world`` of every weight and a block's full
-    weights exist only while the block runs. Runs on GPUs (NCCL) and on CPU (gloo), which
-    Lightning's stock ``fsdp`` strategy refuses.
+    Every decoder block of the frozen LM is wrapped by :func:`torch.distributed.fsdp.fully_shard`
+    over a 1-D device mesh of all processes as it moves to its device: each process keeps
+    ``1/world`` of every block weight, and a block's full weights exist only while the block runs;
+    the embeddings, final norm and LM head stay whole (:func:`~lightning_edit.engine.sharding.shard_blocks`).
+    Runs on GPUs (NCCL) and on CPU (gloo), which Lightning's stock ``fsdp`` strategy refuses.
 
     The weights are sharded, the work is not: every process runs the whole batch (the same
-    forward and backward passes, which FSDP's collectives need in the same order everywhere),
-    solves the same closed form and adds its slice of rank 0's update to its slice of each edit
-    layer (:mod:`lightning_edit.engine.sharding`). So it buys memory, not speed; a model that fits
-    one device edits faster under ``ddp_frozen`` (requests split across processes).
+    forward and backward passes, which FSDP's collectives need in the same order everywhere).
+    Each edit layer has an owner process that keeps its statistics and solver state and solves
+    it (:class:`~lightning_edit.engine.update.LayerOwnership`); every process adds its slice of
+    the owner's update to its slice of the weight. So it buys memory, not speed; a model that
+    fits one device edits faster under ``ddp_frozen`` (requests split across processes).
     Checkpoints, the ledger and exports are written by rank 0 from gathered tensors.
     """
 

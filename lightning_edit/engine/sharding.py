@@ -84,8 +84,13 @@ def shard_blocks(model: nn.Module, blocks: Sequence[nn.Module], mesh, device: to
 
 
 def model_is_sharded(model: nn.Module) -> bool:
-    """True when any parameter of ``model`` is a DTensor."""
-    return any(is_sharded(p) for p in model.parameters())
+    """True when ``model`` was wrapped by :func:`shard_blocks` (FSDP2 makes it an
+    ``FSDPModule``): a type check, cheap enough for hot paths."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed support
+        return False
+    return isinstance(model, FSDPModule)
 
 
 __all__ = ["is_sharded", "full", "like", "add_", "frobenius", "shard_blocks", "model_is_sharded"]
