@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_edit.callbacks import MEMIT, AlphaEdit, ClosedFormUpdate
+from lightning_edit.callbacks import MEMIT, AlphaEdit, ClosedFormUpdate, UnKE
 from lightning_edit.checkpointing import export_pretrained, load_edits
 from lightning_edit.data.loaders import requests_from_records
 from lightning_edit.data.requests import EditRequest, Request, RequestError
@@ -30,7 +30,7 @@ from lightning_edit.module import EditModule
 from lightning_edit.stream.edit_stream import EditStream
 from lightning_edit.stream.peft_export import export_lora
 
-METHODS = {"alphaedit": AlphaEdit, "memit": MEMIT}
+METHODS = {"alphaedit": AlphaEdit, "memit": MEMIT, "unke": UnKE}
 
 
 def _as_requests(requests: Sequence[EditRequest | Mapping[str, Any]], seen: Mapping[str, Any] = (), start: int = 0) -> list[EditRequest]:

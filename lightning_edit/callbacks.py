@@ -18,8 +18,9 @@ import torch
 
 from lightning_edit.checkpointing import full_model_fingerprint, save_edited_layers
 from lightning_edit.engine.bars import show_progress
+from lightning_edit.engine.block_update import BlockUpdateMethod, block_parameters, preservation_rows
 from lightning_edit.engine.closed_form import MAX_UPDATE
-from lightning_edit.engine.stats import StatsConfig, corpus_fingerprint, projectors, second_moments
+from lightning_edit.engine.stats import StatsConfig, corpus_fingerprint, iter_corpus_texts, projectors, second_moments
 from lightning_edit.engine.update import AlphaEditMethod, LayerOwnership, MemitMethod
 from lightning_edit.errors import CheckpointError, InputError
 from lightning_edit.module import EditModule
@@ -68,6 +69,8 @@ class ClosedFormUpdate(L.Callback):
         self._module = module
 
     # ---- method-specific -------------------------------------------------------------------
+    needs_moments = True  # the key second moments C_0 of the edit layers (MEMIT, AlphaEdit)
+
     def build_method(self, module: EditModule, moments: dict[int, torch.Tensor], trainer=None):
         raise NotImplementedError
 
@@ -99,7 +102,7 @@ class ClosedFormUpdate(L.Callback):
         reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if shards > 1 else None
         own = layer_ownership(trainer, module.layers)  # sharded weights: each process sums its own layers
         self._check_stash(module)  # before the statistics: a wrong checkpoint fails fast
-        moments = second_moments(module.adapter, module.tokenizer, module.layers, self.stats, reduce=reduce,
+        moments = {} if not self.needs_moments else second_moments(module.adapter, module.tokenizer, module.layers, self.stats, reduce=reduce,
                                  shard=shard, num_shards=shards, is_writer=rank == 0, show_progress=show_progress(trainer),
                                  owner=None if own is None else own.owner, rank=rank,
                                  broadcast=None if own is None else (lambda obj, src: trainer.strategy.broadcast(obj, src=src)))
@@ -237,7 +240,7 @@ class ClosedFormUpdate(L.Callback):
         """The edit layers' weights as ``edited.safetensors`` (:func:`save_edited_layers`; with
         sharded weights every process calls, ``is_writer`` writes)."""
         return save_edited_layers(path, module.adapter, module.layers, self.method_name, module.model_name, module.num_edits,
-                                  module.ledger.position, is_writer=is_writer)
+                                  module.ledger.position, is_writer=is_writer, params=module.ledger.dense_names())
 
 
 
@@ -359,3 +362,62 @@ class AlphaEdit(ClosedFormUpdate):
                                solver=self.solver, norm_lambda=self.norm_lambda, ownership=own)
 
 
+
+
+class UnKE(ClosedFormUpdate):
+    """UnKE's block update (Deng et al. 2025), chunked as in the AnyEdit code (``unke_ARE``):
+    the residual vectors are optimized as for MEMIT / AlphaEdit, then each edit block (attention
+    and MLP, every parameter) takes ``steps`` AdamW steps so that its outputs on the edited texts
+    carry its share of the residuals at the chunk anchors and stay as they were everywhere else,
+    while its outputs on preservation texts (from ``stats.corpus``) stay as they were
+    (:mod:`lightning_edit.engine.block_update`). No key statistics are needed. The reference edits
+    one block (layer 7 of Llama-3-8B-Instruct): set ``--model.layers`` to one layer for that.
+
+    The update is a dense change of every parameter of the edit blocks; the ledger records it
+    (undo, resume and full exports work as for the other methods; a LoRA export is refused). The
+    blocks train in float32, in one process (no DDP or sharding).
+
+    Args:
+        lr: AdamW learning rate (2e-4 in the reference).
+        steps: AdamW steps per edit block and batch (50 in the reference).
+        weight_decay: AdamW weight decay of the block's matrices (0.01 in the reference; none on
+            1-D parameters).
+        preserve_weight: weight of the preservation term (1 in the reference).
+        n_preserve: preservation texts per batch, a seeded sample of the first
+            ``stats.n_samples`` texts of ``stats.corpus``, each cut to ``stats.max_length``
+            tokens (the reference samples 20 Alpaca answers). 0 = all of them.
+        stats: the corpus of the preservation texts (only ``corpus``, ``corpus_name``,
+            ``split``, ``text_field``, ``n_samples`` and ``max_length`` are used).
+        export_path: see :class:`ClosedFormUpdate`.
+        max_update: refuse a batch whose change of some block has a relative size
+            ``||Delta||_F / ||W||_F`` (over the block's parameters) above this; 0 = no bound.
+    """
+
+    method_name = "unke"
+    needs_moments = False
+    SHAPING = ("lr", "steps", "weight_decay", "preserve_weight", "n_preserve")
+
+    def __init__(self, lr: float = 2e-4, steps: int = 50, weight_decay: float = 0.01, preserve_weight: float = 1.0,
+                 n_preserve: int = 20, stats: StatsConfig = StatsConfig(), export_path: str | None = None,
+                 max_update: float = MAX_UPDATE):
+        super().__init__(stats, "float32", export_path, max_update)
+        self.lr, self.steps, self.weight_decay = float(lr), int(steps), float(weight_decay)
+        self.preserve_weight, self.n_preserve = float(preserve_weight), int(n_preserve)
+        BlockUpdateMethod(lr=self.lr, steps=self.steps, weight_decay=self.weight_decay,  # the settings' checks, now
+                          preserve_weight=self.preserve_weight, n_preserve=self.n_preserve)
+
+    def build_method(self, module, moments, trainer=None):
+        if trainer is not None and trainer.world_size > 1:
+            raise InputError(f"the UnKE block update trains the edit blocks in one process; this run has {trainer.world_size} "
+                             "processes (use one device, or MEMIT / AlphaEdit)")
+        for l in module.layers:
+            for name, p in block_parameters(module.adapter, l).items():
+                if p.dtype != torch.float32:
+                    raise InputError(f"the UnKE block update trains the edit blocks in float32; {name} is "
+                                     f"{str(p.dtype).removeprefix('torch.')} (set --model.dtype=float32)")
+        ids, mask = None, None
+        if self.preserve_weight > 0:
+            ids, mask = preservation_rows(module.tokenizer, iter_corpus_texts(self.stats), self.stats.n_samples, self.stats.max_length)
+        return BlockUpdateMethod(lr=self.lr, steps=self.steps, weight_decay=self.weight_decay,
+                                 preserve_weight=self.preserve_weight, preserve_ids=ids, preserve_mask=mask,
+                                 n_preserve=self.n_preserve, seed=module.seed)

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -88,15 +89,22 @@ def save_edits(path: str | os.PathLike, weights: dict[str, torch.Tensor], metada
 
 
 def save_edited_layers(path: str | os.PathLike, adapter, layers, method: str, model_name: str, num_edits: int,
-                       batches: int, is_writer: bool = True) -> Path:
+                       batches: int, is_writer: bool = True, params: Sequence[str] = ()) -> Path:
     """Write the edit layers' weights of an edited model (``edited.safetensors``: HF parameter
-    names, the model's dtype) with what they carry (method, base model, edits, batches). Sharded
+    names, the model's dtype) with what they carry (method, base model, edits, batches), plus the
+    named ``params`` (those a block update changed: the ledger's ``dense_names()``). Sharded
     weights are gathered one layer at a time (every process must call); only ``is_writer`` writes."""
     weights = {}
     for l in layers:
         w = sharding.full(adapter.down_proj(l).weight)
         if is_writer:
             weights[adapter.weight_name(l)] = w
+    if params:
+        named = dict(adapter.model.named_parameters())
+        for n in params:
+            w = sharding.full(named[n])
+            if is_writer:
+                weights[n] = w
     if not is_writer:
         return Path(path)
     meta = {"method": method, "base_model": str(model_name), "num_edits": num_edits, "batches": batches, "layers": list(layers),

@@ -77,7 +77,7 @@ DEFAULT_CALLBACKS = [{"class_path": "lightning_edit.progress.EditProgressBar"}]
 # ``fit --help`` shows the project's groups in this order (by the first option of a group), then
 # the subcommand's own arguments (``--ckpt_path``), then the Trainer's.
 _HELP_ORDER = ("--model", "--editor", "--data", "--report", "--checkpoint", "", "--trainer")
-_EDITOR_TITLE = "The closed-form editor, AlphaEdit (default) or MEMIT (`--editor.help AlphaEdit` lists its options)"
+_EDITOR_TITLE = "The editor: AlphaEdit (default), MEMIT or UnKE (`--editor.help AlphaEdit` lists its options)"
 _SUBCOMMAND_USAGE = ("%(prog)s [-h] [-c CONFIG] [--print_config[=flags]] [--ckpt_path CKPT_PATH] "
                      "[--model.* ...] [--editor.* ...] [--data.* ...] [--report.* ...] [--checkpoint.* ...] "
                      "[--trainer.* ...]")

@@ -127,7 +127,8 @@ def undo_main(argv: list[str] | None = None) -> int:
     if built is not None:
         _, _, adapter, layers = built
         method = ledger.records[-1].method if ledger.records else removed[0]["method"]
-        save_edited_layers(edited, adapter, layers, method, ledger.meta["model"], ledger.num_edits, ledger.position)
+        save_edited_layers(edited, adapter, layers, method, ledger.meta["model"], ledger.num_edits, ledger.position,
+                           params=ledger.dense_names())
         print(f"rewrote {edited} to match ({ledger.num_edits} edits)")
     elif edited is not None:
         edited.unlink(missing_ok=True)

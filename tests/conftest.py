@@ -79,7 +79,8 @@ def cli_args(model_dir, dataset, corpus, tmp, method="alphaedit", batch_size=4, 
     """CLI arguments for a small fit run on the tiny model."""
     editor = {"alphaedit": ["--editor=lightning_edit.callbacks.AlphaEdit", "--editor.l2=1", "--editor.threshold_mode=relative",
                             "--editor.nullspace_threshold=0.02"],
-              "memit": ["--editor=lightning_edit.callbacks.MEMIT", "--editor.lam=1"]}[method]
+              "memit": ["--editor=lightning_edit.callbacks.MEMIT", "--editor.lam=1"],
+              "unke": ["--editor=lightning_edit.callbacks.UnKE", "--editor.lr=3e-3", "--editor.steps=10", "--editor.n_preserve=8"]}[method]
     return [f"--model.model={model_dir}", "--model.layers=[1,2]", "--model.context_prefixes=2",
             "--model.residual.anchor=prompt_last", "--model.residual.clamp_norm_factor=4",
             f"--data.dataset={dataset}", f"--data.batch_size={batch_size}", *editor,

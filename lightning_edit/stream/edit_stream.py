@@ -34,6 +34,7 @@ from lightning_edit.data.requests import EditRequest
 from lightning_edit.engine import sharding
 from lightning_edit.engine.arch import ModelAdapter
 from lightning_edit.engine.bars import ResidualProgress
+from lightning_edit.engine.block_update import apply_block_update, block_parameters
 from lightning_edit.engine.closed_form import MAX_UPDATE, NonFiniteUpdateError, OversizedUpdateError
 from lightning_edit.engine.deviations import make_deviations
 from lightning_edit.engine.prefixes import generate_prefixes
@@ -108,6 +109,7 @@ class EditStream:
         self.norm_anchor: float | None = float(residual.nas_anchor) if residual.nas and residual.nas_anchor > 0 else None
         self.requests: list = []  # the applied requests, in stream order (their ids are the ledger's)
         self.base: dict[int, torch.Tensor] | None = None  # unedited edit-layer weights (CPU), for undo
+        self.base_params: dict[str, torch.Tensor] | None = None  # unedited block parameters (CPU) of a block-update method
         self.last_residuals: ResidualResult | None = None  # this process's z of the last batch (logging)
         self.last_z_loss: float | None = None
 
@@ -163,6 +165,15 @@ class EditStream:
         if self.base is None:  # sharded weights: each process keeps its slices where they are
             self.base = {l: (w.detach().clone() if sharding.is_sharded(w) else w.detach().cpu().clone())
                          for l in self.layers for w in [self.adapter.weight_as_linear(l)]}
+
+    def _keep_param_base(self) -> None:
+        """With :meth:`keep_base` on, a block-update method's stream also keeps the unedited
+        parameters of the edit blocks (taken before its first batch changes them)."""
+        if self.base is not None and self.base_params is None:
+            if self.position > 0:
+                raise RuntimeError("the unedited block parameters must be kept before the first batch")
+            self.base_params = {n: p.detach().cpu().clone() for l in self.layers
+                                for n, p in block_parameters(self.adapter, l).items()}
 
     def ensure_prefixes(self) -> list[str]:
         """MEMIT's context prefixes, generated once from the model as it is now (unedited)."""
@@ -281,10 +292,17 @@ class EditStream:
             applied.append(self.ledger.append(rec, write=collective.is_writer))
 
         try:
-            apply_update(self.adapter, rb, None if res is None else res.z_target, self.layers, self.method,
-                         gather=collective.gather, max_rows=self.max_rows, master=self.master, record={}, context=context,
-                         broadcast=collective.broadcast, on_record=record, max_update=self.max_update,
-                         context_weight=self.longform.context_weight, deviations=dev, deviation_rows=slips)
+            if getattr(self.method, "dense", False):  # UnKE's block update: one process, all rows
+                if collective.broadcast is not None or len(local) != len(requests):
+                    raise InputError("the UnKE block update trains the edit blocks in one process; run it without DDP or sharding")
+                self._keep_param_base()
+                apply_block_update(self.adapter, rb, res.z_target, self.layers, self.method, position=self.position,
+                                   max_update=self.max_update, record={}, on_record=record)
+            else:
+                apply_update(self.adapter, rb, None if res is None else res.z_target, self.layers, self.method,
+                             gather=collective.gather, max_rows=self.max_rows, master=self.master, record={}, context=context,
+                             broadcast=collective.broadcast, on_record=record, max_update=self.max_update,
+                             context_weight=self.longform.context_weight, deviations=dev, deviation_rows=slips)
         except (NonFiniteUpdateError, OversizedUpdateError) as err:  # name the batch; nothing was applied
             ids = ", ".join(str(r.case_id) for r in requests[:3]) + (" ..." if len(requests) > 3 else "")
             raise type(err)(f"edit batch {self.position} ({len(requests)} requests: {ids}) not applied: {err}") from None
@@ -314,15 +332,17 @@ class EditStream:
         return [self.apply(requests[i : i + batch_size], label=label, progress=progress) for i in range(0, len(requests), batch_size)]
 
     # ---- rebuilding and undo -------------------------------------------------------------------
-    def rebuild(self, base: dict[int, torch.Tensor] | None = None) -> None:
+    def rebuild(self, base: dict[int, torch.Tensor] | None = None, param_base: dict[str, torch.Tensor] | None = None) -> None:
         """Weights := ``base`` (default: the model's current, unedited weights) + the ledger's
-        batches, in stream order; the method's ``K_p K_p^T`` from the ledger's keys."""
+        batches, in stream order; the method's ``K_p K_p^T`` from the ledger's keys.
+        ``param_base``: the unedited values of the parameters that block updates change
+        (default: the model's current ones)."""
         ad = self.adapter
         if base is None:
             base = {l: ad.weight_as_linear(l).detach().clone() for l in self.layers}
         if not self.master:
             self.master = master_copies(ad, self.layers)
-        self.ledger.replay(ad, self.layers, base, self.master)
+        self.ledger.replay(ad, self.layers, base, self.master, param_base)
         if self.method is not None and hasattr(self.method, "reset"):
             self.method.reset(self.ledger.keys_per_batch(self.layers, device=self.device))
 
@@ -339,7 +359,11 @@ class EditStream:
             raise RuntimeError("undo needs the unedited weights: call keep_base() before the first batch")
         rows = self.history()[self.position - n:]
         self.ledger.truncate(self.position - n)
-        self.rebuild({l: t.to(self.adapter.weight_as_linear(l).device) for l, t in self.base.items()})
+        pb = None
+        if self.base_params is not None:
+            params = dict(self.adapter.model.named_parameters())
+            pb = {n: t.to(params[n].device) for n, t in self.base_params.items()}
+        self.rebuild({l: t.to(self.adapter.weight_as_linear(l).device) for l, t in self.base.items()}, pb)
         del self.requests[self.num_edits:]
         return rows
 

@@ -39,11 +39,13 @@ from pathlib import Path
 import torch
 
 from lightning_edit.engine import sharding
+from lightning_edit.engine.block_update import DELTA_PREFIX
 from lightning_edit.engine.files import CorruptFileError, atomic_save_file, check_finite, read_verified, tensor_digest
 from lightning_edit.engine.update import accumulate_kkt, write_master
 from lightning_edit.errors import CheckpointError
 
 LEDGER_FORMAT = 1
+DENSE_METHODS = ("unke",)  # methods whose batches hold dense parameter deltas (d.<name>) instead of U, V per layer
 
 
 @dataclass
@@ -241,19 +243,43 @@ class EditLedger:
                     out[l] = out[l] + d if l in out else d
         return out
 
+    def dense_names(self) -> list[str]:
+        """The parameters that block updates (UnKE) changed, by full name, in first-touched order."""
+        names: dict[str, None] = {}
+        for r in self.records:
+            if r.method in DENSE_METHODS:
+                names.update(dict.fromkeys(k[len(DELTA_PREFIX):] for k in self.tensors(r) if k.startswith(DELTA_PREFIX)))
+        return list(names)
+
     @torch.no_grad()
-    def replay(self, adapter, layers: Sequence[int], base: dict[int, torch.Tensor], master: dict[int, torch.Tensor]) -> None:
+    def replay(self, adapter, layers: Sequence[int], base: dict[int, torch.Tensor], master: dict[int, torch.Tensor],
+               param_base: dict[str, torch.Tensor] | None = None) -> None:
         """Write ``base`` (the unedited weights as ``(d_model, d_k)``) plus every batch's
         ``U @ V`` into the model, in stream order, exactly as :func:`apply_update` added them:
         into the float32 ``master`` where one exists (then the model holds its rounding), in
-        place in the weight otherwise."""
+        place in the weight otherwise. Batches of block updates add their dense deltas
+        (``d.<name>``) to the named parameters, whose unedited values are ``param_base``
+        (default: their current values, i.e. the model must be unedited)."""
+        dense = list(dict.fromkeys([*self.dense_names(), *(param_base or {})]))  # undo of every block batch: back to the base
+        params = dict(adapter.model.named_parameters()) if dense else {}
+        missing = [n for n in dense if n not in params]
+        if missing:
+            raise CheckpointError(f"edit ledger: its block updates change {missing[0]!r}, which this model does not have")
+        pbase = {n: (param_base[n] if param_base is not None and n in param_base else params[n].detach().clone()) for n in dense}
         for l in layers:
             if l in master:
                 master[l].copy_(base[l].float())
             else:
                 adapter.weight_as_linear(l).copy_(base[l])
+        for n in dense:
+            params[n].copy_(pbase[n])
         for r in self.records:
             t = self.tensors(r)
+            if r.method in DENSE_METHODS:
+                for k, d in t.items():
+                    if k.startswith(DELTA_PREFIX):
+                        params[k[len(DELTA_PREFIX):]].add_(d.to(params[k[len(DELTA_PREFIX):]].device))
+                continue
             for l in layers:
                 w = adapter.weight_as_linear(l)
                 delta = t[f"u.{l}"].to(w.device) @ t[f"v.{l}"].to(w.device)

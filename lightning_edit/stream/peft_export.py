@@ -41,6 +41,7 @@ from lightning_edit.engine.files import atomic_save_file, check_export_target, f
 from lightning_edit.engine.loading import split_gguf
 from lightning_edit.errors import InputError
 from lightning_edit.resources import resolve
+from lightning_edit.stream.ledger import DENSE_METHODS
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
 ADAPTER_CONFIG = "adapter_config.json"
@@ -69,6 +70,10 @@ def ledger_factors(ledger, layers: Sequence[int], records: Sequence) -> dict[int
     us: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
     vs: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
     for rec in records:
+        if rec.method in DENSE_METHODS:
+            raise PeftExportError(f"edit ledger batch {rec.index} is a {rec.method} block update (a dense change of every "
+                                  "parameter of the edit blocks), which a LoRA adapter cannot hold: export the full model "
+                                  "(`lightning-edit export` without --peft)")
         t = ledger.tensors(rec)
         for l in layers:
             if f"u.{l}" not in t or f"v.{l}" not in t:

@@ -1,0 +1,163 @@
+"""UnKE's block update (lightning_edit/engine/block_update.py): the block run alone equals the
+model's own forward, the update takes a long-form answer, the ledger replays it bit-identically,
+undo restores every block parameter, a refused batch changes nothing, and the exports say what
+they can hold."""
+
+import copy
+
+import pytest
+import torch
+
+from lightning_edit.api import Editor
+from lightning_edit.engine.arch import ModelAdapter
+from lightning_edit.engine.block_update import (
+    BlockUpdateMethod,
+    _block_forward,
+    _block_io,
+    block_parameters,
+    block_targets,
+    masked_mse,
+)
+from lightning_edit.engine.closed_form import OversizedUpdateError
+from lightning_edit.errors import InputError
+from lightning_edit.evaluation.scoring import greedy_generate
+from lightning_edit.stream.peft_export import PeftExportError
+from tests.conftest import make_model
+
+QUESTION, ANSWER = "Danielle Darrieux lives in", "Rome. Toko Yasuda plays the piano."
+
+
+def _editor(model, tokenizer, corpus_file, tmp_path, **kw):
+    method_kwargs = {"lr": 3e-3, "steps": 60, "n_preserve": 8, **kw}
+    return Editor(model, tokenizer, layers=[1, 2], method="unke", method_kwargs=method_kwargs,
+                  residual={"steps": 40, "lr": 0.5, "clamp_norm_factor": 4.0, "kl_factor": 0.0, "early_stop_loss": 0.01},
+                  stats={"corpus": str(corpus_file), "corpus_name": None, "n_samples": 40, "max_length": 32,
+                         "cache_dir": str(tmp_path / "stats")},
+                  context_prefixes=0, longform={"chunking": {"window": 2}})
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_block_run_alone_equals_the_models_forward(arch, tokenizer):
+    torch.manual_seed(0)
+    model = make_model(arch, len(tokenizer)).eval()
+    ad = ModelAdapter(model)
+    ids = torch.randint(5, 50, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    for layer in (0, 1, 2):
+        h_in, tlen, out, _ = _block_io(ad, ids, mask, layer)
+        alone = _block_forward(ad, ids, mask, layer, h_in, tlen)
+        assert torch.allclose(alone, out, atol=1e-6), (arch, layer)
+        assert alone.requires_grad or layer is None  # gradients reach the block's parameters (grad mode on)
+
+
+def test_targets_and_masked_mean():
+    out = torch.zeros(2, 3, 4)
+    t = block_targets(out, torch.tensor([1]), torch.tensor([2]), torch.ones(1, 4))
+    assert t[1, 2].sum() == 4 and t.sum() == 4
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert float(masked_mse(t, out, mask)) == pytest.approx(4 / (5 * 4))
+    assert float(masked_mse(out + 7, out, torch.zeros(2, 3))) == 0.0  # nothing real: no loss
+
+
+def test_settings_are_checked():
+    with pytest.raises(InputError, match="lr"):
+        BlockUpdateMethod(lr=0)
+    with pytest.raises(InputError, match="steps"):
+        BlockUpdateMethod(steps=0)
+
+
+def test_unke_edits_a_long_answer_and_replays_and_undoes_exactly(trained_gpt2, tokenizer, corpus_file, tmp_path):
+    model = copy.deepcopy(trained_gpt2)
+    before = _params(model)
+    ed = _editor(model, tokenizer, corpus_file, tmp_path)
+    info = ed.apply([{"case_id": "lf0", "question": QUESTION, "answer": ANSWER}])
+    assert "block_loss/layer_2" in info and info["update_norm/layer_1"] > 0
+    out = greedy_generate(ed.model, tokenizer, [QUESTION], max_new_tokens=12)[0]
+    assert out.strip().startswith("Rome. Toko Yasuda"), out
+    after = _params(model)
+    changed = {n for n in after if not torch.equal(after[n], before[n])}
+    # every changed parameter lies in an edit block, and the blocks' attention changed too
+    assert changed and all(n.startswith(("transformer.h.1.", "transformer.h.2.")) for n in changed)
+    assert any(".attn." in n for n in changed)
+    assert set(ed.ledger.dense_names()) >= changed
+
+    # the ledger alone rebuilds the edited model bit for bit
+    other = copy.deepcopy(trained_gpt2)
+    ed.ledger.replay(ModelAdapter(other), [1, 2], {l: ModelAdapter(other).weight_as_linear(l).detach().clone() for l in (1, 2)}, {})
+    assert all(torch.equal(p, after[n]) for n, p in other.named_parameters())
+
+    # a second batch, then undo it: exactly the model after the first batch; undo both: the base
+    ed.apply([{"case_id": "lf1", "question": "Toko Yasuda plays", "answer": "the violin in Oslo."}])
+    ed.undo(1)
+    assert all(torch.equal(p, after[n]) for n, p in model.named_parameters())
+    ed.undo(1)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+    # the export of edited weights carries every changed block parameter; LoRA cannot hold it
+    ed.apply([{"case_id": "lf0", "question": QUESTION, "answer": ANSWER}])
+    saved = ed.save(tmp_path / "edited.safetensors")
+    from lightning_edit.checkpointing import load_edits
+
+    fresh = copy.deepcopy(trained_gpt2)
+    load_edits(fresh, saved)
+    assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in fresh.named_parameters())
+    with pytest.raises(PeftExportError, match="block update"):
+        ed.export(tmp_path / "lora", peft=True)
+
+
+def test_a_refused_block_update_changes_nothing(trained_gpt2, tokenizer, corpus_file, tmp_path):
+    model = copy.deepcopy(trained_gpt2)
+    before = _params(model)
+    ed = _editor(model, tokenizer, corpus_file, tmp_path, max_update=1e-9)
+    with pytest.raises(OversizedUpdateError, match="edit batch 0"):
+        ed.apply([{"case_id": "lf0", "question": QUESTION, "answer": ANSWER}])
+    assert ed.ledger.position == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_unke_refuses_a_low_precision_model(trained_gpt2, tokenizer, corpus_file, tmp_path):
+    model = copy.deepcopy(trained_gpt2).to(torch.bfloat16)
+    ed = _editor(model, tokenizer, corpus_file, tmp_path)
+    with pytest.raises(InputError, match="float32"):
+        ed.apply([{"case_id": "lf0", "question": QUESTION, "answer": ANSWER}])
+    assert ed.ledger.position == 0
+
+
+def test_block_parameters_are_named_in_the_model(trained_gpt2):
+    ad = ModelAdapter(trained_gpt2)
+    names = set(dict(trained_gpt2.named_parameters()))
+    params = block_parameters(ad, 1)
+    assert params and set(params) <= names and all(n.startswith("transformer.h.1.") for n in params)
+
+
+def test_unke_run_killed_and_resumed_equals_the_whole_run(tiny_model_dir, corpus_file, tmp_path):
+    """The CLI with --editor=lightning_edit.callbacks.UnKE: a run killed after batch 1 and resumed
+    writes the same edited block parameters, bit for bit, as the run that was never killed."""
+    import json
+
+    from lightning_edit.checkpointing import read_edits
+    from lightning_edit.cli import main
+    from tests.conftest import cli_args, counterfact_records
+
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(counterfact_records(8)))
+    full = tmp_path / "full"
+    main(["fit", *cli_args(tiny_model_dir, data, corpus_file, full, method="unke", batch_size=2)])
+    w_full, meta = read_edits(full / "ckpt" / "edited.safetensors")
+    assert meta["method"] == "unke" and any(".attn." in k for k in w_full)
+
+    run = tmp_path / "run"
+    args = cli_args(tiny_model_dir, data, corpus_file, run, method="unke", batch_size=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["fit", *args, "--trainer.callbacks+=conftest.CrashAfterBatch", "--trainer.callbacks.batch=1"])
+    cli = main(["fit", *args, f"--ckpt_path={run}/ckpt/last.safetensors"])
+    assert cli.model.num_edits == 8
+    w_res, _ = read_edits(run / "ckpt" / "edited.safetensors")
+    assert set(w_res) == set(w_full)
+    for k in w_full:
+        assert torch.equal(w_res[k], w_full[k]), k
