@@ -31,7 +31,7 @@ _SOLVE = {"float32": torch.float32, "float64": torch.float64}
 
 
 class ClosedFormUpdate(L.Callback):
-    """Shared machinery of MEMIT and AlphaEdit (statistics, state, checkpoints, export).
+    """Shared machinery of the editing methods, MEMIT, AlphaEdit and UnKE (statistics, state, checkpoints, export).
 
     Args:
         stats: where the preserved-knowledge key statistics come from and are cached.

@@ -4,11 +4,14 @@ undo restores every block parameter, a refused batch changes nothing, and the ex
 they can hold."""
 
 import copy
+import json
 
 import pytest
 import torch
 
 from lightning_edit.api import Editor
+from lightning_edit.checkpointing import load_edits, read_edits
+from lightning_edit.cli import main
 from lightning_edit.engine.arch import ModelAdapter
 from lightning_edit.engine.block_update import (
     BlockUpdateMethod,
@@ -22,7 +25,7 @@ from lightning_edit.engine.closed_form import OversizedUpdateError
 from lightning_edit.errors import InputError
 from lightning_edit.evaluation.scoring import greedy_generate
 from lightning_edit.stream.peft_export import PeftExportError
-from tests.conftest import make_model
+from tests.conftest import cli_args, counterfact_records, make_model
 
 QUESTION, ANSWER = "Danielle Darrieux lives in", "Rome. Toko Yasuda plays the piano."
 
@@ -101,8 +104,6 @@ def test_unke_edits_a_long_answer_and_replays_and_undoes_exactly(trained_gpt2, t
     # the export of edited weights carries every changed block parameter; LoRA cannot hold it
     ed.apply([{"case_id": "lf0", "question": QUESTION, "answer": ANSWER}])
     saved = ed.save(tmp_path / "edited.safetensors")
-    from lightning_edit.checkpointing import load_edits
-
     fresh = copy.deepcopy(trained_gpt2)
     load_edits(fresh, saved)
     assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in fresh.named_parameters())
@@ -138,12 +139,6 @@ def test_block_parameters_are_named_in_the_model(trained_gpt2):
 def test_unke_run_killed_and_resumed_equals_the_whole_run(tiny_model_dir, corpus_file, tmp_path):
     """The CLI with --editor=lightning_edit.callbacks.UnKE: a run killed after batch 1 and resumed
     writes the same edited block parameters, bit for bit, as the run that was never killed."""
-    import json
-
-    from lightning_edit.checkpointing import read_edits
-    from lightning_edit.cli import main
-    from tests.conftest import cli_args, counterfact_records
-
     data = tmp_path / "cf.json"
     data.write_text(json.dumps(counterfact_records(8)))
     full = tmp_path / "full"

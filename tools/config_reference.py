@@ -106,7 +106,7 @@ def _table(rows) -> list[str]:
 
 
 def render() -> str:
-    from lightning_edit.callbacks import MEMIT, AlphaEdit
+    from lightning_edit.callbacks import MEMIT, AlphaEdit, UnKE
     from lightning_edit.cli import TRAINER_DEFAULTS, EditCheckpoint
     from lightning_edit.data.datamodule import EditDataModule
     from lightning_edit.module import EditModule
@@ -131,9 +131,9 @@ def render() -> str:
         "",
         "## editor",
         "",
-        "The closed-form update, chosen by `class_path`: `lightning_edit.callbacks.AlphaEdit` (default) or",
-        "`lightning_edit.callbacks.MEMIT`. Its keys sit under `editor.init_args` in YAML; on the command",
-        "line `--editor.KEY` works too.",
+        "The update, chosen by `class_path`: `lightning_edit.callbacks.AlphaEdit` (default),",
+        "`lightning_edit.callbacks.MEMIT` or `lightning_edit.callbacks.UnKE` (a block update trained by",
+        "AdamW). Its keys sit under `editor.init_args` in YAML; on the command line `--editor.KEY` works too.",
         "",
         "### AlphaEdit",
         "",
@@ -144,6 +144,13 @@ def render() -> str:
         *_table([r for r in _rows("editor", MEMIT, {MEMIT}) if not r[0].startswith("editor.stats.")]),
         "",
         "(`editor.stats.*` as for AlphaEdit.)",
+        "",
+        "### UnKE",
+        "",
+        *_table([r for r in _rows("editor", UnKE, {UnKE}) if not r[0].startswith("editor.stats.")]),
+        "",
+        "(`editor.stats.*` as for AlphaEdit; only the corpus keys, `n_samples` and `max_length` are used: they give the",
+        "preservation texts.)",
         "",
         "## data",
         "",
