@@ -410,6 +410,10 @@ class UnKE(ClosedFormUpdate):
         if trainer is not None and trainer.world_size > 1:
             raise InputError(f"the UnKE block update trains the edit blocks in one process; this run has {trainer.world_size} "
                              "processes (use one device, or MEMIT / AlphaEdit)")
+        lf = module.stream.longform
+        if lf.deviations > 0 or not lf.context_keys or lf.context_weight != 1.0:
+            raise InputError("UnKE always keeps the block's outputs at every other position of the edited texts; "
+                             "model.longform.deviations, context_keys=false and context_weight apply to MEMIT / AlphaEdit only")
         for l in module.layers:
             for name, p in block_parameters(module.adapter, l).items():
                 if p.dtype != torch.float32:

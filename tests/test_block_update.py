@@ -129,6 +129,15 @@ def test_unke_refuses_a_low_precision_model(trained_gpt2, tokenizer, corpus_file
     assert ed.ledger.position == 0
 
 
+def test_unke_refuses_closed_form_only_options(trained_gpt2, tokenizer, corpus_file, tmp_path):
+    ed = Editor(copy.deepcopy(trained_gpt2), tokenizer, layers=[1, 2], method="unke",
+                stats={"corpus": str(corpus_file), "corpus_name": None, "n_samples": 10, "max_length": 16},
+                context_prefixes=0, longform={"chunking": {"window": 2}, "deviations": 2})
+    with pytest.raises(InputError, match="deviations"):
+        ed.apply([{"case_id": "lf0", "question": QUESTION, "answer": ANSWER}])
+    assert ed.ledger.position == 0
+
+
 def test_block_parameters_are_named_in_the_model(trained_gpt2):
     ad = ModelAdapter(trained_gpt2)
     names = set(dict(trained_gpt2.named_parameters()))
