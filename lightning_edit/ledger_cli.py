@@ -16,12 +16,27 @@ from lightning_edit.checkpointing import (
     write_checkpoint,
 )
 from lightning_edit.engine.arch import ModelAdapter
-from lightning_edit.engine.files import MANIFEST, SKELETON_KEY, check_export_target, read_verified, verify_manifest
-from lightning_edit.engine.loading import load_pretrained
+from lightning_edit.engine.files import (
+    MANIFEST,
+    SKELETON_KEY,
+    check_export_target,
+    read_verified,
+    verify_manifest,
+)
+from lightning_edit.engine.loading import load_pretrained, load_tokenizer
 from lightning_edit.engine.update import master_copies
-from lightning_edit.errors import EditError, MissingFileError
+from lightning_edit.errors import CheckpointError, EditError, MissingFileError
 from lightning_edit.stream.ledger import EditLedger
-from lightning_edit.stream.peft_export import PeftExportError, describe_export, export_lora, structure_model
+from lightning_edit.stream.peft_export import (
+    PeftExportError,
+    describe_export,
+    export_lora,
+    structure_model,
+)
+from lightning_edit.stream.streamed_export import (
+    StreamedExportUnavailable,
+    export_streamed,
+)
 
 
 def _read_checkpoint(path: str) -> tuple[dict, EditLedger]:
@@ -201,6 +216,9 @@ def export_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=None, metavar="R",
                     help="with --peft: truncate each layer's update to its best rank-R approximation (SVD) and report the "
                          "relative error left; for servers that cap the LoRA rank (vLLM --max-lora-rank, default 16)")
+    ap.add_argument("--in_memory", action="store_true", help="load the whole base model and export with save_pretrained "
+                    "(default: stream the base model's safetensors files one at a time, replacing the edited tensors, "
+                    "when it is a local directory of them; the results are equal)")
     a = ap.parse_args(argv)
     if not a.peft and (a.batches is not None or a.rank is not None):
         raise SystemExit("--batches and --rank apply to --peft exports; a full export carries every batch "
@@ -211,6 +229,18 @@ def export_main(argv: list[str] | None = None) -> int:
     if a.peft:
         _check_trust(a.ckpt_path, m, a.trust_remote_code)
         return _export_peft(a, ckpt, ledger)
+    if not a.in_memory:
+        _check_trust(a.ckpt_path, m, a.trust_remote_code)
+        try:
+            tok = load_tokenizer(m["model"], a.trust_remote_code, m.get("tokenizer"))
+            out = export_streamed(ledger, a.out, tok, a.trust_remote_code, a.overwrite, base_fingerprint(ckpt))
+            print(f"exported {ledger.num_edits} edits ({ledger.position} batches) of {m['model']} to {out} "
+                  "(streamed: the base model's files one at a time, the edited tensors replaced)")
+            return 0
+        except StreamedExportUnavailable as err:
+            print(f"note: {err}; loading the whole model to export it")
+        except CheckpointError as err:
+            raise SystemExit(f"{a.ckpt_path}: {err}") from None
     model, tok, _, _ = edited_model(a.ckpt_path, ckpt, ledger, a.trust_remote_code)
     out = export_pretrained(model, tok, ledger, a.out, overwrite=a.overwrite)
     print(f"exported {ledger.num_edits} edits ({ledger.position} batches) of {m['model']} to {out}")

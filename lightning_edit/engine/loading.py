@@ -10,7 +10,12 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightning_edit.errors import DependencyError, InputError, MissingFileError, require_local_path
+from lightning_edit.errors import (
+    DependencyError,
+    InputError,
+    MissingFileError,
+    require_local_path,
+)
 from lightning_edit.resources import resolve
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -54,15 +59,24 @@ def load_pretrained(name_or_path: str, dtype: DType = "float32", trust_remote_co
         require_gguf(f"GGUF file {gguf_file!r}")
         kw["gguf_file"] = gguf_file
     model = _from_pretrained(AutoModelForCausalLM, name_or_path, "model", dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **kw)
+    return model, load_tokenizer(name_or_path, trust_remote_code, tokenizer, gguf_file)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, tokenizer: str | None = None, gguf_file: str | None = None):
+    """The (fast) tokenizer :func:`load_pretrained` gives with the model: ``tokenizer`` when set,
+    else the model's own; its pad token is the end-of-sequence token when it has none."""
+    name_or_path, gguf_file = split_gguf(resolve(name_or_path), gguf_file)
+    tokenizer = resolve(tokenizer) if tokenizer else None
     if tokenizer:
         tok_name, tok_kw = split_gguf(tokenizer)
         tok = _from_pretrained(AutoTokenizer, tok_name, "tokenizer", trust_remote_code=trust_remote_code,
                                **({"gguf_file": tok_kw} if tok_kw else {}))
     else:
-        tok = _from_pretrained(AutoTokenizer, name_or_path, "tokenizer", trust_remote_code=trust_remote_code, **kw)
+        tok = _from_pretrained(AutoTokenizer, name_or_path, "tokenizer", trust_remote_code=trust_remote_code,
+                               **({"gguf_file": gguf_file} if gguf_file else {}))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return model, tok
+    return tok
 
 
 def _from_pretrained(auto_class, name: str, what: str, **kwargs):

@@ -1,0 +1,187 @@
+"""Export an edited model without loading it whole: the base model's safetensors files, file by
+file, with the edited tensors replaced.
+
+``lightning-edit export`` loads the base model, replays the ledger and calls ``save_pretrained``:
+the whole model in host memory (140 GB for Llama-3-70B in bf16). An edit changes few tensors (the
+edit layers' down projections; UnKE's edit blocks), so this module builds the model's skeleton
+(parameters on the ``meta`` device, buffers real), reads only the tensors the ledger changes,
+replays the ledger on them with the same additions as a live run (:meth:`EditLedger.replay`,
+float32 masters included), and writes the export one base file at a time: peak memory is the
+edited tensors plus one file. The base model's identity is checked on the way, streamed too: its
+fingerprint (:func:`~lightning_edit.engine.files.full_model_fingerprint`) is computed tensor by
+tensor from the files and the skeleton's buffers.
+
+The result equals the in-memory export tensor for tensor (tests/test_streamed_export.py). It
+needs a local Hugging Face directory of safetensors files whose tensor names are the model's
+parameter names; otherwise :class:`StreamedExportUnavailable` says why and the caller falls back
+to the in-memory export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lightning_edit.engine.arch import ModelAdapter
+from lightning_edit.engine.files import (
+    config_fingerprint,
+    finish_export_dir,
+    new_export_dir,
+    short_hash,
+    tensor_fingerprint,
+)
+from lightning_edit.engine.loading import DTYPES, portable_config, split_gguf
+from lightning_edit.engine.update import master_copies
+from lightning_edit.errors import CheckpointError
+from lightning_edit.resources import resolve
+from lightning_edit.stream.ledger import EditLedger
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class StreamedExportUnavailable(Exception):
+    """The base model is not a local directory of safetensors files named like its parameters."""
+
+
+def weight_files(directory: str | Path) -> dict[str, Path]:
+    """``{tensor name: file}`` of a Hugging Face directory's safetensors weights (one file or an
+    index of shards)."""
+    d = Path(directory)
+    if (d / INDEX).is_file():
+        index = json.loads((d / INDEX).read_text())
+        return {k: d / f for k, f in index.get("weight_map", {}).items()}
+    if (d / SINGLE).is_file():
+        with safe_open(str(d / SINGLE), framework="pt") as f:
+            return {k: d / SINGLE for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
+    raise StreamedExportUnavailable(f"{d} has no {SINGLE} or {INDEX}")
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Inside the block, modules register their parameters on the ``meta`` device (no memory, no
+    initialization), while buffers (rotary frequencies, masks) are computed as usual."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            p = module._parameters[name]
+            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+class _Files:
+    """Open safetensors files, read tensor by tensor."""
+
+    def __init__(self, files: dict[str, Path]):
+        self.files, self._open = files, {}
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self.files[name]
+        if path not in self._open:
+            self._open[path] = safe_open(str(path), framework="pt")
+        return self._open[path].get_tensor(name)
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def export_streamed(ledger: EditLedger, out: str | Path, tokenizer=None, trust_remote_code: bool = False,
+                    overwrite: bool = False, expected_fingerprint: str | None = None) -> Path:
+    """Write the edited model of ``ledger`` to ``out`` as :func:`~lightning_edit.checkpointing.export_pretrained`
+    does, reading the base model's files one tensor at a time (see the module docstring).
+    ``expected_fingerprint``: the base model's fingerprint recorded in the checkpoint; a base
+    model that differs is refused before anything is written."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m = ledger.meta
+    name, gguf = split_gguf(resolve(m["model"]), None)
+    if gguf or not Path(name).is_dir():
+        raise StreamedExportUnavailable(f"the base model {m['model']!r} is not a local directory of safetensors files")
+    files = weight_files(name)
+    dtype = DTYPES[m.get("dtype", "float32")]
+    cfg = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code, dtype=dtype)
+    model.eval()
+    params = dict(model.named_parameters())
+    missing = [n for n in params if n not in files]
+    if missing:
+        raise StreamedExportUnavailable(f"the base model's files name their tensors otherwise ({missing[0]!r} is not among them)")
+    reader = _Files(files)
+    try:
+        if expected_fingerprint is not None:  # full_model_fingerprint, one tensor at a time
+            parts: list = [config_fingerprint(model)]
+            for n, p in params.items():
+                parts += [n, tensor_fingerprint(reader.get(n).to(p.dtype))]
+            for n, b in model.named_buffers():
+                parts += [n, tensor_fingerprint(b)]
+            if short_hash(*parts) != expected_fingerprint:
+                raise CheckpointError(f"the checkpoint was made on another base model than {m['model']!r} (model fingerprint differs)")
+        adapter = ModelAdapter(model, m.get("layer_template"), m.get("mlp_down_template"))
+        layers = [int(l) for l in m["layers"]]
+        edited = [adapter.weight_name(l) for l in layers] + [n for n in ledger.dense_names() if n not in
+                                                               {adapter.weight_name(l) for l in layers}]
+        with torch.no_grad():
+            for n in edited:
+                _set_parameter(model, n, reader.get(n).to(params[n].dtype))
+            base = {l: adapter.weight_as_linear(l).detach().clone() for l in layers}
+            ledger.replay(adapter, layers, base, master_copies(adapter, layers))
+        now = dict(model.named_parameters())
+        values = {n: now[n].detach() for n in edited}
+        dtypes = {n: p.dtype for n, p in now.items()}
+        tmp = new_export_dir(out, overwrite)
+        try:
+            by_file: dict[Path, list[str]] = {}
+            for k, f in files.items():
+                by_file.setdefault(f, []).append(k)
+            total = 0
+            for f, keys in by_file.items():  # one base file in memory at a time
+                tensors = {}
+                for k in keys:
+                    t = values[k] if k in values else reader.get(k)
+                    if k in dtypes and t.is_floating_point():
+                        t = t.to(dtypes[k])
+                    tensors[k] = t.contiguous()
+                    total += t.numel() * t.element_size()
+                save_file(tensors, str(tmp / f.name), metadata={"format": "pt"})
+                del tensors
+            if (Path(name) / INDEX).is_file():
+                index = json.loads((Path(name) / INDEX).read_text())
+                index.setdefault("metadata", {})["total_size"] = total
+                (tmp / INDEX).write_text(json.dumps(index, indent=2))
+            model.config.save_pretrained(str(tmp))
+            config = tmp / "config.json"
+            config.write_text(json.dumps(portable_config(json.loads(config.read_text())), indent=2, sort_keys=True) + "\n")
+            gen = Path(name) / "generation_config.json"
+            if gen.is_file():
+                shutil.copyfile(gen, tmp / gen.name)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            (tmp / "edit_ledger.json").write_text(json.dumps(ledger.summary(), indent=1))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        reader.close()
+    return finish_export_dir(tmp, out)
