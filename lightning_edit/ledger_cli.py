@@ -34,7 +34,7 @@ from lightning_edit.stream.peft_export import (
     structure_model,
 )
 from lightning_edit.stream.streamed_export import (
-    StreamedExportUnavailable,
+    WeightsNotStreamable,
     export_streamed,
 )
 
@@ -237,7 +237,7 @@ def export_main(argv: list[str] | None = None) -> int:
             print(f"exported {ledger.num_edits} edits ({ledger.position} batches) of {m['model']} to {out} "
                   "(streamed: the base model's files one at a time, the edited tensors replaced)")
             return 0
-        except StreamedExportUnavailable as err:
+        except WeightsNotStreamable as err:
             print(f"note: {err}; loading the whole model to export it")
         except CheckpointError as err:
             raise SystemExit(f"{a.ckpt_path}: {err}") from None

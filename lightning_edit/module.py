@@ -25,7 +25,9 @@ from lightning_edit.data.datamodule import EditBatch
 from lightning_edit.data.requests import EditRequest, RequestError, target_text
 from lightning_edit.engine.arch import ModelAdapter
 from lightning_edit.engine.bars import show_progress
-from lightning_edit.engine.loading import DType, load_pretrained
+from lightning_edit.engine.loading import DType, load_pretrained, load_skeleton
+from lightning_edit.engine.sharding import load_weights
+from lightning_edit.engine.weight_files import WeightsNotStreamable
 from lightning_edit.engine.prefixes import PREFIX_STARTS
 from lightning_edit.engine.residuals import ResidualConfig
 from lightning_edit.errors import CheckpointError, InputError
@@ -82,6 +84,12 @@ class EditModule(L.LightningModule):
             chat template followed by the assistant's opening (instruct models; see
             :mod:`lightning_edit.data.chat`); long-form questions are rendered the same way.
         system_prompt: an optional system message for ``chat_template``.
+        init_on_meta: build the LM with its parameters on the ``meta`` device and let the
+            ``sharded_edit`` strategy read each process's share of every weight from the model's
+            safetensors files, so no process ever holds the whole model. ``null`` (default): on
+            under ``sharded_edit`` when ``model`` is a local directory of safetensors files, off
+            otherwise; ``true`` requires such a directory (under another strategy the whole
+            model is then read at set-up).
     """
 
     def __init__(
@@ -105,6 +113,7 @@ class EditModule(L.LightningModule):
         gguf_file: str | None = None,
         chat_template: bool = False,
         system_prompt: str | None = None,
+        init_on_meta: bool | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -127,7 +136,18 @@ class EditModule(L.LightningModule):
         self.templates = (layer_template, mlp_down_template)
         self._tokenizer_name, self._trust_remote_code = tokenizer, trust_remote_code
         self.chat_template, self.system_prompt = chat_template, system_prompt
-        self.lm, self.tokenizer = load_pretrained(model, dtype, trust_remote_code, tokenizer, gguf_file) if isinstance(model, str) else model
+        self.weight_files = None  # {tensor name: file} while the LM's parameters wait on the meta device
+        self.built_on_meta = False  # the LM was built on the meta device and its weights read where they are kept
+        if init_on_meta and isinstance(model, str):
+            if gguf_file:
+                raise InputError("init_on_meta reads safetensors files; a GGUF model is loaded whole (init_on_meta: false)")
+            try:
+                self.lm, self.tokenizer, self.weight_files = load_skeleton(model, dtype, trust_remote_code, tokenizer)
+                self.built_on_meta = True
+            except WeightsNotStreamable as err:
+                raise InputError(f"init_on_meta: {err}; set --model.init_on_meta=false to load the whole model in every process") from None
+        else:
+            self.lm, self.tokenizer = load_pretrained(model, dtype, trust_remote_code, tokenizer, gguf_file) if isinstance(model, str) else model
         if not isinstance(model, str):  # a loaded model: name it by its config's path
             self.model_name = str(getattr(getattr(self.lm, "config", None), "_name_or_path", "") or type(self.lm).__name__)
         self._finish_init()
@@ -209,6 +229,8 @@ class EditModule(L.LightningModule):
         # runs after the datamodule's setup: render its requests as chat turns once, so the
         # stream, the evaluation and the report all see the same prompts; then check the whole
         # stream's lengths, before the first batch is applied
+        if self.weight_files is not None and not getattr(self.trainer.strategy, "shards_weights", False):
+            self.materialize()  # not sharded: every process holds the whole model anyway
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if self.chat_template and dm is not None and getattr(dm, "requests", None):
             dm.requests = self.prepare_requests(dm.requests)
@@ -219,6 +241,13 @@ class EditModule(L.LightningModule):
             loader = dm.train_dataloader()
             if hasattr(loader, "follow"):
                 loader.follow(self.ledger)  # the stream starts after the ledger's last batch
+
+    def materialize(self, device: torch.device | str = "cpu") -> None:
+        """Read the whole LM's weights from its files onto ``device`` when it was built on the
+        meta device (``init_on_meta``) and no sharding strategy reads them; else nothing."""
+        if self.weight_files is not None:
+            load_weights(self.lm, self.weight_files, torch.device(device))
+            self.weight_files = None
 
     def prepare_requests(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
         """The requests as this module edits them (chat turns when ``chat_template`` is on; a

@@ -37,7 +37,7 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 
-from lightning_edit.engine.sharding import model_is_sharded, shard_blocks
+from lightning_edit.engine.sharding import load_weights, model_is_sharded, shard_blocks
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +159,13 @@ class ShardedEditStrategy(FrozenDDPStrategy):
         if model_is_sharded(lm):
             return
         mesh = init_device_mesh(self.root_device.type, (self.world_size,))
-        shard_blocks(lm, [adapter.layer(i) for i in range(adapter.n_layers)], mesh, self.root_device)
-        log.debug(f"{self.strategy_name}: {adapter.n_layers} decoder blocks sharded over {self.world_size} processes")
+        files = getattr(module, "weight_files", None)  # init_on_meta: the weights are read after sharding
+        shard_blocks(lm, [adapter.layer(i) for i in range(adapter.n_layers)], mesh, None if files else self.root_device)
+        if files:
+            load_weights(lm, files, self.root_device)
+            module.weight_files = None
+        log.debug(f"{self.strategy_name}: {adapter.n_layers} decoder blocks sharded over {self.world_size} processes"
+                  + (" and read from their files" if files else ""))
 
     def teardown(self) -> None:
         # as the parent's, but the sharded LM stays on its device: FSDP2 modules cannot be moved

@@ -57,7 +57,7 @@ class ShardRecorder(L.Callback):
         state = getattr(method, "projectors", None) or getattr(method, "moments", {})
         info = {"rank": r, "world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__,
                 "local": local, "num_edits": pl_module.num_edits, "state_layers": sorted(state),
-                "kkt_layers": sorted(getattr(method, "prev_kkt", {}))}
+                "kkt_layers": sorted(getattr(method, "prev_kkt", {})), "built_on_meta": pl_module.built_on_meta}
         (out / f"rank{r}.json").write_text(json.dumps(info))
 
     def on_validation_end(self, trainer, pl_module):
@@ -148,24 +148,28 @@ def tiny_llama_dir(tmp_path_factory, tokenizer):
     return d
 
 
-@pytest.mark.parametrize("arch,dtype", [
-    ("gpt2", "float32"),
-    pytest.param("llama", "float32", marks=pytest.mark.slow),
+@pytest.mark.parametrize("arch,dtype,on_meta", [
+    ("gpt2", "float32", True),
+    pytest.param("llama", "float32", True, marks=pytest.mark.slow),
     # bf16 edit layers: the float32 masters are sharded like the weights
-    pytest.param("gpt2", "bfloat16", marks=pytest.mark.slow),
+    pytest.param("gpt2", "bfloat16", True, marks=pytest.mark.slow),
+    # every process loads the whole model, then shards it (GGUF files, hub ids)
+    pytest.param("gpt2", "float32", False, marks=pytest.mark.slow),
 ])
-def test_sharded_two_processes_match_one(tmp_path, arch, dtype, tiny_model_dir, tiny_llama_dir, corpus_file):
+def test_sharded_two_processes_match_one(tmp_path, arch, dtype, on_meta, tiny_model_dir, tiny_llama_dir, corpus_file):
     torch.set_num_threads(1)
     model_dir = tiny_model_dir if arch == "gpt2" else tiny_llama_dir
     dataset = tmp_path / "counterfact.json"
     _dataset(dataset, N_REQUESTS)
     two, one = tmp_path / "world2", tmp_path / "world1"
     extra = (f"--model.dtype={dtype}",)
-    _two(two, tmp_path, model_dir, dataset, corpus_file, extra=extra)
+    # by default a local safetensors model is built on the meta device and each process reads its share
+    _two(two, tmp_path, model_dir, dataset, corpus_file, extra=extra + (() if on_meta else ("--model.init_on_meta=false",)))
     _one(one, model_dir, dataset, corpus_file, extra=extra)
 
     ranks = [json.loads((two / "ranks" / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["strategy"] for r in ranks] == ["ShardedEditStrategy"] * 2
+    assert [r["built_on_meta"] for r in ranks] == [on_meta] * 2
     assert all(r["num_edits"] == N_REQUESTS for r in ranks)
     # each process kept the solver state (projector, K_p K_p^T) of its own edit layer only
     assert [r["state_layers"] for r in ranks] == [[1], [2]] and [r["kkt_layers"] for r in ranks] == [[1], [2]]
@@ -324,3 +328,15 @@ def test_owned_statistics_in_one_process(tmp_path, tokenizer, corpus_file):
     with pytest.raises(InputError, match="no tokens"):
         second_moments(ad, tokenizer, [0, 2], cfg(tmp_path / "none", empty), show_progress=False, owner={0: 1, 2: 1}.get,
                        rank=0, broadcast=lambda obj, src: True)
+
+
+def test_init_on_meta_in_one_process_reads_the_whole_model(tmp_path, tiny_model_dir, corpus_file):
+    """--model.init_on_meta=true without sharding: the weights are read whole at set-up and the
+    run writes the same edits as a run that loaded the model."""
+    dataset = tmp_path / "counterfact.json"
+    _dataset(dataset, N_REQUESTS)
+    _one(tmp_path / "meta", tiny_model_dir, dataset, corpus_file, extra=("--model.init_on_meta=true",))
+    _one(tmp_path / "loaded", tiny_model_dir, dataset, corpus_file)
+    a, b = _load(tmp_path / "meta" / "ckpt" / "edited.safetensors"), _load(tmp_path / "loaded" / "ckpt" / "edited.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "meta" / "ranks" / "rank0.json").read_text())["built_on_meta"]

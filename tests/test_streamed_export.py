@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from lightning_edit.cli import main
 from lightning_edit.ledger_cli import export_main
-from lightning_edit.stream.streamed_export import parameters_on_meta, weight_files
+from lightning_edit.engine.weight_files import parameters_on_meta, weight_files
 from tests.conftest import cli_args, counterfact_records, make_model
 
 

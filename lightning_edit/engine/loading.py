@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lightning_edit.errors import (
     DependencyError,
@@ -16,6 +16,7 @@ from lightning_edit.errors import (
     MissingFileError,
     require_local_path,
 )
+from lightning_edit.engine.weight_files import WeightsNotStreamable, parameters_on_meta, weight_files
 from lightning_edit.resources import resolve
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -110,3 +111,37 @@ def portable_config(cfg: dict) -> dict:
     if params.get("rope_type", "default") != "default" and out.get("rope_scaling") is None:
         out["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
     return out
+
+
+def weights_streamable(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` (a path or a built-in name; hub ids are not) is a local directory of
+    safetensors weights that :func:`load_skeleton` can read tensor by tensor."""
+    name, gguf = split_gguf(resolve(name_or_path), None)
+    if gguf or not Path(name).is_dir():
+        return False
+    try:
+        weight_files(name)
+    except WeightsNotStreamable:
+        return False
+    return True
+
+
+def load_skeleton(name_or_path: str, dtype: DType = "float32", trust_remote_code: bool = False, tokenizer: str | None = None):
+    """The model of a local directory of safetensors files with every parameter on the ``meta``
+    device (buffers computed as usual), its tokenizer and ``{tensor name: file}``: each process
+    then reads only the tensors it keeps (:class:`~lightning_edit.engine.weight_files.TensorReader`).
+    Raises :class:`~lightning_edit.engine.weight_files.WeightsNotStreamable` for other models."""
+    if dtype not in DTYPES:
+        raise InputError(f"model dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    name, gguf = split_gguf(resolve(name_or_path), None)
+    if gguf or not Path(name).is_dir():
+        raise WeightsNotStreamable(f"the model {name_or_path!r} is not a local directory of safetensors files")
+    files = weight_files(name)
+    cfg = _from_pretrained(AutoConfig, name, "model config", trust_remote_code=trust_remote_code)
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code, dtype=DTYPES[dtype])
+    missing = [n for n, _ in model.named_parameters() if n not in files]
+    if missing:
+        raise WeightsNotStreamable(f"the files of {name_or_path!r} name their tensors otherwise ({missing[0]!r} is not among them)")
+    model.config._name_or_path = name
+    return model, load_tokenizer(name_or_path, trust_remote_code, tokenizer), files

@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from lightning_edit.engine.weight_files import TensorReader
+
 
 def is_sharded(t) -> bool:
     """True for a :class:`~torch.distributed.tensor.DTensor` (a parameter under FSDP2)."""
@@ -83,6 +85,43 @@ def shard_blocks(model: nn.Module, blocks: Sequence[nn.Module], mesh, device: to
                     p.data = p.data.to(device)
 
 
+@torch.no_grad()
+def load_weights(model: nn.Module, files: dict, device: torch.device) -> None:
+    """Give a model built on the ``meta`` device (``parameters_on_meta``) and then sharded by
+    :func:`shard_blocks` its weights on ``device``: storage is allocated for this process's share
+    only, then each parameter is read from ``files`` (``{tensor name: file}``) one at a time, and a
+    sharded one keeps just its own slice (``distribute_tensor`` with no source rank: every process
+    cuts its slice from its own read, nothing is sent). Buffers keep the values they were built
+    with. At most one whole tensor is in memory beside the shares."""
+    from torch.distributed.tensor import distribute_tensor
+
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    tied: dict[int, list[str]] = {}  # one parameter under several names (an LM head tied to the embeddings)
+    for n, p in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(n)
+    model.to_empty(device=device)
+    for names in tied.values():  # to_empty may give each name its own tensor: tie them again
+        if len(names) > 1:
+            first = model.get_parameter(names[0])
+            for n in names[1:]:
+                mod, _, leaf = n.rpartition(".")
+                (model.get_submodule(mod) if mod else model)._parameters[leaf] = first
+    for n, b in model.named_buffers():
+        if n in buffers:
+            b.copy_(buffers[n])
+    reader = TensorReader(files)
+    try:
+        for n, p in model.named_parameters():
+            full = reader.get(n).to(device=device, dtype=p.dtype)
+            if is_sharded(p):
+                p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local())
+            else:
+                p.copy_(full)
+            del full
+    finally:
+        reader.close()
+
+
 def model_is_sharded(model: nn.Module) -> bool:
     """True when ``model`` was wrapped by :func:`shard_blocks` (FSDP2 makes it an
     ``FSDPModule``): a type check, cheap enough for hot paths."""
@@ -93,4 +132,4 @@ def model_is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-__all__ = ["is_sharded", "full", "like", "add_", "frobenius", "shard_blocks", "model_is_sharded"]
+__all__ = ["is_sharded", "full", "like", "add_", "frobenius", "shard_blocks", "load_weights", "model_is_sharded"]

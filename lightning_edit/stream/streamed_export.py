@@ -13,22 +13,18 @@ tensor from the files and the skeleton's buffers.
 
 The result equals the in-memory export tensor for tensor (tests/test_streamed_export.py). It
 needs a local Hugging Face directory of safetensors files whose tensor names are the model's
-parameter names; otherwise :class:`StreamedExportUnavailable` says why and the caller falls back
+parameter names; otherwise :class:`WeightsNotStreamable` says why and the caller falls back
 to the in-memory export.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import nn
 
 from lightning_edit.engine.arch import ModelAdapter
 from lightning_edit.engine.files import (
@@ -40,70 +36,17 @@ from lightning_edit.engine.files import (
 )
 from lightning_edit.engine.loading import DTYPES, portable_config, split_gguf
 from lightning_edit.engine.update import master_copies
+from lightning_edit.engine.weight_files import (
+    INDEX,
+    WeightsNotStreamable,
+    TensorReader,
+    parameters_on_meta,
+    set_parameter,
+    weight_files,
+)
 from lightning_edit.errors import CheckpointError
 from lightning_edit.resources import resolve
 from lightning_edit.stream.ledger import EditLedger
-
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
-
-
-class StreamedExportUnavailable(Exception):
-    """The base model is not a local directory of safetensors files named like its parameters."""
-
-
-def weight_files(directory: str | Path) -> dict[str, Path]:
-    """``{tensor name: file}`` of a Hugging Face directory's safetensors weights (one file or an
-    index of shards)."""
-    d = Path(directory)
-    if (d / INDEX).is_file():
-        index = json.loads((d / INDEX).read_text())
-        return {k: d / f for k, f in index.get("weight_map", {}).items()}
-    if (d / SINGLE).is_file():
-        with safe_open(str(d / SINGLE), framework="pt") as f:
-            return {k: d / SINGLE for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
-    raise StreamedExportUnavailable(f"{d} has no {SINGLE} or {INDEX}")
-
-
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Inside the block, modules register their parameters on the ``meta`` device (no memory, no
-    initialization), while buffers (rotary frequencies, masks) are computed as usual."""
-    original = nn.Module.register_parameter
-
-    def register(module, name, param):
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            p = module._parameters[name]
-            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
-def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    module_name, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
-    module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-
-
-class _Files:
-    """Open safetensors files, read tensor by tensor."""
-
-    def __init__(self, files: dict[str, Path]):
-        self.files, self._open = files, {}
-
-    def get(self, name: str) -> torch.Tensor:
-        path = self.files[name]
-        if path not in self._open:
-            self._open[path] = safe_open(str(path), framework="pt")
-        return self._open[path].get_tensor(name)
-
-    def close(self) -> None:
-        self._open.clear()
 
 
 def export_streamed(ledger: EditLedger, out: str | Path, tokenizer=None, trust_remote_code: bool = False,
@@ -117,7 +60,7 @@ def export_streamed(ledger: EditLedger, out: str | Path, tokenizer=None, trust_r
     m = ledger.meta
     name, gguf = split_gguf(resolve(m["model"]), None)
     if gguf or not Path(name).is_dir():
-        raise StreamedExportUnavailable(f"the base model {m['model']!r} is not a local directory of safetensors files")
+        raise WeightsNotStreamable(f"the base model {m['model']!r} is not a local directory of safetensors files")
     files = weight_files(name)
     dtype = DTYPES[m.get("dtype", "float32")]
     cfg = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -127,8 +70,8 @@ def export_streamed(ledger: EditLedger, out: str | Path, tokenizer=None, trust_r
     params = dict(model.named_parameters())
     missing = [n for n in params if n not in files]
     if missing:
-        raise StreamedExportUnavailable(f"the base model's files name their tensors otherwise ({missing[0]!r} is not among them)")
-    reader = _Files(files)
+        raise WeightsNotStreamable(f"the base model's files name their tensors otherwise ({missing[0]!r} is not among them)")
+    reader = TensorReader(files)
     try:
         if expected_fingerprint is not None:  # full_model_fingerprint, one tensor at a time
             parts: list = [config_fingerprint(model)]
@@ -144,7 +87,7 @@ def export_streamed(ledger: EditLedger, out: str | Path, tokenizer=None, trust_r
                                                                {adapter.weight_name(l) for l in layers}]
         with torch.no_grad():
             for n in edited:
-                _set_parameter(model, n, reader.get(n).to(params[n].dtype))
+                set_parameter(model, n, reader.get(n).to(params[n].dtype))
             base = {l: adapter.weight_as_linear(l).detach().clone() for l in layers}
             ledger.replay(adapter, layers, base, master_copies(adapter, layers))
         now = dict(model.named_parameters())
