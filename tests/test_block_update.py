@@ -80,6 +80,7 @@ def test_unke_edits_a_long_answer_and_replays_and_undoes_exactly(trained_gpt2, t
     ed = _editor(model, tokenizer, corpus_file, tmp_path)
     info = ed.apply([{"case_id": "lf0", "question": QUESTION, "answer": ANSWER}])
     assert "block_loss/layer_2" in info and info["update_norm/layer_1"] > 0
+    assert info["block_loss/layer_2"] < info["block_loss_start/layer_2"]  # the block moved towards its targets
     out = greedy_generate(ed.model, tokenizer, [QUESTION], max_new_tokens=12)[0]
     assert out.strip().startswith("Rome. Toko Yasuda"), out
     after = _params(model)

@@ -240,7 +240,8 @@ def apply_block_update(adapter: ModelAdapter, batch: ResidualBatch, z_target: to
                 ph, ptlen, pout, _ = _block_io(adapter, pids, pmask, l)
                 preserve = (pids, pmask, ph, ptlen, pout.detach())
             last = {}
-            deltas = train_block(adapter, l, method, edit, preserve, on_step=lambda s, v: last.update(loss=v))
+            deltas = train_block(adapter, l, method, edit, preserve,
+                                 on_step=lambda s, v: last.update(loss=v, **({"first": v} if s == 0 else {})))
             num = sum(float(d.double().pow(2).sum()) for d in deltas.values()) ** 0.5
             den = sum(float(snapshot[n].double().pow(2).sum()) for n in deltas) ** 0.5
             size = num / max(den, 1e-12)
@@ -249,6 +250,7 @@ def apply_block_update(adapter: ModelAdapter, batch: ResidualBatch, z_target: to
             if max_update > 0 and size > max_update:
                 raise OversizedUpdateError(f"layer {l}: the block update's relative size {size:.3g} exceeds max_update={max_update:g}")
             info[f"update_norm/layer_{l}"] = size
+            info[f"block_loss_start/layer_{l}"] = last.get("first", float("nan"))
             info[f"block_loss/layer_{l}"] = last.get("loss", float("nan"))
             record.update({DELTA_PREFIX + n: d.detach() for n, d in deltas.items()})
         if on_record is not None:
