@@ -146,6 +146,7 @@ def test_block_parameters_are_named_in_the_model(trained_gpt2):
     assert params and set(params) <= names and all(n.startswith("transformer.h.1.") for n in params)
 
 
+@pytest.mark.slow
 def test_unke_run_killed_and_resumed_equals_the_whole_run(tiny_model_dir, corpus_file, tmp_path):
     """The CLI with --editor=lightning_edit.callbacks.UnKE: a run killed after batch 1 and resumed
     writes the same edited block parameters, bit for bit, as the run that was never killed."""
