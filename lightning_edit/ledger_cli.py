@@ -23,8 +23,9 @@ from lightning_edit.engine.files import (
     read_verified,
     verify_manifest,
 )
-from lightning_edit.engine.loading import load_pretrained, load_tokenizer
+from lightning_edit.engine.loading import load_pretrained
 from lightning_edit.engine.update import master_copies
+from lightning_edit.engine.weight_files import WeightsNotStreamable
 from lightning_edit.errors import CheckpointError, EditError, MissingFileError
 from lightning_edit.stream.ledger import EditLedger
 from lightning_edit.stream.peft_export import (
@@ -33,10 +34,7 @@ from lightning_edit.stream.peft_export import (
     export_lora,
     structure_model,
 )
-from lightning_edit.stream.streamed_export import (
-    WeightsNotStreamable,
-    export_streamed,
-)
+from lightning_edit.stream.streamed_export import export_streamed
 
 
 def _read_checkpoint(path: str) -> tuple[dict, EditLedger]:
@@ -232,8 +230,7 @@ def export_main(argv: list[str] | None = None) -> int:
     if not a.in_memory:
         _check_trust(a.ckpt_path, m, a.trust_remote_code)
         try:
-            tok = load_tokenizer(m["model"], a.trust_remote_code, m.get("tokenizer"))
-            out = export_streamed(ledger, a.out, tok, a.trust_remote_code, a.overwrite, base_fingerprint(ckpt))
+            out = export_streamed(ledger, a.out, None, a.trust_remote_code, a.overwrite, base_fingerprint(ckpt))
             print(f"exported {ledger.num_edits} edits ({ledger.position} batches) of {m['model']} to {out} "
                   "(streamed: the base model's files one at a time, the edited tensors replaced)")
             return 0

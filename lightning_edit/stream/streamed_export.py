@@ -34,18 +34,14 @@ from lightning_edit.engine.files import (
     short_hash,
     tensor_fingerprint,
 )
-from lightning_edit.engine.loading import DTYPES, portable_config, split_gguf
+from lightning_edit.engine.loading import load_skeleton, portable_config
 from lightning_edit.engine.update import master_copies
 from lightning_edit.engine.weight_files import (
     INDEX,
-    WeightsNotStreamable,
     TensorReader,
-    parameters_on_meta,
     set_parameter,
-    weight_files,
 )
 from lightning_edit.errors import CheckpointError
-from lightning_edit.resources import resolve
 from lightning_edit.stream.ledger import EditLedger
 
 
@@ -55,22 +51,12 @@ def export_streamed(ledger: EditLedger, out: str | Path, tokenizer=None, trust_r
     does, reading the base model's files one tensor at a time (see the module docstring).
     ``expected_fingerprint``: the base model's fingerprint recorded in the checkpoint; a base
     model that differs is refused before anything is written."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     m = ledger.meta
-    name, gguf = split_gguf(resolve(m["model"]), None)
-    if gguf or not Path(name).is_dir():
-        raise WeightsNotStreamable(f"the base model {m['model']!r} is not a local directory of safetensors files")
-    files = weight_files(name)
-    dtype = DTYPES[m.get("dtype", "float32")]
-    cfg = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code, dtype=dtype)
+    model, tok, files = load_skeleton(m["model"], m.get("dtype", "float32"), trust_remote_code, m.get("tokenizer"))
+    tokenizer = tok if tokenizer is None else tokenizer
+    name = model.config._name_or_path  # the base model's directory
     model.eval()
     params = dict(model.named_parameters())
-    missing = [n for n in params if n not in files]
-    if missing:
-        raise WeightsNotStreamable(f"the base model's files name their tensors otherwise ({missing[0]!r} is not among them)")
     reader = TensorReader(files)
     try:
         if expected_fingerprint is not None:  # full_model_fingerprint, one tensor at a time
