@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins import CheckpointIO
 
+from lightning_edit.engine import sharding
 from lightning_edit.engine.files import (  # noqa: F401  (re-exported: this module's public names before engine/files.py)
     DIGEST_KEY,
     HEADER_DIGEST_KEY,
@@ -37,8 +38,7 @@ from lightning_edit.engine.files import (  # noqa: F401  (re-exported: this modu
     tensor_digest,
     verify_tensors,
 )
-from lightning_edit.engine import sharding
-from lightning_edit.engine.loading import portable_config
+from lightning_edit.engine.loading import complete_export
 from lightning_edit.errors import CheckpointError, MissingFileError
 from lightning_edit.stream.ledger import anchored_state, portable_state
 
@@ -151,12 +151,7 @@ def export_pretrained(model: torch.nn.Module, tokenizer, ledger, directory: str 
     tmp = new_export_dir(out, overwrite)
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
-        config = tmp / "config.json"
-        if config.is_file():  # readable alike by the transformers 4 releases this package supports
-            config.write_text(json.dumps(portable_config(json.loads(config.read_text())), indent=2, sort_keys=True) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        (tmp / "edit_ledger.json").write_text(json.dumps(ledger.summary(), indent=1))
+        complete_export(tmp, tokenizer, ledger.summary())  # config readable by transformers 4 too, tokenizer, ledger
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

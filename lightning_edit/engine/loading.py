@@ -4,19 +4,24 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import Literal
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from lightning_edit.engine.weight_files import (
+    WeightsNotStreamable,
+    parameters_on_meta,
+    weight_files,
+)
 from lightning_edit.errors import (
     DependencyError,
     InputError,
     MissingFileError,
     require_local_path,
 )
-from lightning_edit.engine.weight_files import WeightsNotStreamable, parameters_on_meta, weight_files
 from lightning_edit.resources import resolve
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -145,3 +150,15 @@ def load_skeleton(name_or_path: str, dtype: DType = "float32", trust_remote_code
         raise WeightsNotStreamable(f"the files of {name_or_path!r} name their tensors otherwise ({missing[0]!r} is not among them)")
     model.config._name_or_path = name
     return model, load_tokenizer(name_or_path, trust_remote_code, tokenizer), files
+
+
+def complete_export(directory: Path, tokenizer, ledger_summary: dict) -> None:
+    """Finish an export directory whose weights and ``config.json`` are written: the config
+    rewritten readable by transformers 4 as well (:func:`portable_config`), the tokenizer, and
+    ``edit_ledger.json`` (what the model carries)."""
+    config = Path(directory) / "config.json"
+    if config.is_file():
+        config.write_text(json.dumps(portable_config(json.loads(config.read_text())), indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    (Path(directory) / "edit_ledger.json").write_text(json.dumps(ledger_summary, indent=1))

@@ -34,7 +34,7 @@ from lightning_edit.engine.files import (
     short_hash,
     tensor_fingerprint,
 )
-from lightning_edit.engine.loading import load_skeleton, portable_config
+from lightning_edit.engine.loading import complete_export, load_skeleton
 from lightning_edit.engine.update import master_copies
 from lightning_edit.engine.weight_files import (
     INDEX,
@@ -100,14 +100,10 @@ def export_streamed(ledger: EditLedger, out: str | Path, tokenizer=None, trust_r
                 index.setdefault("metadata", {})["total_size"] = total
                 (tmp / INDEX).write_text(json.dumps(index, indent=2))
             model.config.save_pretrained(str(tmp))
-            config = tmp / "config.json"
-            config.write_text(json.dumps(portable_config(json.loads(config.read_text())), indent=2, sort_keys=True) + "\n")
             gen = Path(name) / "generation_config.json"
             if gen.is_file():
                 shutil.copyfile(gen, tmp / gen.name)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
-            (tmp / "edit_ledger.json").write_text(json.dumps(ledger.summary(), indent=1))
+            complete_export(tmp, tokenizer, ledger.summary())
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
