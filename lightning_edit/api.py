@@ -70,7 +70,7 @@ class Editor:
         model, tokenizer: a Hugging Face causal LM and its fast tokenizer.
         layers: edit layers, or ``"auto"`` (five consecutive blocks from depth / 8; see
             :meth:`~lightning_edit.engine.arch.ModelAdapter.default_edit_layers`).
-        method: ``"alphaedit"``, ``"memit"``, or a configured :class:`ClosedFormUpdate`.
+        method: ``"alphaedit"``, ``"memit"``, ``"unke"`` (the block update), or a configured editing callback.
         residual: residual-optimization settings (:class:`ResidualConfig` or a dict).
         stats: key-statistics settings (:class:`StatsConfig` or a dict); ignored when ``method``
             is an instance.
