@@ -330,6 +330,7 @@ def test_owned_statistics_in_one_process(tmp_path, tokenizer, corpus_file):
                        rank=0, broadcast=lambda obj, src: True)
 
 
+@pytest.mark.slow
 def test_init_on_meta_in_one_process_reads_the_whole_model(tmp_path, tiny_model_dir, corpus_file):
     """--model.init_on_meta=true without sharding: the weights are read whole at set-up and the
     run writes the same edits as a run that loaded the model."""

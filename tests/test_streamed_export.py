@@ -79,6 +79,7 @@ def test_streamed_export_refuses_another_base_model(tiny_model_dir, corpus_file,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_without_safetensors_files_the_export_loads_the_model(tiny_model_dir, corpus_file, tmp_path, capsys, trained_gpt2, tokenizer):
     d = tmp_path / "bin_model"
     d.mkdir()
