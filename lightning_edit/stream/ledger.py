@@ -260,25 +260,28 @@ class EditLedger:
         place in the weight otherwise. Batches of block updates add their dense deltas
         (``d.<name>``) to the named parameters, whose unedited values are ``param_base``
         (default: their current values, i.e. the model must be unedited)."""
-        dense = list(dict.fromkeys([*self.dense_names(), *(param_base or {})]))  # undo of every block batch: back to the base
-        params = dict(adapter.model.named_parameters()) if dense else {}
-        missing = [n for n in dense if n not in params]
-        if missing:
-            raise CheckpointError(f"edit ledger: its block updates change {missing[0]!r}, which this model does not have")
-        pbase = {n: (param_base[n] if param_base is not None and n in param_base else params[n].detach().clone()) for n in dense}
+        param_base = dict(param_base or {})
+        params = dict(adapter.model.named_parameters()) if param_base or any(r.method in DENSE_METHODS for r in self.records) else {}
         for l in layers:
             if l in master:
                 master[l].copy_(base[l].float())
             else:
                 adapter.weight_as_linear(l).copy_(base[l])
-        for n in dense:
-            params[n].copy_(pbase[n])
+        written: set[str] = set()  # block parameters set to their unedited value (at their first delta)
         for r in self.records:
             t = self.tensors(r)
             if r.method in DENSE_METHODS:
                 for k, d in t.items():
-                    if k.startswith(DELTA_PREFIX):
-                        params[k[len(DELTA_PREFIX):]].add_(d.to(params[k[len(DELTA_PREFIX):]].device))
+                    if not k.startswith(DELTA_PREFIX):
+                        continue
+                    n = k[len(DELTA_PREFIX):]
+                    if n not in params:
+                        raise CheckpointError(f"edit ledger batch {r.index}: its block update changes {n!r}, which this model does not have")
+                    if n not in written:
+                        if n in param_base:  # else the model's current value is the unedited one
+                            params[n].copy_(param_base[n])
+                        written.add(n)
+                    params[n].add_(d.to(params[n].device))
                 continue
             for l in layers:
                 w = adapter.weight_as_linear(l)
@@ -287,6 +290,8 @@ class EditLedger:
                     sharding.add_(master[l], delta)  # float32 (sharded like the weight under sharded_edit)
                 else:
                     adapter.add_to_weight(l, delta)
+        for n in set(param_base) - written:  # undone block updates: back to the unedited values
+            params[n].copy_(param_base[n])
         for l in layers:
             if l in master:
                 write_master(adapter, l, master[l])
