@@ -40,7 +40,13 @@ import torch
 
 from lightning_edit.engine import sharding
 from lightning_edit.engine.block_update import DELTA_PREFIX
-from lightning_edit.engine.files import CorruptFileError, atomic_save_file, check_finite, read_verified, tensor_digest
+from lightning_edit.engine.files import (
+    CorruptFileError,
+    atomic_save_file,
+    check_finite,
+    read_verified,
+    tensor_digest,
+)
 from lightning_edit.engine.update import accumulate_kkt, write_master
 from lightning_edit.errors import CheckpointError
 
