@@ -77,6 +77,7 @@ def test_streamed_export_refuses_another_base_model(tiny_model_dir, corpus_file,
     with pytest.raises(SystemExit, match="another base model"):
         export_main(["--ckpt_path", str(ckpt), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # nor a half-written temporary export
 
 
 @pytest.mark.slow

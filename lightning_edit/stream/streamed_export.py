@@ -7,9 +7,9 @@ edit layers' down projections; UnKE's edit blocks), so this module builds the mo
 (parameters on the ``meta`` device, buffers real), reads only the tensors the ledger changes,
 replays the ledger on them with the same additions as a live run (:meth:`EditLedger.replay`,
 float32 masters included), and writes the export one base file at a time: peak memory is the
-edited tensors plus one file. The base model's identity is checked on the way, streamed too: its
-fingerprint (:func:`~lightning_edit.engine.files.full_model_fingerprint`) is computed tensor by
-tensor from the files and the skeleton's buffers.
+edited tensors plus one file, and every base tensor is read once. The base model's identity is
+checked from the same reads: its fingerprint (:func:`~lightning_edit.engine.files.full_model_fingerprint`)
+is computed tensor by tensor, with the skeleton's buffers, before the export is put in place.
 
 The result equals the in-memory export tensor for tensor (tests/test_streamed_export.py). It
 needs a local Hugging Face directory of safetensors files whose tensor names are the model's
@@ -49,8 +49,9 @@ def export_streamed(ledger: EditLedger, out: str | Path, tokenizer=None, trust_r
                     overwrite: bool = False, expected_fingerprint: str | None = None) -> Path:
     """Write the edited model of ``ledger`` to ``out`` as :func:`~lightning_edit.checkpointing.export_pretrained`
     does, reading the base model's files one tensor at a time (see the module docstring).
-    ``expected_fingerprint``: the base model's fingerprint recorded in the checkpoint; a base
-    model that differs is refused before anything is written."""
+    ``expected_fingerprint``: the base model's fingerprint recorded in the checkpoint, computed
+    from the same single read of every tensor; a base model that differs is refused before the
+    export is put at ``out`` (its temporary directory is removed)."""
     m = ledger.meta
     model, tok, files = load_skeleton(m["model"], m.get("dtype", "float32"), trust_remote_code, m.get("tokenizer"))
     tokenizer = tok if tokenizer is None else tokenizer
@@ -59,14 +60,7 @@ def export_streamed(ledger: EditLedger, out: str | Path, tokenizer=None, trust_r
     params = dict(model.named_parameters())
     reader = TensorReader(files)
     try:
-        if expected_fingerprint is not None:  # full_model_fingerprint, one tensor at a time
-            parts: list = [config_fingerprint(model)]
-            for n, p in params.items():
-                parts += [n, tensor_fingerprint(reader.get(n).to(p.dtype))]
-            for n, b in model.named_buffers():
-                parts += [n, tensor_fingerprint(b)]
-            if short_hash(*parts) != expected_fingerprint:
-                raise CheckpointError(f"the checkpoint was made on another base model than {m['model']!r} (model fingerprint differs)")
+        fingerprints: dict[str, str] = {}  # of the base tensors, as full_model_fingerprint takes them (one read each)
         adapter = ModelAdapter(model, m.get("layer_template"), m.get("mlp_down_template"))
         layers = [int(l) for l in m["layers"]]
         edited = [adapter.weight_name(l) for l in layers] + [n for n in ledger.dense_names() if n not in
@@ -74,6 +68,7 @@ def export_streamed(ledger: EditLedger, out: str | Path, tokenizer=None, trust_r
         with torch.no_grad():
             for n in edited:
                 set_parameter(model, n, reader.get(n).to(params[n].dtype))
+                fingerprints[n] = tensor_fingerprint(model.get_parameter(n))
             base = {l: adapter.weight_as_linear(l).detach().clone() for l in layers}
             ledger.replay(adapter, layers, base, master_copies(adapter, layers))
         now = dict(model.named_parameters())
@@ -91,6 +86,8 @@ def export_streamed(ledger: EditLedger, out: str | Path, tokenizer=None, trust_r
                     t = values[k] if k in values else reader.get(k)
                     if k in dtypes and t.is_floating_point():
                         t = t.to(dtypes[k])
+                    if k in params and k not in values:
+                        fingerprints[k] = tensor_fingerprint(t)
                     tensors[k] = t.contiguous()
                     total += t.numel() * t.element_size()
                 save_file(tensors, str(tmp / f.name), metadata={"format": "pt"})
@@ -104,6 +101,15 @@ def export_streamed(ledger: EditLedger, out: str | Path, tokenizer=None, trust_r
             if gen.is_file():
                 shutil.copyfile(gen, tmp / gen.name)
             complete_export(tmp, tokenizer, ledger.summary())
+            if expected_fingerprint is not None:  # full_model_fingerprint, from the reads above
+                parts: list = [config_fingerprint(model)]
+                for n in params:
+                    parts += [n, fingerprints[n]]
+                for n, b in model.named_buffers():
+                    parts += [n, tensor_fingerprint(b)]
+                if short_hash(*parts) != expected_fingerprint:
+                    raise CheckpointError(f"the checkpoint was made on another base model than {m['model']!r} (model fingerprint "
+                                          "differs); nothing was exported")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
