@@ -18,9 +18,19 @@ import torch
 
 from lightning_edit.checkpointing import full_model_fingerprint, save_edited_layers
 from lightning_edit.engine.bars import show_progress
-from lightning_edit.engine.block_update import BlockUpdateMethod, block_parameters, preservation_rows
+from lightning_edit.engine.block_update import (
+    BlockUpdateMethod,
+    check_float32_blocks,
+    preservation_rows,
+)
 from lightning_edit.engine.closed_form import MAX_UPDATE
-from lightning_edit.engine.stats import StatsConfig, corpus_fingerprint, iter_corpus_texts, projectors, second_moments
+from lightning_edit.engine.stats import (
+    StatsConfig,
+    corpus_fingerprint,
+    iter_corpus_texts,
+    projectors,
+    second_moments,
+)
 from lightning_edit.engine.update import AlphaEditMethod, LayerOwnership, MemitMethod
 from lightning_edit.errors import CheckpointError, InputError
 from lightning_edit.module import EditModule
@@ -414,11 +424,7 @@ class UnKE(ClosedFormUpdate):
         if lf.deviations > 0 or not lf.context_keys or lf.context_weight != 1.0:
             raise InputError("UnKE always keeps the block's outputs at every other position of the edited texts; "
                              "model.longform.deviations, context_keys=false and context_weight apply to MEMIT / AlphaEdit only")
-        for l in module.layers:
-            for name, p in block_parameters(module.adapter, l).items():
-                if p.dtype != torch.float32:
-                    raise InputError(f"the UnKE block update trains the edit blocks in float32; {name} is "
-                                     f"{str(p.dtype).removeprefix('torch.')} (set --model.dtype=float32)")
+        check_float32_blocks(module.adapter, module.layers)
         ids, mask = None, None
         if self.preserve_weight > 0:
             ids, mask = preservation_rows(module.tokenizer, iter_corpus_texts(self.stats), self.stats.n_samples, self.stats.max_length)

@@ -30,7 +30,11 @@ from dataclasses import dataclass
 import torch
 
 from lightning_edit.engine.arch import ModelAdapter
-from lightning_edit.engine.closed_form import NonFiniteUpdateError, OversizedUpdateError, spread_residual
+from lightning_edit.engine.closed_form import (
+    NonFiniteUpdateError,
+    OversizedUpdateError,
+    spread_residual,
+)
 from lightning_edit.engine.residuals import ResidualBatch
 from lightning_edit.errors import InputError
 
@@ -116,6 +120,16 @@ def preservation_rows(tokenizer, texts: Iterable[str], n: int, max_length: int) 
     return ids, mask
 
 
+def check_float32_blocks(adapter: ModelAdapter, layers: Sequence[int]) -> None:
+    """Raise :class:`InputError` naming the first parameter of the edit blocks that is not
+    float32 (the block update trains them in place)."""
+    for l in layers:
+        for n, p in block_parameters(adapter, l).items():
+            if p.dtype != torch.float32:
+                raise InputError(f"the UnKE block update trains the edit blocks in float32; {n} is "
+                                 f"{str(p.dtype).removeprefix('torch.')} (set --model.dtype=float32)")
+
+
 def block_parameters(adapter: ModelAdapter, layer: int) -> dict[str, torch.nn.Parameter]:
     """Block ``layer``'s parameters by their full names in the model."""
     prefix = adapter.spec.layer_template.format(layer) + "."
@@ -158,12 +172,14 @@ def block_targets(out: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
 
 
 def train_block(adapter: ModelAdapter, layer: int, method: BlockUpdateMethod, edit: tuple, preserve: tuple | None,
-                on_step: Callable[[int, float], None] | None = None) -> dict[str, torch.Tensor]:
+                on_step: Callable[[int, float], None] | None = None, before: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """``method.steps`` AdamW steps on block ``layer`` (see the module docstring). ``edit`` and
     ``preserve`` are ``(ids, mask, h_in, tuple_len, target)``. The block's parameters are
-    trained in place, then written as ``before + Delta``; returns ``{name: Delta}``."""
+    trained in place, then written as ``before + Delta``; returns ``{name: Delta}``.
+    ``before``: copies of the parameters' current values, by name (taken here when absent)."""
     params = block_parameters(adapter, layer)
-    before = {n: p.detach().clone() for n, p in params.items()}
+    if before is None:
+        before = {n: p.detach().clone() for n, p in params.items()}
     decay = [p for p in params.values() if p.ndim > 1]
     no_decay = [p for p in params.values() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": method.weight_decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
@@ -211,11 +227,7 @@ def apply_block_update(adapter: ModelAdapter, batch: ResidualBatch, z_target: to
     layers = sorted(layers)
     z_layer = layers[-1]
     device = next(adapter.model.parameters()).device
-    for l in layers:
-        bad = [(n, p.dtype) for n, p in block_parameters(adapter, l).items() if p.dtype != torch.float32]
-        if bad:
-            raise InputError(f"the UnKE block update trains the block's parameters in float32; {bad[0][0]} is {bad[0][1]} "
-                             "(load the model with --model.dtype=float32)")
+    check_float32_blocks(adapter, layers)
     rows = batch.bare_row_of_chunk.unique()
     ids, mask = batch.enc.input_ids[rows].to(device), batch.enc.attention_mask[rows].to(device)
     width = int(mask.sum(1).max())
@@ -240,7 +252,7 @@ def apply_block_update(adapter: ModelAdapter, batch: ResidualBatch, z_target: to
                 ph, ptlen, pout, _ = _block_io(adapter, pids, pmask, l)
                 preserve = (pids, pmask, ph, ptlen, pout.detach())
             last = {}
-            deltas = train_block(adapter, l, method, edit, preserve,
+            deltas = train_block(adapter, l, method, edit, preserve, before=snapshot,
                                  on_step=lambda s, v: last.update(loss=v, **({"first": v} if s == 0 else {})))
             num = sum(float(d.double().pow(2).sum()) for d in deltas.values()) ** 0.5
             den = sum(float(snapshot[n].double().pow(2).sum()) for n in deltas) ** 0.5

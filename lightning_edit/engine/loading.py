@@ -118,14 +118,20 @@ def portable_config(cfg: dict) -> dict:
     return out
 
 
+def _local_weights(name_or_path: str) -> tuple[str, dict]:
+    """``(directory, {tensor name: file})`` of a local directory of safetensors weights; raises
+    :class:`~lightning_edit.engine.weight_files.WeightsNotStreamable` for anything else."""
+    name, gguf = split_gguf(resolve(name_or_path), None)
+    if gguf or not Path(name).is_dir():
+        raise WeightsNotStreamable(f"the model {name_or_path!r} is not a local directory of safetensors files")
+    return name, weight_files(name)
+
+
 def weights_streamable(name_or_path: str) -> bool:
     """Whether ``name_or_path`` (a path or a built-in name; hub ids are not) is a local directory of
     safetensors weights that :func:`load_skeleton` can read tensor by tensor."""
-    name, gguf = split_gguf(resolve(name_or_path), None)
-    if gguf or not Path(name).is_dir():
-        return False
     try:
-        weight_files(name)
+        _local_weights(name_or_path)
     except WeightsNotStreamable:
         return False
     return True
@@ -138,10 +144,7 @@ def load_skeleton(name_or_path: str, dtype: DType = "float32", trust_remote_code
     Raises :class:`~lightning_edit.engine.weight_files.WeightsNotStreamable` for other models."""
     if dtype not in DTYPES:
         raise InputError(f"model dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    name, gguf = split_gguf(resolve(name_or_path), None)
-    if gguf or not Path(name).is_dir():
-        raise WeightsNotStreamable(f"the model {name_or_path!r} is not a local directory of safetensors files")
-    files = weight_files(name)
+    name, files = _local_weights(name_or_path)
     cfg = _from_pretrained(AutoConfig, name, "model config", trust_remote_code=trust_remote_code)
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code, dtype=DTYPES[dtype])
