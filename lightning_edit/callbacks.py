@@ -280,25 +280,33 @@ class MEMIT(ClosedFormUpdate):
             GPT2-XL. 0 = off (plain MEMIT).
         max_update: refuse a batch (nothing applied, the batch named) whose update of some edit
             layer has a relative size ``||Delta||_F / ||W||_F`` above this; 0 = no bound.
+        memory: weight of the earlier batches' edit keys in the solve: ``Delta = R K^T (lam C_0
+            + memory K_p K_p^T + K K^T)^-1``, the sequential objective of the AlphaEdit paper
+            without its projection. Each batch then leaves the outputs at the keys of the edits
+            before it where they are, instead of overwriting them (the keys after each batch are
+            kept, as AlphaEdit keeps them; rebuilt from the ledger on resume and undo). 1 weighs
+            an earlier edit's key as much as a new one's. 0 = off (plain MEMIT).
     """
 
     method_name = "memit"
-    SHAPING = ("lam", "norm_lambda")
+    SHAPING = ("lam", "norm_lambda", "memory")
 
     def __init__(self, lam: float = 15000.0, stats: StatsConfig = StatsConfig(), solve_dtype: SolveDType = "float64", export_path: str | None = None,
-                 norm_lambda: float = 0.0, max_update: float = MAX_UPDATE):
+                 norm_lambda: float = 0.0, max_update: float = MAX_UPDATE, memory: float = 0.0):
         super().__init__(stats, solve_dtype, export_path, max_update)
         if norm_lambda < 0:
             raise InputError(f"norm_lambda must be >= 0 (0 = off), got {norm_lambda}")
+        if not memory >= 0:  # (also refuses NaN)
+            raise InputError(f"MEMIT memory must be >= 0 (the weight of earlier edits' keys; 0 = off), got {memory}")
         if not lam > 0:  # (also refuses NaN) lam C_0 is what keeps the solve definite and the preserved keys in place
             raise InputError(f"MEMIT lam must be > 0 (the weight of the preserved keys' second moment; the reference uses "
                              f"15000-20000), got {lam}")
-        self.lam, self.norm_lambda = lam, norm_lambda
+        self.lam, self.norm_lambda, self.memory = lam, norm_lambda, memory
 
     def build_method(self, module, moments, trainer=None):
         own = layer_ownership(trainer, module.layers)
         return MemitMethod(lam=self.lam, moments=moments, solve_dtype=self.solve_dtype,
-                           norm_lambda=self.norm_lambda, ownership=own)
+                           norm_lambda=self.norm_lambda, ownership=own, memory=self.memory)
 
 
 class AlphaEdit(ClosedFormUpdate):

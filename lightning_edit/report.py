@@ -516,6 +516,9 @@ class EditReport(L.Callback):
         s.update({f"{k}_unedited": v for k, v in self.longform_unedited.items()})
         first_ids = {r.case_id for r in first}
         s["first_batch_rouge_l"] = rouge_l_of([t for t in texts if t["case_id"] in first_ids])
+        # each batch's records scored at the end, in stream order: how much later batches overwrote earlier ones
+        by_batch = [{str(i) for i in row.get("request_ids", [])} for row in pl_module.stream.history()]
+        s["rouge_l_by_batch"] = [rouge_l_of([t for t in texts if str(t["case_id"]) in ids]) for ids in by_batch]
         s.update(self.locality(pl_module))
         diverged = divergence_of_requests(pl_module.adapter, pl_module.tokenizer, edited,
                                           chunk_requests(pl_module.tokenizer, edited, cfg, pl_module.chat_template, pl_module.system_prompt),

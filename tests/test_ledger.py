@@ -14,6 +14,8 @@ from lightning_edit.cli import main
 
 def _editor(model, tokenizer, corpus_file, tmp_path, method="alphaedit", **kw2):
     kw = {"l2": 1.0, "nullspace_threshold": 0.05, "threshold_mode": "energy"} if method == "alphaedit" else {"lam": 1.0}
+    if method == "memit_memory":  # MEMIT keeping the earlier edits' keys (K_p K_p^T, as AlphaEdit)
+        method, kw = "memit", {"lam": 1.0, "memory": 1.0}
     return Editor(model, tokenizer, layers=[1, 2], method=method, method_kwargs=kw, residual={**FAST_RESIDUAL, "steps": 8}, **kw2,
                   context_prefixes=0, stats={"corpus": str(corpus_file), "corpus_name": None, "n_samples": 300,
                                              "max_length": 64, "cache_dir": str(tmp_path / "stats")})
@@ -23,13 +25,14 @@ def _weights(ed):
     return {l: ed.module.adapter.weight_as_linear(l).detach().clone() for l in ed.module.layers}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_undo_equals_a_run_that_stopped_earlier(trained_gpt2, tokenizer, corpus_file, tmp_path, dtype):
+@pytest.mark.parametrize("method,dtype", [("alphaedit", torch.float32), ("alphaedit", torch.bfloat16), ("memit_memory", torch.float32)],
+                         ids=["fp32", "bf16", "memit-memory"])
+def test_undo_equals_a_run_that_stopped_earlier(trained_gpt2, tokenizer, corpus_file, tmp_path, method, dtype):
     reqs = counterfactual_requests(10)
     batches = [reqs[0:2], reqs[2:4], reqs[4:6], reqs[6:8]]
     # a: batches in files (ledger_dir), b: in memory
-    a = _editor(copy.deepcopy(trained_gpt2).to(dtype), tokenizer, corpus_file, tmp_path, ledger_dir=tmp_path / "ledger")
-    b = _editor(copy.deepcopy(trained_gpt2).to(dtype), tokenizer, corpus_file, tmp_path)
+    a = _editor(copy.deepcopy(trained_gpt2).to(dtype), tokenizer, corpus_file, tmp_path, method, ledger_dir=tmp_path / "ledger")
+    b = _editor(copy.deepcopy(trained_gpt2).to(dtype), tokenizer, corpus_file, tmp_path, method)
     for batch in batches:
         a.apply(batch)
     for batch in batches[:2]:
@@ -44,6 +47,7 @@ def test_undo_equals_a_run_that_stopped_earlier(trained_gpt2, tokenizer, corpus_
         assert wa[l].dtype == dtype and torch.equal(wa[l], wb[l]), l  # bit-identical
     for l in (1, 2):
         assert torch.equal(a.callback.method.prev_kkt[l], b.callback.method.prev_kkt[l])  # K_p K_p^T without the undone keys
+        assert a.callback.method.prev_kkt[l].abs().sum() > 0
         if dtype != torch.float32:
             assert torch.equal(a.stream.master[l], b.stream.master[l])
     # the next batch gives the same update on both

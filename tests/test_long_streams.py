@@ -17,6 +17,7 @@ import torch
 from conftest import ARCHS, FAST_RESIDUAL, cli_args, counterfact_records, counterfactual_requests, make_model
 
 from lightning_edit import Editor
+from lightning_edit.callbacks import MEMIT
 from lightning_edit.checkpointing import load_nested, read_edits
 from lightning_edit.engine.arch import ModelAdapter
 from lightning_edit.engine.closed_form import alphaedit_factors, alphaedit_update, memit_factors, memit_update
@@ -147,6 +148,41 @@ def test_encore_memit_minimizes_its_objective():
     assert torch.equal(memit_update(keys, resid, moment, lam, norm_lambda=0.0), plain)
     assert all(torch.equal(a, b) for a, b in zip(memit_factors(keys, resid, moment, lam, norm_lambda=0.0),
                                                  memit_factors(keys, resid, moment, lam)))
+
+
+def test_memit_memory_minimizes_its_objective_and_keeps_earlier_edits():
+    keys, resid, moment, kp = _problem(2)
+    lam, mem = 3.0, 2.0
+
+    def objective(d):  # ||Delta K - R||^2 + lam tr(Delta C0 Delta^T) + memory ||Delta K_p||^2
+        return ((keys @ d.T - resid) ** 2).sum() + lam * torch.trace(d @ moment @ d.T) + mem * ((kp @ d.T) ** 2).sum()
+
+    prev = kp.T @ kp
+    delta = memit_update(keys, resid, moment, lam, prev_kkt=prev, memory=mem)
+    g = _grad_at(objective, delta)
+    assert float(g.norm()) < 1e-10 * float(resid.norm())
+    u, v = memit_factors(keys, resid, moment, lam, prev_kkt=prev, memory=mem)
+    torch.testing.assert_close((u @ v).double(), delta, rtol=1e-5, atol=1e-6)
+    plain = memit_update(keys, resid, moment, lam)
+    assert float((kp @ delta.T).norm()) < 0.5 * float((kp @ plain.T).norm())  # the earlier edits' outputs move less
+    # off: bit-equal to plain MEMIT, whatever K_p K_p^T is passed
+    assert torch.equal(memit_update(keys, resid, moment, lam, prev_kkt=prev, memory=0.0), plain)
+    # the method object accumulates the keys after each batch only with memory
+    m = MemitMethod(lam=lam, moments={0: moment.float()}, memory=mem)
+    assert m.needs_keys_after and m.hparams()["memory"] == mem
+    m.commit({0: kp.float()})
+    um, vm = m.factors(0, keys.float(), resid.float())
+    torch.testing.assert_close((um @ vm).double(), delta, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(m.delta(0, keys.float(), resid.float()).double(), delta, rtol=1e-4, atol=1e-5)
+    m.reset()
+    assert m.prev_kkt == {}
+    off = MemitMethod(lam=lam, moments={0: moment.float()})
+    assert not off.needs_keys_after and "memory" not in off.hparams()
+    off.commit({0: kp.float()})
+    off.reset(iter(lambda: pytest.fail("keys read without memory"), None))  # the ledger is not read
+    assert off.prev_kkt == {}
+    with pytest.raises(InputError, match="memory must be >= 0"):
+        MEMIT(lam=1.0, memory=-1.0)
 
 
 @pytest.mark.parametrize("solver", ["woodbury", "direct"])

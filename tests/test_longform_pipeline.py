@@ -29,6 +29,8 @@ def test_longform_quickstart_reduced_end_to_end(tmp_path):
     assert len(s["samples"]) >= 1 and {"question", "target", "before", "generation"} <= set(s["samples"][0])
     # the unedited model on the same records; unedited questions before / after
     assert 0.0 <= s["rouge_l_unedited"] <= 1.0 and 0.0 <= s["locality_rouge_l"] <= 1.0 and "locality_unchanged" in s
+    # each batch's records scored at the end: 2 batches of 2, the first one's equal to first_batch_rouge_l
+    assert len(s["rouge_l_by_batch"]) == 2 and s["rouge_l_by_batch"][0] == s["first_batch_rouge_l"]
     # the fine-tuning baseline, measured as the edit is
     for key in ("finetune_rouge_l", "finetune_token_accuracy", "finetune_retention", "finetune_last_loss", "finetune_wall_time_s"):
         assert key in s, key

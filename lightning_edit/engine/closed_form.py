@@ -117,11 +117,15 @@ def _check_finite(delta: torch.Tensor, what: str) -> torch.Tensor:
     return delta
 
 
-def _memit_system(k: torch.Tensor, moment: torch.Tensor, lam: float, norm_lambda: float, solve_dtype: torch.dtype) -> torch.Tensor:
-    """``lam C_0 + K K^T`` (``+ norm_lambda I``, ENCORE's term) in ``solve_dtype``."""
+def _memit_system(k: torch.Tensor, moment: torch.Tensor, lam: float, norm_lambda: float, solve_dtype: torch.dtype,
+                  prev_kkt: torch.Tensor | None = None, memory: float = 0.0) -> torch.Tensor:
+    """``lam C_0 + K K^T`` (``+ norm_lambda I``, ENCORE's term; ``+ memory K_p K_p^T``, the earlier
+    batches' edit keys) in ``solve_dtype``."""
     a = lam * moment.to(solve_dtype) + k.T @ k
     if norm_lambda:
         a = a + norm_lambda * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    if memory and prev_kkt is not None:
+        a = a + memory * prev_kkt.to(device=a.device, dtype=solve_dtype)
     return a
 
 
@@ -132,11 +136,18 @@ def memit_update(
     lam: float,
     solve_dtype: torch.dtype = torch.float64,
     norm_lambda: float = 0.0,
+    prev_kkt: torch.Tensor | None = None,
+    memory: float = 0.0,
 ) -> torch.Tensor:
     """MEMIT: ``Delta = R K^T (lam C_0 + K K^T)^-1``; with ENCORE's norm term
-    ``Delta = R K^T (lam C_0 + norm_lambda I + K K^T)^-1``.
+    ``Delta = R K^T (lam C_0 + norm_lambda I + K K^T)^-1``; with the earlier edits kept
+    ``Delta = R K^T (lam C_0 + memory K_p K_p^T + K K^T)^-1``.
 
-    The minimizer of ``||Delta K - R||^2 + lam tr(Delta C_0 Delta^T) + norm_lambda ||Delta||_F^2``:
+    The minimizer of ``||Delta K - R||^2 + lam tr(Delta C_0 Delta^T) + norm_lambda ||Delta||_F^2
+    + memory ||Delta K_p||^2``. The last term is the sequential objective of the AlphaEdit paper
+    (its eq. 3, without the projection): the outputs at the earlier batches' edit keys ``K_p``
+    are preserved like those at ``C_0``'s keys, so a later batch does not overwrite them. The
+    norm term:
     the last term (ENCORE, Gupta et al. 2025; ``update_norm_lambda`` in its reference code, 20
     for Llama-3-8B and 10 for GPT2-XL) penalizes the Frobenius norm of this batch's update, i.e.
     the change relative to the weights before the batch (not to the original weights), which
@@ -148,11 +159,13 @@ def memit_update(
         moment: ``(d_k, d_k)`` normalized second moment of preserved keys.
         lam: weight of the preservation term (``mom2_update_weight``, 15000-20000 in the reference).
         norm_lambda: weight of ENCORE's ``||Delta||_F^2`` (0 = plain MEMIT).
+        prev_kkt: ``(d_k, d_k)`` running ``K_p K_p^T`` of earlier batches' keys (``None`` = zero).
+        memory: its weight (0 = plain MEMIT, ``prev_kkt`` unused).
     Returns:
         ``(d_model, d_k)`` update.
     """
     k, r = keys.to(solve_dtype), resid.to(solve_dtype)
-    a = _memit_system(k, moment, lam, norm_lambda, solve_dtype)
+    a = _memit_system(k, moment, lam, norm_lambda, solve_dtype, prev_kkt, memory)
     x = torch.linalg.solve(a, k.T @ r)  # (d_k, d_model); a is symmetric so Delta = x^T
     return _check_finite(x.T, "MEMIT update")
 
@@ -216,12 +229,14 @@ def alphaedit_update(
 
 
 def memit_factors(keys: torch.Tensor, resid: torch.Tensor, moment: torch.Tensor, lam: float,
-                  solve_dtype: torch.dtype = torch.float64, norm_lambda: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                  solve_dtype: torch.dtype = torch.float64, norm_lambda: float = 0.0, prev_kkt: torch.Tensor | None = None,
+                  memory: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """MEMIT's update as float32 factors: ``Delta = R^T (K A^-1)`` with ``A = lam C_0 + K^T K``
-    (``+ norm_lambda I`` with ENCORE's norm term, see :func:`memit_update`; rows-are-samples
-    ``K``), i.e. ``U = resid^T``, ``V = (A^-1 K^T)^T``."""
+    (``+ norm_lambda I`` with ENCORE's norm term, ``+ memory K_p^T K_p`` with the earlier edits
+    kept, see :func:`memit_update`; rows-are-samples ``K``), i.e. ``U = resid^T``,
+    ``V = (A^-1 K^T)^T``."""
     k, r = keys.to(solve_dtype), resid.to(solve_dtype)
-    a = _memit_system(k, moment, lam, norm_lambda, solve_dtype)
+    a = _memit_system(k, moment, lam, norm_lambda, solve_dtype, prev_kkt, memory)
     g = torch.linalg.solve(a, k.T)  # (d_k, n)
     u, v = r.T.float().contiguous(), g.T.float().contiguous()
     return _check_finite(u, "MEMIT update"), _check_finite(v, "MEMIT update")

@@ -169,30 +169,53 @@ def _owned(method, per_layer: dict) -> dict:
 @dataclass
 class MemitMethod:
     """MEMIT's update. ``moments[layer]`` is the normalized second moment ``C_0``;
-    ``norm_lambda`` > 0 adds ENCORE's ``||Delta||_F^2`` term (see :func:`memit_update`)."""
+    ``norm_lambda`` > 0 adds ENCORE's ``||Delta||_F^2`` term (see :func:`memit_update`);
+    ``memory`` > 0 keeps the running ``K_p K_p^T`` of earlier batches' keys (as AlphaEdit does)
+    and adds ``memory K_p K_p^T`` to the system, so later batches leave earlier edits in place."""
 
     lam: float
     moments: dict[int, torch.Tensor]
     solve_dtype: torch.dtype = torch.float64
     norm_lambda: float = 0.0
     ownership: LayerOwnership | None = None  # sharded weights: ``moments`` holds this process's layers only
+    memory: float = 0.0
+    prev_kkt: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def needs_keys_after(self) -> bool:
+        return self.memory > 0
+
+    def _prev(self, layer: int) -> torch.Tensor | None:
+        return self.prev_kkt.get(layer) if self.memory else None
 
     def delta(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-        return memit_update(keys, resid, self.moments[layer].to(keys.device), self.lam, self.solve_dtype, self.norm_lambda)
+        return memit_update(keys, resid, self.moments[layer].to(keys.device), self.lam, self.solve_dtype, self.norm_lambda,
+                            self._prev(layer), self.memory)
 
     def factors(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return memit_factors(keys, resid, self.moments[layer].to(keys.device), self.lam, self.solve_dtype, self.norm_lambda)
+        return memit_factors(keys, resid, self.moments[layer].to(keys.device), self.lam, self.solve_dtype, self.norm_lambda,
+                             self._prev(layer), self.memory)
 
     def commit(self, new_keys: dict[int, torch.Tensor]) -> None:
-        pass
+        if self.memory:
+            self.prev_kkt = accumulate_kkt(self.prev_kkt, _owned(self, new_keys))
+
+    def reset(self, keys_per_batch: Iterable[dict[int, torch.Tensor]] = ()) -> None:
+        """The state after the given batches (see :meth:`AlphaEditMethod.reset`); without
+        ``memory`` there is none (the batches' keys are not read)."""
+        self.prev_kkt = {}
+        if not self.memory:
+            return
+        for keys in keys_per_batch:
+            self.commit(keys)
 
     def hparams(self) -> dict:
         hp = {"lam": self.lam, "solve_dtype": str(self.solve_dtype).removeprefix("torch.")}
         if self.norm_lambda:
             hp["norm_lambda"] = self.norm_lambda
+        if self.memory:
+            hp["memory"] = self.memory
         return hp
-
-    needs_keys_after = False
 
 
 @dataclass
