@@ -31,7 +31,6 @@ from lightning_edit.builtin.realfacts import main as rf_main
 from lightning_edit.callbacks import ClosedFormUpdate
 from lightning_edit.data.datamodule import EditDataModule
 from lightning_edit.errors import EditError
-from lightning_edit.engine.loading import weights_streamable
 from lightning_edit.ledger_cli import export_main, ledger_main, undo_main, verify_main
 from lightning_edit.module import EditModule
 from lightning_edit.progress import drop_disabled_progress_bar
@@ -118,14 +117,14 @@ class EditCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         # under sharded_edit the LM is built on the meta device and each process reads only its
-        # share of the weights (model.init_on_meta), when its files allow it and the user did not say
+        # share of the weights (model.init_on_meta), where its files allow it and the user did not say
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
         model, trainer = cfg.get("model"), cfg.get("trainer")
         if model is None or trainer is None or model.get("init_on_meta") is not None:
             return
         strategy = frozen_alias(trainer.get("strategy", "auto"))
         if isinstance(strategy, str) and strategy in SHARDED_ALIASES:
-            model["init_on_meta"] = isinstance(model.get("model"), str) and not model.get("gguf_file") and weights_streamable(model["model"])
+            model["init_on_meta"] = "auto"
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         # Stock DDP refuses the frozen LM: its aliases ("ddp", "ddp_spawn", ...) become the frozen

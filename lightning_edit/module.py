@@ -17,7 +17,7 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_edit.data.chat import wrap_request
@@ -86,10 +86,11 @@ class EditModule(L.LightningModule):
         system_prompt: an optional system message for ``chat_template``.
         init_on_meta: build the LM with its parameters on the ``meta`` device and let the
             ``sharded_edit`` strategy read each process's share of every weight from the model's
-            safetensors files, so no process ever holds the whole model. ``null`` (default): on
-            under ``sharded_edit`` when ``model`` is a local directory of safetensors files, off
-            otherwise; ``true`` requires such a directory (under another strategy the whole
-            model is then read at set-up).
+            safetensors files, so no process ever holds the whole model. ``true`` requires a
+            local directory of safetensors files whose tensors carry the model's parameter names
+            (under another strategy the whole model is then read at set-up); ``auto``: on where the
+            files allow it, else the whole model is loaded (with a warning saying why); ``null``
+            (default): ``auto`` under ``sharded_edit``, off otherwise.
     """
 
     def __init__(
@@ -113,7 +114,7 @@ class EditModule(L.LightningModule):
         gguf_file: str | None = None,
         chat_template: bool = False,
         system_prompt: str | None = None,
-        init_on_meta: bool | None = None,
+        init_on_meta: bool | Literal["auto"] | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -138,15 +139,20 @@ class EditModule(L.LightningModule):
         self.chat_template, self.system_prompt = chat_template, system_prompt
         self.weight_files = None  # {tensor name: file} while the LM's parameters wait on the meta device
         self.built_on_meta = False  # the LM was built on the meta device and its weights read where they are kept
+        if init_on_meta not in (None, True, False, "auto"):
+            raise InputError(f"init_on_meta must be true, false, 'auto' or null, got {init_on_meta!r}")
         if init_on_meta and isinstance(model, str):
-            if gguf_file:
-                raise InputError("init_on_meta reads safetensors files; a GGUF model is loaded whole (init_on_meta: false)")
             try:
+                if gguf_file:
+                    raise WeightsNotStreamable("a GGUF model is loaded whole")
                 self.lm, self.tokenizer, self.weight_files = load_skeleton(model, dtype, trust_remote_code, tokenizer)
                 self.built_on_meta = True
             except WeightsNotStreamable as err:
-                raise InputError(f"init_on_meta: {err}; set --model.init_on_meta=false to load the whole model in every process") from None
-        else:
+                if init_on_meta is True:
+                    raise InputError(f"init_on_meta: {err}; set --model.init_on_meta=false to load the whole model in every "
+                                     "process") from None
+                rank_zero_warn(f"init_on_meta=auto: {err}, so every process loads the whole model")
+        if not self.built_on_meta:
             self.lm, self.tokenizer = load_pretrained(model, dtype, trust_remote_code, tokenizer, gguf_file) if isinstance(model, str) else model
         if not isinstance(model, str):  # a loaded model: name it by its config's path
             self.model_name = str(getattr(getattr(self.lm, "config", None), "_name_or_path", "") or type(self.lm).__name__)

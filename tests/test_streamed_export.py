@@ -99,3 +99,33 @@ def test_parameters_on_meta_keeps_buffers(tokenizer):
     assert all(p.device.type == "meta" for p in model.parameters())
     assert all(b.device.type == "cpu" for b in model.buffers())
     assert torch.nn.Linear(2, 2).weight.device.type == "cpu"  # restored after the block
+
+
+def test_init_on_meta_auto_falls_back_where_the_files_name_tensors_otherwise(tmp_path, tokenizer, trained_gpt2):
+    """init_on_meta=auto (what sharded_edit picks by default): built on meta from a normal
+    directory; from files whose tensor names differ from the model's (GPT-2's original files have
+    no ``transformer.`` prefix; from_pretrained maps them) the whole model is loaded instead, with
+    a warning, and holds the same weights; ``true`` refuses such files, naming the tensor."""
+    from safetensors.torch import save_file
+
+    from lightning_edit.errors import InputError
+    from lightning_edit.module import EditModule
+
+    good = tmp_path / "good"
+    trained_gpt2.save_pretrained(good)
+    tokenizer.save_pretrained(good)
+    assert EditModule(model=str(good), layers=[1, 2], init_on_meta="auto").built_on_meta
+    renamed = tmp_path / "renamed"
+    trained_gpt2.save_pretrained(renamed)
+    tokenizer.save_pretrained(renamed)
+    t = load_file(renamed / "model.safetensors")
+    save_file({k.removeprefix("transformer."): v for k, v in t.items()}, renamed / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="name their tensors otherwise"):
+        m = EditModule(model=str(renamed), layers=[1, 2], init_on_meta="auto")
+    assert not m.built_on_meta and m.weight_files is None
+    ref = dict(trained_gpt2.named_parameters())
+    assert all(torch.equal(p, ref[n]) for n, p in m.lm.named_parameters())
+    with pytest.raises(InputError, match=r"init_on_meta: .*name their tensors otherwise \('transformer\."):
+        EditModule(model=str(renamed), layers=[1, 2], init_on_meta=True)
+    with pytest.raises(InputError, match="init_on_meta must be"):
+        EditModule(model=str(good), layers=[1, 2], init_on_meta="yes")

@@ -127,16 +127,6 @@ def _local_weights(name_or_path: str) -> tuple[str, dict]:
     return name, weight_files(name)
 
 
-def weights_streamable(name_or_path: str) -> bool:
-    """Whether ``name_or_path`` (a path or a built-in name; hub ids are not) is a local directory of
-    safetensors weights that :func:`load_skeleton` can read tensor by tensor."""
-    try:
-        _local_weights(name_or_path)
-    except WeightsNotStreamable:
-        return False
-    return True
-
-
 def load_skeleton(name_or_path: str, dtype: DType = "float32", trust_remote_code: bool = False, tokenizer: str | None = None):
     """The model of a local directory of safetensors files with every parameter on the ``meta``
     device (buffers computed as usual), its tokenizer and ``{tensor name: file}``: each process
