@@ -112,6 +112,45 @@ def test_unke_edits_a_long_answer_and_replays_and_undoes_exactly(trained_gpt2, t
         ed.export(tmp_path / "lora", peft=True)
 
 
+def test_unke_memory_keeps_the_earlier_batch_and_rebuilds_exactly(trained_gpt2, tokenizer, corpus_file, tmp_path):
+    """memory > 0: the second batch moves the block outputs on the first batch's text less than
+    without memory; undo and a rebuilt stream keep the first batch's texts, so re-applying the
+    second batch gives the same weights bit for bit; memory 0 records no texts."""
+    first = [{"case_id": "lf0", "question": QUESTION, "answer": ANSWER}]
+    second = [{"case_id": "lf1", "question": "Toko Yasuda plays", "answer": "the violin in Oslo. Danielle Darrieux sings."}]
+    text = tokenizer([QUESTION + " " + ANSWER], return_tensors="pt")
+
+    def drift(memory):
+        model = copy.deepcopy(trained_gpt2)
+        ed = _editor(model, tokenizer, corpus_file, tmp_path / f"m{memory}", memory=memory)
+        ed.apply(first)
+        ad = ModelAdapter(model)
+        out1 = _block_io(ad, text.input_ids, text.attention_mask, 2)[2]
+        ed.apply(second)
+        out2 = _block_io(ad, text.input_ids, text.attention_mask, 2)[2]
+        return float(masked_mse(out2, out1, text.attention_mask)), ed, model
+
+    plain, ed0, _ = drift(0.0)
+    assert ed0.callback.method.memory_rows == [] and all("rows.ids" not in ed0.ledger.tensors(r) for r in ed0.ledger.records)
+    kept, ed, model = drift(10.0)
+    assert kept < 0.5 * plain, (kept, plain)
+    print(f"drift of the first batch's block outputs: {plain:.3g} without memory, {kept:.3g} with")
+    m = ed.callback.method
+    assert len(m.memory_rows) == 2 and m.hparams()["memory"] == 10.0
+    after_two = _params(model)
+    rows_before = [(i.clone(), k.clone()) for i, k in m.memory_rows]
+    ed.undo(1)
+    assert len(m.memory_rows) == 1 and torch.equal(m.memory_rows[0][0], rows_before[0][0])
+    ed.apply(second)
+    assert all(torch.equal(p, after_two[n]) for n, p in model.named_parameters())
+    m.reset()  # a fresh stream; then, as a resumed one (rebuild, as undo above), the texts from the ledger
+    assert m.memory_rows == []
+    m.reset_rows(ed.ledger.rows_per_batch())
+    assert [torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(m.memory_rows, rows_before)] == [True, True]
+    with pytest.raises(InputError, match="memory must be >= 0"):
+        BlockUpdateMethod(memory=-1.0)
+
+
 def test_a_refused_block_update_changes_nothing(trained_gpt2, tokenizer, corpus_file, tmp_path):
     model = copy.deepcopy(trained_gpt2)
     before = _params(model)

@@ -9,10 +9,14 @@ residual ``(z - z_cur) / layers_left`` at the chunk anchors, and the block's par
 ``steps`` AdamW steps on
 
     mean_sq(block(h_edit) - target) + preserve_weight * mean_sq(block(h_pres) - out_pres)
+                                    + memory * mean_sq(block(h_mem) - out_mem)
 
 where ``h`` is the block's input (the lower blocks' output, computed once per layer and fed
 through :meth:`~lightning_edit.engine.arch.ModelAdapter.skip_blocks`), ``out_pres`` the block's
 unedited output on the preservation texts and the means run over real (unpadded) positions.
+The last term (``memory`` > 0, not in the reference) keeps the earlier batches' edited texts
+where the earlier updates put them: ``out_mem`` is the block's output on those texts before this
+batch, so a later batch does not overwrite the answers written before it.
 Nothing here is architecture-specific: the block runs inside the model's own forward, so
 masks and rotary positions are the model's.
 
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +43,7 @@ from lightning_edit.engine.residuals import ResidualBatch
 from lightning_edit.errors import InputError
 
 DELTA_PREFIX = "d."  # ledger tensors of dense parameter deltas: "d.<parameter name>"
+ROWS_IDS, ROWS_MASK = "rows.ids", "rows.mask"  # ledger tensors of a batch's edited texts (UnKE with memory)
 
 
 @dataclass
@@ -55,6 +60,9 @@ class BlockUpdateMethod:
             uses a seeded sample of ``n_preserve`` of them (the reference samples 20 texts).
         n_preserve: preservation texts per batch (0 = all).
         seed: the sample's seed (with the batch position).
+        memory: weight of the earlier batches' edited texts (0 = off, as the reference).
+        memory_rows: those texts, ``(ids, mask)`` per applied batch in stream order (the state
+            of a stream with memory; rebuilt from the ledger by :meth:`reset_rows`).
     """
 
     lr: float = 2e-4
@@ -65,6 +73,8 @@ class BlockUpdateMethod:
     preserve_mask: torch.Tensor | None = None
     n_preserve: int = 20
     seed: int = 0
+    memory: float = 0.0
+    memory_rows: list = field(default_factory=list)
     needs_keys_after = False
     dense = True  # the update is a dense delta per block parameter, not U @ V of the down projections
 
@@ -73,15 +83,41 @@ class BlockUpdateMethod:
             raise InputError(f"UnKE lr must be > 0, got {self.lr}")
         if self.steps < 1:
             raise InputError(f"UnKE steps must be >= 1, got {self.steps}")
-        if self.weight_decay < 0 or self.preserve_weight < 0 or self.n_preserve < 0:
-            raise InputError("UnKE weight_decay, preserve_weight and n_preserve must be >= 0")
+        if self.weight_decay < 0 or self.preserve_weight < 0 or self.n_preserve < 0 or not self.memory >= 0:
+            raise InputError("UnKE weight_decay, preserve_weight, n_preserve and memory must be >= 0")
 
     def hparams(self) -> dict:
-        return {"lr": self.lr, "steps": self.steps, "weight_decay": self.weight_decay,
-                "preserve_weight": self.preserve_weight, "n_preserve": self.n_preserve}
+        hp = {"lr": self.lr, "steps": self.steps, "weight_decay": self.weight_decay,
+              "preserve_weight": self.preserve_weight, "n_preserve": self.n_preserve}
+        if self.memory:
+            hp["memory"] = self.memory
+        return hp
 
     def commit(self, new_keys) -> None:
         pass
+
+    def reset(self, keys_per_batch: Iterable = ()) -> None:
+        """A fresh stream's state (no earlier texts); the closed-form methods' keys do not apply."""
+        self.memory_rows = []
+
+    def reset_rows(self, rows_per_batch: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The state after the given batches: their edited texts ``(ids, mask)`` in stream order
+        (the ledger's ``rows.ids`` / ``rows.mask``); nothing is kept without ``memory``."""
+        self.memory_rows = [(i.cpu(), m.cpu()) for i, m in rows_per_batch] if self.memory else []
+
+    def memory_batch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The earlier batches' texts as one right-padded ``(ids, mask)``; None without any."""
+        if not self.memory or not self.memory_rows:
+            return None
+        width = max(int(m.sum(1).max()) for _, m in self.memory_rows)
+        n = sum(len(i) for i, _ in self.memory_rows)
+        ids, mask = torch.zeros(n, width, dtype=torch.long), torch.zeros(n, width, dtype=torch.long)
+        at = 0
+        for i, m in self.memory_rows:
+            w = min(width, i.shape[1])
+            ids[at : at + len(i), :w], mask[at : at + len(i), :w] = i[:, :w], m[:, :w]
+            at += len(i)
+        return ids, mask
 
     def preserve_rows(self, position: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """This batch's preservation texts: a sample of ``n_preserve`` seeded by ``seed`` and
@@ -172,11 +208,14 @@ def block_targets(out: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
 
 
 def train_block(adapter: ModelAdapter, layer: int, method: BlockUpdateMethod, edit: tuple, preserve: tuple | None,
-                on_step: Callable[[int, float], None] | None = None, before: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """``method.steps`` AdamW steps on block ``layer`` (see the module docstring). ``edit`` and
-    ``preserve`` are ``(ids, mask, h_in, tuple_len, target)``. The block's parameters are
-    trained in place, then written as ``before + Delta``; returns ``{name: Delta}``.
-    ``before``: copies of the parameters' current values, by name (taken here when absent)."""
+                on_step: Callable[[int, float], None] | None = None, before: dict[str, torch.Tensor] | None = None,
+                remember: tuple | None = None) -> dict[str, torch.Tensor]:
+    """``method.steps`` AdamW steps on block ``layer`` (see the module docstring). ``edit``,
+    ``preserve`` (weighted by ``method.preserve_weight``) and ``remember`` (the earlier batches'
+    texts, weighted by ``method.memory``) are ``(ids, mask, h_in, tuple_len, target)``. The
+    block's parameters are trained in place, then written as ``before + Delta``; returns
+    ``{name: Delta}``. ``before``: copies of the parameters' current values, by name (taken here
+    when absent)."""
     params = block_parameters(adapter, layer)
     if before is None:
         before = {n: p.detach().clone() for n, p in params.items()}
@@ -193,9 +232,10 @@ def train_block(adapter: ModelAdapter, layer: int, method: BlockUpdateMethod, ed
                 opt.zero_grad(set_to_none=True)
                 ids, mask, h_in, tlen, target = edit
                 loss = masked_mse(_block_forward(adapter, ids, mask, layer, h_in, tlen), target, mask)
-                if preserve is not None:
-                    pids, pmask, ph, ptlen, ptarget = preserve
-                    loss = loss + method.preserve_weight * masked_mse(_block_forward(adapter, pids, pmask, layer, ph, ptlen), ptarget, pmask)
+                for weight, term in ((method.preserve_weight, preserve), (method.memory, remember)):
+                    if term is not None:
+                        pids, pmask, ph, ptlen, ptarget = term
+                        loss = loss + weight * masked_mse(_block_forward(adapter, pids, pmask, layer, ph, ptlen), ptarget, pmask)
                 if not torch.isfinite(loss):
                     raise NonFiniteUpdateError(f"layer {layer}: the block update's loss is not finite at step {step}")
                 loss.backward()
@@ -238,6 +278,7 @@ def apply_block_update(adapter: ModelAdapter, batch: ResidualBatch, z_target: to
     local[rows] = torch.arange(len(rows))
     r_idx, p_idx, c_idx = local[a_rows[bare]].to(device), a_pos[bare].to(device), a_chunk[bare].to(device)
     pres = method.preserve_rows(position)
+    mem = method.memory_batch()
     snapshot = {n: p.detach().clone() for l in layers for n, p in block_parameters(adapter, l).items()}
     info: dict[str, float] = {}
     record = record if record is not None else {}
@@ -251,8 +292,13 @@ def apply_block_update(adapter: ModelAdapter, batch: ResidualBatch, z_target: to
                 pids, pmask = (t.to(device) for t in pres)
                 ph, ptlen, pout, _ = _block_io(adapter, pids, pmask, l)
                 preserve = (pids, pmask, ph, ptlen, pout.detach())
+            remember = None
+            if mem is not None:  # the earlier batches' texts, as this batch found them
+                mids, mmask = (t.to(device) for t in mem)
+                mh, mtlen, mout, _ = _block_io(adapter, mids, mmask, l)
+                remember = (mids, mmask, mh, mtlen, mout.detach())
             last = {}
-            deltas = train_block(adapter, l, method, edit, preserve, before=snapshot,
+            deltas = train_block(adapter, l, method, edit, preserve, before=snapshot, remember=remember,
                                  on_step=lambda s, v: last.update(loss=v, **({"first": v} if s == 0 else {})))
             num = sum(float(d.double().pow(2).sum()) for d in deltas.values()) ** 0.5
             den = sum(float(snapshot[n].double().pow(2).sum()) for n in deltas) ** 0.5
@@ -265,8 +311,12 @@ def apply_block_update(adapter: ModelAdapter, batch: ResidualBatch, z_target: to
             info[f"block_loss_start/layer_{l}"] = last.get("first", float("nan"))
             info[f"block_loss/layer_{l}"] = last.get("loss", float("nan"))
             record.update({DELTA_PREFIX + n: d.detach() for n, d in deltas.items()})
+        if method.memory:  # this batch's texts, for the batches after it (and for a rebuilt stream)
+            record.update({ROWS_IDS: ids.detach().cpu(), ROWS_MASK: mask.detach().cpu()})
         if on_record is not None:
             on_record(record, info)
+        if method.memory:
+            method.memory_rows.append((ids.detach().cpu(), mask.detach().cpu()))
     except BaseException:
         with torch.no_grad():
             for l in layers:

@@ -343,7 +343,9 @@ class EditStream:
         if not self.master:
             self.master = master_copies(ad, self.layers)
         self.ledger.replay(ad, self.layers, base, self.master, param_base)
-        if self.method is not None and hasattr(self.method, "reset"):
+        if self.method is not None and hasattr(self.method, "reset_rows"):  # UnKE: the earlier batches' texts
+            self.method.reset_rows(self.ledger.rows_per_batch())
+        elif self.method is not None and hasattr(self.method, "reset"):
             self.method.reset(self.ledger.keys_per_batch(self.layers, device=self.device))
 
     def undo(self, n: int = 1) -> list[dict]:

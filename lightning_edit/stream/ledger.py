@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from lightning_edit.engine import sharding
-from lightning_edit.engine.block_update import DELTA_PREFIX
+from lightning_edit.engine.block_update import DELTA_PREFIX, ROWS_IDS, ROWS_MASK
 from lightning_edit.engine.files import (
     CorruptFileError,
     atomic_save_file,
@@ -227,6 +227,14 @@ class EditLedger:
         for r in self.records:
             t = self.tensors(r)
             yield {l: t[f"keys.{l}"].to(device) for l in layers}
+
+    def rows_per_batch(self):
+        """The edited texts ``(ids, mask)`` of each batch that recorded them (block updates with
+        memory), in stream order."""
+        for r in self.records:
+            t = self.tensors(r)
+            if ROWS_IDS in t:
+                yield t[ROWS_IDS].long(), t[ROWS_MASK].long()
 
     def prev_kkt(self, layers: Sequence[int], device=None) -> dict[int, torch.Tensor]:
         """``K_p K_p^T`` per layer, summed over the batches in stream order (bit-identical to the
