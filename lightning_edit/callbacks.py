@@ -413,20 +413,25 @@ class UnKE(ClosedFormUpdate):
             they were before this batch, are kept by a third MSE term, so later batches do not
             overwrite earlier answers (the texts are kept in the ledger; rebuilt on resume and
             undo). Not in the reference; 0 = off.
+        n_memory: with ``memory``, how many of the earlier texts each batch keeps: a sample
+            seeded by the run's seed and the batch's position in the stream, which bounds the
+            cost of a long stream (0 = all of them; the cost then grows with the stream).
     """
 
     method_name = "unke"
     needs_moments = False
-    SHAPING = ("lr", "steps", "weight_decay", "preserve_weight", "n_preserve", "memory")
+    SHAPING = ("lr", "steps", "weight_decay", "preserve_weight", "n_preserve", "memory", "n_memory")
 
     def __init__(self, lr: float = 2e-4, steps: int = 50, weight_decay: float = 0.01, preserve_weight: float = 1.0,
                  n_preserve: int = 20, stats: StatsConfig = StatsConfig(), export_path: str | None = None,
-                 max_update: float = MAX_UPDATE, memory: float = 0.0):
+                 max_update: float = MAX_UPDATE, memory: float = 0.0, n_memory: int = 0):
         super().__init__(stats, "float32", export_path, max_update)
         self.lr, self.steps, self.weight_decay = float(lr), int(steps), float(weight_decay)
         self.preserve_weight, self.n_preserve, self.memory = float(preserve_weight), int(n_preserve), float(memory)
+        self.n_memory = int(n_memory)
         BlockUpdateMethod(lr=self.lr, steps=self.steps, weight_decay=self.weight_decay,  # the settings' checks, now
-                          preserve_weight=self.preserve_weight, n_preserve=self.n_preserve, memory=self.memory)
+                          preserve_weight=self.preserve_weight, n_preserve=self.n_preserve, memory=self.memory,
+                          n_memory=self.n_memory)
 
     def build_method(self, module, moments, trainer=None):
         if trainer is not None and trainer.world_size > 1:
@@ -442,4 +447,5 @@ class UnKE(ClosedFormUpdate):
             ids, mask = preservation_rows(module.tokenizer, iter_corpus_texts(self.stats), self.stats.n_samples, self.stats.max_length)
         return BlockUpdateMethod(lr=self.lr, steps=self.steps, weight_decay=self.weight_decay,
                                  preserve_weight=self.preserve_weight, preserve_ids=ids, preserve_mask=mask,
-                                 n_preserve=self.n_preserve, seed=module.seed, memory=self.memory)
+                                 n_preserve=self.n_preserve, seed=module.seed, memory=self.memory,
+                                 n_memory=self.n_memory)

@@ -151,6 +151,48 @@ def test_unke_memory_keeps_the_earlier_batch_and_rebuilds_exactly(trained_gpt2, 
         BlockUpdateMethod(memory=-1.0)
 
 
+def test_unke_memory_sample_is_seeded_and_all_when_it_is_not_smaller():
+    """n_memory caps the earlier texts per batch: a seeded sample that depends on the stream
+    position, rows intact (their own tokens, padding cut to the sample's longest); a cap at or
+    above the count gives exactly the uncapped texts."""
+    torch.manual_seed(0)
+    batches = []
+    for n, width in ((2, 7), (3, 5), (1, 9)):
+        ids, mask = torch.randint(5, 50, (n, width)), torch.ones(n, width, dtype=torch.long)
+        mask[0, width - 2:] = 0
+        ids[mask == 0] = 0
+        batches.append((ids, mask))
+    every = [(i[r], m[r]) for i, m in batches for r in range(len(i))]
+
+    def method(n_memory):
+        out = BlockUpdateMethod(memory=1.0, n_memory=n_memory, seed=3)
+        out.reset_rows(batches)
+        return out
+
+    ids, mask = method(0).memory_batch(5)
+    assert ids.shape == (6, 7) and [int(m.sum()) for m in mask] == [int(m.sum()) for _, m in every]
+    for k in (6, 10):
+        assert all(torch.equal(a, b) for a, b in zip(method(k).memory_batch(5), (ids, mask)))
+    picks = set()
+    for position in range(6):
+        s_ids, s_mask = method(3).memory_batch(position)
+        again = method(3).memory_batch(position)
+        assert torch.equal(s_ids, again[0]) and torch.equal(s_mask, again[1])
+        assert len(s_ids) == 3 and s_ids.shape[1] == int(s_mask.sum(1).max())
+        rows = []
+        for i, m in zip(s_ids, s_mask):  # each sampled row is one earlier text, whole
+            n = int(m.sum())
+            hit = [j for j, (e, em) in enumerate(every) if int(em.sum()) == n and torch.equal(e[:n], i[:n])]
+            assert len(hit) == 1 and not i[n:].any()
+            rows.append(hit[0])
+        assert rows == sorted(rows)
+        picks.add(tuple(rows))
+    assert len(picks) > 1  # the sample moves along the stream
+    assert method(3).hparams()["n_memory"] == 3 and "n_memory" not in method(0).hparams()
+    with pytest.raises(InputError, match="n_memory must be >= 0"):
+        BlockUpdateMethod(memory=1.0, n_memory=-1)
+
+
 def test_a_refused_block_update_changes_nothing(trained_gpt2, tokenizer, corpus_file, tmp_path):
     model = copy.deepcopy(trained_gpt2)
     before = _params(model)

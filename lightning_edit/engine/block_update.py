@@ -63,6 +63,8 @@ class BlockUpdateMethod:
         memory: weight of the earlier batches' edited texts (0 = off, as the reference).
         memory_rows: those texts, ``(ids, mask)`` per applied batch in stream order (the state
             of a stream with memory; rebuilt from the ledger by :meth:`reset_rows`).
+        n_memory: earlier texts per batch, a sample seeded by ``seed`` and the stream position,
+            so that a long stream's cost stops growing (0 = all of them).
     """
 
     lr: float = 2e-4
@@ -75,6 +77,7 @@ class BlockUpdateMethod:
     seed: int = 0
     memory: float = 0.0
     memory_rows: list = field(default_factory=list)
+    n_memory: int = 0
     needs_keys_after = False
     dense = True  # the update is a dense delta per block parameter, not U @ V of the down projections
 
@@ -83,14 +86,17 @@ class BlockUpdateMethod:
             raise InputError(f"UnKE lr must be > 0, got {self.lr}")
         if self.steps < 1:
             raise InputError(f"UnKE steps must be >= 1, got {self.steps}")
-        if self.weight_decay < 0 or self.preserve_weight < 0 or self.n_preserve < 0 or not self.memory >= 0:
-            raise InputError("UnKE weight_decay, preserve_weight, n_preserve and memory must be >= 0")
+        if (self.weight_decay < 0 or self.preserve_weight < 0 or self.n_preserve < 0 or not self.memory >= 0
+                or self.n_memory < 0):
+            raise InputError("UnKE weight_decay, preserve_weight, n_preserve, memory and n_memory must be >= 0")
 
     def hparams(self) -> dict:
         hp = {"lr": self.lr, "steps": self.steps, "weight_decay": self.weight_decay,
               "preserve_weight": self.preserve_weight, "n_preserve": self.n_preserve}
         if self.memory:
             hp["memory"] = self.memory
+            if self.n_memory:
+                hp["n_memory"] = self.n_memory
         return hp
 
     def commit(self, new_keys) -> None:
@@ -105,18 +111,20 @@ class BlockUpdateMethod:
         (the ledger's ``rows.ids`` / ``rows.mask``); nothing is kept without ``memory``."""
         self.memory_rows = [(i.cpu(), m.cpu()) for i, m in rows_per_batch] if self.memory else []
 
-    def memory_batch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The earlier batches' texts as one right-padded ``(ids, mask)``; None without any."""
+    def memory_batch(self, position: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The earlier batches' texts as one right-padded ``(ids, mask)`` (at most ``n_memory``
+        of them, sampled with ``seed`` and the stream ``position``); None without any."""
         if not self.memory or not self.memory_rows:
             return None
-        width = max(int(m.sum(1).max()) for _, m in self.memory_rows)
-        n = sum(len(i) for i, _ in self.memory_rows)
-        ids, mask = torch.zeros(n, width, dtype=torch.long), torch.zeros(n, width, dtype=torch.long)
-        at = 0
-        for i, m in self.memory_rows:
+        rows = [(i[r : r + 1], m[r : r + 1]) for i, m in self.memory_rows for r in range(len(i))]
+        if self.n_memory and self.n_memory < len(rows):
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + position + 500_009)  # not the preservation sample's
+            rows = [rows[j] for j in torch.randperm(len(rows), generator=gen)[: self.n_memory].sort().values.tolist()]
+        width = max(int(m.sum()) for _, m in rows)
+        ids, mask = torch.zeros(len(rows), width, dtype=torch.long), torch.zeros(len(rows), width, dtype=torch.long)
+        for at, (i, m) in enumerate(rows):
             w = min(width, i.shape[1])
-            ids[at : at + len(i), :w], mask[at : at + len(i), :w] = i[:, :w], m[:, :w]
-            at += len(i)
+            ids[at, :w], mask[at, :w] = i[0, :w], m[0, :w]
         return ids, mask
 
     def preserve_rows(self, position: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -278,7 +286,7 @@ def apply_block_update(adapter: ModelAdapter, batch: ResidualBatch, z_target: to
     local[rows] = torch.arange(len(rows))
     r_idx, p_idx, c_idx = local[a_rows[bare]].to(device), a_pos[bare].to(device), a_chunk[bare].to(device)
     pres = method.preserve_rows(position)
-    mem = method.memory_batch()
+    mem = method.memory_batch(position)
     snapshot = {n: p.detach().clone() for l in layers for n, p in block_parameters(adapter, l).items()}
     info: dict[str, float] = {}
     record = record if record is not None else {}
