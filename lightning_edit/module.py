@@ -25,6 +25,7 @@ from lightning_edit.data.datamodule import EditBatch
 from lightning_edit.data.requests import EditRequest, RequestError, target_text
 from lightning_edit.engine.arch import ModelAdapter
 from lightning_edit.engine.bars import show_progress
+from lightning_edit.engine.forward_plan import Lockstep
 from lightning_edit.engine.loading import DType, load_pretrained, load_skeleton
 from lightning_edit.engine.sharding import load_weights
 from lightning_edit.engine.weight_files import WeightsNotStreamable
@@ -360,12 +361,14 @@ class EditModule(L.LightningModule):
         world, rank = data_shards(self._trainer)  # (1, 0) when the weights are sharded: every process runs all
         return list(requests[rank::world])
 
-    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+    def gather_rows(self, t: torch.Tensor, every_process: bool = False) -> torch.Tensor:
         """Concatenate every process's rows ``(n_i, d)`` into ``(sum_i n_i, d)``, rank by rank,
         identical on all processes. ``n_i`` may differ (an uneven or empty shard, a request with
         several chunks): the counts are gathered first, rows are padded to the largest count for
-        the collective (gloo / NCCL need equal shapes) and the padding is dropped again."""
-        world, _ = data_shards(self._trainer)
+        the collective (gloo / NCCL need equal shapes) and the padding is dropped again. Without
+        ``every_process`` only across the processes a batch's data is split between (none when
+        the weights are sharded)."""
+        world = self.trainer.world_size if every_process and self._trainer is not None else data_shards(self._trainer)[0]
         if world == 1:
             return t
         counts = self.all_gather(torch.tensor([t.shape[0]], device=t.device)).reshape(-1).tolist()
@@ -386,9 +389,17 @@ class EditModule(L.LightningModule):
             return Collective()
         if data_shards(self._trainer)[0] == 1:  # sharded weights: the same rows everywhere, rank 0's factors
             return Collective(broadcast=lambda obj, src=0: self.trainer.strategy.broadcast(obj, src=src),
-                              is_writer=self.trainer.is_global_zero)
+                              is_writer=self.trainer.is_global_zero, lockstep=Lockstep(self.all_max),
+                              z_share=(world, self.trainer.global_rank),
+                              z_gather=lambda t: self.gather_rows(t, every_process=True))
         return Collective(gather=self.gather_rows, broadcast=lambda obj: self.trainer.strategy.broadcast(obj, src=0),
                           is_writer=self.trainer.is_global_zero)
+
+    def all_max(self, n: int) -> int:
+        """The largest ``n`` over this run's processes (a collective: every process calls it)."""
+        t = torch.tensor([int(n)], dtype=torch.long, device=self.trainer.strategy.root_device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
 
     def training_step(self, batch: EditBatch, batch_idx: int):
         mine = self.shard(batch.requests)

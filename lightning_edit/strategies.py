@@ -112,12 +112,15 @@ class ShardedEditStrategy(FrozenDDPStrategy):
     the embeddings, final norm and LM head stay whole (:func:`~lightning_edit.engine.sharding.shard_blocks`).
     Runs on GPUs (NCCL) and on CPU (gloo), which Lightning's stock ``fsdp`` strategy refuses.
 
-    The weights are sharded, the work is not: every process runs the whole batch (the same
-    forward and backward passes, which FSDP's collectives need in the same order everywhere).
+    The weights are sharded; of the work, only the z optimization is split: each process
+    optimizes a contiguous share of the batch's requests, in lockstep (FSDP's collectives need
+    the same forwards and backwards in the same order everywhere:
+    :class:`~lightning_edit.engine.forward_plan.Lockstep`); the keys, the statistics and the
+    evaluation run whole on every process (:func:`data_shards` is ``(1, 0)``).
     Each edit layer has an owner process that keeps its statistics and solver state and solves
     it (:class:`~lightning_edit.engine.update.LayerOwnership`); every process adds its slice of
-    the owner's update to its slice of the weight. So it buys memory, not speed; a model that
-    fits one device edits faster under ``ddp_frozen`` (requests split across processes).
+    the owner's update to its slice of the weight. So it buys memory first; a model that fits
+    one device edits faster under ``ddp_frozen`` (no weights gathered for every block).
     Checkpoints, the ledger and exports are written by rank 0 from gathered tensors.
     """
 

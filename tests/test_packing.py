@@ -12,14 +12,16 @@ from conftest import counterfactual_requests, make_model
 from test_longform_engine import PREFIXES, _items
 
 from lightning_edit.engine import forward_plan as residuals_mod
+from lightning_edit.engine import residuals as residuals_engine
 from lightning_edit.engine.arch import ModelAdapter, supports_packed_rows
-from lightning_edit.engine.forward_plan import pack_rows
+from lightning_edit.engine.forward_plan import Lockstep, pack_rows
 from lightning_edit.engine.residuals import (
     ResidualConfig,
     build_chunked_batch,
     build_residual_batch,
     optimize_residuals,
 )
+from lightning_edit.errors import InputError
 
 
 def test_pack_rows_places_every_row_once_within_capacity():
@@ -116,3 +118,40 @@ def test_negative_forward_limits_are_refused():
     for field in ("max_tokens_per_forward", "max_rows_per_forward"):
         with pytest.raises(ValueError, match=">= 0"):
             ResidualConfig(**{field: -1})
+
+
+class _OthersStillBusy(Lockstep):
+    """One process of a lockstep whose partners always need two more forwards and are still
+    optimizing (so this one keeps stepping after its own chunks have stopped)."""
+
+    def count(self, n: int) -> int:
+        return n + 2
+
+    def any(self, flag: bool) -> bool:
+        return True
+
+    def all(self, flag: bool) -> bool:
+        return flag
+
+
+@pytest.mark.parametrize("extra", [{}, {"pack_rows": False, "max_rows_per_forward": 2}])
+def test_lockstep_extra_forwards_and_steps_change_nothing(tokenizer, trained_gpt2, monkeypatch, extra):
+    """Under sharded weights each process runs as many forwards as the busiest one, and goes on
+    stepping while any process optimizes: the repeated forwards carry zero weight and stopped
+    chunks keep their vectors, so this process's result is bit for bit what it gets alone."""
+    ad = ModelAdapter(trained_gpt2)
+    batch = build_residual_batch(tokenizer, counterfactual_requests(4), PREFIXES, "subject_last")
+    cfg = ResidualConfig(steps=20, lr=0.5, early_stop_loss=14.0, clamp_norm_factor=4.0, kl_factor=0.0625,
+                         max_tokens_per_forward=24, **extra)
+    alone = optimize_residuals(ad, batch, 1, cfg)
+    assert int(alone.steps.min()) < int(alone.steps.max()) < cfg.steps  # the chunks stopped early alone, at different steps
+    idle = []
+    real_idle = residuals_engine._idle_step
+    monkeypatch.setattr(residuals_engine, "_idle_step", lambda *a: (idle.append(1), real_idle(*a)))
+    shared = optimize_residuals(ad, batch, 1, cfg, lockstep=_OthersStillBusy(all_max=int))
+    assert len(idle) >= 2 * (cfg.steps + 1)  # two extra forwards at every step, and the steps went on to the end
+    for name in ("z_target", "z_init", "loss", "nll", "steps"):
+        assert torch.equal(getattr(shared, name), getattr(alone, name)), name
+    chunks = build_chunked_batch(tokenizer, _items(tokenizer), ())
+    with pytest.raises(InputError, match="joint only"):
+        optimize_residuals(ad, chunks, 1, replace(cfg, mode="autoregressive"), lockstep=_OthersStillBusy(all_max=int))

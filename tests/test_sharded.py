@@ -9,7 +9,14 @@ Tolerance: both runs compute the same float32 forward passes, but under FSDP eac
 weights are gathered from the shards and the z optimization's gradients flow through them in
 another order of additions; that moves z by float32 rounding (~1e-6 relative), which the
 closed form passes on to the update. The update is compared as a whole (relative Frobenius
-error below 1e-3) and the weights element-wise at 1e-4 of their largest entry.
+error below 1e-3) and the weights element-wise at 1e-4 of their largest entry. The processes
+also split each batch's z optimization (2 / 1 of a batch of 3), so their forwards are padded and
+packed differently from one process's: in float32 that is rounding too, but a bf16 model rounds
+its activations to 8 bits and the Adam steps amplify the difference (in one process, the same 3
+bf16 requests optimized as 2 + 1 give vectors 2% (relative to their change) from those
+optimized together, against 3e-7 in float32). The bf16 run is compared at 10% of the update
+(relative Frobenius error) and element-wise at 25% of the update's largest entry (a few single
+entries move by more than 10%).
 """
 
 from __future__ import annotations
@@ -57,7 +64,8 @@ class ShardRecorder(L.Callback):
         state = getattr(method, "projectors", None) or getattr(method, "moments", {})
         info = {"rank": r, "world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__,
                 "local": local, "num_edits": pl_module.num_edits, "state_layers": sorted(state),
-                "kkt_layers": sorted(getattr(method, "prev_kkt", {})), "built_on_meta": pl_module.built_on_meta}
+                "kkt_layers": sorted(getattr(method, "prev_kkt", {})), "built_on_meta": pl_module.built_on_meta,
+                "z_rows": int(pl_module.stream.last_residuals.z_target.shape[0])}  # this process's share of the last batch
         (out / f"rank{r}.json").write_text(json.dumps(info))
 
     def on_validation_end(self, trainer, pl_module):
@@ -129,13 +137,14 @@ def _base(model_dir: Path, names) -> dict[str, torch.Tensor]:
         return {n: f.get_tensor(n) for n in names}
 
 
-def _assert_same_edits(got: dict, ref: dict, base: dict) -> None:
+def _assert_same_edits(got: dict, ref: dict, base: dict, bf16: bool = False) -> None:
     assert got.keys() == ref.keys() and len(ref) == 2
     for name in ref:
         d_ref, d_got = ref[name] - base[name], got[name] - base[name]
         assert d_ref.abs().max() > 1e-3 * base[name].abs().max(), f"{name}: the edits did not change the weights"
-        assert float((d_got - d_ref).norm() / d_ref.norm()) < 1e-3, name
-        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-4 * float(ref[name].abs().max()))
+        assert float((d_got - d_ref).norm() / d_ref.norm()) < (0.1 if bf16 else 1e-3), name
+        atol = 0.25 * float(d_ref.abs().max()) if bf16 else 1e-4 * float(ref[name].abs().max())
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=atol)
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +182,8 @@ def test_sharded_two_processes_match_one(tmp_path, arch, dtype, on_meta, tiny_mo
     assert all(r["num_edits"] == N_REQUESTS for r in ranks)
     # each process kept the solver state (projector, K_p K_p^T) of its own edit layer only
     assert [r["state_layers"] for r in ranks] == [[1], [2]] and [r["kkt_layers"] for r in ranks] == [[1], [2]]
+    # the z optimization of a batch of 3 was split 2 / 1 between the processes (in lockstep)
+    assert [r["z_rows"] for r in ranks] == [2, 1]
     ref = _load(one / "ranks" / "rank0.safetensors")
     for name in ref:  # each rank held about half of every edit layer's stored rows
         rows, shape = [r["local"][name][0][0] for r in ranks], ranks[0]["local"][name][1]
@@ -183,13 +194,13 @@ def test_sharded_two_processes_match_one(tmp_path, arch, dtype, on_meta, tiny_mo
     base = _base(model_dir, ref.keys())
     if dtype != "float32":  # compared in float32 (the stored base is float32)
         w0, ref = {k: v.float() for k, v in w0.items()}, {k: v.float() for k, v in ref.items()}
-    _assert_same_edits(w0, ref, base)
+    _assert_same_edits(w0, ref, base, bf16=dtype != "float32")
     # rank 0's export (gathered) is the run's weights, and matches the single-process export
     e1, e2 = _load(one / "ckpt" / "edited.safetensors"), _load(two / "ckpt" / "edited.safetensors")
     e1, e2 = {k: v.float() for k, v in e1.items()}, {k: v.float() for k, v in e2.items()}
     for name in e2:
         assert torch.equal(e2[name], w0[name].float())
-    _assert_same_edits(e2, e1, base)
+    _assert_same_edits(e2, e1, base, bf16=dtype != "float32")
     assert len(list((two / "logs" / "edit").iterdir())) == 1  # only rank 0 wrote
     # each layer's owner summed and saved its statistics: the same cache files and moments as one process
     names = sorted(p.name for p in (one / "stats").iterdir())

@@ -20,7 +20,7 @@ rows still optimizing, :meth:`PhasePlan.forward` runs one with the current vecto
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -60,6 +60,31 @@ class PlanConfig:
         sdpa_backends(self.sdpa_backends)  # names checked before any work
         if self.max_tokens_per_forward < 0 or self.max_rows_per_forward < 0:
             raise InputError("max_tokens_per_forward and max_rows_per_forward must be >= 0 (0 = no limit)")
+
+
+@dataclass(frozen=True)
+class Lockstep:
+    """Processes that each optimize their own share of a batch through one model whose weights
+    are sharded (FSDP): every forward of a sharded block gathers its weights from all of them,
+    so they must run the same number of forwards and backwards in the same order, whatever their
+    shares. ``all_max(n)`` is the largest ``n`` over the processes (a collective every process
+    calls alike). A process with fewer forwards at some point runs a repeat of one of its own with
+    zero weight (:meth:`count` says how many in all); the steps go on while any process has a
+    vector still optimizing (:meth:`any`)."""
+
+    all_max: Callable[[int], int]
+
+    def count(self, n: int) -> int:
+        """How many forwards every process runs where this one needs ``n``."""
+        return int(self.all_max(int(n)))
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on some process."""
+        return self.all_max(int(bool(flag))) > 0
+
+    def all(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every process."""
+        return self.all_max(int(not flag)) == 0
 
 
 _SDPA = {"efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
@@ -260,7 +285,7 @@ class PhasePlan:
     ``row_of`` / ``chunk_of`` (which chunk keeps which row running)."""
 
     def __init__(self, adapter: ModelAdapter, batch, z_layer: int, cfg: PlanConfig, kl: bool, train: torch.Tensor,
-                 frozen: torch.Tensor | None, fixed: torch.Tensor | None, d_model: int):
+                 frozen: torch.Tensor | None, fixed: torch.Tensor | None, d_model: int, lockstep: Lockstep | None = None):
         model = adapter.model
         device = next(model.parameters()).device
         n = batch.n_chunks
@@ -310,16 +335,23 @@ class PhasePlan:
         end = end.scatter_reduce(0, t_rows, t_pos, reduce="amax")  # predicted at t_pos - 1
         end[kl_rows_all] = torch.maximum(end[kl_rows_all], kl_pos[kl_rows_all] + 1)
         end = torch.maximum(end, split + 1)
+        if lockstep is not None and cache_kw is not None and not lockstep.all(bool((split > 0).any())):
+            # some process has no prefix to cache (it would run no prefix forward): none caches
+            cache_kw, split = None, torch.zeros(n_rows, dtype=torch.long)
+            end = torch.maximum(end, split + 1)
         lay = layout_rows(batch.enc, split, end)
         groups = [g[in_phase[g]] for g in row_groups(lay.suffix_len, cfg.max_rows_per_forward, cfg.length_buckets)]
         groups = [g for g in groups if len(g)]
+        run_groups = groups  # under lockstep, as many prefix / lower forwards as the process with the most
+        if lockstep is not None and (cache_kw is not None or cfg.skip_lower_blocks):
+            run_groups = groups + [groups[0]] * (lockstep.count(len(groups)) - len(groups))
         W = lay.width
         # frozen deltas before the split act inside the cached prefix; the rest in every step
         in_prefix = (~a_train) & (a_pos < split[a_rows])
         pre_add = (a_rows[in_prefix], a_pos[in_prefix] - split[a_rows[in_prefix]] + W, fixed[a_chunk[in_prefix].to(device)])
         a_rows, a_pos, a_chunk, a_train = a_rows[~in_prefix], a_pos[~in_prefix], a_chunk[~in_prefix], a_train[~in_prefix]
-        kv = prefix_kv(adapter, lay, groups, z_layer, pre_add) if cache_kw is not None else None
-        lower = lower_outputs(adapter, lay, kv, groups, z_layer, cache_kw) if cfg.skip_lower_blocks else None
+        kv = prefix_kv(adapter, lay, run_groups, z_layer, pre_add) if cache_kw is not None else None
+        lower = lower_outputs(adapter, lay, kv, run_groups, z_layer, cache_kw) if cfg.skip_lower_blocks else None
         a_suf = a_pos - split[a_rows]  # positions in suffix coordinates
         t_suf = t_pos - split[t_rows]
         kl_suf = kl_pos - split

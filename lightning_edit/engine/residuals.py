@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from lightning_edit.data.requests import EditRequest, target_text
 from lightning_edit.engine.arch import ModelAdapter
-from lightning_edit.engine.forward_plan import PhasePlan, PlanConfig, attention_kernels
+from lightning_edit.engine.forward_plan import Lockstep, PhasePlan, PlanConfig, attention_kernels
 from lightning_edit.engine.tokens import Encoded, Segment, encode_segments, flatten_targets
 from lightning_edit.errors import InputError
 
@@ -427,7 +427,7 @@ class ResidualResult:
 
 def optimize_residuals(
     adapter: ModelAdapter, batch: ResidualBatch, z_layer: int, cfg: ResidualConfig, on_step: OnStep | None = None,
-    norm_anchor: float | None = None,
+    norm_anchor: float | None = None, lockstep: Lockstep | None = None,
 ) -> ResidualResult:
     """Optimize one ``delta`` per chunk (see module docstring).
 
@@ -449,10 +449,14 @@ def optimize_residuals(
     With ``cfg.nas`` the result also holds block ``z_layer``'s MLP output ``v_init`` at each
     anchor and ``v_star_norm``; ``norm_anchor`` (> 0, with ``cfg.nas``) then rescales the targets
     (:func:`norm_anchor_targets`) and records the factor in ``nas_scale``.
+
+    ``lockstep``: this process optimizes its own share of a batch through a model whose weights
+    are sharded across processes (:class:`~lightning_edit.engine.forward_plan.Lockstep`; joint
+    optimization only): the result is this share's, as alone, up to rounding.
     """
     device = next(adapter.model.parameters()).device
     with attention_kernels(cfg.plan, device):
-        res = _optimize_residuals(adapter, batch, z_layer, cfg, device, on_step)
+        res = _optimize_residuals(adapter, batch, z_layer, cfg, device, on_step, lockstep)
     if cfg.nas and norm_anchor is not None and norm_anchor > 0:
         z, scale = norm_anchor_targets(res.z_init, res.v_init, res.z_target - res.z_init, float(norm_anchor), cfg.nas_max_ratio)
         res.z_target, res.nas_scale = z.float(), scale
@@ -460,7 +464,7 @@ def optimize_residuals(
 
 
 def _optimize_residuals(adapter: ModelAdapter, batch: ResidualBatch, z_layer: int, cfg: ResidualConfig, device,
-                        on_step: OnStep | None = None) -> ResidualResult:
+                        on_step: OnStep | None = None, lockstep: Lockstep | None = None) -> ResidualResult:
     n = batch.n_chunks
     order = batch.chunk_order
     v0 = None
@@ -474,6 +478,8 @@ def _optimize_residuals(adapter: ModelAdapter, batch: ResidualBatch, z_layer: in
         z0 = block_outputs_at_anchors(adapter, batch, z_layer)
     joint = cfg.mode == "joint" or int(order.max()) == 0
     phases = 1 if joint else int(order.max()) + 1
+    if lockstep is not None and not joint:
+        raise InputError("the z optimization of a batch shared between processes is joint only (residual.mode: joint)")
 
     def phase_progress(k: int, train: torch.Tensor):  # phase k's steps continue the count of the earlier phases
         if on_step is None:
@@ -482,7 +488,8 @@ def _optimize_residuals(adapter: ModelAdapter, batch: ResidualBatch, z_layer: in
 
     if joint:
         train = torch.ones(n, dtype=torch.bool)
-        delta, loss, nll, steps, top = _optimize_phase(adapter, batch, z_layer, cfg, z0, train, None, None, phase_progress(0, train))
+        delta, loss, nll, steps, top = _optimize_phase(adapter, batch, z_layer, cfg, z0, train, None, None, phase_progress(0, train),
+                                                       lockstep)
     else:
         delta = torch.zeros_like(z0)
         loss, nll = torch.zeros(n, device=device), torch.zeros(n, device=device)
@@ -513,18 +520,23 @@ def _optimize_phase(
     frozen: torch.Tensor | None,
     fixed: torch.Tensor | None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    lockstep: Lockstep | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Adam on the deltas of the ``train`` chunks, with the ``frozen`` chunks' deltas ``fixed``
     (added at their anchors, no gradient) and every other chunk left out (no delta, no loss).
     Returns ``(delta, loss, nll, steps, most_probable)`` per chunk (meaningful for ``train``
     chunks; ``most_probable``: stopped by MPES, None without it).
-    ``on_step(steps done, per-chunk loss)`` after each step's loss (progress only)."""
+    ``on_step(steps done, per-chunk loss)`` after each step's loss (progress only).
+    ``lockstep``: every process runs as many forwards per step as the one with the most (the
+    others repeat one of theirs with zero weight) and the steps go on while any chunk of any
+    process is optimizing; a process's own chunks stop as they would alone."""
     device = z0.device
     n = batch.n_chunks
     z0_norm = z0.norm(dim=-1)
     delta = torch.zeros(n, z0.shape[-1], device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
-    plan = PhasePlan(adapter, batch, z_layer, cfg.plan, cfg.kl_factor > 0, train, frozen, fixed, z0.shape[-1])
+    plan = PhasePlan(adapter, batch, z_layer, cfg.plan, cfg.kl_factor > 0, train, frozen, fixed, z0.shape[-1], lockstep)
+    spare = None  # under lockstep: a forward of this process's, repeated with zero weight
     kl_init: dict = {}  # "p": (KL rows, vocab), the step-0 distributions
 
     active = train.to(device).clone()
@@ -543,7 +555,15 @@ def _optimize_phase(
         nll_step = torch.zeros(n, device=device)
         kl_step = torch.zeros(n, device=device)
         miss_step = torch.zeros(n, dtype=torch.long, device=device) if mpes_hits is not None else None
-        for unit in plan.units(row_active):
+        units = plan.units(row_active)
+        if lockstep is not None:
+            units = list(units)
+            spare = spare if spare is not None or not units else units[0]
+            units = units + [None] * (lockstep.count(len(units)) - len(units))
+        for unit in units:
+            if unit is None:
+                _idle_step(plan, spare, delta)
+                continue
             wd_pending = _unit_step(plan, unit, delta, cfg.kl_factor, step, kl_init, wd_pending, nll_step, kl_step, miss_step)
         nll_c = torch.where(active, nll_step, nll_c)
         kl_c = torch.where(active, kl_step, kl_c)
@@ -555,7 +575,7 @@ def _optimize_phase(
             active = active & (mpes_hits < cfg.mpes)
         if on_step is not None:
             on_step(step, loss_c)
-        if step == cfg.steps or not bool(active.any()):
+        if step == cfg.steps or not (bool(active.any()) if lockstep is None else lockstep.any(bool(active.any()))):
             break
         before = delta.detach().clone()
         opt.step()
@@ -569,6 +589,15 @@ def _optimize_phase(
             delta.mul_(scale.unsqueeze(-1))
     top = None if mpes_hits is None else mpes_hits >= cfg.mpes
     return delta.detach(), loss_c.detach(), nll_c.detach(), steps, top
+
+
+def _idle_step(plan: PhasePlan, unit: SimpleNamespace, delta: torch.Tensor) -> None:
+    """A forward and backward that changes nothing: ``unit`` (one of this process's own) with the
+    current vectors and a zero loss, so that a sharded model's blocks gather their weights as often
+    as on the processes still running more forwards (gradients of zero)."""
+    vecs = torch.where(unit.a_train, delta[unit.vec_chunk], plan.fixed[unit.vec_chunk])
+    logits_at = plan.forward(unit, vecs)
+    (logits_at(unit.tr, unit.tp - 1).float().sum() * 0.0).backward()
 
 
 def _unit_step(plan: PhasePlan, unit: SimpleNamespace, delta: torch.Tensor, kl_factor: float, step: int, kl_init: dict,

@@ -16,7 +16,9 @@ The position, the number of edits and the history come from the ledger alone.
 
 Under DDP every process calls :meth:`apply` with the whole batch and its own share of it
 (``local``); a :class:`Collective` says how rows are gathered and whose factors every process
-applies.
+applies. Under sharded weights every process calls it with the whole batch; the z optimization
+then runs on a contiguous share per process in lockstep (``Collective.lockstep``) and the
+vectors are gathered, the rest runs on the whole batch everywhere.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from lightning_edit.engine.arch import ModelAdapter
 from lightning_edit.engine.bars import ResidualProgress
 from lightning_edit.engine.block_update import apply_block_update, block_parameters
 from lightning_edit.engine.closed_form import MAX_UPDATE, NonFiniteUpdateError, OversizedUpdateError
+from lightning_edit.engine.forward_plan import Lockstep
 from lightning_edit.engine.deviations import make_deviations
 from lightning_edit.engine.prefixes import generate_prefixes
 from lightning_edit.engine.residuals import (
@@ -66,11 +69,18 @@ class Collective:
         broadcast: replaces an object by rank 0's (every process applies rank 0's factors);
             under ``sharded_edit`` it takes ``src=`` (an edit layer's owner sends its factors).
         is_writer: this process writes the ledger's batch files (rank 0).
+        lockstep: sharded weights: the processes split the z optimization of a batch (each a
+            contiguous share of its requests, in lockstep through the sharded model);
+            ``z_share = (processes, this one)`` and ``z_gather`` (every process's rows, rank by
+            rank) combine the shares. None: every process optimizes what it is given.
     """
 
     gather: Callable[[torch.Tensor], torch.Tensor] = _same
     broadcast: Callable | None = None
     is_writer: bool = True
+    lockstep: Lockstep | None = None
+    z_share: tuple[int, int] = (1, 0)
+    z_gather: Callable[[torch.Tensor], torch.Tensor] = _same
 
 
 SINGLE_PROCESS = Collective()
@@ -218,30 +228,57 @@ class EditStream:
         return anchor
 
     # ---- one batch --------------------------------------------------------------------------
-    def residuals(self, requests: Sequence, label: str | None = None, progress: bool = False):
+    def residual_batch(self, requests: Sequence):
+        """The encoded rows of ``requests``: one chunk per fact, or per chunk of each long-form
+        answer (:class:`~lightning_edit.engine.residuals.ResidualBatch`)."""
+        if is_longform(requests):
+            cfg = self.longform
+            rb, _ = build_longform_batch(self.tokenizer, requests, cfg, self.ensure_prefixes() if cfg.context_prefixes else (),
+                                         chat_template=self.chat_template, system=self.system_prompt)
+            return rb
+        return build_residual_batch(self.tokenizer, requests, self.ensure_prefixes(), self.residual.anchor, kl=self.residual.kl_factor > 0)
+
+    def residuals(self, requests: Sequence, label: str | None = None, progress: bool = False, lockstep: Lockstep | None = None):
         """Encode and optimize the residual vectors of ``requests`` (one padded batch): one per
         fact, or one per chunk of each long-form answer. A progress bar counts the optimization's
         steps; requests whose target loss stays above ``residual.warn_nll`` are named in an
-        :class:`~lightning_edit.engine.residuals.UnconvergedEditWarning`. Returns ``(batch, result)``."""
-        longform = is_longform(requests)
+        :class:`~lightning_edit.engine.residuals.UnconvergedEditWarning`. ``lockstep``: this is
+        one process's share of a batch through sharded weights (see :class:`Collective`).
+        Returns ``(batch, result)``."""
         nas = self.residual.nas
-        if nas and longform:
+        if nas and is_longform(requests):
             raise InputError("residual.nas rescales single-fact targets; it does not apply to long-form requests")
         if nas and self.norm_anchor is None:
             raise InputError("residual.nas: the norm anchor is not set (ensure_norm_anchor runs at fit start on the unedited "
                              "model; or set residual.nas_anchor)")
-        if longform:
-            cfg = self.longform
-            rb, _ = build_longform_batch(self.tokenizer, requests, cfg, self.ensure_prefixes() if cfg.context_prefixes else (),
-                                         chat_template=self.chat_template, system=self.system_prompt)
-        else:
-            rb = build_residual_batch(self.tokenizer, requests, self.ensure_prefixes(), self.residual.anchor, kl=self.residual.kl_factor > 0)
+        rb = self.residual_batch(requests)
         with ResidualProgress(f"{label or 'edit batch'}: z ({len(requests)} requests)", self.residual.steps, enabled=progress) as bar:
             res = optimize_residuals(self.adapter, rb, self.layers[-1], self.residual, on_step=bar,
-                                     norm_anchor=self.norm_anchor if nas else None)
+                                     norm_anchor=self.norm_anchor if nas else None, lockstep=lockstep)
         self.last_z_loss = bar.mean_loss  # read once at the bar's end (None without a bar)
         self.warn_unconverged(requests, rb, res, label)
         return rb, res
+
+    def _shared_residuals(self, requests: list, collective: Collective, label: str | None, progress: bool):
+        """Under sharded weights: this process's contiguous share of the batch's z optimization,
+        in lockstep with the others, then every share's vectors gathered in the batch's order.
+        Returns ``(whole batch, this share's result, every chunk's z)``, or None where the batch
+        is not split (one process, fewer requests than processes, or autoregressive long-form
+        chunks, whose phases differ from process to process)."""
+        world, rank = collective.z_share
+        if collective.lockstep is None or world < 2 or len(requests) < world:
+            return None
+        rb = self.residual_batch(requests)
+        if self.residual.mode != "joint" and int(rb.chunk_order.max()) > 0:
+            return None
+        size, extra = divmod(len(requests), world)
+        start = rank * size + min(rank, extra)
+        share = requests[start : start + size + (1 if rank < extra else 0)]
+        _, res = self.residuals(share, label, progress, lockstep=collective.lockstep)
+        z = collective.z_gather(res.z_target)
+        if z.shape[0] != rb.n_chunks:
+            raise RuntimeError(f"the processes' shares of the batch hold {z.shape[0]} vectors, the batch {rb.n_chunks}")
+        return rb, res, z
 
     def warn_unconverged(self, requests: Sequence, rb, res, label: str | None = None, shown: int = 5) -> None:
         """One :class:`~lightning_edit.engine.residuals.UnconvergedEditWarning` naming the requests (the
@@ -274,9 +311,14 @@ class EditStream:
             raise RuntimeError(f"batch {index} arrived but {self.position} batches are applied: the stream is out of order")
         requests = list(requests)
         local = requests if local is None else list(local)
-        rb = res = None
-        if local:  # a process without requests in this batch still joins every gather
+        rb = res = z_target = None
+        dense = getattr(self.method, "dense", False)
+        shared = None if dense or len(local) != len(requests) else self._shared_residuals(requests, collective, label, progress)
+        if shared is not None:  # sharded weights: each process optimized its share
+            rb, res, z_target = shared
+        elif local:  # a process without requests in this batch still joins every gather
             rb, res = self.residuals(local, label, progress)
+            z_target = res.z_target
         # every process decides alike (the whole batch), so all of them run the same collectives
         longform = bool(requests) and is_longform(requests)
         context = longform and self.longform.context_keys
@@ -292,14 +334,14 @@ class EditStream:
             applied.append(self.ledger.append(rec, write=collective.is_writer))
 
         try:
-            if getattr(self.method, "dense", False):  # UnKE's block update: one process, all rows
+            if dense:  # UnKE's block update: one process, all rows
                 if collective.broadcast is not None or len(local) != len(requests):
                     raise InputError("the UnKE block update trains the edit blocks in one process; run it without DDP or sharding")
                 self._keep_param_base()
-                apply_block_update(self.adapter, rb, res.z_target, self.layers, self.method, position=self.position,
+                apply_block_update(self.adapter, rb, z_target, self.layers, self.method, position=self.position,
                                    max_update=self.max_update, record={}, on_record=record)
             else:
-                apply_update(self.adapter, rb, None if res is None else res.z_target, self.layers, self.method,
+                apply_update(self.adapter, rb, z_target, self.layers, self.method,
                              gather=collective.gather, max_rows=self.max_rows, master=self.master, record={}, context=context,
                              broadcast=collective.broadcast, on_record=record, max_update=self.max_update,
                              context_weight=self.longform.context_weight, deviations=dev, deviation_rows=slips)
