@@ -85,3 +85,12 @@ def test_full_longform_quickstart(tmp_path):
     for key in ("rouge_l", "rouge_l_paraphrase", "bleu", "exact_match", "retention", "single_anchor_rouge_l", "wall_time_s"):
         assert s[key] is not None, key
     assert time.time() - t < 600 * 1.5
+
+
+def test_unke_with_memory_through_the_longform_report(tmp_path):
+    """The long-form method shipped for SmolLM2 (UnKE's block update with memory) runs through the
+    whole report, the single-anchor baseline (a fresh copy edited with the same method) included."""
+    s = _fit(tmp_path, ["--editor=lightning_edit.callbacks.UnKE", "--editor.lr=3e-3", "--editor.steps=5",
+                        "--editor.n_preserve=4", "--editor.memory=1.0", "--editor.stats.n_samples=40"])
+    assert s["method"] == "unke" and s["num_edits"] == 4 and len(s["rouge_l_by_batch"]) == 2
+    assert 0.0 <= s["rouge_l"] <= 1.0 and 0.0 <= s["single_anchor_rouge_l"] <= 1.0
