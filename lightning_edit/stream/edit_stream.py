@@ -38,8 +38,8 @@ from lightning_edit.engine.arch import ModelAdapter
 from lightning_edit.engine.bars import ResidualProgress
 from lightning_edit.engine.block_update import apply_block_update, block_parameters
 from lightning_edit.engine.closed_form import MAX_UPDATE, NonFiniteUpdateError, OversizedUpdateError
-from lightning_edit.engine.forward_plan import Lockstep
 from lightning_edit.engine.deviations import make_deviations
+from lightning_edit.engine.forward_plan import Lockstep
 from lightning_edit.engine.prefixes import generate_prefixes
 from lightning_edit.engine.residuals import (
     ResidualConfig,
