@@ -155,3 +155,24 @@ def test_lockstep_extra_forwards_and_steps_change_nothing(tokenizer, trained_gpt
     chunks = build_chunked_batch(tokenizer, _items(tokenizer), ())
     with pytest.raises(InputError, match="joint only"):
         optimize_residuals(ad, chunks, 1, replace(cfg, mode="autoregressive"), lockstep=_OthersStillBusy(all_max=int))
+
+
+class _OtherHasNoPrefix(_OthersStillBusy):
+    """A partner process whose rows have no prefix to cache (it would run no prefix forward)."""
+
+    def all(self, flag: bool) -> bool:
+        return False
+
+
+def test_lockstep_caches_no_prefix_when_some_process_has_none(tokenizer, trained_gpt2):
+    """If some process has no prefix to cache, none caches (else the others' prefix forwards
+    would gather block weights alone): the result is then that of prefix_cache=False."""
+    ad = ModelAdapter(trained_gpt2)
+    batch = build_residual_batch(tokenizer, counterfactual_requests(3), PREFIXES, "subject_last")
+    cfg = ResidualConfig(steps=4, lr=0.5, early_stop_loss=0.0, clamp_norm_factor=4.0, max_tokens_per_forward=24)
+    uncached = optimize_residuals(ad, batch, 1, replace(cfg, prefix_cache=False))
+    cached = optimize_residuals(ad, batch, 1, cfg)
+    shared = optimize_residuals(ad, batch, 1, cfg, lockstep=_OtherHasNoPrefix(all_max=int))
+    for name in ("z_target", "loss", "steps"):
+        assert torch.equal(getattr(shared, name), getattr(uncached, name)), name
+    assert not torch.equal(cached.z_target, uncached.z_target)  # the two paths round differently: the check can tell them apart

@@ -559,7 +559,10 @@ def _optimize_phase(
         if lockstep is not None:
             units = list(units)
             spare = spare if spare is not None or not units else units[0]
-            units = units + [None] * (lockstep.count(len(units)) - len(units))
+            pad = lockstep.count(len(units)) - len(units)
+            if pad and spare is None:  # every process holds a request, so step 0 has a forward
+                raise RuntimeError("lockstep: this process has no forward of its own to repeat")
+            units = units + [None] * pad
         for unit in units:
             if unit is None:
                 _idle_step(plan, spare, delta)
