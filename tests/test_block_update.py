@@ -74,11 +74,13 @@ def test_settings_are_checked():
         BlockUpdateMethod(steps=0)
 
 
-def test_unke_edits_a_long_answer_and_replays_and_undoes_exactly(trained_gpt2, tokenizer, corpus_file, tmp_path):
+def test_unke_edits_a_long_answer_and_replays_and_undoes_exactly(trained_gpt2, tokenizer, corpus_file, tmp_path, capsys):
     model = copy.deepcopy(trained_gpt2)
     before = _params(model)
     ed = _editor(model, tokenizer, corpus_file, tmp_path)
     info = ed.apply([{"case_id": "lf0", "question": QUESTION, "answer": ANSWER}])
+    bars = capsys.readouterr().err
+    assert "block 1 update" in bars and "block 2 update" in bars  # a progress bar per block's training
     assert "block_loss/layer_2" in info and info["update_norm/layer_1"] > 0
     assert info["block_loss/layer_2"] < info["block_loss_start/layer_2"]  # the block moved towards its targets
     out = greedy_generate(ed.model, tokenizer, [QUESTION], max_new_tokens=12)[0]

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lightning_edit.engine.arch import ModelAdapter
+from lightning_edit.engine.bars import progress_bar
 from lightning_edit.engine.closed_form import (
     NonFiniteUpdateError,
     OversizedUpdateError,
@@ -265,13 +266,15 @@ def train_block(adapter: ModelAdapter, layer: int, method: BlockUpdateMethod, ed
 
 def apply_block_update(adapter: ModelAdapter, batch: ResidualBatch, z_target: torch.Tensor, layers: Sequence[int],
                        method: BlockUpdateMethod, position: int = 0, max_update: float = 0.0,
-                       record: dict | None = None, on_record: Callable[[dict, dict], None] | None = None) -> dict[str, float]:
+                       record: dict | None = None, on_record: Callable[[dict, dict], None] | None = None,
+                       progress: bool = False, label: str = "edit batch") -> dict[str, float]:
     """One batch's block update of every edit layer, in ascending order (see the module
     docstring); all or nothing: if anything fails every block is restored and the error
     re-raised. ``record`` receives ``d.<name>`` (each parameter's delta); ``on_record(record,
     info)`` runs inside the all-or-nothing block (the ledger's append). ``max_update`` > 0 bounds
-    each block's relative change ``||Delta||_F / ||W||_F`` over its parameters. Returns the
-    relative change per layer and the final losses."""
+    each block's relative change ``||Delta||_F / ||W||_F`` over its parameters. ``progress``: a
+    bar per block counting its steps (``label`` names the batch). Returns the relative change per
+    layer and the final losses."""
     layers = sorted(layers)
     z_layer = layers[-1]
     device = next(adapter.model.parameters()).device
@@ -306,8 +309,13 @@ def apply_block_update(adapter: ModelAdapter, batch: ResidualBatch, z_target: to
                 mh, mtlen, mout, _ = _block_io(adapter, mids, mmask, l)
                 remember = (mids, mmask, mh, mtlen, mout.detach())
             last = {}
-            deltas = train_block(adapter, l, method, edit, preserve, before=snapshot, remember=remember,
-                                 on_step=lambda s, v: last.update(loss=v, **({"first": v} if s == 0 else {})))
+            with progress_bar(f"{label}: block {l} update", method.steps, "step", enabled=progress) as bar:
+                def step(s: int, v: float, last: dict = last, bar=bar) -> None:
+                    last.update(loss=v, **({"first": v} if s == 0 else {}))
+                    bar.set_postfix(loss=f"{v:.4f}", refresh=False)
+                    bar.update(1)
+
+                deltas = train_block(adapter, l, method, edit, preserve, before=snapshot, remember=remember, on_step=step)
             num = sum(float(d.double().pow(2).sum()) for d in deltas.values()) ** 0.5
             den = sum(float(snapshot[n].double().pow(2).sum()) for n in deltas) ** 0.5
             size = num / max(den, 1e-12)

@@ -339,7 +339,8 @@ class EditStream:
                     raise InputError("the UnKE block update trains the edit blocks in one process; run it without DDP or sharding")
                 self._keep_param_base()
                 apply_block_update(self.adapter, rb, z_target, self.layers, self.method, position=self.position,
-                                   max_update=self.max_update, record={}, on_record=record)
+                                   max_update=self.max_update, record={}, on_record=record, progress=progress,
+                                   label=label or "edit batch")
             else:
                 apply_update(self.adapter, rb, z_target, self.layers, self.method,
                              gather=collective.gather, max_rows=self.max_rows, master=self.master, record={}, context=context,
