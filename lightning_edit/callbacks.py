@@ -405,7 +405,9 @@ class UnKE(ClosedFormUpdate):
             ``stats.n_samples`` texts of ``stats.corpus``, each cut to ``stats.max_length``
             tokens (the reference samples 20 Alpaca answers). 0 = all of them.
         stats: the corpus of the preservation texts (only ``corpus``, ``corpus_name``,
-            ``split``, ``text_field``, ``n_samples`` and ``max_length`` are used).
+            ``split``, ``text_field``, ``n_samples`` and ``max_length`` are used). Statements
+            of known facts among them (``corpus:pydoc+facts@<model>``, as the SmolLM2 long-form
+            configs) keep more of the model's facts.
         export_path: see :class:`ClosedFormUpdate`.
         max_update: refuse a batch whose change of some block has a relative size
             ``||Delta||_F / ||W||_F`` (over the block's parameters) above this; 0 = no bound.
